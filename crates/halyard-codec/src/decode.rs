@@ -67,10 +67,17 @@ pub fn decode(
 
 /// [MQTT-2.1.3-1]: reserved flag bits must hold the listed values; PUBLISH's flags are
 /// checked with the packet.
-fn check_fixed_header_flags(kind: u8, flags: u8, version: ProtocolVersion) -> Result<(), DecodeError> {
+fn check_fixed_header_flags(
+    kind: u8,
+    flags: u8,
+    version: ProtocolVersion,
+) -> Result<(), DecodeError> {
     let expected = match kind {
         0 => {
-            return Err(DecodeError::malformed("MQTT-2.1.2", "reserved packet type 0"));
+            return Err(DecodeError::malformed(
+                "MQTT-2.1.2",
+                "reserved packet type 0",
+            ));
         }
         15 if !version.is_v5() => {
             return Err(DecodeError::malformed(
@@ -103,7 +110,10 @@ fn packet_id(r: &mut Reader) -> Result<u16, DecodeError> {
     let id = r.u16()?;
     if id == 0 {
         // [MQTT-2.2.1-3] (3.1.1: MQTT-2.3.1-1): packets that need one carry a non-zero id.
-        return Err(DecodeError::protocol("MQTT-2.2.1-3", "packet identifier is 0"));
+        return Err(DecodeError::protocol(
+            "MQTT-2.2.1-3",
+            "packet identifier is 0",
+        ));
     }
     Ok(id)
 }
@@ -153,7 +163,10 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
 fn decode_connect_body(r: &mut Reader, protocol: ProtocolVersion) -> Result<Connect, DecodeError> {
     let flags = r.u8()?;
     if flags & 0x01 != 0 {
-        return Err(DecodeError::malformed("MQTT-3.1.2-3", "reserved CONNECT flag is set"));
+        return Err(DecodeError::malformed(
+            "MQTT-3.1.2-3",
+            "reserved CONNECT flag is set",
+        ));
     }
     let clean_start = flags & 0x02 != 0;
     let will_flag = flags & 0x04 != 0;
@@ -165,7 +178,10 @@ fn decode_connect_body(r: &mut Reader, protocol: ProtocolVersion) -> Result<Conn
         return Err(DecodeError::malformed("MQTT-3.1.2-12", "will QoS is 3"));
     };
     if !will_flag && will_qos_bits != 0 {
-        return Err(DecodeError::malformed("MQTT-3.1.2-11", "will QoS set without will flag"));
+        return Err(DecodeError::malformed(
+            "MQTT-3.1.2-11",
+            "will QoS set without will flag",
+        ));
     }
     if !will_flag && will_retain {
         return Err(DecodeError::malformed(
@@ -208,8 +224,16 @@ fn decode_connect_body(r: &mut Reader, protocol: ProtocolVersion) -> Result<Conn
     } else {
         None
     };
-    let username = if username_flag { Some(r.string()?) } else { None };
-    let password = if password_flag { Some(r.binary()?) } else { None };
+    let username = if username_flag {
+        Some(r.string()?)
+    } else {
+        None
+    };
+    let password = if password_flag {
+        Some(r.binary()?)
+    } else {
+        None
+    };
     trailing(r, "bytes after the end of the CONNECT payload")?;
     Ok(Connect {
         protocol,
@@ -297,10 +321,17 @@ fn decode_publish(flags: u8, r: &mut Reader, v: ProtocolVersion) -> Result<Publi
         return Err(DecodeError::malformed("MQTT-3.3.1-4", "PUBLISH with QoS 3"));
     };
     if dup && qos == QoS::AtMostOnce {
-        return Err(DecodeError::protocol("MQTT-3.3.1-2", "DUP flag set on a QoS 0 PUBLISH"));
+        return Err(DecodeError::protocol(
+            "MQTT-3.3.1-2",
+            "DUP flag set on a QoS 0 PUBLISH",
+        ));
     }
     let topic_str = r.string()?;
-    let packet_id = if qos == QoS::AtMostOnce { 0 } else { packet_id(r)? };
+    let packet_id = if qos == QoS::AtMostOnce {
+        0
+    } else {
+        packet_id(r)?
+    };
     let (properties, raw_properties) = if v.is_v5() {
         PublishProperties::read(r, PropertyContext::Publish, None)?
     } else {
@@ -331,8 +362,16 @@ fn decode_ack(r: &mut Reader, v: ProtocolVersion, ctx: ReasonContext) -> Result<
         return Ok(Ack::new(packet_id));
     }
     // §3.4.2.1: reason and properties may be omitted when Success / none.
-    let reason = if r.is_empty() { ReasonCode::Success } else { reason(r, ctx)? };
-    let properties = if r.is_empty() { AckProperties::default() } else { AckProperties::read(r)? };
+    let reason = if r.is_empty() {
+        ReasonCode::Success
+    } else {
+        reason(r, ctx)?
+    };
+    let properties = if r.is_empty() {
+        AckProperties::default()
+    } else {
+        AckProperties::read(r)?
+    };
     trailing(r, "bytes after the acknowledgement's properties")?;
     Ok(Ack {
         packet_id,
@@ -361,14 +400,20 @@ fn decode_subscribe(r: &mut Reader, v: ProtocolVersion) -> Result<Subscribe, Dec
             ));
         }
         let Some(qos) = QoS::from_u8(o & 0x03) else {
-            return Err(DecodeError::malformed("MQTT-3.8.3-4", "subscription QoS is 3"));
+            return Err(DecodeError::malformed(
+                "MQTT-3.8.3-4",
+                "subscription QoS is 3",
+            ));
         };
         let retain_handling = match (o >> 4) & 0x03 {
             0 => RetainHandling::SendOnSubscribe,
             1 => RetainHandling::SendIfNew,
             2 => RetainHandling::DoNotSend,
             _ => {
-                return Err(DecodeError::protocol("MQTT-3.8.3.1", "retain handling is 3"));
+                return Err(DecodeError::protocol(
+                    "MQTT-3.8.3.1",
+                    "retain handling is 3",
+                ));
             }
         };
         let options = SubscriptionOptions {
@@ -386,7 +431,10 @@ fn decode_subscribe(r: &mut Reader, v: ProtocolVersion) -> Result<Subscribe, Dec
         filters.push((filter, options));
     }
     if filters.is_empty() {
-        return Err(DecodeError::protocol("MQTT-3.8.3-3", "SUBSCRIBE without topic filters"));
+        return Err(DecodeError::protocol(
+            "MQTT-3.8.3-3",
+            "SUBSCRIBE without topic filters",
+        ));
     }
     Ok(Subscribe {
         packet_id,
@@ -397,7 +445,11 @@ fn decode_subscribe(r: &mut Reader, v: ProtocolVersion) -> Result<Subscribe, Dec
 
 fn decode_suback(r: &mut Reader, v: ProtocolVersion) -> Result<SubAck, DecodeError> {
     let packet_id = packet_id(r)?;
-    let properties = if v.is_v5() { AckProperties::read(r)? } else { AckProperties::default() };
+    let properties = if v.is_v5() {
+        AckProperties::read(r)?
+    } else {
+        AckProperties::default()
+    };
     let mut reasons = Vec::with_capacity(r.remaining());
     while !r.is_empty() {
         let rc = if v.is_v5() {
@@ -419,7 +471,10 @@ fn decode_suback(r: &mut Reader, v: ProtocolVersion) -> Result<SubAck, DecodeErr
         reasons.push(rc);
     }
     if reasons.is_empty() {
-        return Err(DecodeError::protocol("MQTT-3.9.3-1", "SUBACK without return codes"));
+        return Err(DecodeError::protocol(
+            "MQTT-3.9.3-1",
+            "SUBACK without return codes",
+        ));
     }
     Ok(SubAck {
         packet_id,
@@ -468,7 +523,10 @@ fn decode_unsuback(r: &mut Reader, v: ProtocolVersion) -> Result<UnsubAck, Decod
         reasons.push(reason(r, ReasonContext::UnsubAck)?);
     }
     if reasons.is_empty() {
-        return Err(DecodeError::protocol("MQTT-3.11.3", "UNSUBACK without reason codes"));
+        return Err(DecodeError::protocol(
+            "MQTT-3.11.3",
+            "UNSUBACK without reason codes",
+        ));
     }
     Ok(UnsubAck {
         packet_id,
@@ -499,7 +557,11 @@ fn decode_disconnect(r: &mut Reader, v: ProtocolVersion) -> Result<Disconnect, D
 
 fn decode_auth(r: &mut Reader) -> Result<Auth, DecodeError> {
     // §3.15.2.1: reason and properties may be omitted for Success without properties.
-    let reason = if r.is_empty() { ReasonCode::Success } else { reason(r, ReasonContext::Auth)? };
+    let reason = if r.is_empty() {
+        ReasonCode::Success
+    } else {
+        reason(r, ReasonContext::Auth)?
+    };
     let properties = if r.is_empty() {
         Properties::default()
     } else {

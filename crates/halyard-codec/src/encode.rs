@@ -38,30 +38,44 @@ impl Packet {
         match self {
             Packet::Connect(c) => connect_len(c),
             Packet::ConnAck(c) => {
-                2 + if v5 { block_len(c.properties.wire_len()) } else { 0 }
+                2 + if v5 {
+                    block_len(c.properties.wire_len())
+                } else {
+                    0
+                }
             }
             Packet::Publish(p) => publish_len(p, v, p.properties.wire_len()),
             Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
                 ack_len(a, v)
             }
             Packet::Subscribe(s) => {
-                2 + if v5 { block_len(s.properties.wire_len()) } else { 0 }
-                    + s
-                        .filters
-                        .iter()
-                        .map(|(f, _)| binary_len(f.as_str().as_bytes()) + 1)
-                        .sum::<usize>()
+                2 + if v5 {
+                    block_len(s.properties.wire_len())
+                } else {
+                    0
+                } + s
+                    .filters
+                    .iter()
+                    .map(|(f, _)| binary_len(f.as_str().as_bytes()) + 1)
+                    .sum::<usize>()
             }
             Packet::SubAck(s) => {
-                2 + if v5 { block_len(s.properties.wire_len()) } else { 0 } + s.reasons.len()
+                2 + if v5 {
+                    block_len(s.properties.wire_len())
+                } else {
+                    0
+                } + s.reasons.len()
             }
             Packet::Unsubscribe(u) => {
-                2 + if v5 { block_len(u.properties.wire_len()) } else { 0 }
-                    + u
-                        .filters
-                        .iter()
-                        .map(|f| binary_len(f.as_str().as_bytes()))
-                        .sum::<usize>()
+                2 + if v5 {
+                    block_len(u.properties.wire_len())
+                } else {
+                    0
+                } + u
+                    .filters
+                    .iter()
+                    .map(|f| binary_len(f.as_str().as_bytes()))
+                    .sum::<usize>()
             }
             Packet::UnsubAck(u) => {
                 2 + if v5 {
@@ -98,7 +112,9 @@ impl Packet {
                 }
             }
             Packet::Publish(p) => {
-                write_publish(p, v, buf, p.properties.wire_len(), |b| p.properties.write(b))?;
+                write_publish(p, v, buf, p.properties.wire_len(), |b| {
+                    p.properties.write(b)
+                })?;
             }
             Packet::PubAck(a) => write_ack(0x40, a, v, buf)?,
             Packet::PubRec(a) => write_ack(0x50, a, v, buf)?,
@@ -106,7 +122,9 @@ impl Packet {
             Packet::PubComp(a) => write_ack(0x70, a, v, buf)?,
             Packet::Subscribe(s) => {
                 if s.filters.is_empty() {
-                    return Err(EncodeError::Invalid("SUBSCRIBE without filters [MQTT-3.8.3-3]"));
+                    return Err(EncodeError::Invalid(
+                        "SUBSCRIBE without filters [MQTT-3.8.3-3]",
+                    ));
                 }
                 header(buf, 0x82, remaining)?;
                 put_packet_id(buf, s.packet_id)?;
@@ -138,7 +156,9 @@ impl Packet {
             }
             Packet::Unsubscribe(u) => {
                 if u.filters.is_empty() {
-                    return Err(EncodeError::Invalid("UNSUBSCRIBE without filters [MQTT-3.10.3-2]"));
+                    return Err(EncodeError::Invalid(
+                        "UNSUBSCRIBE without filters [MQTT-3.10.3-2]",
+                    ));
                 }
                 header(buf, 0xA2, remaining)?;
                 put_packet_id(buf, u.packet_id)?;
@@ -179,7 +199,12 @@ impl Packet {
                 })?;
             }
         }
-        debug_assert_eq!(buf.len() - start, total_len(remaining), "{} length", self.name());
+        debug_assert_eq!(
+            buf.len() - start,
+            total_len(remaining),
+            "{} length",
+            self.name()
+        );
         Ok(())
     }
 }
@@ -219,7 +244,9 @@ fn write_connect(c: &Connect, buf: &mut BytesMut) -> Result<(), EncodeError> {
     put_binary(buf, c.protocol.protocol_name().as_bytes(), "protocol name")?;
     buf.put_u8(c.protocol.level());
     if !v5 && c.password.is_some() && c.username.is_none() {
-        return Err(EncodeError::Invalid("password without user name [MQTT-3.1.2-22]"));
+        return Err(EncodeError::Invalid(
+            "password without user name [MQTT-3.1.2-22]",
+        ));
     }
     let mut flags = u8::from(c.clean_start) << 1;
     if let Some(w) = &c.will {
@@ -234,8 +261,12 @@ fn write_connect(c: &Connect, buf: &mut BytesMut) -> Result<(), EncodeError> {
     put_binary(buf, c.client_id.as_str().as_bytes(), "client identifier")?;
     if let Some(w) = &c.will {
         if v5 {
-            if w.properties.topic_alias.is_some() || !w.properties.subscription_identifiers.is_empty() {
-                return Err(EncodeError::Invalid("topic alias or subscription id on a will"));
+            if w.properties.topic_alias.is_some()
+                || !w.properties.subscription_identifiers.is_empty()
+            {
+                return Err(EncodeError::Invalid(
+                    "topic alias or subscription id on a will",
+                ));
             }
             write_block(buf, will_properties_len(w), |b| {
                 if let Some(d) = w.delay_interval {
@@ -275,7 +306,9 @@ fn write_publish(
     write_props: impl FnOnce(&mut BytesMut) -> Result<(), EncodeError>,
 ) -> Result<(), EncodeError> {
     if p.topic.is_empty() && (!v.is_v5() || p.properties.topic_alias.is_none()) {
-        return Err(EncodeError::Invalid("empty topic name without a topic alias"));
+        return Err(EncodeError::Invalid(
+            "empty topic name without a topic alias",
+        ));
     }
     if p.dup && p.qos == QoS::AtMostOnce {
         return Err(EncodeError::Invalid("DUP on QoS 0 [MQTT-3.3.1-2]"));
@@ -320,7 +353,12 @@ fn ack_len(a: &Ack, v: ProtocolVersion) -> usize {
     }
 }
 
-fn write_ack(first: u8, a: &Ack, v: ProtocolVersion, buf: &mut BytesMut) -> Result<(), EncodeError> {
+fn write_ack(
+    first: u8,
+    a: &Ack,
+    v: ProtocolVersion,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
     let len = ack_len(a, v);
     header(buf, first, len)?;
     put_packet_id(buf, a.packet_id)?;
@@ -328,7 +366,9 @@ fn write_ack(first: u8, a: &Ack, v: ProtocolVersion, buf: &mut BytesMut) -> Resu
         buf.put_u8(a.reason as u8);
     }
     if len > 3 {
-        write_block(buf, a.properties.wire_len(), |b| AckProperties::write(&a.properties, b))?;
+        write_block(buf, a.properties.wire_len(), |b| {
+            AckProperties::write(&a.properties, b)
+        })?;
     }
     Ok(())
 }

@@ -74,7 +74,9 @@ impl ClientId {
             return Err(crate::EncodeError::FieldTooLong("client identifier"));
         }
         if s.as_bytes().contains(&0) {
-            return Err(crate::EncodeError::Invalid("client identifier contains U+0000"));
+            return Err(crate::EncodeError::Invalid(
+                "client identifier contains U+0000",
+            ));
         }
         Ok(ClientId(s))
     }

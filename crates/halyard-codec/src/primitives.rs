@@ -80,17 +80,14 @@ impl Reader {
     }
 }
 
-pub(crate) const VARINT_TOO_LONG: DecodeError = DecodeError::malformed(
-    "MQTT-1.5.5",
-    "variable byte integer longer than 4 bytes",
-);
+pub(crate) const VARINT_TOO_LONG: DecodeError =
+    DecodeError::malformed("MQTT-1.5.5", "variable byte integer longer than 4 bytes");
 
 /// Validates the string rules of section 1.5.4 and wraps without copying.
 pub(crate) fn utf8(raw: Bytes) -> Result<ByteString, DecodeError> {
     // [MQTT-1.5.4-1]: well-formed UTF-8; this also rejects encoded surrogates U+D800..U+DFFF.
-    let s = ByteString::try_from(raw).map_err(|_| {
-        DecodeError::malformed("MQTT-1.5.4-1", "string is not well-formed UTF-8")
-    })?;
+    let s = ByteString::try_from(raw)
+        .map_err(|_| DecodeError::malformed("MQTT-1.5.4-1", "string is not well-formed UTF-8"))?;
     // [MQTT-1.5.4-2]: must not include U+0000.
     if s.as_bytes().contains(&0) {
         return Err(DecodeError::malformed(
@@ -152,7 +149,11 @@ pub(crate) fn put_varint(buf: &mut BytesMut, mut v: u32) {
 }
 
 /// Writes a two-byte length prefix and the bytes; `what` names the field in the error.
-pub(crate) fn put_binary(buf: &mut BytesMut, b: &[u8], what: &'static str) -> Result<(), EncodeError> {
+pub(crate) fn put_binary(
+    buf: &mut BytesMut,
+    b: &[u8],
+    what: &'static str,
+) -> Result<(), EncodeError> {
     let n = u16::try_from(b.len()).map_err(|_| EncodeError::FieldTooLong(what))?;
     buf.put_u16(n);
     buf.put_slice(b);

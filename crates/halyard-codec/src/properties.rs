@@ -212,7 +212,9 @@ pub(crate) fn read_properties(
     let mask = allowed(ctx);
     while !p.is_empty() {
         let ident = p.varint()?;
-        let known = u8::try_from(ident).ok().and_then(|i| type_of(i).map(|t| (i, t)));
+        let known = u8::try_from(ident)
+            .ok()
+            .and_then(|i| type_of(i).map(|t| (i, t)));
         let Some((ident, ty)) = known else {
             return Err(DecodeError::malformed(
                 "MQTT-2.2.2.2",
@@ -255,7 +257,10 @@ fn flag(v: u8, section: &'static str) -> Result<bool, DecodeError> {
     match v {
         0 => Ok(false),
         1 => Ok(true),
-        _ => Err(DecodeError::protocol(section, "property value must be 0 or 1")),
+        _ => Err(DecodeError::protocol(
+            section,
+            "property value must be 0 or 1",
+        )),
     }
 }
 
@@ -606,18 +611,26 @@ impl Properties {
             Ok::<_, EncodeError>(())
         };
         let b = |v: Option<bool>| v.map(u8::from);
-        put_u32(buf, id::SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
+        put_u32(
+            buf,
+            id::SESSION_EXPIRY_INTERVAL,
+            self.session_expiry_interval,
+        );
         put_str(
             buf,
             id::ASSIGNED_CLIENT_IDENTIFIER,
-            self.assigned_client_identifier.as_ref().map(|s| s.as_bytes().as_ref()),
+            self.assigned_client_identifier
+                .as_ref()
+                .map(|s| s.as_bytes().as_ref()),
             "assigned client identifier",
         )?;
         put_u16(buf, id::SERVER_KEEP_ALIVE, self.server_keep_alive);
         put_str(
             buf,
             id::AUTHENTICATION_METHOD,
-            self.authentication_method.as_ref().map(|s| s.as_bytes().as_ref()),
+            self.authentication_method
+                .as_ref()
+                .map(|s| s.as_bytes().as_ref()),
             "authentication method",
         )?;
         put_str(
@@ -626,18 +639,30 @@ impl Properties {
             self.authentication_data.as_deref(),
             "authentication data",
         )?;
-        put_u8(buf, id::REQUEST_PROBLEM_INFORMATION, b(self.request_problem_information));
-        put_u8(buf, id::REQUEST_RESPONSE_INFORMATION, b(self.request_response_information));
+        put_u8(
+            buf,
+            id::REQUEST_PROBLEM_INFORMATION,
+            b(self.request_problem_information),
+        );
+        put_u8(
+            buf,
+            id::REQUEST_RESPONSE_INFORMATION,
+            b(self.request_response_information),
+        );
         put_str(
             buf,
             id::RESPONSE_INFORMATION,
-            self.response_information.as_ref().map(|s| s.as_bytes().as_ref()),
+            self.response_information
+                .as_ref()
+                .map(|s| s.as_bytes().as_ref()),
             "response information",
         )?;
         put_str(
             buf,
             id::SERVER_REFERENCE,
-            self.server_reference.as_ref().map(|s| s.as_bytes().as_ref()),
+            self.server_reference
+                .as_ref()
+                .map(|s| s.as_bytes().as_ref()),
             "server reference",
         )?;
         put_str(
@@ -652,7 +677,9 @@ impl Properties {
         put_u16(buf, id::RECEIVE_MAXIMUM, self.receive_maximum);
         put_u16(buf, id::TOPIC_ALIAS_MAXIMUM, self.topic_alias_maximum);
         if self.maximum_qos == Some(QoS::ExactlyOnce) {
-            return Err(EncodeError::Invalid("maximum QoS 2 is never sent (§3.2.2.3.4)"));
+            return Err(EncodeError::Invalid(
+                "maximum QoS 2 is never sent (§3.2.2.3.4)",
+            ));
         }
         put_u8(buf, id::MAXIMUM_QOS, self.maximum_qos.map(|q| q as u8));
         put_u8(buf, id::RETAIN_AVAILABLE, b(self.retain_available));

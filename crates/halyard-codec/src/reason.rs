@@ -224,7 +224,9 @@ impl ReasonCode {
                     | SubscriptionIdentifiersNotSupported
                     | WildcardSubscriptionsNotSupported
             ),
-            ReasonContext::Auth => matches!(self, Success | ContinueAuthentication | ReAuthenticate),
+            ReasonContext::Auth => {
+                matches!(self, Success | ContinueAuthentication | ReAuthenticate)
+            }
         }
     }
 
@@ -237,8 +239,14 @@ impl ReasonCode {
             Success => 0x00,
             UnsupportedProtocolVersion => 0x01,
             ClientIdentifierNotValid => 0x02,
-            ServerUnavailable | ServerBusy | ServerShuttingDown | UseAnotherServer | ServerMoved
-            | QuotaExceeded | ConnectionRateExceeded | UnspecifiedError
+            ServerUnavailable
+            | ServerBusy
+            | ServerShuttingDown
+            | UseAnotherServer
+            | ServerMoved
+            | QuotaExceeded
+            | ConnectionRateExceeded
+            | UnspecifiedError
             | ImplementationSpecificError => 0x03,
             BadUserNameOrPassword => 0x04,
             _ => 0x05,

@@ -265,7 +265,17 @@ mod tests {
 
     #[test]
     fn filter_grammar_mqtt_4_7_1() {
-        for ok in ["#", "+", "a/#", "a/+/b", "+/+", "/", "a//b", "$SYS/#", "sport/tennis/#"] {
+        for ok in [
+            "#",
+            "+",
+            "a/#",
+            "a/+/b",
+            "+/+",
+            "/",
+            "a//b",
+            "$SYS/#",
+            "sport/tennis/#",
+        ] {
             assert!(TopicFilter::try_from(ok).is_ok(), "{ok}");
         }
         for (bad, err) in [
@@ -287,11 +297,26 @@ mod tests {
         assert_eq!(f.share_name(), Some("g1"));
         assert_eq!(f.filter(), "a/+/c");
         assert!(f.is_shared());
-        assert_eq!(TopicFilter::try_from("$share/g").unwrap_err(), TopicError::ShareFilter);
-        assert_eq!(TopicFilter::try_from("$share/g/").unwrap_err(), TopicError::ShareFilter);
-        assert_eq!(TopicFilter::try_from("$share//a").unwrap_err(), TopicError::ShareName);
-        assert_eq!(TopicFilter::try_from("$share/+/a").unwrap_err(), TopicError::ShareName);
-        assert_eq!(TopicFilter::try_from("$share/").unwrap_err(), TopicError::ShareName);
+        assert_eq!(
+            TopicFilter::try_from("$share/g").unwrap_err(),
+            TopicError::ShareFilter
+        );
+        assert_eq!(
+            TopicFilter::try_from("$share/g/").unwrap_err(),
+            TopicError::ShareFilter
+        );
+        assert_eq!(
+            TopicFilter::try_from("$share//a").unwrap_err(),
+            TopicError::ShareName
+        );
+        assert_eq!(
+            TopicFilter::try_from("$share/+/a").unwrap_err(),
+            TopicError::ShareName
+        );
+        assert_eq!(
+            TopicFilter::try_from("$share/").unwrap_err(),
+            TopicError::ShareName
+        );
         assert_eq!(
             TopicFilter::try_from("$share/g/a#").unwrap_err(),
             TopicError::MultiLevelWildcard
@@ -322,10 +347,19 @@ mod tests {
     fn topic_name_rules() {
         assert!(TopicName::try_from("a/b").is_ok());
         assert!(TopicName::try_from("/").is_ok());
-        assert_eq!(TopicName::try_from("a/+").unwrap_err(), TopicError::WildcardInName);
-        assert_eq!(TopicName::try_from("#").unwrap_err(), TopicError::WildcardInName);
+        assert_eq!(
+            TopicName::try_from("a/+").unwrap_err(),
+            TopicError::WildcardInName
+        );
+        assert_eq!(
+            TopicName::try_from("#").unwrap_err(),
+            TopicError::WildcardInName
+        );
         assert_eq!(TopicName::try_from("").unwrap_err(), TopicError::Empty);
         let long = "a".repeat(65_536);
-        assert_eq!(TopicName::try_from(long.as_str()).unwrap_err(), TopicError::TooLong);
+        assert_eq!(
+            TopicName::try_from(long.as_str()).unwrap_err(),
+            TopicError::TooLong
+        );
     }
 }

@@ -20,7 +20,9 @@ fn hex(s: &str) -> Vec<u8> {
     assert!(digits.len() % 2 == 0, "odd hex: {s}");
     (0..digits.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap_or_else(|_| panic!("bad hex {s}")))
+        .map(|i| {
+            u8::from_str_radix(&digits[i..i + 2], 16).unwrap_or_else(|_| panic!("bad hex {s}"))
+        })
         .collect()
 }
 
@@ -50,10 +52,19 @@ struct Valid {
 }
 
 fn v(name: &'static str, version: ProtocolVersion, hex: &str, packet: Packet) -> Valid {
-    Valid { name, version, hex: hex.to_string(), packet, canonical: true }
+    Valid {
+        name,
+        version,
+        hex: hex.to_string(),
+        packet,
+        canonical: true,
+    }
 }
 fn read_only(name: &'static str, version: ProtocolVersion, hex: &str, packet: Packet) -> Valid {
-    Valid { canonical: false, ..v(name, version, hex, packet) }
+    Valid {
+        canonical: false,
+        ..v(name, version, hex, packet)
+    }
 }
 
 fn connect(protocol: ProtocolVersion, client_id: &str) -> Connect {
@@ -78,11 +89,17 @@ fn publish(topic_name: &str, qos: QoS, packet_id: u16, payload: &[u8]) -> Publis
 }
 
 fn ack(packet_id: u16, reason: ReasonCode) -> Ack {
-    Ack { reason, ..Ack::new(packet_id) }
+    Ack {
+        reason,
+        ..Ack::new(packet_id)
+    }
 }
 
 fn opts(qos: QoS) -> SubscriptionOptions {
-    SubscriptionOptions { qos, ..Default::default() }
+    SubscriptionOptions {
+        qos,
+        ..Default::default()
+    }
 }
 
 fn valid_vectors() -> Vec<Valid> {
@@ -197,10 +214,24 @@ fn valid_vectors() -> Vec<Valid> {
 
     // ---- CONNACK (section 3.2) ----
     let connack = |sp, reason| {
-        Packet::ConnAck(ConnAck { session_present: sp, reason, properties: Properties::default() })
+        Packet::ConnAck(ConnAck {
+            session_present: sp,
+            reason,
+            properties: Properties::default(),
+        })
     };
-    out.push(v("connack_3_1_1_accepted", V3_1_1, "20 02 00 00", connack(false, ReasonCode::Success)));
-    out.push(v("connack_3_1_1_session_present", V3_1_1, "20 02 01 00", connack(true, ReasonCode::Success)));
+    out.push(v(
+        "connack_3_1_1_accepted",
+        V3_1_1,
+        "20 02 00 00",
+        connack(false, ReasonCode::Success),
+    ));
+    out.push(v(
+        "connack_3_1_1_session_present",
+        V3_1_1,
+        "20 02 01 00",
+        connack(true, ReasonCode::Success),
+    ));
     out.push(v(
         "connack_3_1_1_rc1_unacceptable_protocol",
         V3_1_1,
@@ -219,10 +250,30 @@ fn valid_vectors() -> Vec<Valid> {
         "20 02 00 04",
         connack(false, ReasonCode::BadUserNameOrPassword),
     ));
-    out.push(v("connack_3_1_1_rc5_not_authorized", V3_1_1, "20 02 00 05", connack(false, ReasonCode::NotAuthorized)));
-    out.push(v("connack_3_1_accepted", V3_1, "20 02 00 00", connack(false, ReasonCode::Success)));
-    out.push(v("connack_5_success", V5, "20 03 00 00 00", connack(false, ReasonCode::Success)));
-    out.push(v("connack_5_not_authorized", V5, "20 03 00 87 00", connack(false, ReasonCode::NotAuthorized)));
+    out.push(v(
+        "connack_3_1_1_rc5_not_authorized",
+        V3_1_1,
+        "20 02 00 05",
+        connack(false, ReasonCode::NotAuthorized),
+    ));
+    out.push(v(
+        "connack_3_1_accepted",
+        V3_1,
+        "20 02 00 00",
+        connack(false, ReasonCode::Success),
+    ));
+    out.push(v(
+        "connack_5_success",
+        V5,
+        "20 03 00 00 00",
+        connack(false, ReasonCode::Success),
+    ));
+    out.push(v(
+        "connack_5_not_authorized",
+        V5,
+        "20 03 00 87 00",
+        connack(false, ReasonCode::NotAuthorized),
+    ));
     out.push(v(
         "connack_5_all_properties",
         V5,
@@ -263,7 +314,11 @@ fn valid_vectors() -> Vec<Valid> {
         "publish_3_1_1_qos1_dup_retain",
         V3_1_1,
         "3B 09 00 03 61 2F 62 00 0A 68 69",
-        Packet::Publish(Publish { dup: true, retain: true, ..publish("a/b", QoS::AtLeastOnce, 10, b"hi") }),
+        Packet::Publish(Publish {
+            dup: true,
+            retain: true,
+            ..publish("a/b", QoS::AtLeastOnce, 10, b"hi")
+        }),
     ));
     out.push(v(
         "publish_3_1_1_qos2_empty_payload_id_65535",
@@ -310,7 +365,10 @@ fn valid_vectors() -> Vec<Valid> {
         "30 07 00 00 03 23 00 05 78",
         Packet::Publish(Publish {
             topic: TopicName::empty(),
-            properties: PublishProperties { topic_alias: Some(5), ..Default::default() },
+            properties: PublishProperties {
+                topic_alias: Some(5),
+                ..Default::default()
+            },
             raw_properties: Bytes::from(hex("23 00 05")),
             ..publish("x", QoS::AtMostOnce, 0, b"x")
         }),
@@ -342,12 +400,42 @@ fn valid_vectors() -> Vec<Valid> {
     ));
 
     // ---- PUBACK / PUBREC / PUBREL / PUBCOMP (sections 3.4 - 3.7) ----
-    out.push(v("puback_3_1_1", V3_1_1, "40 02 00 01", Packet::PubAck(Ack::new(1))));
-    out.push(v("pubrec_3_1_1", V3_1_1, "50 02 00 02", Packet::PubRec(Ack::new(2))));
-    out.push(v("pubrel_3_1_1", V3_1_1, "62 02 00 03", Packet::PubRel(Ack::new(3))));
-    out.push(v("pubcomp_3_1_1", V3_1_1, "70 02 00 04", Packet::PubComp(Ack::new(4))));
-    out.push(v("pubrel_3_1", V3_1, "62 02 12 34", Packet::PubRel(Ack::new(0x1234))));
-    out.push(v("puback_5_short_form", V5, "40 02 00 01", Packet::PubAck(Ack::new(1))));
+    out.push(v(
+        "puback_3_1_1",
+        V3_1_1,
+        "40 02 00 01",
+        Packet::PubAck(Ack::new(1)),
+    ));
+    out.push(v(
+        "pubrec_3_1_1",
+        V3_1_1,
+        "50 02 00 02",
+        Packet::PubRec(Ack::new(2)),
+    ));
+    out.push(v(
+        "pubrel_3_1_1",
+        V3_1_1,
+        "62 02 00 03",
+        Packet::PubRel(Ack::new(3)),
+    ));
+    out.push(v(
+        "pubcomp_3_1_1",
+        V3_1_1,
+        "70 02 00 04",
+        Packet::PubComp(Ack::new(4)),
+    ));
+    out.push(v(
+        "pubrel_3_1",
+        V3_1,
+        "62 02 12 34",
+        Packet::PubRel(Ack::new(0x1234)),
+    ));
+    out.push(v(
+        "puback_5_short_form",
+        V5,
+        "40 02 00 01",
+        Packet::PubAck(Ack::new(1)),
+    ));
     out.push(v(
         "puback_5_reason_only",
         V5,
@@ -359,7 +447,10 @@ fn valid_vectors() -> Vec<Valid> {
         V5,
         "50 0B 00 02 87 07 1F 00 04 64 65 6E 79",
         Packet::PubRec(Ack {
-            properties: AckProperties { reason_string: Some(bs("deny")), ..Default::default() },
+            properties: AckProperties {
+                reason_string: Some(bs("deny")),
+                ..Default::default()
+            },
             ..ack(2, ReasonCode::NotAuthorized)
         }),
     ));
@@ -374,7 +465,10 @@ fn valid_vectors() -> Vec<Valid> {
         V5,
         "70 0B 00 04 00 07 26 00 01 6B 00 01 76",
         Packet::PubComp(Ack {
-            properties: AckProperties { user_properties: vec![up("k", "v")], ..Default::default() },
+            properties: AckProperties {
+                user_properties: vec![up("k", "v")],
+                ..Default::default()
+            },
             ..ack(4, ReasonCode::Success)
         }),
     ));
@@ -449,7 +543,11 @@ fn valid_vectors() -> Vec<Valid> {
         "90 05 00 0A 01 02 80",
         Packet::SubAck(SubAck {
             packet_id: 10,
-            reasons: vec![ReasonCode::GrantedQoS1, ReasonCode::GrantedQoS2, ReasonCode::UnspecifiedError],
+            reasons: vec![
+                ReasonCode::GrantedQoS1,
+                ReasonCode::GrantedQoS2,
+                ReasonCode::UnspecifiedError,
+            ],
             properties: AckProperties::default(),
         }),
     ));
@@ -474,7 +572,10 @@ fn valid_vectors() -> Vec<Valid> {
         Packet::SubAck(SubAck {
             packet_id: 1,
             reasons: vec![ReasonCode::NotAuthorized],
-            properties: AckProperties { reason_string: Some(bs("x")), ..Default::default() },
+            properties: AckProperties {
+                reason_string: Some(bs("x")),
+                ..Default::default()
+            },
         }),
     ));
 
@@ -496,14 +597,21 @@ fn valid_vectors() -> Vec<Valid> {
         Packet::Unsubscribe(Unsubscribe {
             packet_id: 5,
             filters: vec![filter("a/b")],
-            properties: Properties { user_properties: vec![up("k", "v")], ..Default::default() },
+            properties: Properties {
+                user_properties: vec![up("k", "v")],
+                ..Default::default()
+            },
         }),
     ));
     out.push(v(
         "unsuback_3_1_1",
         V3_1_1,
         "B0 02 00 05",
-        Packet::UnsubAck(UnsubAck { packet_id: 5, reasons: vec![], properties: AckProperties::default() }),
+        Packet::UnsubAck(UnsubAck {
+            packet_id: 5,
+            reasons: vec![],
+            properties: AckProperties::default(),
+        }),
     ));
     out.push(v(
         "unsuback_5",
@@ -526,8 +634,18 @@ fn valid_vectors() -> Vec<Valid> {
     }
 
     // ---- DISCONNECT (3.14) ----
-    out.push(v("disconnect_3_1_1", V3_1_1, "E0 00", Packet::Disconnect(Disconnect::new(ReasonCode::Success))));
-    out.push(v("disconnect_5_short_form", V5, "E0 00", Packet::Disconnect(Disconnect::new(ReasonCode::Success))));
+    out.push(v(
+        "disconnect_3_1_1",
+        V3_1_1,
+        "E0 00",
+        Packet::Disconnect(Disconnect::new(ReasonCode::Success)),
+    ));
+    out.push(v(
+        "disconnect_5_short_form",
+        V5,
+        "E0 00",
+        Packet::Disconnect(Disconnect::new(ReasonCode::Success)),
+    ));
     out.push(v(
         "disconnect_5_with_will",
         V5,
@@ -560,7 +678,10 @@ fn valid_vectors() -> Vec<Valid> {
         "auth_5_short_form",
         V5,
         "F0 00",
-        Packet::Auth(Auth { reason: ReasonCode::Success, properties: Properties::default() }),
+        Packet::Auth(Auth {
+            reason: ReasonCode::Success,
+            properties: Properties::default(),
+        }),
     ));
     out.push(v(
         "auth_5_continue_with_method_and_data",
@@ -579,13 +700,19 @@ fn valid_vectors() -> Vec<Valid> {
         "auth_5_reauthenticate_reason_only",
         V5,
         "F0 01 19",
-        Packet::Auth(Auth { reason: ReasonCode::ReAuthenticate, properties: Properties::default() }),
+        Packet::Auth(Auth {
+            reason: ReasonCode::ReAuthenticate,
+            properties: Properties::default(),
+        }),
     ));
     out.push(read_only(
         "auth_5_reauthenticate_empty_properties",
         V5,
         "F0 02 19 00",
-        Packet::Auth(Auth { reason: ReasonCode::ReAuthenticate, properties: Properties::default() }),
+        Packet::Auth(Auth {
+            reason: ReasonCode::ReAuthenticate,
+            properties: Properties::default(),
+        }),
     ));
     out
 }
@@ -599,10 +726,20 @@ fn valid_vectors_decode_to_the_expected_packets() {
         let got = decode(&mut buf, vec.version, MAX)
             .unwrap_or_else(|e| panic!("{}: decode failed: {e}", vec.name));
         assert_eq!(got.as_ref(), Some(&vec.packet), "{}", vec.name);
-        assert!(buf.is_empty(), "{}: {} bytes left over", vec.name, buf.len());
+        assert!(
+            buf.is_empty(),
+            "{}: {} bytes left over",
+            vec.name,
+            buf.len()
+        );
     }
     let per = |ver| vectors.iter().filter(|v| v.version == ver).count();
-    println!("valid vectors: 3.1 {}, 3.1.1 {}, 5.0 {}", per(V3_1), per(V3_1_1), per(V5));
+    println!(
+        "valid vectors: 3.1 {}, 3.1.1 {}, 5.0 {}",
+        per(V3_1),
+        per(V3_1_1),
+        per(V5)
+    );
 }
 
 #[test]
@@ -612,7 +749,11 @@ fn valid_vectors_need_more_bytes_on_every_prefix() {
         for cut in 0..bytes.len() {
             let mut buf = BytesMut::from(&bytes[..cut]);
             let got = decode(&mut buf, vec.version, MAX);
-            assert!(matches!(got, Ok(None)), "{} cut at {cut}: {got:?}", vec.name);
+            assert!(
+                matches!(got, Ok(None)),
+                "{} cut at {cut}: {got:?}",
+                vec.name
+            );
             assert_eq!(&buf[..], &bytes[..cut], "{}: prefix was consumed", vec.name);
         }
     }
@@ -623,7 +764,12 @@ fn valid_vectors_encode_to_the_same_bytes() {
     let mut checked = 0;
     for vec in valid_vectors().into_iter().filter(|v| v.canonical) {
         let bytes = hex(&vec.hex);
-        assert_eq!(vec.packet.encoded_len(vec.version), bytes.len(), "{}: encoded_len", vec.name);
+        assert_eq!(
+            vec.packet.encoded_len(vec.version),
+            bytes.len(),
+            "{}: encoded_len",
+            vec.name
+        );
         let mut out = BytesMut::new();
         vec.packet
             .encode(vec.version, &mut out)
@@ -672,7 +818,12 @@ fn invalid_vectors() -> Vec<Invalid> {
             continue;
         }
         let cols: Vec<&str> = line.split('|').map(str::trim).collect();
-        assert_eq!(cols.len(), 5, "invalid.txt:{}: five columns expected", i + 1);
+        assert_eq!(
+            cols.len(),
+            5,
+            "invalid.txt:{}: five columns expected",
+            i + 1
+        );
         let version = match cols[0] {
             "3.1" => V3_1,
             "3.1.1" => V3_1_1,
@@ -716,9 +867,19 @@ fn invalid_vectors_are_rejected_with_the_right_class_and_rule() {
             )),
         }
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     let per = |ver| vectors.iter().filter(|v| v.version == ver).count();
-    println!("invalid vectors: 3.1 {}, 3.1.1 {}, 5.0 {}", per(V3_1), per(V3_1_1), per(V5));
+    println!(
+        "invalid vectors: 3.1 {}, 3.1.1 {}, 5.0 {}",
+        per(V3_1),
+        per(V3_1_1),
+        per(V5)
+    );
     assert!(vectors.len() >= 120);
 }
 
@@ -745,7 +906,10 @@ fn oversized_packet_is_refused_from_its_fixed_header_mqtt_3_2_2_3_6() {
     let mut pkt = hex("30 FE 07 00 01 61 00");
     pkt.resize(1025, 0x55);
     let mut b = BytesMut::from(&pkt[..]);
-    assert_eq!(decode(&mut b, V5, 1024).unwrap_err().kind, ErrorKind::PacketTooLarge);
+    assert_eq!(
+        decode(&mut b, V5, 1024).unwrap_err().kind,
+        ErrorKind::PacketTooLarge
+    );
 }
 
 #[test]
