@@ -17,7 +17,7 @@ const MAX: u32 = 65_536;
 
 fn hex(s: &str) -> Vec<u8> {
     let digits: String = s.split_whitespace().collect();
-    assert!(digits.len() % 2 == 0, "odd hex: {s}");
+    assert!(digits.len().is_multiple_of(2), "odd hex: {s}");
     (0..digits.len())
         .step_by(2)
         .map(|i| {
@@ -102,6 +102,8 @@ fn opts(qos: QoS) -> SubscriptionOptions {
     }
 }
 
+// Pushing one vector at a time keeps each next to its section comment.
+#[allow(clippy::vec_init_then_push)]
 fn valid_vectors() -> Vec<Valid> {
     let mut out = Vec::new();
 
