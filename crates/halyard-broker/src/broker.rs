@@ -1,0 +1,485 @@
+//! The broker: shared state across connections and the handle embedders hold.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use halyard_codec::{ProtocolVersion, QoS, TopicFilter, TopicName};
+use halyard_store::{Op, SessionRecord, Store, StoredMessage, SubscriptionRecord};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::BrokerConfig;
+use crate::message::Message;
+use crate::retained::Retained;
+use crate::router::{Match, SubscriptionIndex};
+use crate::session::{Enqueued, Outgoing, PendingWill, QueueLimits, Session, Subscription};
+use crate::stats::{Stats, StatsSnapshot};
+
+/// How often expired retained messages are swept (they are never delivered once expired;
+/// the sweep only frees memory).
+const RETAINED_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// State shared by every connection task.
+pub(crate) struct Inner {
+    pub(crate) cfg: BrokerConfig,
+    /// Client id -> session. Locked only to find, insert or remove a session; never held
+    /// while a session lock is taken.
+    pub(crate) sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    pub(crate) subs: SubscriptionIndex,
+    pub(crate) retained: Retained,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) stats: Stats,
+    /// One permit per connection up to `max_connections`.
+    pub(crate) permits: Arc<Semaphore>,
+    /// Flips to true once when graceful shutdown begins.
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) next_conn_id: AtomicU64,
+    pub(crate) timers: Timers,
+    started: Instant,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inner").finish_non_exhaustive()
+    }
+}
+
+/// A cheap handle to a running broker. Feed it connections with
+/// [`Broker::spawn_connection`]; stop it with [`Broker::shutdown`].
+#[derive(Debug, Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+    /// Every connection task holds a clone of the sender; shutdown drops ours and waits
+    /// until the receiver sees the last one go (mini-redis' drain pattern).
+    drain: Arc<Mutex<Option<mpsc::Sender<()>>>>,
+    drain_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<()>>>,
+}
+
+impl Broker {
+    /// Builds the broker, restores what `store` recovered, and starts its housekeeping
+    /// task. Must be called within a Tokio runtime.
+    pub fn new(cfg: BrokerConfig, store: Arc<dyn Store>) -> Broker {
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            permits: Arc::new(Semaphore::new(cfg.max_connections.min(Semaphore::MAX_PERMITS))),
+            cfg,
+            sessions: Mutex::new(HashMap::new()),
+            subs: SubscriptionIndex::default(),
+            retained: Retained::default(),
+            store,
+            stats: Stats::default(),
+            shutdown,
+            next_conn_id: AtomicU64::new(1),
+            timers: Timers::default(),
+            started: Instant::now(),
+        });
+        inner.recover();
+        tokio::spawn(housekeeping(inner.clone()));
+        let (tx, rx) = mpsc::channel(1);
+        Broker {
+            inner,
+            drain: Arc::new(Mutex::new(Some(tx))),
+            drain_rx: Arc::new(tokio::sync::Mutex::new(rx)),
+        }
+    }
+
+    /// Serves one client connection on its own task. `peer` names the remote end in logs.
+    /// A panic in the task ends that connection only.
+    pub fn spawn_connection<S>(&self, stream: S, peer: impl fmt::Display)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let Some(guard) = self.drain.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return; // shutting down: drop the stream
+        };
+        let inner = self.inner.clone();
+        let peer: Arc<str> = peer.to_string().into();
+        tokio::spawn(async move {
+            crate::connection::serve(inner, stream, peer).await;
+            drop(guard);
+        });
+    }
+
+    /// A receiver that turns true when graceful shutdown begins (for listeners).
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
+    }
+
+    /// Graceful shutdown: stop taking connections, tell every client (v5: DISCONNECT 0x8B),
+    /// and wait up to `shutdown_timeout` for connection tasks to drain. Returns false if the
+    /// deadline passed with connections still open.
+    pub async fn shutdown(&self) -> bool {
+        info!("shutting down: disconnecting clients");
+        self.inner.shutdown.send_replace(true);
+        self.drain.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut rx = self.drain_rx.lock().await;
+        let drained = tokio::time::timeout(self.inner.cfg.shutdown_timeout, rx.recv())
+            .await
+            .is_ok();
+        if !drained {
+            warn!("shutdown deadline passed with connections still open");
+        }
+        drained
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let mut s = self.inner.stats.snapshot();
+        s.connections_current = self.inner.stats.connections_current.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Sessions known (connected or not), subscriptions, retained messages.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let sessions = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner()).len();
+        (sessions, self.inner.subs.len(), self.inner.retained.len())
+    }
+
+    /// How long the broker has run.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+}
+
+impl Inner {
+    pub(crate) fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            max_messages: self.cfg.max_queued_messages,
+            max_bytes: self.cfg.max_queued_bytes,
+            queue_qos0_offline: self.cfg.queue_qos0_messages,
+        }
+    }
+
+    /// Routes one message: retains it if asked, then queues a delivery to every matching
+    /// session. Runs on the publisher's task. Returns how many sessions matched.
+    pub(crate) fn publish(&self, msg: Arc<Message>, scratch: &mut Vec<Match>) -> usize {
+        if msg.retain && self.cfg.retain_available {
+            self.retained.set(&msg);
+            let op = if msg.payload.is_empty() {
+                Op::RetainDelete {
+                    topic: msg.topic.to_string(),
+                }
+            } else {
+                Op::RetainSet(stored(&msg))
+            };
+            self.store.apply(vec![op]);
+        }
+        self.subs
+            .matches(msg.topic.as_str(), msg.origin.as_deref(), scratch);
+        let matched = scratch.len();
+        let limits = self.queue_limits();
+        for m in scratch.drain(..) {
+            let out = Outgoing {
+                qos: m.qos.min(msg.qos),
+                // [MQTT-3.3.1-12]/[MQTT-3.3.1-13] (3.1.1: MQTT-3.3.1-9): RETAIN is cleared
+                // on forwarding unless the subscription has Retain As Published.
+                retain: msg.retain && m.retain_as_published,
+                subscription_ids: m.subscription_ids,
+                msg: msg.clone(),
+            };
+            self.count_enqueue(m.session.enqueue(out, limits));
+        }
+        matched
+    }
+
+    pub(crate) fn count_enqueue(&self, r: Enqueued) {
+        match r {
+            Enqueued::Queued | Enqueued::DroppedEnded => {}
+            Enqueued::QueuedEvictedQos0 => Stats::inc(&self.stats.dropped_qos0_evicted),
+            Enqueued::DroppedFull => Stats::inc(&self.stats.dropped_queue_full),
+            Enqueued::DroppedOfflineQos0 => Stats::inc(&self.stats.dropped_offline_qos0),
+        }
+    }
+
+    /// Publishes a will message.
+    pub(crate) fn publish_will(&self, client_id: &str, msg: Arc<Message>) {
+        debug!(client_id, topic = %msg.topic, "publishing will");
+        Stats::inc(&self.stats.wills_published);
+        self.publish(msg, &mut Vec::new());
+    }
+
+    /// Discards a session: its subscriptions, queue and pending will (published now, as the
+    /// session's end comes before its delay [MQTT-3.1.3-9]).
+    pub(crate) fn end_session(&self, session: &Arc<Session>) {
+        let (subs, will) = {
+            let mut st = session.lock();
+            if st.ended {
+                return;
+            }
+            st.ended = true;
+            st.clear_messages();
+            let subs: Vec<Subscription> = st.subscriptions.drain().map(|(_, s)| s).collect();
+            (subs, st.pending_will.take())
+        };
+        {
+            let mut reg = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            if reg
+                .get(&session.client_id)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                reg.remove(&session.client_id);
+            }
+        }
+        for s in &subs {
+            self.subs.unsubscribe(&s.filter, session);
+        }
+        self.store.apply(vec![Op::SessionDelete {
+            client_id: session.client_id.to_string(),
+        }]);
+        if let Some(w) = will {
+            self.publish_will(&session.client_id, w.msg);
+        }
+    }
+
+    pub(crate) fn persist_session(&self, session: &Session, connected: bool) {
+        let st = session.lock();
+        let rec = SessionRecord {
+            client_id: session.client_id.to_string(),
+            protocol: st.protocol,
+            expiry_interval: st.expiry_interval,
+            disconnected_at: (!connected).then(SystemTime::now),
+        };
+        drop(st);
+        self.store.apply(vec![Op::SessionUpsert(rec)]);
+    }
+
+    pub(crate) fn persist_subscription(&self, client_id: &str, sub: &Subscription) {
+        self.store.apply(vec![Op::Subscribe {
+            client_id: client_id.to_string(),
+            subscription: SubscriptionRecord {
+                filter: sub.filter.to_string(),
+                options: sub.options,
+                identifier: sub.id,
+            },
+        }]);
+    }
+
+    /// Rebuilds sessions, subscriptions, pending wills and retained messages from the store.
+    fn recover(self: &Arc<Self>) {
+        let image = self.store.recover();
+        if image.sessions.is_empty() && image.retained.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        // Wall-clock instants from the store become monotonic ones relative to now.
+        let to_instant = |t: SystemTime| match t.duration_since(wall) {
+            Ok(ahead) => now + ahead,
+            Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
+        };
+        for (topic, m) in image.retained {
+            let Ok(topic) = TopicName::try_from(topic.as_str()) else {
+                warn!(topic, "skipping stored retained message with an invalid topic");
+                continue;
+            };
+            let mut msg = Message::new(topic, m.payload, m.qos, true, m.properties, None, now);
+            msg.expires_at = m.expires_at.map(to_instant);
+            self.retained.restore(Arc::new(msg));
+        }
+        let mut restored = 0;
+        for (id, s) in image.sessions {
+            let client_id: Arc<str> = id.as_str().into();
+            let session = Arc::new(Session::new(
+                client_id.clone(),
+                s.record.protocol,
+                s.record.expiry_interval,
+            ));
+            {
+                let mut st = session.lock();
+                for (filter, rec) in &s.subscriptions {
+                    let Ok(f) = TopicFilter::try_from(filter.as_str()) else {
+                        continue;
+                    };
+                    self.subs
+                        .subscribe(&f, &session, rec.options, rec.identifier);
+                    st.subscriptions.insert(
+                        filter.as_str().into(),
+                        Subscription {
+                            filter: f,
+                            options: rec.options,
+                            id: rec.identifier,
+                        },
+                    );
+                }
+                if let Some(w) = &s.will
+                    && let Ok(topic) = TopicName::try_from(w.message.topic.as_str())
+                {
+                    let msg = Message::new(
+                        topic,
+                        w.message.payload.clone(),
+                        w.message.qos,
+                        w.retain,
+                        w.message.properties.clone(),
+                        Some(client_id.clone()),
+                        now,
+                    );
+                    let due = to_instant(w.due);
+                    st.pending_will = Some(PendingWill { msg: Arc::new(msg) });
+                    self.timers.schedule(due, TimerEvent::Will(session.clone(), 0));
+                }
+            }
+            // A session that was connected when the store last saw it disconnected at the
+            // crash: its expiry counts from now.
+            let since = s.record.disconnected_at.map_or(now, to_instant);
+            if s.record.expiry_interval != u32::MAX {
+                let at = since + Duration::from_secs(u64::from(s.record.expiry_interval));
+                self.timers
+                    .schedule(at, TimerEvent::SessionExpiry(session.clone(), 0));
+            }
+            self.sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(client_id, session);
+            restored += 1;
+        }
+        info!(
+            sessions = restored,
+            retained = self.retained.len(),
+            "restored state from the store"
+        );
+    }
+}
+
+/// What the store keeps of a message.
+pub(crate) fn stored(msg: &Message) -> StoredMessage {
+    let now = Instant::now();
+    StoredMessage {
+        topic: msg.topic.to_string(),
+        payload: msg.payload.clone(),
+        qos: msg.qos,
+        properties: msg.properties.clone(),
+        expires_at: msg
+            .expires_at
+            .map(|e| SystemTime::now() + e.saturating_duration_since(now)),
+    }
+}
+
+/// Deadlines the broker must act on even with no connection involved.
+pub(crate) enum TimerEvent {
+    /// Discard the session if it is still disconnected since the given connection.
+    SessionExpiry(Arc<Session>, u64),
+    /// Publish the pending will if still disconnected since the given connection.
+    Will(Arc<Session>, u64),
+    RetainedSweep,
+}
+
+/// A deadline queue served by the housekeeping task.
+#[derive(Default)]
+pub(crate) struct Timers {
+    queue: Mutex<BTreeMap<(Instant, u64), TimerEvent>>,
+    seq: AtomicU64,
+    changed: Notify,
+}
+
+impl Timers {
+    pub(crate) fn schedule(&self, at: Instant, ev: TimerEvent) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let earliest = q.keys().next().is_none_or(|k| at < k.0);
+        q.insert((at, seq), ev);
+        drop(q);
+        if earliest {
+            self.changed.notify_one();
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.keys().next().map(|k| k.0)
+    }
+
+    fn take_due(&self, now: Instant) -> Vec<TimerEvent> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let later = q.split_off(&(now, u64::MAX));
+        std::mem::replace(&mut *q, later).into_values().collect()
+    }
+}
+
+/// One task per broker: fires session expiry, delayed wills and retained sweeps.
+async fn housekeeping(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    inner.timers.schedule(
+        Instant::now() + RETAINED_SWEEP_INTERVAL,
+        TimerEvent::RetainedSweep,
+    );
+    loop {
+        let next = inner.timers.next_deadline();
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = inner.timers.changed.notified() => continue,
+            _ = sleep_until_opt(next) => {}
+        }
+        let now = Instant::now();
+        for ev in inner.timers.take_due(now) {
+            match ev {
+                TimerEvent::SessionExpiry(session, generation) => {
+                    let expired = {
+                        let st = session.lock();
+                        st.conn.is_none() && st.generation == generation && !st.ended
+                    };
+                    if expired {
+                        info!(client_id = %session.client_id, "session expired");
+                        Stats::inc(&inner.stats.sessions_expired);
+                        inner.end_session(&session);
+                    }
+                }
+                TimerEvent::Will(session, generation) => {
+                    let will = {
+                        let mut st = session.lock();
+                        if st.conn.is_none() && st.generation == generation {
+                            st.pending_will.take()
+                        } else {
+                            None
+                        }
+                    };
+                    if let Some(w) = will {
+                        inner.store.apply(vec![Op::WillPending {
+                            client_id: session.client_id.to_string(),
+                            will: None,
+                        }]);
+                        inner.publish_will(&session.client_id, w.msg);
+                    }
+                }
+                TimerEvent::RetainedSweep => {
+                    let gone = inner.retained.sweep(now);
+                    if !gone.is_empty() {
+                        inner.store.apply(
+                            gone.into_iter()
+                                .map(|topic| Op::RetainDelete { topic })
+                                .collect(),
+                        );
+                    }
+                    inner
+                        .timers
+                        .schedule(now + RETAINED_SWEEP_INTERVAL, TimerEvent::RetainedSweep);
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The protocol name used in logs.
+pub(crate) fn version_name(v: ProtocolVersion) -> &'static str {
+    match v {
+        ProtocolVersion::V3_1 => "3.1",
+        ProtocolVersion::V3_1_1 => "3.1.1",
+        ProtocolVersion::V5 => "5.0",
+    }
+}
+
+/// The QoS granted for a requested one under the broker's maximum.
+pub(crate) fn grant(requested: QoS, max: QoS) -> QoS {
+    requested.min(max)
+}

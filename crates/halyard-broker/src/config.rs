@@ -1,0 +1,103 @@
+//! Broker settings. Every default is a named constant in [`defaults`] with its unit in the
+//! name; the binary's TOML configuration maps onto [`BrokerConfig`] and documents the same
+//! values. Names follow mosquitto's where mosquitto has the same setting.
+
+use std::time::Duration;
+
+use halyard_codec::QoS;
+
+/// Default values, with units in their names.
+pub mod defaults {
+    /// Largest keep alive a client may use; v5 clients asking for more (or for 0) are told
+    /// this value as Server Keep Alive, 3.x clients asking for more are refused (as mosquitto).
+    pub const MAX_KEEPALIVE_SECS: u16 = 65_535;
+    /// How long a new connection may take to send CONNECT.
+    pub const CONNECT_TIMEOUT_SECS: u64 = 10;
+    /// QoS 1/2 messages in flight to one client when it sets no Receive Maximum (3.x), and the
+    /// Receive Maximum we advertise for messages from clients.
+    pub const MAX_INFLIGHT_MESSAGES: u16 = 20;
+    /// Messages queued for one session beyond those in flight.
+    pub const MAX_QUEUED_MESSAGES: usize = 1000;
+    /// Bytes of payload queued for one session.
+    pub const MAX_QUEUED_BYTES: usize = 16 * 1024 * 1024;
+    /// Largest packet accepted from or sent to a client (the MQTT 5 Maximum Packet Size).
+    pub const MESSAGE_SIZE_LIMIT_BYTES: u32 = 16 * 1024 * 1024;
+    /// Connections served at once; more get CONNACK 0x97 (v5) / 0x03 (3.x).
+    pub const MAX_CONNECTIONS: usize = 100_000;
+    /// Topic aliases a client may use towards us.
+    pub const TOPIC_ALIAS_MAXIMUM: u16 = 10;
+    /// Topic aliases we assign towards a client (0: we never send aliases).
+    pub const TOPIC_ALIAS_MAXIMUM_OUTBOUND: u16 = 0;
+    /// Largest session expiry we grant, in seconds (`u32::MAX`: no cap).
+    pub const MAX_SESSION_EXPIRY_SECS: u32 = u32::MAX;
+    /// How long a graceful shutdown waits for clients to be told and buffers to drain.
+    pub const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
+    /// Bytes of encoded packets a connection buffers for writing before it stops taking
+    /// more from its session (backpressure towards the queue).
+    pub const WRITE_BUFFER_HIGH_WATER_BYTES: usize = 64 * 1024;
+}
+
+/// Broker-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// See [`defaults::MAX_KEEPALIVE_SECS`].
+    pub max_keepalive: u16,
+    /// See [`defaults::CONNECT_TIMEOUT_SECS`].
+    pub connect_timeout: Duration,
+    /// See [`defaults::MAX_INFLIGHT_MESSAGES`].
+    pub max_inflight_messages: u16,
+    /// See [`defaults::MAX_QUEUED_MESSAGES`].
+    pub max_queued_messages: usize,
+    /// See [`defaults::MAX_QUEUED_BYTES`].
+    pub max_queued_bytes: usize,
+    /// Queue QoS 0 messages for disconnected persistent sessions (mosquitto's
+    /// `queue_qos0_messages`); they count against the same limits.
+    pub queue_qos0_messages: bool,
+    /// See [`defaults::MESSAGE_SIZE_LIMIT_BYTES`].
+    pub message_size_limit: u32,
+    /// See [`defaults::MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// Whether retained messages are supported (`Retain Available`).
+    pub retain_available: bool,
+    /// Highest QoS accepted from clients and granted to subscriptions.
+    pub max_qos: QoS,
+    /// Accept clients that send no user name.
+    pub allow_anonymous: bool,
+    /// See [`defaults::TOPIC_ALIAS_MAXIMUM`].
+    pub topic_alias_maximum: u16,
+    /// See [`defaults::TOPIC_ALIAS_MAXIMUM_OUTBOUND`].
+    pub topic_alias_maximum_outbound: u16,
+    /// Session expiry for 3.x clients with clean session 0 (mosquitto's
+    /// `persistent_client_expiration`); `None`: never.
+    pub persistent_client_expiration: Option<Duration>,
+    /// See [`defaults::MAX_SESSION_EXPIRY_SECS`].
+    pub max_session_expiry_interval: u32,
+    /// Offer shared subscriptions.
+    pub shared_subscriptions: bool,
+    /// See [`defaults::SHUTDOWN_TIMEOUT_SECS`].
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_keepalive: defaults::MAX_KEEPALIVE_SECS,
+            connect_timeout: Duration::from_secs(defaults::CONNECT_TIMEOUT_SECS),
+            max_inflight_messages: defaults::MAX_INFLIGHT_MESSAGES,
+            max_queued_messages: defaults::MAX_QUEUED_MESSAGES,
+            max_queued_bytes: defaults::MAX_QUEUED_BYTES,
+            queue_qos0_messages: false,
+            message_size_limit: defaults::MESSAGE_SIZE_LIMIT_BYTES,
+            max_connections: defaults::MAX_CONNECTIONS,
+            retain_available: true,
+            max_qos: QoS::ExactlyOnce,
+            allow_anonymous: true,
+            topic_alias_maximum: defaults::TOPIC_ALIAS_MAXIMUM,
+            topic_alias_maximum_outbound: defaults::TOPIC_ALIAS_MAXIMUM_OUTBOUND,
+            persistent_client_expiration: None,
+            max_session_expiry_interval: defaults::MAX_SESSION_EXPIRY_SECS,
+            shared_subscriptions: true,
+            shutdown_timeout: Duration::from_secs(defaults::SHUTDOWN_TIMEOUT_SECS),
+        }
+    }
+}

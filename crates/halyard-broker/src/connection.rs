@@ -1,0 +1,982 @@
+//! One client connection: CONNECT handshake, then a single task that reads, writes and
+//! keeps time for that client.
+//!
+//! The task owns the socket halves, a read buffer and a write buffer. Its loop waits on, in
+//! priority order: a kick (session takeover), broker shutdown, the socket becoming writable
+//! (when there is something to write), readable input, the session's wake-up (something
+//! was queued), and the keep-alive deadline. Reading, writing and waking are all
+//! cancel-safe, so one `select!` serves both directions without a second task: a client
+//! that stops reading never blocks our reading of its acks, and vice versa.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use halyard_codec::{
+    Ack, AckProperties, BytesMut, ConnAck, Connect, DecodeError, Disconnect, ErrorKind, Packet,
+    Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions,
+    TopicName, UnsubAck, Unsubscribe, decode,
+};
+use halyard_store::{Op, PendingWill as StoredWill};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{debug, info, warn};
+
+use crate::broker::{Inner, grant, stored, version_name};
+use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
+use crate::message::{self, Delivery, Message};
+use crate::router::Match;
+use crate::session::{ConnLink, InflightState, Outgoing, PendingWill, Session, Subscription};
+use crate::stats::Stats;
+
+/// Initial read buffer; it grows to the largest packet seen (decode reserves the declared
+/// size), so idle connections stay small.
+const READ_BUFFER_INITIAL_BYTES: usize = 512;
+/// How long a closing connection may spend flushing its last packets (the DISCONNECT).
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a connection ended; decides the will and the log line.
+#[derive(Debug)]
+enum End {
+    /// DISCONNECT from the client with this reason (0x04 keeps the will).
+    ClientDisconnect(ReasonCode),
+    /// The peer closed the socket or it failed.
+    Closed(&'static str),
+    /// We closed it, telling a v5 client this reason.
+    Server(ReasonCode, &'static str),
+}
+
+pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Arc<str>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::with_capacity(READ_BUFFER_INITIAL_BYTES);
+    let max_in = inner.cfg.message_size_limit;
+    // [MQTT-3.1.4-1]-adjacent: a connection that never sends CONNECT is not kept.
+    let first = timeout(
+        inner.cfg.connect_timeout,
+        read_packet(&mut rd, &mut rbuf, ProtocolVersion::V5, max_in),
+    )
+    .await;
+    let connect = match first {
+        Err(_) => {
+            debug!(%peer, "no CONNECT within the connect timeout; closing");
+            return;
+        }
+        Ok(Err(ReadError::Closed)) => return,
+        Ok(Err(ReadError::Decode(e))) => {
+            refuse_bad_connect(&inner, &mut wr, &peer, &e).await;
+            return;
+        }
+        Ok(Ok(Packet::Connect(c))) => c,
+        Ok(Ok(other)) => {
+            // [MQTT-3.1.0-1]: the first packet must be CONNECT.
+            info!(%peer, packet = other.name(), "first packet is not CONNECT [MQTT-3.1.0-1]; closing");
+            return;
+        }
+    };
+    let permit = inner.permits.clone().try_acquire_owned().ok();
+    let Some(conn) = Connection::accept(inner.clone(), *connect, peer, rd, wr, rbuf, permit.is_some()).await
+    else {
+        return;
+    };
+    conn.run().await;
+    drop(permit);
+}
+
+enum ReadError {
+    Closed,
+    Decode(DecodeError),
+}
+
+async fn read_packet<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    rbuf: &mut BytesMut,
+    version: ProtocolVersion,
+    max: u32,
+) -> Result<Packet, ReadError> {
+    loop {
+        match decode(rbuf, version, max) {
+            Ok(Some(p)) => return Ok(p),
+            Ok(None) => {}
+            Err(e) => return Err(ReadError::Decode(e)),
+        }
+        match rd.read_buf(rbuf).await {
+            Ok(0) | Err(_) => return Err(ReadError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn write_now<W: AsyncWrite + Unpin>(wr: &mut W, p: &Packet, v: ProtocolVersion) {
+    let mut buf = BytesMut::new();
+    if p.encode(v, &mut buf).is_ok() {
+        let _ = timeout(CLOSE_FLUSH_TIMEOUT, async {
+            let _ = wr.write_all(&buf).await;
+            let _ = wr.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// Answers a CONNECT that could not be decoded. Protocol level problems get CONNACK 0x84
+/// (v5) / 0x01 (3.x) [MQTT-3.1.2-2]; other errors in a v5 CONNECT get a CONNACK with the
+/// error's reason [MQTT-4.13.1-1]; 3.x gets a plain close.
+async fn refuse_bad_connect<W: AsyncWrite + Unpin>(
+    inner: &Inner,
+    wr: &mut W,
+    peer: &str,
+    e: &DecodeError,
+) {
+    Stats::inc(&inner.stats.connections_refused);
+    info!(peer, error = %e, "refused CONNECT");
+    let v = match (e.kind, e.version) {
+        (ErrorKind::UnsupportedProtocolVersion, Some(ProtocolVersion::V5)) => ProtocolVersion::V5,
+        (ErrorKind::UnsupportedProtocolVersion, _) => ProtocolVersion::V3_1_1,
+        (_, Some(ProtocolVersion::V5)) => ProtocolVersion::V5,
+        _ => return,
+    };
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: false,
+        reason: e.reason_code(),
+        properties: Properties::default(),
+    });
+    write_now(wr, &ack, v).await;
+}
+
+struct Connection<S> {
+    inner: Arc<Inner>,
+    rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    peer: Arc<str>,
+    version: ProtocolVersion,
+    session: Arc<Session>,
+    conn_id: u64,
+    kick: Option<oneshot::Receiver<ReasonCode>>,
+    keepalive: Option<Duration>,
+    last_rx: Instant,
+    /// The client's Receive Maximum: QoS 1/2 messages we may have in flight to it.
+    client_receive_max: usize,
+    /// The client's Maximum Packet Size.
+    client_max_packet: u32,
+    /// Inbound topic aliases [MQTT-3.3.2-10]: they live as long as the connection.
+    aliases_in: HashMap<u16, TopicName>,
+    /// Outbound topic aliases we assigned, and the next free one.
+    aliases_out: HashMap<TopicName, u16>,
+    alias_out_max: u16,
+    will: Option<Arc<Message>>,
+    will_delay: u32,
+    /// Session expiry requested in CONNECT (a DISCONNECT may not raise it from 0).
+    connect_expiry: u32,
+    scratch: Vec<Match>,
+}
+
+impl<S> Connection<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    /// Validates CONNECT, attaches the session and sends CONNACK. `None` when refused.
+    async fn accept(
+        inner: Arc<Inner>,
+        c: Connect,
+        peer: Arc<str>,
+        rd: ReadHalf<S>,
+        mut wr: WriteHalf<S>,
+        rbuf: BytesMut,
+        have_permit: bool,
+    ) -> Option<Self> {
+        let v = c.protocol;
+        let v5 = v.is_v5();
+        let cfg = &inner.cfg;
+        let refuse = |reason: ReasonCode, why: &'static str| (reason, why);
+        let mut assigned = None;
+        let check = (|| {
+            if !have_permit {
+                return Err(refuse(ReasonCode::QuotaExceeded, "max_connections reached"));
+            }
+            if c.client_id.is_empty() {
+                // v5: we assign one [MQTT-3.1.3-6]. 3.1.1: only with clean session
+                // [MQTT-3.1.3-8]. 3.1 requires an identifier.
+                if v == ProtocolVersion::V3_1 || (!v5 && !c.clean_start) {
+                    return Err(refuse(
+                        ReasonCode::ClientIdentifierNotValid,
+                        "empty client id without clean session [MQTT-3.1.3-8]",
+                    ));
+                }
+            } else if v == ProtocolVersion::V3_1 && c.client_id.as_str().len() > 23 {
+                return Err(refuse(ReasonCode::ClientIdentifierNotValid, "3.1 client id over 23 bytes"));
+            }
+            if v5 && c.properties.authentication_method.is_some() {
+                // No enhanced authentication method is configured [MQTT-4.12.0-1].
+                return Err(refuse(ReasonCode::BadAuthenticationMethod, "unsupported authentication method"));
+            }
+            if !cfg.allow_anonymous {
+                if c.username.is_none() {
+                    return Err(refuse(ReasonCode::NotAuthorized, "anonymous clients not allowed"));
+                }
+                // No password database is configured, so no credentials can be verified.
+                return Err(refuse(ReasonCode::BadUserNameOrPassword, "no authentication backend configured"));
+            }
+            if !v5 && c.keep_alive > cfg.max_keepalive {
+                // 3.x has no Server Keep Alive; refuse as mosquitto does.
+                return Err(refuse(ReasonCode::ClientIdentifierNotValid, "keep alive above max_keepalive"));
+            }
+            if let Some(w) = &c.will {
+                if w.qos > cfg.max_qos {
+                    return Err(refuse(ReasonCode::QoSNotSupported, "will QoS above maximum QoS [MQTT-3.2.2-12]"));
+                }
+                if w.retain && !cfg.retain_available {
+                    return Err(refuse(ReasonCode::RetainNotSupported, "will retain unsupported [MQTT-3.2.2-13]"));
+                }
+            }
+            Ok(())
+        })();
+        if let Err((reason, why)) = check {
+            Stats::inc(&inner.stats.connections_refused);
+            info!(%peer, client_id = %c.client_id, protocol = version_name(v), reason = ?reason, why, "refused CONNECT");
+            let ack = Packet::ConnAck(ConnAck {
+                session_present: false,
+                reason,
+                properties: Properties {
+                    reason_string: v5.then(|| why.into()),
+                    ..Properties::default()
+                },
+            });
+            write_now(&mut wr, &ack, v).await;
+            return None;
+        }
+
+        let client_id: Arc<str> = if c.client_id.is_empty() {
+            let id = assign_client_id(&inner);
+            assigned = Some(id.clone());
+            id.into()
+        } else {
+            c.client_id.as_str().into()
+        };
+        let requested_expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            cfg.persistent_client_expiration
+                .map_or(u32::MAX, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        };
+        let expiry = requested_expiry.min(cfg.max_session_expiry_interval);
+
+        let conn_id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let (session, present) =
+            attach_session(&inner, &client_id, c.clean_start, v, expiry, conn_id, kick_tx);
+        inner.persist_session(&session, true);
+
+        // Keep alive: v5 gets Server Keep Alive when we override [MQTT-3.2.2-21].
+        let server_keep_alive = (v5
+            && (c.keep_alive > cfg.max_keepalive
+                || (c.keep_alive == 0 && cfg.max_keepalive < u16::MAX)))
+            .then_some(cfg.max_keepalive);
+        let keep_alive = server_keep_alive.unwrap_or(c.keep_alive);
+        // [MQTT-3.1.2-22]: 1.5 times the keep alive without a packet closes the connection.
+        let keepalive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+
+        let mut props = Properties::default();
+        if v5 {
+            if expiry != requested_expiry {
+                props.session_expiry_interval = Some(expiry);
+            }
+            if cfg.max_inflight_messages < u16::MAX {
+                props.receive_maximum = Some(cfg.max_inflight_messages.max(1));
+            }
+            if cfg.max_qos < QoS::ExactlyOnce {
+                props.maximum_qos = Some(cfg.max_qos);
+            }
+            props.retain_available = Some(cfg.retain_available);
+            if cfg.message_size_limit < halyard_codec::MAX_PACKET_SIZE {
+                props.maximum_packet_size = Some(cfg.message_size_limit);
+            }
+            if cfg.topic_alias_maximum > 0 {
+                props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
+            }
+            props.assigned_client_identifier = assigned.as_deref().map(Into::into);
+            props.server_keep_alive = server_keep_alive;
+            props.wildcard_subscription_available = Some(true);
+            props.subscription_identifier_available = Some(true);
+            props.shared_subscription_available = Some(cfg.shared_subscriptions);
+        }
+        let ack = Packet::ConnAck(ConnAck {
+            session_present: present,
+            reason: ReasonCode::Success,
+            properties: props,
+        });
+        let mut wbuf = BytesMut::with_capacity(ack.encoded_len(v));
+        if ack.encode(v, &mut wbuf).is_err() {
+            return None;
+        }
+        Stats::inc(&inner.stats.connections_total);
+        Stats::inc(&inner.stats.connections_current);
+        info!(
+            %peer, client_id = %client_id, protocol = version_name(v), clean_start = c.clean_start,
+            keep_alive, session_present = present, "client connected"
+        );
+
+        let will = c.will.as_ref().map(|w| {
+            Arc::new(Message::new(
+                w.topic.clone(),
+                w.payload.clone(),
+                w.qos,
+                w.retain,
+                w.properties.clone(),
+                Some(client_id.clone()),
+                Instant::now(),
+            ))
+        });
+        let client_receive_max = c.properties.receive_maximum.map_or(
+            if v5 { usize::from(u16::MAX) } else { usize::from(cfg.max_inflight_messages.max(1)) },
+            usize::from,
+        );
+        let mut conn = Connection {
+            rd,
+            wr,
+            rbuf,
+            wbuf,
+            peer,
+            version: v,
+            session,
+            conn_id,
+            kick: Some(kick_rx),
+            keepalive,
+            last_rx: Instant::now(),
+            client_receive_max,
+            client_max_packet: c.properties.maximum_packet_size.unwrap_or(halyard_codec::MAX_PACKET_SIZE),
+            aliases_in: HashMap::new(),
+            aliases_out: HashMap::new(),
+            alias_out_max: cfg.topic_alias_maximum_outbound.min(c.properties.topic_alias_maximum.unwrap_or(0)),
+            will,
+            will_delay: c.will.as_ref().and_then(|w| w.delay_interval).unwrap_or(0),
+            connect_expiry: requested_expiry,
+            scratch: Vec::new(),
+            inner,
+        };
+        if present {
+            conn.resend_inflight();
+        }
+        Some(conn)
+    }
+
+    async fn run(mut self) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let end = if *shutdown.borrow_and_update() {
+            End::Server(ReasonCode::ServerShuttingDown, "shutting down")
+        } else {
+            self.main_loop(&mut shutdown).await
+        };
+        self.finish(end).await;
+    }
+
+    async fn main_loop(&mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> End {
+        loop {
+            if self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
+                self.fill();
+            }
+            let deadline = self.keepalive.map(|k| self.last_rx + k);
+            let want_write = !self.wbuf.is_empty();
+            // Stop reading while our replies to this client pile up unread: its own
+            // input is then paused instead of our buffer growing.
+            let can_read = self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES;
+            let can_fill = self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES;
+            tokio::select! {
+                biased;
+                r = async { self.kick.as_mut().expect("guarded by is_some").await }, if self.kick.is_some() => {
+                    self.kick = None;
+                    let reason = r.unwrap_or(ReasonCode::SessionTakenOver);
+                    return End::Server(reason, "session taken over [MQTT-3.1.4-3]");
+                }
+                _ = shutdown.changed() => {
+                    return End::Server(ReasonCode::ServerShuttingDown, "server shutting down");
+                }
+                r = self.wr.write_buf(&mut self.wbuf), if want_write => {
+                    match r {
+                        Ok(0) | Err(_) => return End::Closed("write failed"),
+                        Ok(n) => {
+                            Stats::add(&self.inner.stats.bytes_sent, n as u64);
+                            if self.wbuf.is_empty() && self.wr.flush().await.is_err() {
+                                return End::Closed("flush failed");
+                            }
+                        }
+                    }
+                }
+                r = self.rd.read_buf(&mut self.rbuf), if can_read => {
+                    match r {
+                        Ok(0) => return End::Closed("connection closed by client"),
+                        Err(_) => return End::Closed("read failed"),
+                        Ok(n) => {
+                            Stats::add(&self.inner.stats.bytes_received, n as u64);
+                            self.last_rx = Instant::now();
+                            if let Some(end) = self.process_input() {
+                                return end;
+                            }
+                        }
+                    }
+                }
+                _ = self.session.wake.notified(), if can_fill => {}
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    return End::Server(ReasonCode::KeepAliveTimeout, "keep alive timeout [MQTT-3.1.2-22]");
+                }
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in the read buffer.
+    fn process_input(&mut self) -> Option<End> {
+        loop {
+            match decode(&mut self.rbuf, self.version, self.inner.cfg.message_size_limit) {
+                Ok(Some(p)) => {
+                    if let Err(end) = self.handle(p) {
+                        return Some(end);
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    Stats::inc(&self.inner.stats.protocol_errors);
+                    warn!(peer = %self.peer, client_id = %self.session.client_id, error = %e, "bad packet; disconnecting");
+                    return Some(End::Server(e.reason_code(), e.detail));
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, p: &Packet) {
+        // Our own packets are valid by construction and well under the size limits.
+        let _ = p.encode(self.version, &mut self.wbuf);
+    }
+
+    fn handle(&mut self, p: Packet) -> Result<(), End> {
+        match p {
+            Packet::Publish(p) => self.on_publish(p),
+            Packet::PubAck(a) => {
+                self.on_ack(a.packet_id, InflightState::AwaitPubAck);
+                Ok(())
+            }
+            Packet::PubRec(a) => {
+                self.on_pubrec(a);
+                Ok(())
+            }
+            Packet::PubRel(a) => {
+                self.on_pubrel(a.packet_id);
+                Ok(())
+            }
+            Packet::PubComp(a) => {
+                self.on_ack(a.packet_id, InflightState::AwaitPubComp);
+                Ok(())
+            }
+            Packet::Subscribe(s) => {
+                self.on_subscribe(s);
+                Ok(())
+            }
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u);
+                Ok(())
+            }
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => self.on_disconnect(d),
+            Packet::Connect(_) => Err(self.protocol_error("second CONNECT [MQTT-3.1.0-2]")),
+            Packet::Auth(_) => Err(self.protocol_error("AUTH without enhanced authentication [MQTT-4.12.0-2]")),
+            other => {
+                debug!(packet = other.name(), "client sent a server-only packet");
+                Err(self.protocol_error("packet only a server may send"))
+            }
+        }
+    }
+
+    fn protocol_error(&self, why: &'static str) -> End {
+        Stats::inc(&self.inner.stats.protocol_errors);
+        warn!(peer = %self.peer, client_id = %self.session.client_id, why, "protocol error; disconnecting");
+        End::Server(ReasonCode::ProtocolError, why)
+    }
+
+    fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+        let v5 = self.version.is_v5();
+        let cfg = &self.inner.cfg;
+        if let Some(alias) = p.properties.topic_alias {
+            if alias > cfg.topic_alias_maximum {
+                // [MQTT-3.3.2-9]: over our Topic Alias Maximum.
+                Stats::inc(&self.inner.stats.protocol_errors);
+                return Err(End::Server(ReasonCode::TopicAliasInvalid, "topic alias above maximum [MQTT-3.3.2-9]"));
+            }
+            if p.topic.is_empty() {
+                match self.aliases_in.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return Err(self.protocol_error("unknown topic alias [MQTT-3.3.2-12]")),
+                }
+            } else {
+                self.aliases_in.insert(alias, p.topic.clone());
+            }
+        }
+        if !p.properties.subscription_identifiers.is_empty() {
+            return Err(self.protocol_error("subscription identifier from a client [MQTT-3.3.4-6]"));
+        }
+        if p.qos > cfg.max_qos {
+            return Err(End::Server(ReasonCode::QoSNotSupported, "QoS above maximum QoS [MQTT-3.2.2-12]"));
+        }
+        if p.retain && !cfg.retain_available {
+            return Err(End::Server(ReasonCode::RetainNotSupported, "retain not available [MQTT-3.2.2-13]"));
+        }
+        Stats::inc(&self.inner.stats.messages_received);
+        if p.qos == QoS::ExactlyOnce {
+            let mut st = self.session.lock();
+            if st.inbound_qos2.contains(&p.packet_id) {
+                // A resend of a message already received: acknowledge, do not deliver again
+                // [MQTT-4.3.3-10].
+                drop(st);
+                self.send(&Packet::PubRec(Ack::new(p.packet_id)));
+                return Ok(());
+            }
+            if st.inbound_qos2.len() >= usize::from(cfg.max_inflight_messages.max(1)) {
+                drop(st);
+                Stats::inc(&self.inner.stats.protocol_errors);
+                return Err(End::Server(ReasonCode::ReceiveMaximumExceeded, "receive maximum exceeded [MQTT-3.3.4-9]"));
+            }
+            st.inbound_qos2.insert(p.packet_id);
+        }
+        let invalid_payload = v5
+            && p.properties.payload_format_indicator == Some(true)
+            && std::str::from_utf8(&p.payload).is_err();
+        let mut reason = ReasonCode::Success;
+        if invalid_payload {
+            // [MQTT-3.3.2-4]: the sender promised UTF-8; we may refuse it.
+            reason = ReasonCode::PayloadFormatInvalid;
+            if p.qos == QoS::ExactlyOnce {
+                self.session.lock().inbound_qos2.remove(&p.packet_id);
+            }
+        } else {
+            let msg = Arc::new(Message::new(
+                p.topic,
+                p.payload,
+                p.qos,
+                p.retain,
+                p.properties,
+                Some(self.session.client_id.clone()),
+                Instant::now(),
+            ));
+            let matched = self.inner.publish(msg, &mut self.scratch);
+            if v5 && matched == 0 {
+                reason = ReasonCode::NoMatchingSubscribers;
+            }
+        }
+        let ack = Ack {
+            packet_id: p.packet_id,
+            reason: if v5 { reason } else { ReasonCode::Success },
+            properties: AckProperties::default(),
+        };
+        match p.qos {
+            QoS::AtMostOnce => {
+                if invalid_payload {
+                    return Err(End::Server(ReasonCode::PayloadFormatInvalid, "payload is not UTF-8 [MQTT-3.3.2-4]"));
+                }
+            }
+            QoS::AtLeastOnce => self.send(&Packet::PubAck(ack)),
+            QoS::ExactlyOnce => self.send(&Packet::PubRec(ack)),
+        }
+        Ok(())
+    }
+
+    fn on_ack(&mut self, packet_id: u16, expect: InflightState) {
+        let mut st = self.session.lock();
+        if st.inflight.get(&packet_id).is_some_and(|f| f.state == expect) {
+            st.inflight.remove(&packet_id);
+        } else {
+            debug!(client_id = %self.session.client_id, packet_id, "acknowledgement for an unknown packet id");
+        }
+    }
+
+    fn on_pubrec(&mut self, a: Ack) {
+        let mut st = self.session.lock();
+        let reply = match st.inflight.get_mut(&a.packet_id) {
+            Some(f) if f.state == InflightState::AwaitPubRec && a.reason.is_error() => {
+                // [MQTT-4.3.3-?] v5: a PUBREC with an error ends the exchange.
+                st.inflight.remove(&a.packet_id);
+                None
+            }
+            Some(f) if matches!(f.state, InflightState::AwaitPubRec | InflightState::AwaitPubComp) => {
+                f.state = InflightState::AwaitPubComp;
+                Some(ReasonCode::Success)
+            }
+            _ => Some(ReasonCode::PacketIdentifierNotFound),
+        };
+        drop(st);
+        if let Some(reason) = reply {
+            let reason = if self.version.is_v5() { reason } else { ReasonCode::Success };
+            self.send(&Packet::PubRel(Ack { reason, ..Ack::new(a.packet_id) }));
+        }
+    }
+
+    fn on_pubrel(&mut self, packet_id: u16) {
+        let known = self.session.lock().inbound_qos2.remove(&packet_id);
+        let reason = if known || !self.version.is_v5() {
+            ReasonCode::Success
+        } else {
+            ReasonCode::PacketIdentifierNotFound
+        };
+        self.send(&Packet::PubComp(Ack { reason, ..Ack::new(packet_id) }));
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) {
+        let v5 = self.version.is_v5();
+        let cfg = &self.inner.cfg;
+        let now = Instant::now();
+        let id = s.properties.subscription_identifier;
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        for (filter, opts) in s.filters {
+            if filter.is_shared() && !cfg.shared_subscriptions {
+                reasons.push(ReasonCode::SharedSubscriptionsNotSupported);
+                continue;
+            }
+            let qos = grant(opts.qos, cfg.max_qos);
+            let options = SubscriptionOptions { qos, ..opts };
+            let sub = Subscription { filter: filter.clone(), options, id };
+            let existed = self
+                .session
+                .lock()
+                .subscriptions
+                .insert(filter.as_str().into(), sub.clone())
+                .is_some();
+            self.inner.subs.subscribe(&filter, &self.session, options, id);
+            self.inner.persist_subscription(&self.session.client_id, &sub);
+            reasons.push(match qos {
+                QoS::AtMostOnce => ReasonCode::GRANTED_QOS0,
+                QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+                QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+            });
+            // Retained messages per Retain Handling [MQTT-3.3.1-9, MQTT-3.3.1-10,
+            // MQTT-3.3.1-11]; none for shared subscriptions [MQTT-4.8.2-?].
+            use halyard_codec::RetainHandling::*;
+            let send = !filter.is_shared()
+                && match options.retain_handling {
+                    SendOnSubscribe => true,
+                    SendIfNew => !existed,
+                    DoNotSend => false,
+                };
+            if send {
+                for msg in self.inner.retained.matching(&filter, now) {
+                    retained.push(Outgoing {
+                        qos: msg.qos.min(qos),
+                        retain: true, // [MQTT-3.3.1-8]
+                        subscription_ids: id.into_iter().collect(),
+                        msg,
+                    });
+                }
+            }
+        }
+        let _ = v5;
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reasons,
+            properties: AckProperties::default(),
+        }));
+        let limits = self.inner.queue_limits();
+        for out in retained {
+            let r = self.session.enqueue(out, limits);
+            self.inner.count_enqueue(r);
+        }
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for filter in u.filters {
+            let existed = self
+                .session
+                .lock()
+                .subscriptions
+                .remove(filter.as_str())
+                .is_some();
+            self.inner.subs.unsubscribe(&filter, &self.session);
+            if existed {
+                self.inner.store.apply(vec![Op::Unsubscribe {
+                    client_id: self.session.client_id.to_string(),
+                    filter: filter.to_string(),
+                }]);
+            }
+            reasons.push(if existed { ReasonCode::Success } else { ReasonCode::NoSubscriptionExisted });
+        }
+        self.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reasons,
+            properties: AckProperties::default(),
+        }));
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) -> Result<(), End> {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if self.connect_expiry == 0 && expiry != 0 {
+                return Err(self.protocol_error("session expiry raised from 0 on DISCONNECT [MQTT-3.14.2-2]"));
+            }
+            self.session.lock().expiry_interval = expiry.min(self.inner.cfg.max_session_expiry_interval);
+        }
+        Err(End::ClientDisconnect(d.reason))
+    }
+
+    /// Moves queued messages into the write buffer within the client's Receive Maximum.
+    fn fill(&mut self) {
+        let now = Instant::now();
+        let inner = self.inner.clone();
+        let session = self.session.clone();
+        let mut st = session.lock();
+        while self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
+            let Some(front) = st.queue.front() else { break };
+            if front.msg.is_expired(now) {
+                // [MQTT-3.3.2-5]: expired before onward delivery started.
+                if let Some(o) = st.queue.pop_front() {
+                    st.queued_bytes -= o.msg.cost();
+                }
+                Stats::inc(&inner.stats.expired_messages);
+                continue;
+            }
+            // Messages stay in order: a QoS 1/2 message waiting for window space holds back
+            // everything behind it [MQTT-4.6.0-6].
+            if front.qos != QoS::AtMostOnce && st.inflight.len() >= self.client_receive_max {
+                break;
+            }
+            let Some(out) = st.queue.pop_front() else { break };
+            st.queued_bytes -= out.msg.cost();
+            let packet_id = if out.qos == QoS::AtMostOnce { 0 } else { st.alloc_packet_id() };
+            let alias = self.outbound_alias(&out.msg.topic);
+            let d = Delivery {
+                qos: out.qos,
+                retain: out.retain,
+                dup: false,
+                packet_id,
+                subscription_ids: &out.subscription_ids,
+                alias,
+            };
+            match message::write(&out.msg, d, self.version, self.client_max_packet, now, &mut self.wbuf) {
+                Ok(()) => {
+                    Stats::inc(&inner.stats.messages_sent);
+                    if out.qos != QoS::AtMostOnce {
+                        let state = if out.qos == QoS::AtLeastOnce {
+                            InflightState::AwaitPubAck
+                        } else {
+                            InflightState::AwaitPubRec
+                        };
+                        st.inflight_seq += 1;
+                        let seq = st.inflight_seq;
+                        st.inflight.insert(packet_id, crate::session::Inflight { out, state, seq });
+                    }
+                }
+                Err(message::WriteError::TooLarge) => {
+                    // [MQTT-3.1.2-25]: discard, acting as if it had been delivered.
+                    Stats::inc(&inner.stats.dropped_too_large);
+                }
+            }
+        }
+    }
+
+    /// Outbound topic alias for `topic`, when both sides allow them: `(alias, send topic too)`.
+    fn outbound_alias(&mut self, topic: &TopicName) -> Option<(u16, bool)> {
+        if self.alias_out_max == 0 {
+            return None;
+        }
+        if let Some(&a) = self.aliases_out.get(topic) {
+            return Some((a, false));
+        }
+        let next = self.aliases_out.len() as u16 + 1;
+        if next > self.alias_out_max {
+            return None; // all aliases in use: send the full topic
+        }
+        self.aliases_out.insert(topic.clone(), next);
+        Some((next, true))
+    }
+
+    /// On session resume, resends unacknowledged PUBLISH with DUP and PUBREL in their
+    /// original order [MQTT-4.4.0-1].
+    fn resend_inflight(&mut self) {
+        let now = Instant::now();
+        let st = self.session.lock();
+        let mut pending: Vec<(u64, u16, InflightState, Outgoing)> = st
+            .inflight
+            .iter()
+            .map(|(&id, f)| (f.seq, id, f.state, f.out.clone()))
+            .collect();
+        drop(st);
+        pending.sort_by_key(|p| p.0);
+        for (_, packet_id, state, out) in pending {
+            if state == InflightState::AwaitPubComp {
+                self.send(&Packet::PubRel(Ack::new(packet_id)));
+                continue;
+            }
+            let d = Delivery {
+                qos: out.qos,
+                retain: out.retain,
+                dup: true,
+                packet_id,
+                subscription_ids: &out.subscription_ids,
+                alias: None,
+            };
+            if message::write(&out.msg, d, self.version, self.client_max_packet, now, &mut self.wbuf).is_ok() {
+                Stats::inc(&self.inner.stats.messages_sent);
+            }
+        }
+    }
+
+    async fn finish(mut self, end: End) {
+        let v5 = self.version.is_v5();
+        // Tell a v5 client why we close [MQTT-4.13.2-1]; 3.x just gets the close.
+        if let End::Server(reason, why) = &end
+            && v5
+        {
+            let props = Properties { reason_string: Some((*why).into()), ..Properties::default() };
+            self.send(&Packet::Disconnect(Disconnect { reason: *reason, properties: props }));
+        }
+        let _ = timeout(CLOSE_FLUSH_TIMEOUT, async {
+            while !self.wbuf.is_empty() {
+                if self.wr.write_buf(&mut self.wbuf).await.unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+            let _ = self.wr.shutdown().await;
+        })
+        .await;
+        Stats::dec(&self.inner.stats.connections_current);
+
+        let keep_will = match &end {
+            End::ClientDisconnect(ReasonCode::DisconnectWithWillMessage) => true,
+            End::ClientDisconnect(_) => false, // [MQTT-3.1.2-10] normal DISCONNECT drops it
+            End::Closed(_) | End::Server(..) => true,
+        };
+        let will = if keep_will { self.will.take() } else { None };
+        match &end {
+            End::ClientDisconnect(r) => {
+                info!(peer = %self.peer, client_id = %self.session.client_id, reason = ?r, "client disconnected")
+            }
+            End::Closed(why) => info!(peer = %self.peer, client_id = %self.session.client_id, why, "connection lost"),
+            End::Server(r, why) => {
+                info!(peer = %self.peer, client_id = %self.session.client_id, reason = ?r, why, "disconnected by server")
+            }
+        }
+        detach(&self.inner, &self.session, self.conn_id, will, self.will_delay);
+    }
+}
+
+/// Finds or creates the session for a new connection, taking it over from any connection
+/// attached to it [MQTT-3.1.4-3]. Returns it and "session present".
+fn attach_session(
+    inner: &Arc<Inner>,
+    client_id: &Arc<str>,
+    clean_start: bool,
+    protocol: ProtocolVersion,
+    expiry: u32,
+    conn_id: u64,
+    kick: oneshot::Sender<ReasonCode>,
+) -> (Arc<Session>, bool) {
+    let existing = inner
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(client_id)
+        .cloned();
+    if let Some(old) = existing {
+        let mut st = old.lock();
+        if let Some(link) = st.conn.take()
+            && let Some(k) = link.kick
+        {
+            let _ = k.send(ReasonCode::SessionTakenOver);
+        }
+        if !clean_start && !st.ended {
+            st.conn = Some(ConnLink { id: conn_id, kick: Some(kick) });
+            st.generation = conn_id;
+            st.protocol = protocol;
+            st.expiry_interval = expiry;
+            // A new connection before the will delay cancels the will [MQTT-3.1.3-9].
+            let had_will = st.pending_will.take().is_some();
+            drop(st);
+            if had_will {
+                inner.store.apply(vec![Op::WillPending { client_id: client_id.to_string(), will: None }]);
+            }
+            old.online.store(true, Ordering::Relaxed);
+            return (old, true);
+        }
+        drop(st);
+        inner.end_session(&old);
+    }
+    let session = Arc::new(Session::new(client_id.clone(), protocol, expiry));
+    {
+        let mut st = session.lock();
+        st.conn = Some(ConnLink { id: conn_id, kick: Some(kick) });
+        st.generation = conn_id;
+    }
+    session.online.store(true, Ordering::Relaxed);
+    inner
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(client_id.clone(), session.clone());
+    (session, false)
+}
+
+/// Detaches a closed connection from its session: publishes or schedules its will, and
+/// ends the session or starts its expiry clock.
+fn detach(inner: &Arc<Inner>, session: &Arc<Session>, conn_id: u64, will: Option<Arc<Message>>, will_delay: u32) {
+    let now = Instant::now();
+    let mut st = session.lock();
+    let still_mine = st.conn.as_ref().is_some_and(|c| c.id == conn_id);
+    if still_mine {
+        st.conn = None;
+        session.online.store(false, Ordering::Relaxed);
+    }
+    let ends_now = st.ended || (still_mine && st.expiry_interval == 0);
+    let mut publish_now = None;
+    let mut pending_store = None;
+    if let Some(w) = will {
+        if ends_now || will_delay == 0 {
+            publish_now = Some(w);
+        } else if still_mine {
+            // [MQTT-3.1.3-9]: published after the delay or at session end, whichever first.
+            let due = now + Duration::from_secs(u64::from(will_delay));
+            pending_store = Some(StoredWill {
+                message: stored(&w),
+                retain: w.retain,
+                due: std::time::SystemTime::now() + Duration::from_secs(u64::from(will_delay)),
+            });
+            st.pending_will = Some(PendingWill { msg: w });
+            inner.timers.schedule(due, crate::broker::TimerEvent::Will(session.clone(), conn_id));
+        }
+        // Otherwise a new connection took the session over before the delay: not sent.
+    }
+    let expiry = st.expiry_interval;
+    drop(st);
+    if let Some(w) = publish_now {
+        inner.publish_will(&session.client_id, w);
+    }
+    if !still_mine {
+        return;
+    }
+    if ends_now {
+        inner.end_session(session);
+        return;
+    }
+    inner.persist_session(session, false);
+    if let Some(w) = pending_store {
+        inner.store.apply(vec![Op::WillPending { client_id: session.client_id.to_string(), will: Some(w) }]);
+    }
+    if expiry != u32::MAX {
+        let at = now + Duration::from_secs(u64::from(expiry));
+        inner.timers.schedule(at, crate::broker::TimerEvent::SessionExpiry(session.clone(), conn_id));
+    }
+}
+
+/// A server-assigned client identifier [MQTT-3.1.3-7]: unique within this broker's
+/// lifetime by the connection counter, and across restarts by the start time.
+fn assign_client_id(inner: &Inner) -> String {
+    let n = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("halyard-{t:x}-{n:x}")
+}

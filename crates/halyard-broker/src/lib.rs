@@ -1,0 +1,17 @@
+//! Halyard's broker core: sessions, routing, retained messages and wills, serving MQTT 3.1,
+//! 3.1.1 and 5.0 over any `AsyncRead + AsyncWrite` stream. Transports live elsewhere; this
+//! crate never opens a socket, so it is tested over in-memory pipes as well as TCP.
+#![forbid(unsafe_code)]
+
+mod broker;
+pub mod config;
+mod connection;
+mod message;
+mod retained;
+mod router;
+mod session;
+mod stats;
+
+pub use broker::Broker;
+pub use config::BrokerConfig;
+pub use stats::StatsSnapshot;

@@ -1,0 +1,190 @@
+//! An application message inside the broker, and how it is encoded for subscribers.
+//!
+//! A message is received once, wrapped in an `Arc`, and shared by every session it is
+//! delivered to: payload and properties are never copied. Its PUBLISH bytes are encoded at
+//! most once per wire shape (3.x or 5, with or without a packet identifier) and cached; each
+//! delivery copies those bytes into the connection's write buffer and patches the first
+//! byte (DUP/QoS/RETAIN) and the packet identifier in place. Only deliveries that change the
+//! properties (subscription identifiers, a remaining expiry, a topic alias) encode afresh.
+
+use std::sync::{Arc, OnceLock};
+
+use halyard_codec::{
+    Bytes, BytesMut, Packet, ProtocolVersion, Publish, PublishProperties, QoS, TopicName,
+};
+use tokio::time::Instant;
+
+/// One application message as routed by the broker.
+#[derive(Debug)]
+pub(crate) struct Message {
+    pub(crate) topic: TopicName,
+    pub(crate) payload: Bytes,
+    pub(crate) qos: QoS,
+    pub(crate) retain: bool,
+    /// Properties to forward: never a topic alias or subscription identifiers.
+    pub(crate) properties: PublishProperties,
+    /// When the Message Expiry Interval runs out.
+    pub(crate) expires_at: Option<Instant>,
+    /// The publishing client, for No Local.
+    pub(crate) origin: Option<Arc<str>>,
+    /// Encoded PUBLISH per (v5, has packet id): see [`Message::cached`].
+    cache: [OnceLock<Bytes>; 4],
+}
+
+impl Message {
+    pub(crate) fn new(
+        topic: TopicName,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        mut properties: PublishProperties,
+        origin: Option<Arc<str>>,
+        now: Instant,
+    ) -> Self {
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        let expires_at = properties
+            .message_expiry_interval
+            .map(|s| now + std::time::Duration::from_secs(u64::from(s)));
+        Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            expires_at,
+            origin,
+            cache: Default::default(),
+        }
+    }
+
+    pub(crate) fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|e| e <= now)
+    }
+
+    /// Payload bytes plus topic: what a queued copy costs, for queue limits.
+    pub(crate) fn cost(&self) -> usize {
+        self.payload.len() + self.topic.as_str().len()
+    }
+
+    /// The PUBLISH for this delivery, with packet id 0 as a placeholder when `with_id`.
+    fn build(&self, qos: QoS, properties: PublishProperties) -> Publish {
+        Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: self.topic.clone(),
+            packet_id: if qos == QoS::AtMostOnce { 0 } else { 1 },
+            properties,
+            raw_properties: Bytes::new(),
+            payload: self.payload.clone(),
+        }
+    }
+
+    fn cached(&self, v5: bool, with_id: bool) -> &Bytes {
+        let slot = &self.cache[usize::from(v5) * 2 + usize::from(with_id)];
+        slot.get_or_init(|| {
+            let version = if v5 {
+                ProtocolVersion::V5
+            } else {
+                ProtocolVersion::V3_1_1
+            };
+            let qos = if with_id {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            };
+            let p = Packet::Publish(self.build(qos, self.properties.clone()));
+            let mut buf = BytesMut::with_capacity(p.encoded_len(version));
+            // Topic and properties were validated on the way in and the size against the
+            // limit; an encode error here would mean a codec bug, so fall back to empty,
+            // which `write` reports as "too large" and the delivery is dropped and counted.
+            if p.encode(version, &mut buf).is_err() {
+                return Bytes::new();
+            }
+            buf.freeze()
+        })
+    }
+}
+
+/// What a delivery writes besides the shared message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Delivery<'a> {
+    pub(crate) qos: QoS,
+    pub(crate) retain: bool,
+    pub(crate) dup: bool,
+    pub(crate) packet_id: u16,
+    pub(crate) subscription_ids: &'a [u32],
+    /// A topic alias to send instead of (`Some((alias, false))`) or together with
+    /// (`Some((alias, true))`) the topic name.
+    pub(crate) alias: Option<(u16, bool)>,
+}
+
+/// Why a delivery was not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteError {
+    /// Larger than the client's Maximum Packet Size [MQTT-3.1.2-25]: dropped.
+    TooLarge,
+}
+
+/// Appends the PUBLISH for one delivery of `msg` to `out`.
+pub(crate) fn write(
+    msg: &Message,
+    d: Delivery<'_>,
+    version: ProtocolVersion,
+    max_packet_size: u32,
+    now: Instant,
+    out: &mut BytesMut,
+) -> Result<(), WriteError> {
+    let v5 = version.is_v5();
+    let plain =
+        !v5 || (d.subscription_ids.is_empty() && msg.expires_at.is_none() && d.alias.is_none());
+    if plain {
+        let with_id = d.qos != QoS::AtMostOnce;
+        let bytes = msg.cached(v5, with_id);
+        if bytes.is_empty() || bytes.len() > max_packet_size as usize {
+            return Err(WriteError::TooLarge);
+        }
+        let start = out.len();
+        out.extend_from_slice(bytes);
+        out[start] = 0x30 | u8::from(d.dup) << 3 | (d.qos as u8) << 1 | u8::from(d.retain);
+        if with_id {
+            // The packet id follows the fixed header and the length-prefixed topic name.
+            let at = start + fixed_header_len(bytes) + 2 + msg.topic.as_str().len();
+            out[at..at + 2].copy_from_slice(&d.packet_id.to_be_bytes());
+        }
+        return Ok(());
+    }
+    let mut props = msg.properties.clone();
+    props.subscription_identifiers = d.subscription_ids.to_vec();
+    if let Some(expires) = msg.expires_at {
+        // [MQTT-3.3.2-6]: forward the remaining lifetime.
+        props.message_expiry_interval =
+            Some(u32::try_from(expires.saturating_duration_since(now).as_secs()).unwrap_or(u32::MAX));
+    }
+    let mut p = msg.build(d.qos, props);
+    p.dup = d.dup;
+    p.retain = d.retain;
+    p.packet_id = if d.qos == QoS::AtMostOnce { 0 } else { d.packet_id };
+    if let Some((alias, keep_topic)) = d.alias {
+        p.properties.topic_alias = Some(alias);
+        if !keep_topic {
+            p.topic = TopicName::empty();
+        }
+    }
+    let p = Packet::Publish(p);
+    if p.encoded_len(version) > max_packet_size as usize {
+        return Err(WriteError::TooLarge);
+    }
+    p.encode(version, out).map_err(|_| WriteError::TooLarge)
+}
+
+/// Length of the fixed header of a packet we encoded: the type byte and the remaining
+/// length, whose last byte is the first without the continuation bit.
+fn fixed_header_len(bytes: &[u8]) -> usize {
+    1 + bytes[1..]
+        .iter()
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .map_or(4, |i| i + 1)
+}

@@ -1,0 +1,220 @@
+//! Session state (section 4.1): subscriptions, the queue of messages waiting to be sent,
+//! messages in flight to the client, QoS 2 packet ids received and not yet released, the
+//! pending will. A session outlives its connections while its expiry interval runs.
+//!
+//! Locking: one `std::sync::Mutex` per session. It is held only for short, non-async
+//! sections (enqueue from a publisher's task; fill/ack from the owning connection's task)
+//! and never while any other lock is taken; see ARCHITECTURE.md for the order.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use halyard_codec::{ProtocolVersion, QoS, ReasonCode, SubscriptionOptions, TopicFilter};
+use tokio::sync::{Notify, oneshot};
+
+use crate::message::Message;
+
+/// One queued or in-flight delivery of a shared message to this session.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    pub(crate) msg: Arc<Message>,
+    /// Granted QoS: the lower of the message's and the subscription's.
+    pub(crate) qos: QoS,
+    /// RETAIN flag to send (retained-on-subscribe or Retain As Published).
+    pub(crate) retain: bool,
+    /// Identifiers of all matching subscriptions [MQTT-3.3.4-3].
+    pub(crate) subscription_ids: Vec<u32>,
+}
+
+/// Where an outgoing QoS 1/2 message stands (section 4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InflightState {
+    /// QoS 1 sent, waiting for PUBACK.
+    AwaitPubAck,
+    /// QoS 2 sent, waiting for PUBREC.
+    AwaitPubRec,
+    /// PUBREL sent, waiting for PUBCOMP.
+    AwaitPubComp,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inflight {
+    pub(crate) out: Outgoing,
+    pub(crate) state: InflightState,
+    /// Send order, to redeliver in the original order on reconnect [MQTT-4.6.0-1].
+    pub(crate) seq: u64,
+}
+
+/// A subscription as the session remembers it.
+#[derive(Debug, Clone)]
+pub(crate) struct Subscription {
+    pub(crate) filter: TopicFilter,
+    pub(crate) options: SubscriptionOptions,
+    pub(crate) id: Option<u32>,
+}
+
+/// The link from a session to the connection currently attached to it.
+#[derive(Debug)]
+pub(crate) struct ConnLink {
+    pub(crate) id: u64,
+    /// Tells the connection to close with this reason (session takeover, admin kick).
+    pub(crate) kick: Option<oneshot::Sender<ReasonCode>>,
+}
+
+/// A will waiting for its delay (or for the session to end).
+#[derive(Debug)]
+pub(crate) struct PendingWill {
+    pub(crate) msg: Arc<Message>,
+}
+
+#[derive(Debug)]
+pub(crate) struct SessionState {
+    pub(crate) conn: Option<ConnLink>,
+    /// Id of the last connection attached; timers carry it to ignore stale events.
+    pub(crate) generation: u64,
+    pub(crate) protocol: ProtocolVersion,
+    pub(crate) subscriptions: HashMap<Box<str>, Subscription>,
+    pub(crate) queue: VecDeque<Outgoing>,
+    pub(crate) queued_bytes: usize,
+    pub(crate) inflight: HashMap<u16, Inflight>,
+    pub(crate) inflight_seq: u64,
+    next_packet_id: u16,
+    /// QoS 2 packet ids received and PUBREC'd, not yet released by PUBREL (section 4.3.3).
+    pub(crate) inbound_qos2: HashSet<u16>,
+    /// Session Expiry Interval in seconds; `u32::MAX` never expires.
+    pub(crate) expiry_interval: u32,
+    pub(crate) pending_will: Option<PendingWill>,
+    /// Set once the session is discarded; publishers then stop queueing to it.
+    pub(crate) ended: bool,
+}
+
+/// Limits applied when queueing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLimits {
+    pub(crate) max_messages: usize,
+    pub(crate) max_bytes: usize,
+    pub(crate) queue_qos0_offline: bool,
+}
+
+/// What happened to a message offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Enqueued {
+    Queued,
+    /// Queued after evicting the oldest queued QoS 0 message (counted as dropped).
+    QueuedEvictedQos0,
+    /// Not queued: the session's queue is full of QoS 1/2 messages.
+    DroppedFull,
+    /// Not queued: QoS 0 for an offline session, with `queue_qos0_messages` off.
+    DroppedOfflineQos0,
+    /// Not queued: the session has ended.
+    DroppedEnded,
+}
+
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) client_id: Arc<str>,
+    pub(crate) state: Mutex<SessionState>,
+    /// Wakes the attached connection's task when something was queued.
+    pub(crate) wake: Notify,
+    /// Mirrors `state.conn.is_some()` so routing can prefer online shared-group members
+    /// without taking the session lock.
+    pub(crate) online: AtomicBool,
+}
+
+impl Session {
+    pub(crate) fn new(client_id: Arc<str>, protocol: ProtocolVersion, expiry_interval: u32) -> Self {
+        Session {
+            client_id,
+            state: Mutex::new(SessionState {
+                conn: None,
+                generation: 0,
+                protocol,
+                subscriptions: HashMap::new(),
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                inflight: HashMap::new(),
+                inflight_seq: 0,
+                next_packet_id: 1,
+                inbound_qos2: HashSet::new(),
+                expiry_interval,
+                pending_will: None,
+                ended: false,
+            }),
+            wake: Notify::new(),
+            online: AtomicBool::new(false),
+        }
+    }
+
+    /// Locks the state. A poisoned lock means a panic happened mid-update in some
+    /// connection's task; the maps are still structurally valid, so carry on.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn is_online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    /// Offers a message to this session, applying the queue policy (docs/broker.md):
+    /// a full queue first evicts its oldest QoS 0 message; if it holds none, the new
+    /// message is dropped. Drops are returned so the caller counts them.
+    pub(crate) fn enqueue(&self, out: Outgoing, limits: QueueLimits) -> Enqueued {
+        let cost = out.msg.cost();
+        let mut st = self.lock();
+        if st.ended {
+            return Enqueued::DroppedEnded;
+        }
+        let online = st.conn.is_some();
+        if out.qos == QoS::AtMostOnce && !online && !limits.queue_qos0_offline {
+            return Enqueued::DroppedOfflineQos0;
+        }
+        let full = |st: &SessionState| {
+            st.queue.len() >= limits.max_messages
+                || (limits.max_bytes > 0 && st.queued_bytes + cost > limits.max_bytes)
+        };
+        let mut result = Enqueued::Queued;
+        if full(&st) {
+            // Drop-oldest for QoS 0: it is the one class the sender accepted losing.
+            let Some(victim) = st.queue.iter().position(|o| o.qos == QoS::AtMostOnce) else {
+                return Enqueued::DroppedFull;
+            };
+            if let Some(v) = st.queue.remove(victim) {
+                st.queued_bytes -= v.msg.cost();
+            }
+            result = Enqueued::QueuedEvictedQos0;
+            if full(&st) {
+                return Enqueued::DroppedFull;
+            }
+        }
+        st.queued_bytes += cost;
+        st.queue.push_back(out);
+        drop(st);
+        if online {
+            self.wake.notify_one();
+        }
+        result
+    }
+}
+
+impl SessionState {
+    /// A packet id not in flight [MQTT-2.2.1-2]. The caller keeps the in-flight count
+    /// below 65,535 (it is bounded by Receive Maximum), so a free id exists.
+    pub(crate) fn alloc_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Drops everything queued and in flight (clean start, session end).
+    pub(crate) fn clear_messages(&mut self) {
+        self.queue.clear();
+        self.queued_bytes = 0;
+        self.inflight.clear();
+        self.inbound_qos2.clear();
+    }
+}

@@ -1,0 +1,51 @@
+//! Broker-wide counters: relaxed atomics, incremented on the paths they count.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($($name:ident: $doc:literal,)*) => {
+        /// Live counters.
+        #[derive(Debug, Default)]
+        pub(crate) struct Stats { $(pub(crate) $name: AtomicU64,)* }
+
+        /// A point-in-time copy of the counters.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct StatsSnapshot { $(#[doc = $doc] pub $name: u64,)* }
+
+        impl Stats {
+            pub(crate) fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters! {
+    connections_current: "Connections past CONNECT and not yet closed.",
+    connections_total: "Connections accepted (CONNACK success) since start.",
+    connections_refused: "CONNECTs answered with a refusal.",
+    messages_received: "PUBLISH packets received from clients.",
+    messages_sent: "PUBLISH packets sent to clients.",
+    bytes_received: "Bytes read from clients.",
+    bytes_sent: "Bytes written to clients.",
+    dropped_queue_full: "Messages not queued because a session queue was full.",
+    dropped_qos0_evicted: "Queued QoS 0 messages evicted to make room for newer ones.",
+    dropped_offline_qos0: "QoS 0 messages not queued for offline sessions.",
+    dropped_too_large: "Deliveries skipped because they exceed the client's Maximum Packet Size.",
+    expired_messages: "Queued messages dropped because their Message Expiry Interval passed.",
+    sessions_expired: "Sessions discarded when their expiry interval ran out.",
+    wills_published: "Will messages published.",
+    protocol_errors: "Connections closed for a malformed packet or protocol error.",
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn dec(counter: &AtomicU64) {
+        counter.fetch_sub(1, Relaxed);
+    }
+}

@@ -1,0 +1,188 @@
+//! The configuration file: TOML, every key optional, defaults in `default.toml` (which is
+//! also what `--print-default-config` prints, and a test keeps the two in step).
+
+use std::path::Path;
+use std::time::Duration;
+
+use halyard_broker::BrokerConfig;
+use halyard_codec::QoS;
+use serde::Deserialize;
+
+/// The documented default configuration.
+pub(crate) const DEFAULT_TOML: &str = include_str!("default.toml");
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Config {
+    pub(crate) listen: Vec<String>,
+    pub(crate) data_dir: String,
+    pub(crate) log_level: String,
+    pub(crate) max_keepalive: u16,
+    pub(crate) connect_timeout: u64,
+    pub(crate) max_inflight_messages: u16,
+    pub(crate) max_queued_messages: usize,
+    pub(crate) max_queued_bytes: usize,
+    pub(crate) queue_qos0_messages: bool,
+    pub(crate) message_size_limit: u32,
+    pub(crate) max_connections: usize,
+    pub(crate) retain_available: bool,
+    pub(crate) max_qos: u8,
+    pub(crate) allow_anonymous: bool,
+    pub(crate) topic_alias_maximum: u16,
+    pub(crate) topic_alias_maximum_outbound: u16,
+    pub(crate) persistent_client_expiration: u64,
+    pub(crate) max_session_expiry_interval: u32,
+    pub(crate) shared_subscriptions: bool,
+    pub(crate) shutdown_timeout: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let b = BrokerConfig::default();
+        Config {
+            listen: vec!["tcp://127.0.0.1:1883".into()],
+            data_dir: "./halyard-data".into(),
+            log_level: "info".into(),
+            max_keepalive: b.max_keepalive,
+            connect_timeout: b.connect_timeout.as_secs(),
+            max_inflight_messages: b.max_inflight_messages,
+            max_queued_messages: b.max_queued_messages,
+            max_queued_bytes: b.max_queued_bytes,
+            queue_qos0_messages: b.queue_qos0_messages,
+            message_size_limit: b.message_size_limit,
+            max_connections: b.max_connections,
+            retain_available: b.retain_available,
+            max_qos: b.max_qos as u8,
+            allow_anonymous: b.allow_anonymous,
+            topic_alias_maximum: b.topic_alias_maximum,
+            topic_alias_maximum_outbound: b.topic_alias_maximum_outbound,
+            persistent_client_expiration: b.persistent_client_expiration.map_or(0, |d| d.as_secs()),
+            max_session_expiry_interval: b.max_session_expiry_interval,
+            shared_subscriptions: b.shared_subscriptions,
+            shutdown_timeout: b.shutdown_timeout.as_secs(),
+        }
+    }
+}
+
+/// A configuration error, already worded for the operator: file, line and key.
+#[derive(Debug)]
+pub(crate) struct ConfigError(pub(crate) String);
+
+impl Config {
+    /// Parses `text`; `origin` names the file in errors.
+    pub(crate) fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start].bytes().filter(|&b| b == b'\n').count() + 1);
+            let key = e.span().and_then(|s| key_at(text, s.start));
+            let mut msg = format!("{origin}");
+            if let Some(l) = line {
+                msg.push_str(&format!(":{l}"));
+            }
+            if let Some(k) = key {
+                msg.push_str(&format!(": key `{k}`"));
+            }
+            msg.push_str(&format!(": {}", e.message()));
+            ConfigError(msg)
+        })?;
+        cfg.validate(origin, text)?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file.
+    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    fn validate(&self, origin: &str, text: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| {
+            let line = text
+                .lines()
+                .position(|l| l.trim_start().starts_with(key))
+                .map_or(String::new(), |i| format!(":{}", i + 1));
+            Err(ConfigError(format!("{origin}{line}: key `{key}`: {why}")))
+        };
+        if self.max_qos > 2 {
+            return bad("max_qos", "must be 0, 1 or 2");
+        }
+        if self.max_inflight_messages == 0 {
+            return bad("max_inflight_messages", "must be at least 1");
+        }
+        if self.message_size_limit < 64 {
+            return bad("message_size_limit", "must be at least 64 bytes");
+        }
+        if self.max_connections == 0 {
+            return bad("max_connections", "must be at least 1");
+        }
+        if self.listen.is_empty() {
+            return bad("listen", "needs at least one URL");
+        }
+        for url in &self.listen {
+            if let Err(why) = crate::listen::parse(url) {
+                return bad("listen", &why);
+            }
+        }
+        if !["error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
+            return bad("log_level", "must be error, warn, info, debug or trace");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn broker(&self) -> BrokerConfig {
+        BrokerConfig {
+            max_keepalive: self.max_keepalive,
+            connect_timeout: Duration::from_secs(self.connect_timeout),
+            max_inflight_messages: self.max_inflight_messages,
+            max_queued_messages: self.max_queued_messages,
+            max_queued_bytes: self.max_queued_bytes,
+            queue_qos0_messages: self.queue_qos0_messages,
+            message_size_limit: self.message_size_limit,
+            max_connections: self.max_connections,
+            retain_available: self.retain_available,
+            max_qos: QoS::from_u8(self.max_qos).unwrap_or(QoS::ExactlyOnce),
+            allow_anonymous: self.allow_anonymous,
+            topic_alias_maximum: self.topic_alias_maximum,
+            topic_alias_maximum_outbound: self.topic_alias_maximum_outbound,
+            persistent_client_expiration: (self.persistent_client_expiration > 0)
+                .then(|| Duration::from_secs(self.persistent_client_expiration)),
+            max_session_expiry_interval: self.max_session_expiry_interval,
+            shared_subscriptions: self.shared_subscriptions,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+        }
+    }
+}
+
+/// The key on the line containing byte offset `at`, if that line is `key = ...`.
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty() && !key.starts_with('#')).then(|| key.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_matches_built_in_defaults() {
+        assert_eq!(Config::parse(DEFAULT_TOML, "default.toml").unwrap(), Config::default());
+        assert_eq!(Config::default().broker(), BrokerConfig::default());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = Config::parse("max_qos = 1\nmax_keepalive = \"x\"\n", "/etc/h.toml").unwrap_err();
+        assert!(e.0.starts_with("/etc/h.toml:2: key `max_keepalive`"), "{}", e.0);
+        let e = Config::parse("\n\nmax_qos = 3\n", "h.toml").unwrap_err();
+        assert_eq!(e.0, "h.toml:3: key `max_qos`: must be 0, 1 or 2");
+        let e = Config::parse("retian_available = true\n", "h.toml").unwrap_err();
+        assert!(e.0.starts_with("h.toml:1: key `retian_available`: unknown field"), "{}", e.0);
+        let e = Config::parse("listen = [\"udp://x:1\"]\n", "h.toml").unwrap_err();
+        assert!(e.0.contains("key `listen`"), "{}", e.0);
+    }
+}
