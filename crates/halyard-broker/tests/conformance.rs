@@ -1,0 +1,946 @@
+//! Broker conformance over the raw wire, for MQTT 3.1.1 and 5.0. Each test names the
+//! normative statement it checks. Byte-exact expectations are written by hand.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use halyard_broker::{Broker, BrokerConfig};
+use halyard_codec::*;
+use halyard_store::MemoryStore;
+use halyard_testkit::{Recv, TestBroker, eventually, raw_duplex};
+
+const SHORT: Duration = Duration::from_millis(300);
+
+// ---------------------------------------------------------------- CONNECT
+
+async fn first_packet_must_be_connect_mqtt_3_1_0_1(_v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut c = tb.raw().await;
+    c.send_hex("C0 00").await; // PINGREQ
+    assert!(c.expect_close().await.is_empty());
+}
+
+async fn second_connect_is_a_protocol_error_mqtt_3_1_0_2(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut c = tb.raw().await;
+    online(&mut c, v, "twice", true).await;
+    c.send(&connect(v, "twice", true, 60)).await;
+    expect_disconnect(&mut c, ReasonCode::ProtocolError).await;
+}
+
+async fn empty_client_id_mqtt_3_1_3_6_and_3_1_3_8(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut c = tb.raw().await;
+    let ack = handshake(&mut c, connect(v, "", true, 60)).await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+    if v.is_v5() {
+        // [MQTT-3.2.2-16]: the assigned identifier is returned.
+        let id = ack.properties.assigned_client_identifier.expect("assigned id");
+        assert!(!id.is_empty());
+    }
+    let mut c = tb.raw().await;
+    let ack = handshake(&mut c, connect(v, "", false, 60)).await;
+    if v.is_v5() {
+        assert_eq!(ack.reason, ReasonCode::Success); // v5 allows it, with an assigned id
+    } else {
+        // [MQTT-3.1.3-8]: CONNACK 0x02 Identifier rejected, then close.
+        assert_eq!(ack.reason, ReasonCode::ClientIdentifierNotValid);
+        assert!(c.expect_close().await.is_empty());
+    }
+}
+
+async fn session_present_and_clean_start_mqtt_3_2_2_2(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let persistent = |clean| {
+        connect_with(v, "keep", clean, |c| {
+            c.properties.session_expiry_interval = Some(300);
+        })
+    };
+    let mut a = tb.raw().await;
+    assert!(!handshake(&mut a, persistent(false)).await.session_present);
+    sub(&mut a, "s/p", QoS::AtLeastOnce).await;
+    a.send_hex("E0 00").await;
+    a.expect_close().await;
+    let mut a = tb.raw().await;
+    assert!(handshake(&mut a, persistent(false)).await.session_present);
+    // The subscription survived: a publish reaches it.
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    p.send(&publish("s/p", QoS::AtMostOnce, 0, b"x")).await;
+    assert_eq!(recv_publish(&mut a).await.payload, &b"x"[..]);
+    a.send_hex("E0 00").await;
+    a.expect_close().await;
+    // Clean start discards it [MQTT-3.1.2-4].
+    let mut a = tb.raw().await;
+    assert!(!handshake(&mut a, persistent(true)).await.session_present);
+    p.send(&publish("s/p", QoS::AtMostOnce, 0, b"y")).await;
+    a.expect_silence(SHORT).await;
+}
+
+async fn session_takeover_mqtt_3_1_4_3(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut first = tb.raw().await;
+    online(&mut first, v, "same", true).await;
+    let mut second = tb.raw().await;
+    online(&mut second, v, "same", true).await;
+    expect_disconnect(&mut first, ReasonCode::SessionTakenOver).await;
+    second.send_hex("C0 00").await;
+    assert_eq!(second.recv().await, Packet::PingResp);
+}
+
+async fn max_connections_refused_with_connack(v: ProtocolVersion) {
+    let tb = TestBroker::with_config(BrokerConfig { max_connections: 1, ..Default::default() }).await;
+    let mut a = tb.raw().await;
+    online(&mut a, v, "one", true).await;
+    let mut b = tb.raw().await;
+    let ack = handshake(&mut b, connect(v, "two", true, 60)).await;
+    // v5: 0x97 Quota exceeded; 3.1.1: 0x03 Server unavailable (mapped on the wire).
+    assert_eq!(ack.reason, if v.is_v5() { ReasonCode::QuotaExceeded } else { ReasonCode::ServerUnavailable });
+    b.expect_close().await;
+}
+
+async fn keep_alive_above_max_keepalive_mqtt_3_2_2_21(v: ProtocolVersion) {
+    let tb = TestBroker::with_config(BrokerConfig { max_keepalive: 30, ..Default::default() }).await;
+    let mut c = tb.raw().await;
+    let ack = handshake(&mut c, connect(v, "ka", true, 100)).await;
+    if v.is_v5() {
+        assert_eq!(ack.reason, ReasonCode::Success);
+        assert_eq!(ack.properties.server_keep_alive, Some(30));
+    } else {
+        assert_eq!(ack.reason, ReasonCode::ClientIdentifierNotValid); // as mosquitto
+    }
+}
+
+#[tokio::test]
+async fn unsupported_protocol_level_gets_connack_0x01_mqtt_3_1_2_2() {
+    let tb = TestBroker::start().await;
+    let mut c = tb.raw().await;
+    c.version = V3_1_1;
+    c.send_hex("10 0D 00 04 4D 51 54 54 03 02 00 3C 00 01 61").await; // "MQTT" level 3
+    c.expect_close().await.iter().for_each(|p| {
+        assert_eq!(*p, Packet::ConnAck(ConnAck {
+            session_present: false,
+            reason: ReasonCode::UnsupportedProtocolVersion,
+            properties: Properties::default(),
+        }))
+    });
+}
+
+#[tokio::test]
+async fn unsupported_protocol_bytes_exact() {
+    // Hand-written expectation: 3.x CONNACK with return code 0x01.
+    let tb = TestBroker::start().await;
+    let mut s = tokio::net::TcpStream::connect(tb.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(&halyard_testkit::hex_bytes("10 0D 00 04 4D 51 54 54 07 02 00 3C 00 01 61")).await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, halyard_testkit::hex_bytes("20 02 00 01"));
+}
+
+#[tokio::test]
+async fn malformed_v5_connect_gets_connack_0x81_mqtt_4_13_1_1() {
+    let tb = TestBroker::start().await;
+    let mut s = tokio::net::TcpStream::connect(tb.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Reserved CONNECT flag set [MQTT-3.1.2-3].
+    s.write_all(&halyard_testkit::hex_bytes("10 0E 00 04 4D 51 54 54 05 03 00 3C 00 00 01 61")).await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, halyard_testkit::hex_bytes("20 03 00 81 00"));
+}
+
+#[tokio::test]
+async fn v5_connack_advertises_capabilities_mqtt_3_2_2_3() {
+    let cfg = BrokerConfig { max_qos: QoS::AtLeastOnce, retain_available: false, ..Default::default() };
+    let tb = TestBroker::with_config(cfg).await;
+    let mut c = tb.raw().await;
+    let ack = online(&mut c, V5, "caps", true).await;
+    let p = ack.properties;
+    assert_eq!(p.receive_maximum, Some(20));
+    assert_eq!(p.maximum_qos, Some(QoS::AtLeastOnce));
+    assert_eq!(p.retain_available, Some(false));
+    assert_eq!(p.maximum_packet_size, Some(16 * 1024 * 1024));
+    assert_eq!(p.topic_alias_maximum, Some(10));
+    assert_eq!(p.wildcard_subscription_available, Some(true));
+    assert_eq!(p.subscription_identifier_available, Some(true));
+    assert_eq!(p.shared_subscription_available, Some(true));
+    // [MQTT-3.2.2-12]: QoS above Maximum QoS is answered with DISCONNECT 0x9B.
+    c.send(&publish("t", QoS::ExactlyOnce, 1, b"")).await;
+    expect_disconnect(&mut c, ReasonCode::QoSNotSupported).await;
+    let mut c = tb.raw().await;
+    online(&mut c, V5, "caps2", true).await;
+    // [MQTT-3.2.2-13]: RETAIN when Retain Available is 0 gets DISCONNECT 0x9A.
+    c.send(&Packet::Publish(Publish { retain: true, ..Publish::new(topic("t"), &b"x"[..]) })).await;
+    expect_disconnect(&mut c, ReasonCode::RetainNotSupported).await;
+}
+
+#[tokio::test]
+async fn enhanced_auth_method_not_supported_mqtt_4_12_0_1() {
+    let tb = TestBroker::start().await;
+    let mut c = tb.raw().await;
+    let ack = handshake(&mut c, connect_with(V5, "auth", true, |c| {
+        c.properties.authentication_method = Some("SCRAM-SHA-256".into());
+    }))
+    .await;
+    assert_eq!(ack.reason, ReasonCode::BadAuthenticationMethod);
+}
+
+#[tokio::test]
+async fn disconnect_cannot_raise_session_expiry_from_zero_mqtt_3_14_2_2() {
+    let tb = TestBroker::start().await;
+    let mut c = tb.raw().await;
+    online(&mut c, V5, "se", true).await;
+    c.send(&Packet::Disconnect(Disconnect {
+        reason: ReasonCode::Success,
+        properties: Properties { session_expiry_interval: Some(60), ..Default::default() },
+    }))
+    .await;
+    expect_disconnect(&mut c, ReasonCode::ProtocolError).await;
+}
+
+// ---------------------------------------------------------------- keep alive (paused time)
+
+async fn keep_alive_enforced_at_one_and_a_half_times_mqtt_3_1_2_22(v: ProtocolVersion) {
+    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
+    let mut c = raw_duplex(&broker);
+    handshake(&mut c, connect(v, "ka", true, 2)).await;
+    // 2.9 s of silence is within 1.5 x 2 s.
+    c.expect_silence(Duration::from_millis(2900)).await;
+    c.send_hex("C0 00").await;
+    assert_eq!(c.recv().await, Packet::PingResp);
+    // Now silence for more than 3 s closes it (v5 with 0x8D Keep Alive timeout).
+    match c.recv_within(Duration::from_millis(3100)).await {
+        Recv::Closed => assert!(!v.is_v5()),
+        Recv::Packet(Packet::Disconnect(d)) => {
+            assert!(v.is_v5());
+            assert_eq!(d.reason, ReasonCode::KeepAliveTimeout);
+        }
+        other => panic!("expected close after 1.5 x keep alive, got {other:?}"),
+    }
+}
+
+async fn connect_timeout_closes_silent_connections(_v: ProtocolVersion) {
+    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
+    let mut c = raw_duplex(&broker);
+    c.expect_silence(Duration::from_secs(9)).await;
+    assert!(is_closed(&c.recv_within(Duration::from_secs(2)).await));
+}
+
+// ---------------------------------------------------------------- QoS flows
+
+async fn qos1_and_qos2_flows_mqtt_4_3(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, v, "sub", true).await;
+    sub(&mut s, "q/#", QoS::ExactlyOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+
+    p.send(&publish("q/1", QoS::AtLeastOnce, 10, b"one")).await;
+    match p.recv().await {
+        Packet::PubAck(a) => assert_eq!(a.packet_id, 10),
+        other => panic!("{other:?}"),
+    }
+    let m = recv_publish(&mut s).await;
+    assert_eq!((m.qos, &m.payload[..]), (QoS::AtLeastOnce, &b"one"[..]));
+    s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+
+    // QoS 2 inbound: PUBREC, then PUBREL -> PUBCOMP [MQTT-4.3.3].
+    p.send(&publish("q/2", QoS::ExactlyOnce, 11, b"two")).await;
+    assert!(matches!(p.recv().await, Packet::PubRec(a) if a.packet_id == 11));
+    // A resend before PUBREL is not delivered twice [MQTT-4.3.3-10].
+    p.send(&Packet::Publish(Publish { dup: true, ..match publish("q/2", QoS::ExactlyOnce, 11, b"two") { Packet::Publish(x) => x, _ => unreachable!() } })).await;
+    assert!(matches!(p.recv().await, Packet::PubRec(a) if a.packet_id == 11));
+    p.send(&Packet::PubRel(Ack::new(11))).await;
+    assert!(matches!(p.recv().await, Packet::PubComp(a) if a.packet_id == 11));
+
+    // QoS 2 outbound: PUBLISH, PUBREC -> PUBREL, PUBCOMP.
+    let m = recv_publish(&mut s).await;
+    assert_eq!((m.qos, &m.payload[..]), (QoS::ExactlyOnce, &b"two"[..]));
+    s.send(&Packet::PubRec(Ack::new(m.packet_id))).await;
+    assert!(matches!(s.recv().await, Packet::PubRel(a) if a.packet_id == m.packet_id));
+    s.send(&Packet::PubComp(Ack::new(m.packet_id))).await;
+    s.expect_silence(SHORT).await; // exactly once
+}
+
+async fn delivered_qos_is_the_minimum_mqtt_3_8_4_6(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, v, "sub", true).await;
+    sub(&mut s, "d", QoS::AtLeastOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    p.send(&publish("d", QoS::ExactlyOnce, 1, b"x")).await;
+    assert_eq!(recv_publish(&mut s).await.qos, QoS::AtLeastOnce);
+    p.send(&publish("d", QoS::AtMostOnce, 0, b"y")).await;
+    assert_eq!(recv_publish(&mut s).await.qos, QoS::AtMostOnce);
+}
+
+async fn unacked_messages_redelivered_with_dup_on_resume_mqtt_4_4_0_1(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let pers = || connect_with(v, "redeliver", false, |c| c.properties.session_expiry_interval = Some(300));
+    let mut s = tb.raw().await;
+    handshake(&mut s, pers()).await;
+    sub(&mut s, "r", QoS::ExactlyOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    p.send(&publish("r", QoS::AtLeastOnce, 1, b"q1")).await;
+    p.send(&publish("r", QoS::ExactlyOnce, 2, b"q2")).await;
+    let m1 = recv_publish(&mut s).await;
+    let m2 = recv_publish(&mut s).await;
+    assert!(!m1.dup && !m2.dup);
+    drop(s); // no acks, no DISCONNECT
+    let mut s = tb.raw().await;
+    assert!(handshake(&mut s, pers()).await.session_present);
+    let r1 = recv_publish(&mut s).await;
+    let r2 = recv_publish(&mut s).await;
+    assert!(r1.dup && r2.dup, "[MQTT-3.3.1-1] DUP set on redelivery");
+    assert_eq!((r1.packet_id, &r1.payload[..]), (m1.packet_id, &b"q1"[..]));
+    assert_eq!((r2.packet_id, &r2.payload[..]), (m2.packet_id, &b"q2"[..]));
+    // After PUBREC, a reconnect resends PUBREL instead [MQTT-4.4.0-1].
+    s.send(&Packet::PubAck(Ack::new(r1.packet_id))).await;
+    s.send(&Packet::PubRec(Ack::new(r2.packet_id))).await;
+    assert!(matches!(s.recv().await, Packet::PubRel(a) if a.packet_id == r2.packet_id));
+    drop(s);
+    let mut s = tb.raw().await;
+    assert!(handshake(&mut s, pers()).await.session_present);
+    assert!(matches!(s.recv().await, Packet::PubRel(a) if a.packet_id == r2.packet_id));
+    s.send(&Packet::PubComp(Ack::new(r2.packet_id))).await;
+    s.expect_silence(SHORT).await;
+}
+
+async fn offline_messages_queued_in_order_mqtt_3_1_2_5(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let pers = || connect_with(v, "offline", false, |c| c.properties.session_expiry_interval = Some(300));
+    let mut s = tb.raw().await;
+    handshake(&mut s, pers()).await;
+    sub(&mut s, "o/#", QoS::AtLeastOnce).await;
+    s.send_hex("E0 00").await;
+    s.expect_close().await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    for i in 0..5u8 {
+        p.send(&publish("o/x", QoS::AtLeastOnce, u16::from(i) + 1, &[i])).await;
+        assert!(matches!(p.recv().await, Packet::PubAck(_)));
+    }
+    p.send(&publish("o/x", QoS::AtMostOnce, 0, b"qos0 not queued")).await;
+    let mut s = tb.raw().await;
+    assert!(handshake(&mut s, pers()).await.session_present);
+    for i in 0..5u8 {
+        let m = recv_publish(&mut s).await;
+        assert_eq!(&m.payload[..], &[i]);
+        s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+    }
+    s.expect_silence(SHORT).await;
+}
+
+#[tokio::test]
+async fn offline_queue_is_bounded_and_counted() {
+    let cfg = BrokerConfig { max_queued_messages: 3, ..Default::default() };
+    let tb = TestBroker::with_config(cfg).await;
+    let pers = || connect_with(V5, "bounded", false, |c| c.properties.session_expiry_interval = Some(300));
+    let mut s = tb.raw().await;
+    handshake(&mut s, pers()).await;
+    sub(&mut s, "b", QoS::AtLeastOnce).await;
+    s.send_hex("E0 00").await;
+    s.expect_close().await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    for i in 0..6u8 {
+        p.send(&publish("b", QoS::AtLeastOnce, u16::from(i) + 1, &[i])).await;
+        p.recv().await;
+    }
+    assert_eq!(tb.broker.stats().dropped_queue_full, 3);
+    let mut s = tb.raw().await;
+    handshake(&mut s, pers()).await;
+    for i in 0..3u8 {
+        let m = recv_publish(&mut s).await;
+        assert_eq!(&m.payload[..], &[i], "the oldest are kept; new ones are dropped when full");
+        s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+    }
+    s.expect_silence(SHORT).await;
+}
+
+// ---------------------------------------------------------------- flow control & sizes
+
+#[tokio::test]
+async fn receive_maximum_of_the_client_is_respected_mqtt_3_3_4_7() {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    handshake(&mut s, connect_with(V5, "rm", true, |c| c.properties.receive_maximum = Some(2))).await;
+    sub(&mut s, "rm", QoS::AtLeastOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    for i in 0..5u8 {
+        p.send(&publish("rm", QoS::AtLeastOnce, u16::from(i) + 1, &[i])).await;
+    }
+    let a = recv_publish(&mut s).await;
+    let b = recv_publish(&mut s).await;
+    s.expect_silence(SHORT).await; // two in flight: no more until acknowledged
+    s.send(&Packet::PubAck(Ack::new(a.packet_id))).await;
+    let c = recv_publish(&mut s).await;
+    assert_eq!(&c.payload[..], &[2]);
+    s.expect_silence(SHORT).await;
+    s.send(&Packet::PubAck(Ack::new(b.packet_id))).await;
+    s.send(&Packet::PubAck(Ack::new(c.packet_id))).await;
+    assert_eq!(&recv_publish(&mut s).await.payload[..], &[3]);
+    assert_eq!(&recv_publish(&mut s).await.payload[..], &[4]);
+}
+
+#[tokio::test]
+async fn client_exceeding_our_receive_maximum_gets_0x93_mqtt_3_3_4_9() {
+    let cfg = BrokerConfig { max_inflight_messages: 2, ..Default::default() };
+    let tb = TestBroker::with_config(cfg).await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "flood", true).await;
+    for id in 1..=3 {
+        p.send(&publish("f", QoS::ExactlyOnce, id, b"x")).await; // never PUBREL
+    }
+    expect_disconnect(&mut p, ReasonCode::ReceiveMaximumExceeded).await;
+}
+
+async fn packet_over_maximum_size_disconnects_0x95(v: ProtocolVersion) {
+    let tb = TestBroker::with_config(BrokerConfig { message_size_limit: 100, ..Default::default() }).await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "big", true).await;
+    p.send(&publish("big", QoS::AtMostOnce, 0, &[0u8; 200])).await;
+    expect_disconnect(&mut p, ReasonCode::PacketTooLarge).await;
+}
+
+#[tokio::test]
+async fn message_over_client_maximum_packet_size_is_not_sent_mqtt_3_1_2_25() {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    handshake(&mut s, connect_with(V5, "small", true, |c| c.properties.maximum_packet_size = Some(40))).await;
+    sub(&mut s, "m", QoS::AtLeastOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    p.send(&publish("m", QoS::AtLeastOnce, 1, &[1u8; 100])).await;
+    p.send(&publish("m", QoS::AtLeastOnce, 2, b"fits")).await;
+    assert_eq!(&recv_publish(&mut s).await.payload[..], b"fits");
+    eventually("drop counted", || tb.broker.stats().dropped_too_large == 1).await;
+}
+
+// ---------------------------------------------------------------- topic aliases
+
+#[tokio::test]
+async fn inbound_topic_aliases_mqtt_3_3_2_10() {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, V5, "sub", true).await;
+    sub(&mut s, "alias/#", QoS::AtMostOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    let with_alias = |t: TopicName, payload: &'static [u8]| {
+        Packet::Publish(Publish {
+            properties: PublishProperties { topic_alias: Some(3), ..Default::default() },
+            ..Publish::new(t, payload)
+        })
+    };
+    p.send(&with_alias(topic("alias/a"), b"1")).await;
+    p.send(&with_alias(TopicName::empty(), b"2")).await;
+    let m1 = recv_publish(&mut s).await;
+    let m2 = recv_publish(&mut s).await;
+    assert_eq!(m2.topic.as_str(), "alias/a");
+    assert_eq!((&m1.payload[..], &m2.payload[..]), (&b"1"[..], &b"2"[..]));
+    assert_eq!(m2.properties.topic_alias, None, "aliases are per connection, never forwarded");
+    // Above our Topic Alias Maximum (10): 0x94 [MQTT-3.3.2-9].
+    p.send(&Packet::Publish(Publish {
+        properties: PublishProperties { topic_alias: Some(11), ..Default::default() },
+        ..Publish::new(topic("alias/b"), &b""[..])
+    }))
+    .await;
+    expect_disconnect(&mut p, ReasonCode::TopicAliasInvalid).await;
+    // An alias never set: protocol error.
+    let mut q = tb.raw().await;
+    online(&mut q, V5, "pub2", true).await;
+    q.send(&with_alias(TopicName::empty(), b"?")).await;
+    expect_disconnect(&mut q, ReasonCode::ProtocolError).await;
+}
+
+#[tokio::test]
+async fn outbound_topic_aliases_when_enabled() {
+    let cfg = BrokerConfig { topic_alias_maximum_outbound: 5, ..Default::default() };
+    let tb = TestBroker::with_config(cfg).await;
+    let mut s = tb.raw().await;
+    handshake(&mut s, connect_with(V5, "sub", true, |c| c.properties.topic_alias_maximum = Some(5))).await;
+    sub(&mut s, "oa", QoS::AtMostOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    p.send(&publish("oa", QoS::AtMostOnce, 0, b"1")).await;
+    p.send(&publish("oa", QoS::AtMostOnce, 0, b"2")).await;
+    let a = recv_publish(&mut s).await;
+    let b = recv_publish(&mut s).await;
+    assert_eq!((a.topic.as_str(), a.properties.topic_alias), ("oa", Some(1)));
+    assert_eq!((b.topic.as_str(), b.properties.topic_alias), ("", Some(1)));
+}
+
+// ---------------------------------------------------------------- properties & expiry
+
+#[tokio::test]
+async fn publish_properties_forwarded_unchanged_mqtt_3_3_2_16_to_20() {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, V5, "sub", true).await;
+    sub(&mut s, "props", QoS::AtMostOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    let props = PublishProperties {
+        payload_format_indicator: Some(true),
+        content_type: Some("text/plain".into()),
+        response_topic: Some(topic("reply/here")),
+        correlation_data: Some(Bytes::from_static(b"corr-1")),
+        user_properties: vec![("b".into(), "2".into()), ("a".into(), "1".into()), ("b".into(), "3".into())],
+        ..Default::default()
+    };
+    p.send(&Packet::Publish(Publish { properties: props.clone(), ..Publish::new(topic("props"), &b"hello"[..]) }))
+        .await;
+    let m = recv_publish(&mut s).await;
+    assert_eq!(m.properties, props);
+}
+
+#[tokio::test]
+async fn remaining_message_expiry_is_forwarded_mqtt_3_3_2_6() {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, V5, "sub", true).await;
+    sub(&mut s, "exp", QoS::AtMostOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    p.send(&Packet::Publish(Publish {
+        properties: PublishProperties { message_expiry_interval: Some(100), ..Default::default() },
+        ..Publish::new(topic("exp"), &b"x"[..])
+    }))
+    .await;
+    let m = recv_publish(&mut s).await;
+    let left = m.properties.message_expiry_interval.expect("expiry forwarded");
+    assert!((98..=100).contains(&left), "{left}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_queued_messages_are_dropped_mqtt_3_3_2_5() {
+    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
+    let pers = || connect_with(V5, "exp-q", false, |c| c.properties.session_expiry_interval = Some(300));
+    let mut s = raw_duplex(&broker);
+    handshake(&mut s, pers()).await;
+    sub(&mut s, "e", QoS::AtLeastOnce).await;
+    s.send_hex("E0 00").await;
+    s.expect_close().await;
+    let mut p = raw_duplex(&broker);
+    online(&mut p, V5, "pub", true).await;
+    p.send(&Packet::Publish(Publish {
+        qos: QoS::AtLeastOnce,
+        packet_id: 1,
+        properties: PublishProperties { message_expiry_interval: Some(5), ..Default::default() },
+        ..Publish::new(topic("e"), &b"short"[..])
+    }))
+    .await;
+    p.send(&publish("e", QoS::AtLeastOnce, 2, b"long")).await;
+    p.recv().await;
+    p.recv().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut s = raw_duplex(&broker);
+    handshake(&mut s, pers()).await;
+    assert_eq!(&recv_publish(&mut s).await.payload[..], b"long");
+    assert_eq!(broker.stats().expired_messages, 1);
+}
+
+// ---------------------------------------------------------------- subscriptions
+
+async fn dollar_topics_not_matched_by_leading_wildcards_mqtt_4_7_2_1(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, v, "sub", true).await;
+    sub(&mut s, "#", QoS::AtMostOnce).await;
+    sub(&mut s, "+/info", QoS::AtMostOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    p.send(&publish("$app/info", QoS::AtMostOnce, 0, b"hidden")).await;
+    p.send(&publish("a/info", QoS::AtMostOnce, 0, b"seen")).await;
+    assert_eq!(&recv_publish(&mut s).await.payload[..], b"seen");
+    s.expect_silence(SHORT).await;
+}
+
+async fn overlapping_subscriptions_deliver_once_with_max_qos_mqtt_3_3_4_2(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, v, "sub", true).await;
+    sub(&mut s, "ov/+", QoS::AtMostOnce).await;
+    sub(&mut s, "ov/#", QoS::AtLeastOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    p.send(&publish("ov/x", QoS::AtLeastOnce, 1, b"x")).await;
+    let m = recv_publish(&mut s).await;
+    assert_eq!(m.qos, QoS::AtLeastOnce);
+    s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+    s.expect_silence(SHORT).await;
+}
+
+#[tokio::test]
+async fn subscription_identifiers_delivered_mqtt_3_3_4_3() {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, V5, "sub", true).await;
+    let o = SubscriptionOptions::default();
+    s.send(&subscribe_opts(1, "id/+", o, Some(7))).await;
+    s.recv().await;
+    s.send(&subscribe_opts(2, "id/#", o, Some(9))).await;
+    s.recv().await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    p.send(&publish("id/x", QoS::AtMostOnce, 0, b"x")).await;
+    let mut ids = recv_publish(&mut s).await.properties.subscription_identifiers;
+    ids.sort();
+    assert_eq!(ids, vec![7, 9]);
+}
+
+#[tokio::test]
+async fn no_local_and_retain_as_published_mqtt_3_8_3_3_and_3_3_1_12() {
+    let tb = TestBroker::start().await;
+    let mut c = tb.raw().await;
+    online(&mut c, V5, "self", true).await;
+    let o = SubscriptionOptions { no_local: true, ..Default::default() };
+    c.send(&subscribe_opts(1, "nl", o, None)).await;
+    c.recv().await;
+    c.send(&publish("nl", QoS::AtMostOnce, 0, b"mine")).await;
+    c.expect_silence(SHORT).await;
+
+    let mut s = tb.raw().await;
+    online(&mut s, V5, "rap", true).await;
+    let o = SubscriptionOptions { retain_as_published: true, ..Default::default() };
+    s.send(&subscribe_opts(1, "rap/keep", o, None)).await;
+    s.recv().await;
+    sub(&mut s, "rap/clear", QoS::AtMostOnce).await;
+    for t in ["rap/keep", "rap/clear"] {
+        c.send(&Packet::Publish(Publish { retain: true, ..Publish::new(topic(t), &b"r"[..]) })).await;
+    }
+    assert!(recv_publish(&mut s).await.retain, "RAP=1 keeps RETAIN");
+    assert!(!recv_publish(&mut s).await.retain, "RAP=0 clears RETAIN [MQTT-3.3.1-12]");
+}
+
+#[tokio::test]
+async fn retain_handling_0_1_2_mqtt_3_3_1_9_to_11() {
+    let tb = TestBroker::start().await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    p.send(&Packet::Publish(Publish { retain: true, ..Publish::new(topic("rh"), &b"kept"[..]) })).await;
+    p.send_hex("C0 00").await;
+    p.recv().await; // PINGRESP: the publish was processed
+    let mut s = tb.raw().await;
+    online(&mut s, V5, "sub", true).await;
+    let opts = |rh| SubscriptionOptions { retain_handling: rh, ..Default::default() };
+    s.send(&subscribe_opts(1, "rh", opts(RetainHandling::DoNotSend), None)).await;
+    s.recv().await;
+    s.expect_silence(SHORT).await;
+    s.send(&subscribe_opts(2, "rh", opts(RetainHandling::SendIfNew), None)).await;
+    s.recv().await;
+    s.expect_silence(SHORT).await; // not new
+    s.send(&subscribe_opts(3, "rh", opts(RetainHandling::SendOnSubscribe), None)).await;
+    s.recv().await;
+    assert!(recv_publish(&mut s).await.retain);
+    let mut t = tb.raw().await;
+    online(&mut t, V5, "sub2", true).await;
+    t.send(&subscribe_opts(1, "rh", opts(RetainHandling::SendIfNew), None)).await;
+    t.recv().await;
+    assert_eq!(&recv_publish(&mut t).await.payload[..], b"kept");
+}
+
+async fn unsubscribe_stops_delivery_with_reason_codes_mqtt_3_10_4(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, v, "sub", true).await;
+    sub(&mut s, "u", QoS::AtMostOnce).await;
+    s.send(&Packet::Unsubscribe(Unsubscribe {
+        packet_id: 5,
+        filters: vec![TopicFilter::try_from("u").unwrap(), TopicFilter::try_from("never").unwrap()],
+        properties: Properties::default(),
+    }))
+    .await;
+    match s.recv().await {
+        Packet::UnsubAck(u) => {
+            assert_eq!(u.packet_id, 5);
+            if v.is_v5() {
+                assert_eq!(u.reasons, vec![ReasonCode::Success, ReasonCode::NoSubscriptionExisted]);
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    p.send(&publish("u", QoS::AtMostOnce, 0, b"x")).await;
+    s.expect_silence(SHORT).await;
+}
+
+async fn shared_subscriptions_round_robin_mqtt_4_8_2(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut a = tb.raw().await;
+    online(&mut a, v, "a", true).await;
+    sub(&mut a, "$share/g/work", QoS::AtLeastOnce).await;
+    let mut b = tb.raw().await;
+    online(&mut b, v, "b", true).await;
+    sub(&mut b, "$share/g/work", QoS::AtLeastOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    for i in 0..4u16 {
+        p.send(&publish("work", QoS::AtLeastOnce, i + 1, &[i as u8])).await;
+        p.recv().await;
+    }
+    let mut got = Vec::new();
+    for c in [&mut a, &mut b] {
+        for _ in 0..2 {
+            let m = recv_publish(c).await;
+            c.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+            got.push(m.payload[0]);
+        }
+        c.expect_silence(SHORT).await;
+    }
+    got.sort();
+    assert_eq!(got, vec![0, 1, 2, 3], "each message to exactly one member");
+}
+
+// ---------------------------------------------------------------- retained
+
+async fn retained_set_replace_delete_mqtt_3_3_1_5_to_7(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    let retained = |t: &str, payload: &'static [u8]| {
+        Packet::Publish(Publish { retain: true, qos: QoS::AtLeastOnce, packet_id: 1, ..Publish::new(topic(t), payload) })
+    };
+    p.send(&retained("ret/a", b"first")).await;
+    p.recv().await;
+    p.send(&retained("ret/a", b"second")).await;
+    p.recv().await;
+    p.send(&retained("ret/b", b"b")).await;
+    p.recv().await;
+    p.send(&retained("ret/b", b"")).await; // empty payload deletes [MQTT-3.3.1-6]
+    p.recv().await;
+    let mut s = tb.raw().await;
+    online(&mut s, v, "sub", true).await;
+    sub(&mut s, "ret/#", QoS::AtLeastOnce).await;
+    let m = recv_publish(&mut s).await;
+    assert!(m.retain, "[MQTT-3.3.1-8] RETAIN set on delivery at subscribe");
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("ret/a", &b"second"[..]));
+    s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+    s.expect_silence(SHORT).await;
+    // Forwarded live messages carry RETAIN 0 for 3.1.1 and for RAP=0 [MQTT-3.3.1-9].
+    p.send(&retained("ret/a", b"third")).await;
+    let m = recv_publish(&mut s).await;
+    assert!(!m.retain);
+}
+
+// ---------------------------------------------------------------- wills
+
+async fn will_published_on_abnormal_close_not_on_disconnect_mqtt_3_1_2_8_and_10(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, v, "watcher", true).await;
+    sub(&mut s, "will/#", QoS::AtLeastOnce).await;
+    let with_will = |id: &str| {
+        connect_with(v, id, true, |c| {
+            c.will = Some(Will {
+                topic: topic(&format!("will/{id}")),
+                payload: Bytes::from_static(b"gone"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                delay_interval: None,
+                properties: PublishProperties::default(),
+            })
+        })
+    };
+    let mut a = tb.raw().await;
+    handshake(&mut a, with_will("abrupt")).await;
+    drop(a); // network close without DISCONNECT
+    let m = recv_publish(&mut s).await;
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("will/abrupt", &b"gone"[..]));
+    s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+
+    let mut b = tb.raw().await;
+    handshake(&mut b, with_will("polite")).await;
+    b.send_hex("E0 00").await; // normal DISCONNECT removes the will [MQTT-3.1.2-10]
+    b.expect_close().await;
+    s.expect_silence(SHORT).await;
+
+    if v.is_v5() {
+        let mut c = tb.raw().await;
+        handshake(&mut c, with_will("with-will")).await;
+        c.send_hex("E0 01 04").await; // DISCONNECT 0x04: publish the will [MQTT-3.14.4-3]
+        c.expect_close().await;
+        assert_eq!(recv_publish(&mut s).await.topic.as_str(), "will/with-will");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn will_delay_cancelled_by_reconnect_and_sent_after_delay_mqtt_3_1_3_9() {
+    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
+    let mut s = raw_duplex(&broker);
+    online(&mut s, V5, "watcher", true).await;
+    sub(&mut s, "wd", QoS::AtMostOnce).await;
+    let with_delay = || {
+        connect_with(V5, "delayed", false, |c| {
+            c.properties.session_expiry_interval = Some(100);
+            c.will = Some(Will {
+                topic: topic("wd"),
+                payload: Bytes::from_static(b"late"),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                delay_interval: Some(10),
+                properties: PublishProperties::default(),
+            })
+        })
+    };
+    let mut a = raw_duplex(&broker);
+    handshake(&mut a, with_delay()).await;
+    drop(a);
+    s.expect_silence(Duration::from_secs(5)).await;
+    let mut a = raw_duplex(&broker); // back within the delay: no will
+    assert!(handshake(&mut a, with_delay()).await.session_present);
+    s.expect_silence(Duration::from_secs(15)).await;
+    drop(a);
+    s.expect_silence(Duration::from_secs(9)).await;
+    assert_eq!(&recv_publish(&mut s).await.payload[..], b"late");
+}
+
+#[tokio::test(start_paused = true)]
+async fn will_sent_at_session_end_if_before_delay_mqtt_3_1_3_9() {
+    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
+    let mut s = raw_duplex(&broker);
+    online(&mut s, V5, "watcher", true).await;
+    sub(&mut s, "we", QoS::AtMostOnce).await;
+    let mut a = raw_duplex(&broker);
+    handshake(&mut a, connect_with(V5, "short", false, |c| {
+        c.properties.session_expiry_interval = Some(3);
+        c.will = Some(Will {
+            topic: topic("we"),
+            payload: Bytes::from_static(b"end"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            delay_interval: Some(60),
+            properties: PublishProperties::default(),
+        })
+    }))
+    .await;
+    drop(a);
+    s.expect_silence(Duration::from_millis(2900)).await;
+    assert_eq!(&recv_publish(&mut s).await.payload[..], b"end");
+}
+
+#[tokio::test(start_paused = true)]
+async fn session_expires_after_its_interval_mqtt_3_1_2_11() {
+    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
+    let c5 = || connect_with(V5, "exp", false, |c| c.properties.session_expiry_interval = Some(10));
+    let mut a = raw_duplex(&broker);
+    handshake(&mut a, c5()).await;
+    a.send_hex("E0 00").await;
+    a.expect_close().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut a = raw_duplex(&broker);
+    assert!(handshake(&mut a, c5()).await.session_present);
+    a.send_hex("E0 00").await;
+    a.expect_close().await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mut a = raw_duplex(&broker);
+    assert!(!handshake(&mut a, c5()).await.session_present);
+    assert_eq!(broker.stats().sessions_expired, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn persistent_client_expiration_applies_to_3_1_1() {
+    let cfg = BrokerConfig { persistent_client_expiration: Some(Duration::from_secs(20)), ..Default::default() };
+    let broker = Broker::new(cfg, std::sync::Arc::new(MemoryStore::new()));
+    let mut a = raw_duplex(&broker);
+    online(&mut a, V3_1_1, "old", false).await;
+    a.send_hex("E0 00").await;
+    a.expect_close().await;
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    let mut a = raw_duplex(&broker);
+    assert!(!online(&mut a, V3_1_1, "old", false).await.session_present);
+}
+
+// ---------------------------------------------------------------- robustness & shutdown
+
+async fn malformed_packet_disconnects_only_that_client_mqtt_4_13(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut good = tb.raw().await;
+    online(&mut good, v, "good", true).await;
+    sub(&mut good, "ok", QoS::AtMostOnce).await;
+    let mut bad = tb.raw().await;
+    online(&mut bad, v, "bad", true).await;
+    bad.send_hex("36 07 00 03 61 2F 62 68 69").await; // QoS 3 [MQTT-3.3.1-4]
+    expect_disconnect(&mut bad, ReasonCode::MalformedPacket).await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    p.send(&publish("ok", QoS::AtMostOnce, 0, b"still fine")).await;
+    assert_eq!(&recv_publish(&mut good).await.payload[..], b"still fine");
+}
+
+async fn graceful_shutdown_sends_0x8b(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut c = tb.raw().await;
+    online(&mut c, v, "bye", true).await;
+    let b = tb.broker.clone();
+    let done = tokio::spawn(async move { b.shutdown().await });
+    expect_disconnect(&mut c, ReasonCode::ServerShuttingDown).await;
+    assert!(done.await.unwrap(), "drained within the deadline");
+    assert!(tokio::net::TcpStream::connect(tb.addr).await.is_err(), "listener closed");
+}
+
+#[tokio::test]
+async fn state_survives_a_broker_restart_on_the_same_store() {
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let tb = TestBroker::with_store(BrokerConfig::default(), store.clone()).await;
+    let pers = || connect_with(V5, "durable", false, |c| c.properties.session_expiry_interval = Some(600));
+    let mut s = tb.raw().await;
+    handshake(&mut s, pers()).await;
+    sub(&mut s, "keep/#", QoS::AtLeastOnce).await;
+    s.send_hex("E0 00").await;
+    s.expect_close().await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    p.send(&Packet::Publish(Publish { retain: true, ..Publish::new(topic("keep/r"), &b"r"[..]) })).await;
+    p.send_hex("C0 00").await;
+    p.recv().await;
+    tb.broker.shutdown().await;
+
+    let tb2 = TestBroker::with_store(BrokerConfig::default(), store).await;
+    let mut s = tb2.raw().await;
+    assert!(handshake(&mut s, pers()).await.session_present);
+    let mut p = tb2.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    p.send(&publish("keep/live", QoS::AtLeastOnce, 1, b"after restart")).await;
+    assert_eq!(&recv_publish(&mut s).await.payload[..], b"after restart");
+    let mut t = tb2.raw().await;
+    online(&mut t, V5, "late", true).await;
+    sub(&mut t, "keep/r", QoS::AtMostOnce).await;
+    assert_eq!(&recv_publish(&mut t).await.payload[..], b"r");
+}
+
+both_versions!(
+    first_packet_must_be_connect_mqtt_3_1_0_1,
+    second_connect_is_a_protocol_error_mqtt_3_1_0_2,
+    empty_client_id_mqtt_3_1_3_6_and_3_1_3_8,
+    session_present_and_clean_start_mqtt_3_2_2_2,
+    session_takeover_mqtt_3_1_4_3,
+    max_connections_refused_with_connack,
+    keep_alive_above_max_keepalive_mqtt_3_2_2_21,
+    qos1_and_qos2_flows_mqtt_4_3,
+    delivered_qos_is_the_minimum_mqtt_3_8_4_6,
+    unacked_messages_redelivered_with_dup_on_resume_mqtt_4_4_0_1,
+    offline_messages_queued_in_order_mqtt_3_1_2_5,
+    packet_over_maximum_size_disconnects_0x95,
+    dollar_topics_not_matched_by_leading_wildcards_mqtt_4_7_2_1,
+    overlapping_subscriptions_deliver_once_with_max_qos_mqtt_3_3_4_2,
+    unsubscribe_stops_delivery_with_reason_codes_mqtt_3_10_4,
+    shared_subscriptions_round_robin_mqtt_4_8_2,
+    retained_set_replace_delete_mqtt_3_3_1_5_to_7,
+    will_published_on_abnormal_close_not_on_disconnect_mqtt_3_1_2_8_and_10,
+    malformed_packet_disconnects_only_that_client_mqtt_4_13,
+    graceful_shutdown_sends_0x8b,
+);
+both_versions_paused!(
+    keep_alive_enforced_at_one_and_a_half_times_mqtt_3_1_2_22,
+    connect_timeout_closes_silent_connections,
+);
