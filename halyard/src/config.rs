@@ -76,7 +76,7 @@ impl Config {
                 .span()
                 .map(|s| text[..s.start].bytes().filter(|&b| b == b'\n').count() + 1);
             let key = e.span().and_then(|s| key_at(text, s.start));
-            let mut msg = format!("{origin}");
+            let mut msg = origin.to_string();
             if let Some(l) = line {
                 msg.push_str(&format!(":{l}"));
             }
@@ -170,18 +170,29 @@ mod tests {
 
     #[test]
     fn default_file_matches_built_in_defaults() {
-        assert_eq!(Config::parse(DEFAULT_TOML, "default.toml").unwrap(), Config::default());
+        assert_eq!(
+            Config::parse(DEFAULT_TOML, "default.toml").unwrap(),
+            Config::default()
+        );
         assert_eq!(Config::default().broker(), BrokerConfig::default());
     }
 
     #[test]
     fn errors_name_file_line_and_key() {
         let e = Config::parse("max_qos = 1\nmax_keepalive = \"x\"\n", "/etc/h.toml").unwrap_err();
-        assert!(e.0.starts_with("/etc/h.toml:2: key `max_keepalive`"), "{}", e.0);
+        assert!(
+            e.0.starts_with("/etc/h.toml:2: key `max_keepalive`"),
+            "{}",
+            e.0
+        );
         let e = Config::parse("\n\nmax_qos = 3\n", "h.toml").unwrap_err();
         assert_eq!(e.0, "h.toml:3: key `max_qos`: must be 0, 1 or 2");
         let e = Config::parse("retian_available = true\n", "h.toml").unwrap_err();
-        assert!(e.0.starts_with("h.toml:1: key `retian_available`: unknown field"), "{}", e.0);
+        assert!(
+            e.0.starts_with("h.toml:1: key `retian_available`: unknown field"),
+            "{}",
+            e.0
+        );
         let e = Config::parse("listen = [\"udp://x:1\"]\n", "h.toml").unwrap_err();
         assert!(e.0.contains("key `listen`"), "{}", e.0);
     }

@@ -13,12 +13,17 @@ pub(crate) fn parse(url: &str) -> Result<Endpoint, String> {
     };
     match scheme {
         "tcp" => {
-            if rest.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            if rest
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
                 return Err(format!("`{url}` needs host:port, e.g. tcp://0.0.0.0:1883"));
             }
             Ok(Endpoint::Tcp(rest.to_string()))
         }
-        "tls" | "ws" | "wss" | "unix" => Err(format!("scheme `{scheme}://` is not supported by this build yet")),
+        "tls" | "ws" | "wss" | "unix" => Err(format!(
+            "scheme `{scheme}://` is not supported by this build yet"
+        )),
         other => Err(format!("unknown scheme `{other}://` in `{url}`")),
     }
 }

@@ -94,7 +94,10 @@ fn init_logging(level: &str) {
 
 fn serve(cfg: Config) -> ExitCode {
     init_logging(&cfg.log_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("halyard: cannot start the runtime: {e}");

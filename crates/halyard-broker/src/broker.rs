@@ -66,7 +66,9 @@ impl Broker {
     pub fn new(cfg: BrokerConfig, store: Arc<dyn Store>) -> Broker {
         let (shutdown, _) = watch::channel(false);
         let inner = Arc::new(Inner {
-            permits: Arc::new(Semaphore::new(cfg.max_connections.min(Semaphore::MAX_PERMITS))),
+            permits: Arc::new(Semaphore::new(
+                cfg.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
             cfg,
             sessions: Mutex::new(HashMap::new()),
             subs: SubscriptionIndex::default(),
@@ -136,7 +138,12 @@ impl Broker {
 
     /// Sessions known (connected or not), subscriptions, retained messages.
     pub fn counts(&self) -> (usize, usize, usize) {
-        let sessions = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
         (sessions, self.inner.subs.len(), self.inner.retained.len())
     }
 
@@ -157,15 +164,15 @@ impl Inner {
 
     /// Routes one message: retains it if asked, then queues a delivery to every matching
     /// session. Runs on the publisher's task. Returns how many sessions matched.
-    pub(crate) fn publish(&self, msg: Arc<Message>, scratch: &mut Vec<Match>) -> usize {
+    pub(crate) fn publish(&self, msg: &Arc<Message>, scratch: &mut Vec<Match>) -> usize {
         if msg.retain && self.cfg.retain_available {
-            self.retained.set(&msg);
+            self.retained.set(msg);
             let op = if msg.payload.is_empty() {
                 Op::RetainDelete {
                     topic: msg.topic.to_string(),
                 }
             } else {
-                Op::RetainSet(stored(&msg))
+                Op::RetainSet(stored(msg))
             };
             self.store.apply(vec![op]);
         }
@@ -197,7 +204,7 @@ impl Inner {
     }
 
     /// Publishes a will message.
-    pub(crate) fn publish_will(&self, client_id: &str, msg: Arc<Message>) {
+    pub(crate) fn publish_will(&self, client_id: &str, msg: &Arc<Message>) {
         debug!(client_id, topic = %msg.topic, "publishing will");
         Stats::inc(&self.stats.wills_published);
         self.publish(msg, &mut Vec::new());
@@ -232,7 +239,7 @@ impl Inner {
             client_id: session.client_id.to_string(),
         }]);
         if let Some(w) = will {
-            self.publish_will(&session.client_id, w.msg);
+            self.publish_will(&session.client_id, &w.msg);
         }
     }
 
@@ -274,7 +281,10 @@ impl Inner {
         };
         for (topic, m) in image.retained {
             let Ok(topic) = TopicName::try_from(topic.as_str()) else {
-                warn!(topic, "skipping stored retained message with an invalid topic");
+                warn!(
+                    topic,
+                    "skipping stored retained message with an invalid topic"
+                );
                 continue;
             };
             let mut msg = Message::new(topic, m.payload, m.qos, true, m.properties, None, now);
@@ -320,7 +330,8 @@ impl Inner {
                     );
                     let due = to_instant(w.due);
                     st.pending_will = Some(PendingWill { msg: Arc::new(msg) });
-                    self.timers.schedule(due, TimerEvent::Will(session.clone(), 0));
+                    self.timers
+                        .schedule(due, TimerEvent::Will(session.clone(), 0));
                 }
             }
             // A session that was connected when the store last saw it disconnected at the
@@ -442,7 +453,7 @@ async fn housekeeping(inner: Arc<Inner>) {
                             client_id: session.client_id.to_string(),
                             will: None,
                         }]);
-                        inner.publish_will(&session.client_id, w.msg);
+                        inner.publish_will(&session.client_id, &w.msg);
                     }
                 }
                 TimerEvent::RetainedSweep => {

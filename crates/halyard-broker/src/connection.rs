@@ -28,7 +28,7 @@ use crate::broker::{Inner, grant, stored, version_name};
 use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
 use crate::message::{self, Delivery, Message};
 use crate::router::Match;
-use crate::session::{ConnLink, InflightState, Outgoing, PendingWill, Session, Subscription};
+use crate::session::{Awaiting, ConnLink, Outgoing, PendingWill, Session, Subscription};
 use crate::stats::Stats;
 
 /// Initial read buffer; it grows to the largest packet seen (decode reserves the declared
@@ -79,7 +79,16 @@ where
         }
     };
     let permit = inner.permits.clone().try_acquire_owned().ok();
-    let Some(conn) = Connection::accept(inner.clone(), *connect, peer, rd, wr, rbuf, permit.is_some()).await
+    let Some(conn) = Connection::accept(
+        inner.clone(),
+        *connect,
+        peer,
+        rd,
+        wr,
+        rbuf,
+        permit.is_some(),
+    )
+    .await
     else {
         return;
     };
@@ -209,29 +218,50 @@ where
                     ));
                 }
             } else if v == ProtocolVersion::V3_1 && c.client_id.as_str().len() > 23 {
-                return Err(refuse(ReasonCode::ClientIdentifierNotValid, "3.1 client id over 23 bytes"));
+                return Err(refuse(
+                    ReasonCode::ClientIdentifierNotValid,
+                    "3.1 client id over 23 bytes",
+                ));
             }
             if v5 && c.properties.authentication_method.is_some() {
                 // No enhanced authentication method is configured [MQTT-4.12.0-1].
-                return Err(refuse(ReasonCode::BadAuthenticationMethod, "unsupported authentication method"));
+                return Err(refuse(
+                    ReasonCode::BadAuthenticationMethod,
+                    "unsupported authentication method",
+                ));
             }
             if !cfg.allow_anonymous {
                 if c.username.is_none() {
-                    return Err(refuse(ReasonCode::NotAuthorized, "anonymous clients not allowed"));
+                    return Err(refuse(
+                        ReasonCode::NotAuthorized,
+                        "anonymous clients not allowed",
+                    ));
                 }
                 // No password database is configured, so no credentials can be verified.
-                return Err(refuse(ReasonCode::BadUserNameOrPassword, "no authentication backend configured"));
+                return Err(refuse(
+                    ReasonCode::BadUserNameOrPassword,
+                    "no authentication backend configured",
+                ));
             }
             if !v5 && c.keep_alive > cfg.max_keepalive {
                 // 3.x has no Server Keep Alive; refuse as mosquitto does.
-                return Err(refuse(ReasonCode::ClientIdentifierNotValid, "keep alive above max_keepalive"));
+                return Err(refuse(
+                    ReasonCode::ClientIdentifierNotValid,
+                    "keep alive above max_keepalive",
+                ));
             }
             if let Some(w) = &c.will {
                 if w.qos > cfg.max_qos {
-                    return Err(refuse(ReasonCode::QoSNotSupported, "will QoS above maximum QoS [MQTT-3.2.2-12]"));
+                    return Err(refuse(
+                        ReasonCode::QoSNotSupported,
+                        "will QoS above maximum QoS [MQTT-3.2.2-12]",
+                    ));
                 }
                 if w.retain && !cfg.retain_available {
-                    return Err(refuse(ReasonCode::RetainNotSupported, "will retain unsupported [MQTT-3.2.2-13]"));
+                    return Err(refuse(
+                        ReasonCode::RetainNotSupported,
+                        "will retain unsupported [MQTT-3.2.2-13]",
+                    ));
                 }
             }
             Ok(())
@@ -270,8 +300,15 @@ where
 
         let conn_id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (kick_tx, kick_rx) = oneshot::channel();
-        let (session, present) =
-            attach_session(&inner, &client_id, c.clean_start, v, expiry, conn_id, kick_tx);
+        let (session, present) = attach_session(
+            &inner,
+            &client_id,
+            c.clean_start,
+            v,
+            expiry,
+            conn_id,
+            kick_tx,
+        );
         inner.persist_session(&session, true);
 
         // Keep alive: v5 gets Server Keep Alive when we override [MQTT-3.2.2-21].
@@ -281,7 +318,8 @@ where
             .then_some(cfg.max_keepalive);
         let keep_alive = server_keep_alive.unwrap_or(c.keep_alive);
         // [MQTT-3.1.2-22]: 1.5 times the keep alive without a packet closes the connection.
-        let keepalive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let keepalive =
+            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
 
         let mut props = Properties::default();
         if v5 {
@@ -335,7 +373,11 @@ where
             ))
         });
         let client_receive_max = c.properties.receive_maximum.map_or(
-            if v5 { usize::from(u16::MAX) } else { usize::from(cfg.max_inflight_messages.max(1)) },
+            if v5 {
+                usize::from(u16::MAX)
+            } else {
+                usize::from(cfg.max_inflight_messages.max(1))
+            },
             usize::from,
         );
         let mut conn = Connection {
@@ -351,10 +393,15 @@ where
             keepalive,
             last_rx: Instant::now(),
             client_receive_max,
-            client_max_packet: c.properties.maximum_packet_size.unwrap_or(halyard_codec::MAX_PACKET_SIZE),
+            client_max_packet: c
+                .properties
+                .maximum_packet_size
+                .unwrap_or(halyard_codec::MAX_PACKET_SIZE),
             aliases_in: HashMap::new(),
             aliases_out: HashMap::new(),
-            alias_out_max: cfg.topic_alias_maximum_outbound.min(c.properties.topic_alias_maximum.unwrap_or(0)),
+            alias_out_max: cfg
+                .topic_alias_maximum_outbound
+                .min(c.properties.topic_alias_maximum.unwrap_or(0)),
             will,
             will_delay: c.will.as_ref().and_then(|w| w.delay_interval).unwrap_or(0),
             connect_expiry: requested_expiry,
@@ -433,7 +480,11 @@ where
     /// Decodes and handles every complete packet in the read buffer.
     fn process_input(&mut self) -> Option<End> {
         loop {
-            match decode(&mut self.rbuf, self.version, self.inner.cfg.message_size_limit) {
+            match decode(
+                &mut self.rbuf,
+                self.version,
+                self.inner.cfg.message_size_limit,
+            ) {
                 Ok(Some(p)) => {
                     if let Err(end) = self.handle(p) {
                         return Some(end);
@@ -458,11 +509,11 @@ where
         match p {
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck(a) => {
-                self.on_ack(a.packet_id, InflightState::AwaitPubAck);
+                self.on_ack(a.packet_id, Awaiting::Ack);
                 Ok(())
             }
             Packet::PubRec(a) => {
-                self.on_pubrec(a);
+                self.on_pubrec(&a);
                 Ok(())
             }
             Packet::PubRel(a) => {
@@ -470,7 +521,7 @@ where
                 Ok(())
             }
             Packet::PubComp(a) => {
-                self.on_ack(a.packet_id, InflightState::AwaitPubComp);
+                self.on_ack(a.packet_id, Awaiting::Comp);
                 Ok(())
             }
             Packet::Subscribe(s) => {
@@ -485,9 +536,11 @@ where
                 self.send(&Packet::PingResp);
                 Ok(())
             }
-            Packet::Disconnect(d) => self.on_disconnect(d),
+            Packet::Disconnect(d) => self.on_disconnect(&d),
             Packet::Connect(_) => Err(self.protocol_error("second CONNECT [MQTT-3.1.0-2]")),
-            Packet::Auth(_) => Err(self.protocol_error("AUTH without enhanced authentication [MQTT-4.12.0-2]")),
+            Packet::Auth(_) => {
+                Err(self.protocol_error("AUTH without enhanced authentication [MQTT-4.12.0-2]"))
+            }
             other => {
                 debug!(packet = other.name(), "client sent a server-only packet");
                 Err(self.protocol_error("packet only a server may send"))
@@ -508,7 +561,10 @@ where
             if alias > cfg.topic_alias_maximum {
                 // [MQTT-3.3.2-9]: over our Topic Alias Maximum.
                 Stats::inc(&self.inner.stats.protocol_errors);
-                return Err(End::Server(ReasonCode::TopicAliasInvalid, "topic alias above maximum [MQTT-3.3.2-9]"));
+                return Err(End::Server(
+                    ReasonCode::TopicAliasInvalid,
+                    "topic alias above maximum [MQTT-3.3.2-9]",
+                ));
             }
             if p.topic.is_empty() {
                 match self.aliases_in.get(&alias) {
@@ -523,10 +579,16 @@ where
             return Err(self.protocol_error("subscription identifier from a client [MQTT-3.3.4-6]"));
         }
         if p.qos > cfg.max_qos {
-            return Err(End::Server(ReasonCode::QoSNotSupported, "QoS above maximum QoS [MQTT-3.2.2-12]"));
+            return Err(End::Server(
+                ReasonCode::QoSNotSupported,
+                "QoS above maximum QoS [MQTT-3.2.2-12]",
+            ));
         }
         if p.retain && !cfg.retain_available {
-            return Err(End::Server(ReasonCode::RetainNotSupported, "retain not available [MQTT-3.2.2-13]"));
+            return Err(End::Server(
+                ReasonCode::RetainNotSupported,
+                "retain not available [MQTT-3.2.2-13]",
+            ));
         }
         Stats::inc(&self.inner.stats.messages_received);
         if p.qos == QoS::ExactlyOnce {
@@ -541,7 +603,10 @@ where
             if st.inbound_qos2.len() >= usize::from(cfg.max_inflight_messages.max(1)) {
                 drop(st);
                 Stats::inc(&self.inner.stats.protocol_errors);
-                return Err(End::Server(ReasonCode::ReceiveMaximumExceeded, "receive maximum exceeded [MQTT-3.3.4-9]"));
+                return Err(End::Server(
+                    ReasonCode::ReceiveMaximumExceeded,
+                    "receive maximum exceeded [MQTT-3.3.4-9]",
+                ));
             }
             st.inbound_qos2.insert(p.packet_id);
         }
@@ -565,7 +630,7 @@ where
                 Some(self.session.client_id.clone()),
                 Instant::now(),
             ));
-            let matched = self.inner.publish(msg, &mut self.scratch);
+            let matched = self.inner.publish(&msg, &mut self.scratch);
             if v5 && matched == 0 {
                 reason = ReasonCode::NoMatchingSubscribers;
             }
@@ -578,7 +643,10 @@ where
         match p.qos {
             QoS::AtMostOnce => {
                 if invalid_payload {
-                    return Err(End::Server(ReasonCode::PayloadFormatInvalid, "payload is not UTF-8 [MQTT-3.3.2-4]"));
+                    return Err(End::Server(
+                        ReasonCode::PayloadFormatInvalid,
+                        "payload is not UTF-8 [MQTT-3.3.2-4]",
+                    ));
                 }
             }
             QoS::AtLeastOnce => self.send(&Packet::PubAck(ack)),
@@ -587,33 +655,44 @@ where
         Ok(())
     }
 
-    fn on_ack(&mut self, packet_id: u16, expect: InflightState) {
+    fn on_ack(&mut self, packet_id: u16, expect: Awaiting) {
         let mut st = self.session.lock();
-        if st.inflight.get(&packet_id).is_some_and(|f| f.state == expect) {
+        if st
+            .inflight
+            .get(&packet_id)
+            .is_some_and(|f| f.state == expect)
+        {
             st.inflight.remove(&packet_id);
         } else {
             debug!(client_id = %self.session.client_id, packet_id, "acknowledgement for an unknown packet id");
         }
     }
 
-    fn on_pubrec(&mut self, a: Ack) {
+    fn on_pubrec(&mut self, a: &Ack) {
         let mut st = self.session.lock();
         let reply = match st.inflight.get_mut(&a.packet_id) {
-            Some(f) if f.state == InflightState::AwaitPubRec && a.reason.is_error() => {
+            Some(f) if f.state == Awaiting::Rec && a.reason.is_error() => {
                 // [MQTT-4.3.3-?] v5: a PUBREC with an error ends the exchange.
                 st.inflight.remove(&a.packet_id);
                 None
             }
-            Some(f) if matches!(f.state, InflightState::AwaitPubRec | InflightState::AwaitPubComp) => {
-                f.state = InflightState::AwaitPubComp;
+            Some(f) if matches!(f.state, Awaiting::Rec | Awaiting::Comp) => {
+                f.state = Awaiting::Comp;
                 Some(ReasonCode::Success)
             }
             _ => Some(ReasonCode::PacketIdentifierNotFound),
         };
         drop(st);
         if let Some(reason) = reply {
-            let reason = if self.version.is_v5() { reason } else { ReasonCode::Success };
-            self.send(&Packet::PubRel(Ack { reason, ..Ack::new(a.packet_id) }));
+            let reason = if self.version.is_v5() {
+                reason
+            } else {
+                ReasonCode::Success
+            };
+            self.send(&Packet::PubRel(Ack {
+                reason,
+                ..Ack::new(a.packet_id)
+            }));
         }
     }
 
@@ -624,7 +703,10 @@ where
         } else {
             ReasonCode::PacketIdentifierNotFound
         };
-        self.send(&Packet::PubComp(Ack { reason, ..Ack::new(packet_id) }));
+        self.send(&Packet::PubComp(Ack {
+            reason,
+            ..Ack::new(packet_id)
+        }));
     }
 
     fn on_subscribe(&mut self, s: Subscribe) {
@@ -641,15 +723,22 @@ where
             }
             let qos = grant(opts.qos, cfg.max_qos);
             let options = SubscriptionOptions { qos, ..opts };
-            let sub = Subscription { filter: filter.clone(), options, id };
+            let sub = Subscription {
+                filter: filter.clone(),
+                options,
+                id,
+            };
             let existed = self
                 .session
                 .lock()
                 .subscriptions
                 .insert(filter.as_str().into(), sub.clone())
                 .is_some();
-            self.inner.subs.subscribe(&filter, &self.session, options, id);
-            self.inner.persist_subscription(&self.session.client_id, &sub);
+            self.inner
+                .subs
+                .subscribe(&filter, &self.session, options, id);
+            self.inner
+                .persist_subscription(&self.session.client_id, &sub);
             reasons.push(match qos {
                 QoS::AtMostOnce => ReasonCode::GRANTED_QOS0,
                 QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
@@ -704,7 +793,11 @@ where
                     filter: filter.to_string(),
                 }]);
             }
-            reasons.push(if existed { ReasonCode::Success } else { ReasonCode::NoSubscriptionExisted });
+            reasons.push(if existed {
+                ReasonCode::Success
+            } else {
+                ReasonCode::NoSubscriptionExisted
+            });
         }
         self.send(&Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
@@ -713,12 +806,14 @@ where
         }));
     }
 
-    fn on_disconnect(&mut self, d: Disconnect) -> Result<(), End> {
+    fn on_disconnect(&mut self, d: &Disconnect) -> Result<(), End> {
         if let Some(expiry) = d.properties.session_expiry_interval {
             if self.connect_expiry == 0 && expiry != 0 {
-                return Err(self.protocol_error("session expiry raised from 0 on DISCONNECT [MQTT-3.14.2-2]"));
+                return Err(self
+                    .protocol_error("session expiry raised from 0 on DISCONNECT [MQTT-3.14.2-2]"));
             }
-            self.session.lock().expiry_interval = expiry.min(self.inner.cfg.max_session_expiry_interval);
+            self.session.lock().expiry_interval =
+                expiry.min(self.inner.cfg.max_session_expiry_interval);
         }
         Err(End::ClientDisconnect(d.reason))
     }
@@ -744,9 +839,15 @@ where
             if front.qos != QoS::AtMostOnce && st.inflight.len() >= self.client_receive_max {
                 break;
             }
-            let Some(out) = st.queue.pop_front() else { break };
+            let Some(out) = st.queue.pop_front() else {
+                break;
+            };
             st.queued_bytes -= out.msg.cost();
-            let packet_id = if out.qos == QoS::AtMostOnce { 0 } else { st.alloc_packet_id() };
+            let packet_id = if out.qos == QoS::AtMostOnce {
+                0
+            } else {
+                st.alloc_packet_id()
+            };
             let alias = self.outbound_alias(&out.msg.topic);
             let d = Delivery {
                 qos: out.qos,
@@ -756,18 +857,26 @@ where
                 subscription_ids: &out.subscription_ids,
                 alias,
             };
-            match message::write(&out.msg, d, self.version, self.client_max_packet, now, &mut self.wbuf) {
+            match message::write(
+                &out.msg,
+                d,
+                self.version,
+                self.client_max_packet,
+                now,
+                &mut self.wbuf,
+            ) {
                 Ok(()) => {
                     Stats::inc(&inner.stats.messages_sent);
                     if out.qos != QoS::AtMostOnce {
                         let state = if out.qos == QoS::AtLeastOnce {
-                            InflightState::AwaitPubAck
+                            Awaiting::Ack
                         } else {
-                            InflightState::AwaitPubRec
+                            Awaiting::Rec
                         };
                         st.inflight_seq += 1;
                         let seq = st.inflight_seq;
-                        st.inflight.insert(packet_id, crate::session::Inflight { out, state, seq });
+                        st.inflight
+                            .insert(packet_id, crate::session::Inflight { out, state, seq });
                     }
                 }
                 Err(message::WriteError::TooLarge) => {
@@ -799,7 +908,7 @@ where
     fn resend_inflight(&mut self) {
         let now = Instant::now();
         let st = self.session.lock();
-        let mut pending: Vec<(u64, u16, InflightState, Outgoing)> = st
+        let mut pending: Vec<(u64, u16, Awaiting, Outgoing)> = st
             .inflight
             .iter()
             .map(|(&id, f)| (f.seq, id, f.state, f.out.clone()))
@@ -807,7 +916,7 @@ where
         drop(st);
         pending.sort_by_key(|p| p.0);
         for (_, packet_id, state, out) in pending {
-            if state == InflightState::AwaitPubComp {
+            if state == Awaiting::Comp {
                 self.send(&Packet::PubRel(Ack::new(packet_id)));
                 continue;
             }
@@ -819,7 +928,16 @@ where
                 subscription_ids: &out.subscription_ids,
                 alias: None,
             };
-            if message::write(&out.msg, d, self.version, self.client_max_packet, now, &mut self.wbuf).is_ok() {
+            if message::write(
+                &out.msg,
+                d,
+                self.version,
+                self.client_max_packet,
+                now,
+                &mut self.wbuf,
+            )
+            .is_ok()
+            {
                 Stats::inc(&self.inner.stats.messages_sent);
             }
         }
@@ -831,8 +949,14 @@ where
         if let End::Server(reason, why) = &end
             && v5
         {
-            let props = Properties { reason_string: Some((*why).into()), ..Properties::default() };
-            self.send(&Packet::Disconnect(Disconnect { reason: *reason, properties: props }));
+            let props = Properties {
+                reason_string: Some((*why).into()),
+                ..Properties::default()
+            };
+            self.send(&Packet::Disconnect(Disconnect {
+                reason: *reason,
+                properties: props,
+            }));
         }
         let _ = timeout(CLOSE_FLUSH_TIMEOUT, async {
             while !self.wbuf.is_empty() {
@@ -855,12 +979,20 @@ where
             End::ClientDisconnect(r) => {
                 info!(peer = %self.peer, client_id = %self.session.client_id, reason = ?r, "client disconnected")
             }
-            End::Closed(why) => info!(peer = %self.peer, client_id = %self.session.client_id, why, "connection lost"),
+            End::Closed(why) => {
+                info!(peer = %self.peer, client_id = %self.session.client_id, why, "connection lost")
+            }
             End::Server(r, why) => {
                 info!(peer = %self.peer, client_id = %self.session.client_id, reason = ?r, why, "disconnected by server")
             }
         }
-        detach(&self.inner, &self.session, self.conn_id, will, self.will_delay);
+        detach(
+            &self.inner,
+            &self.session,
+            self.conn_id,
+            will,
+            self.will_delay,
+        );
     }
 }
 
@@ -889,7 +1021,10 @@ fn attach_session(
             let _ = k.send(ReasonCode::SessionTakenOver);
         }
         if !clean_start && !st.ended {
-            st.conn = Some(ConnLink { id: conn_id, kick: Some(kick) });
+            st.conn = Some(ConnLink {
+                id: conn_id,
+                kick: Some(kick),
+            });
             st.generation = conn_id;
             st.protocol = protocol;
             st.expiry_interval = expiry;
@@ -897,7 +1032,10 @@ fn attach_session(
             let had_will = st.pending_will.take().is_some();
             drop(st);
             if had_will {
-                inner.store.apply(vec![Op::WillPending { client_id: client_id.to_string(), will: None }]);
+                inner.store.apply(vec![Op::WillPending {
+                    client_id: client_id.to_string(),
+                    will: None,
+                }]);
             }
             old.online.store(true, Ordering::Relaxed);
             return (old, true);
@@ -908,7 +1046,10 @@ fn attach_session(
     let session = Arc::new(Session::new(client_id.clone(), protocol, expiry));
     {
         let mut st = session.lock();
-        st.conn = Some(ConnLink { id: conn_id, kick: Some(kick) });
+        st.conn = Some(ConnLink {
+            id: conn_id,
+            kick: Some(kick),
+        });
         st.generation = conn_id;
     }
     session.online.store(true, Ordering::Relaxed);
@@ -922,7 +1063,13 @@ fn attach_session(
 
 /// Detaches a closed connection from its session: publishes or schedules its will, and
 /// ends the session or starts its expiry clock.
-fn detach(inner: &Arc<Inner>, session: &Arc<Session>, conn_id: u64, will: Option<Arc<Message>>, will_delay: u32) {
+fn detach(
+    inner: &Arc<Inner>,
+    session: &Arc<Session>,
+    conn_id: u64,
+    will: Option<Arc<Message>>,
+    will_delay: u32,
+) {
     let now = Instant::now();
     let mut st = session.lock();
     let still_mine = st.conn.as_ref().is_some_and(|c| c.id == conn_id);
@@ -945,14 +1092,17 @@ fn detach(inner: &Arc<Inner>, session: &Arc<Session>, conn_id: u64, will: Option
                 due: std::time::SystemTime::now() + Duration::from_secs(u64::from(will_delay)),
             });
             st.pending_will = Some(PendingWill { msg: w });
-            inner.timers.schedule(due, crate::broker::TimerEvent::Will(session.clone(), conn_id));
+            inner.timers.schedule(
+                due,
+                crate::broker::TimerEvent::Will(session.clone(), conn_id),
+            );
         }
         // Otherwise a new connection took the session over before the delay: not sent.
     }
     let expiry = st.expiry_interval;
     drop(st);
     if let Some(w) = publish_now {
-        inner.publish_will(&session.client_id, w);
+        inner.publish_will(&session.client_id, &w);
     }
     if !still_mine {
         return;
@@ -963,11 +1113,17 @@ fn detach(inner: &Arc<Inner>, session: &Arc<Session>, conn_id: u64, will: Option
     }
     inner.persist_session(session, false);
     if let Some(w) = pending_store {
-        inner.store.apply(vec![Op::WillPending { client_id: session.client_id.to_string(), will: Some(w) }]);
+        inner.store.apply(vec![Op::WillPending {
+            client_id: session.client_id.to_string(),
+            will: Some(w),
+        }]);
     }
     if expiry != u32::MAX {
         let at = now + Duration::from_secs(u64::from(expiry));
-        inner.timers.schedule(at, crate::broker::TimerEvent::SessionExpiry(session.clone(), conn_id));
+        inner.timers.schedule(
+            at,
+            crate::broker::TimerEvent::SessionExpiry(session.clone(), conn_id),
+        );
     }
 }
 

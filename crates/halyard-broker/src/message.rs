@@ -159,13 +159,18 @@ pub(crate) fn write(
     props.subscription_identifiers = d.subscription_ids.to_vec();
     if let Some(expires) = msg.expires_at {
         // [MQTT-3.3.2-6]: forward the remaining lifetime.
-        props.message_expiry_interval =
-            Some(u32::try_from(expires.saturating_duration_since(now).as_secs()).unwrap_or(u32::MAX));
+        props.message_expiry_interval = Some(
+            u32::try_from(expires.saturating_duration_since(now).as_secs()).unwrap_or(u32::MAX),
+        );
     }
     let mut p = msg.build(d.qos, props);
     p.dup = d.dup;
     p.retain = d.retain;
-    p.packet_id = if d.qos == QoS::AtMostOnce { 0 } else { d.packet_id };
+    p.packet_id = if d.qos == QoS::AtMostOnce {
+        0
+    } else {
+        d.packet_id
+    };
     if let Some((alias, keep_topic)) = d.alias {
         p.properties.topic_alias = Some(alias);
         if !keep_topic {

@@ -223,7 +223,8 @@ fn remove(node: &mut Node, levels: &[&str], share: Option<&str>, session: &Arc<S
         return match share {
             None => {
                 let before = node.subscribers.len();
-                node.subscribers.retain(|e| !Arc::ptr_eq(&e.session, session));
+                node.subscribers
+                    .retain(|e| !Arc::ptr_eq(&e.session, session));
                 before != node.subscribers.len()
             }
             Some(name) => {

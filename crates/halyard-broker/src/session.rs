@@ -27,21 +27,21 @@ pub(crate) struct Outgoing {
     pub(crate) subscription_ids: Vec<u32>,
 }
 
-/// Where an outgoing QoS 1/2 message stands (section 4.3).
+/// What an outgoing QoS 1/2 message waits for (section 4.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum InflightState {
+pub(crate) enum Awaiting {
     /// QoS 1 sent, waiting for PUBACK.
-    AwaitPubAck,
+    Ack,
     /// QoS 2 sent, waiting for PUBREC.
-    AwaitPubRec,
+    Rec,
     /// PUBREL sent, waiting for PUBCOMP.
-    AwaitPubComp,
+    Comp,
 }
 
 #[derive(Debug)]
 pub(crate) struct Inflight {
     pub(crate) out: Outgoing,
-    pub(crate) state: InflightState,
+    pub(crate) state: Awaiting,
     /// Send order, to redeliver in the original order on reconnect [MQTT-4.6.0-1].
     pub(crate) seq: u64,
 }
@@ -123,7 +123,11 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(client_id: Arc<str>, protocol: ProtocolVersion, expiry_interval: u32) -> Self {
+    pub(crate) fn new(
+        client_id: Arc<str>,
+        protocol: ProtocolVersion,
+        expiry_interval: u32,
+    ) -> Self {
         Session {
             client_id,
             state: Mutex::new(SessionState {

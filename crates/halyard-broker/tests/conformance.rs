@@ -37,7 +37,10 @@ async fn empty_client_id_mqtt_3_1_3_6_and_3_1_3_8(v: ProtocolVersion) {
     assert_eq!(ack.reason, ReasonCode::Success);
     if v.is_v5() {
         // [MQTT-3.2.2-16]: the assigned identifier is returned.
-        let id = ack.properties.assigned_client_identifier.expect("assigned id");
+        let id = ack
+            .properties
+            .assigned_client_identifier
+            .expect("assigned id");
         assert!(!id.is_empty());
     }
     let mut c = tb.raw().await;
@@ -91,18 +94,33 @@ async fn session_takeover_mqtt_3_1_4_3(v: ProtocolVersion) {
 }
 
 async fn max_connections_refused_with_connack(v: ProtocolVersion) {
-    let tb = TestBroker::with_config(BrokerConfig { max_connections: 1, ..Default::default() }).await;
+    let tb = TestBroker::with_config(BrokerConfig {
+        max_connections: 1,
+        ..Default::default()
+    })
+    .await;
     let mut a = tb.raw().await;
     online(&mut a, v, "one", true).await;
     let mut b = tb.raw().await;
     let ack = handshake(&mut b, connect(v, "two", true, 60)).await;
     // v5: 0x97 Quota exceeded; 3.1.1: 0x03 Server unavailable (mapped on the wire).
-    assert_eq!(ack.reason, if v.is_v5() { ReasonCode::QuotaExceeded } else { ReasonCode::ServerUnavailable });
+    assert_eq!(
+        ack.reason,
+        if v.is_v5() {
+            ReasonCode::QuotaExceeded
+        } else {
+            ReasonCode::ServerUnavailable
+        }
+    );
     b.expect_close().await;
 }
 
 async fn keep_alive_above_max_keepalive_mqtt_3_2_2_21(v: ProtocolVersion) {
-    let tb = TestBroker::with_config(BrokerConfig { max_keepalive: 30, ..Default::default() }).await;
+    let tb = TestBroker::with_config(BrokerConfig {
+        max_keepalive: 30,
+        ..Default::default()
+    })
+    .await;
     let mut c = tb.raw().await;
     let ack = handshake(&mut c, connect(v, "ka", true, 100)).await;
     if v.is_v5() {
@@ -118,13 +136,17 @@ async fn unsupported_protocol_level_gets_connack_0x01_mqtt_3_1_2_2() {
     let tb = TestBroker::start().await;
     let mut c = tb.raw().await;
     c.version = V3_1_1;
-    c.send_hex("10 0D 00 04 4D 51 54 54 03 02 00 3C 00 01 61").await; // "MQTT" level 3
+    c.send_hex("10 0D 00 04 4D 51 54 54 03 02 00 3C 00 01 61")
+        .await; // "MQTT" level 3
     c.expect_close().await.iter().for_each(|p| {
-        assert_eq!(*p, Packet::ConnAck(ConnAck {
-            session_present: false,
-            reason: ReasonCode::UnsupportedProtocolVersion,
-            properties: Properties::default(),
-        }))
+        assert_eq!(
+            *p,
+            Packet::ConnAck(ConnAck {
+                session_present: false,
+                reason: ReasonCode::UnsupportedProtocolVersion,
+                properties: Properties::default(),
+            })
+        )
     });
 }
 
@@ -134,7 +156,11 @@ async fn unsupported_protocol_bytes_exact() {
     let tb = TestBroker::start().await;
     let mut s = tokio::net::TcpStream::connect(tb.addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(&halyard_testkit::hex_bytes("10 0D 00 04 4D 51 54 54 07 02 00 3C 00 01 61")).await.unwrap();
+    s.write_all(&halyard_testkit::hex_bytes(
+        "10 0D 00 04 4D 51 54 54 07 02 00 3C 00 01 61",
+    ))
+    .await
+    .unwrap();
     let mut got = Vec::new();
     s.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, halyard_testkit::hex_bytes("20 02 00 01"));
@@ -146,7 +172,11 @@ async fn malformed_v5_connect_gets_connack_0x81_mqtt_4_13_1_1() {
     let mut s = tokio::net::TcpStream::connect(tb.addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Reserved CONNECT flag set [MQTT-3.1.2-3].
-    s.write_all(&halyard_testkit::hex_bytes("10 0E 00 04 4D 51 54 54 05 03 00 3C 00 00 01 61")).await.unwrap();
+    s.write_all(&halyard_testkit::hex_bytes(
+        "10 0E 00 04 4D 51 54 54 05 03 00 3C 00 00 01 61",
+    ))
+    .await
+    .unwrap();
     let mut got = Vec::new();
     s.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, halyard_testkit::hex_bytes("20 03 00 81 00"));
@@ -154,7 +184,11 @@ async fn malformed_v5_connect_gets_connack_0x81_mqtt_4_13_1_1() {
 
 #[tokio::test]
 async fn v5_connack_advertises_capabilities_mqtt_3_2_2_3() {
-    let cfg = BrokerConfig { max_qos: QoS::AtLeastOnce, retain_available: false, ..Default::default() };
+    let cfg = BrokerConfig {
+        max_qos: QoS::AtLeastOnce,
+        retain_available: false,
+        ..Default::default()
+    };
     let tb = TestBroker::with_config(cfg).await;
     let mut c = tb.raw().await;
     let ack = online(&mut c, V5, "caps", true).await;
@@ -173,7 +207,11 @@ async fn v5_connack_advertises_capabilities_mqtt_3_2_2_3() {
     let mut c = tb.raw().await;
     online(&mut c, V5, "caps2", true).await;
     // [MQTT-3.2.2-13]: RETAIN when Retain Available is 0 gets DISCONNECT 0x9A.
-    c.send(&Packet::Publish(Publish { retain: true, ..Publish::new(topic("t"), &b"x"[..]) })).await;
+    c.send(&Packet::Publish(Publish {
+        retain: true,
+        ..Publish::new(topic("t"), &b"x"[..])
+    }))
+    .await;
     expect_disconnect(&mut c, ReasonCode::RetainNotSupported).await;
 }
 
@@ -181,9 +219,12 @@ async fn v5_connack_advertises_capabilities_mqtt_3_2_2_3() {
 async fn enhanced_auth_method_not_supported_mqtt_4_12_0_1() {
     let tb = TestBroker::start().await;
     let mut c = tb.raw().await;
-    let ack = handshake(&mut c, connect_with(V5, "auth", true, |c| {
-        c.properties.authentication_method = Some("SCRAM-SHA-256".into());
-    }))
+    let ack = handshake(
+        &mut c,
+        connect_with(V5, "auth", true, |c| {
+            c.properties.authentication_method = Some("SCRAM-SHA-256".into());
+        }),
+    )
     .await;
     assert_eq!(ack.reason, ReasonCode::BadAuthenticationMethod);
 }
@@ -195,7 +236,10 @@ async fn disconnect_cannot_raise_session_expiry_from_zero_mqtt_3_14_2_2() {
     online(&mut c, V5, "se", true).await;
     c.send(&Packet::Disconnect(Disconnect {
         reason: ReasonCode::Success,
-        properties: Properties { session_expiry_interval: Some(60), ..Default::default() },
+        properties: Properties {
+            session_expiry_interval: Some(60),
+            ..Default::default()
+        },
     }))
     .await;
     expect_disconnect(&mut c, ReasonCode::ProtocolError).await;
@@ -204,7 +248,10 @@ async fn disconnect_cannot_raise_session_expiry_from_zero_mqtt_3_14_2_2() {
 // ---------------------------------------------------------------- keep alive (paused time)
 
 async fn keep_alive_enforced_at_one_and_a_half_times_mqtt_3_1_2_22(v: ProtocolVersion) {
-    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
+    let broker = Broker::new(
+        BrokerConfig::default(),
+        std::sync::Arc::new(MemoryStore::new()),
+    );
     let mut c = raw_duplex(&broker);
     handshake(&mut c, connect(v, "ka", true, 2)).await;
     // 2.9 s of silence is within 1.5 x 2 s.
@@ -223,7 +270,10 @@ async fn keep_alive_enforced_at_one_and_a_half_times_mqtt_3_1_2_22(v: ProtocolVe
 }
 
 async fn connect_timeout_closes_silent_connections(_v: ProtocolVersion) {
-    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
+    let broker = Broker::new(
+        BrokerConfig::default(),
+        std::sync::Arc::new(MemoryStore::new()),
+    );
     let mut c = raw_duplex(&broker);
     c.expect_silence(Duration::from_secs(9)).await;
     assert!(is_closed(&c.recv_within(Duration::from_secs(2)).await));
@@ -252,7 +302,14 @@ async fn qos1_and_qos2_flows_mqtt_4_3(v: ProtocolVersion) {
     p.send(&publish("q/2", QoS::ExactlyOnce, 11, b"two")).await;
     assert!(matches!(p.recv().await, Packet::PubRec(a) if a.packet_id == 11));
     // A resend before PUBREL is not delivered twice [MQTT-4.3.3-10].
-    p.send(&Packet::Publish(Publish { dup: true, ..match publish("q/2", QoS::ExactlyOnce, 11, b"two") { Packet::Publish(x) => x, _ => unreachable!() } })).await;
+    p.send(&Packet::Publish(Publish {
+        dup: true,
+        ..match publish("q/2", QoS::ExactlyOnce, 11, b"two") {
+            Packet::Publish(x) => x,
+            _ => unreachable!(),
+        }
+    }))
+    .await;
     assert!(matches!(p.recv().await, Packet::PubRec(a) if a.packet_id == 11));
     p.send(&Packet::PubRel(Ack::new(11))).await;
     assert!(matches!(p.recv().await, Packet::PubComp(a) if a.packet_id == 11));
@@ -281,7 +338,11 @@ async fn delivered_qos_is_the_minimum_mqtt_3_8_4_6(v: ProtocolVersion) {
 
 async fn unacked_messages_redelivered_with_dup_on_resume_mqtt_4_4_0_1(v: ProtocolVersion) {
     let tb = TestBroker::start().await;
-    let pers = || connect_with(v, "redeliver", false, |c| c.properties.session_expiry_interval = Some(300));
+    let pers = || {
+        connect_with(v, "redeliver", false, |c| {
+            c.properties.session_expiry_interval = Some(300)
+        })
+    };
     let mut s = tb.raw().await;
     handshake(&mut s, pers()).await;
     sub(&mut s, "r", QoS::ExactlyOnce).await;
@@ -314,7 +375,11 @@ async fn unacked_messages_redelivered_with_dup_on_resume_mqtt_4_4_0_1(v: Protoco
 
 async fn offline_messages_queued_in_order_mqtt_3_1_2_5(v: ProtocolVersion) {
     let tb = TestBroker::start().await;
-    let pers = || connect_with(v, "offline", false, |c| c.properties.session_expiry_interval = Some(300));
+    let pers = || {
+        connect_with(v, "offline", false, |c| {
+            c.properties.session_expiry_interval = Some(300)
+        })
+    };
     let mut s = tb.raw().await;
     handshake(&mut s, pers()).await;
     sub(&mut s, "o/#", QoS::AtLeastOnce).await;
@@ -323,10 +388,12 @@ async fn offline_messages_queued_in_order_mqtt_3_1_2_5(v: ProtocolVersion) {
     let mut p = tb.raw().await;
     online(&mut p, v, "pub", true).await;
     for i in 0..5u8 {
-        p.send(&publish("o/x", QoS::AtLeastOnce, u16::from(i) + 1, &[i])).await;
+        p.send(&publish("o/x", QoS::AtLeastOnce, u16::from(i) + 1, &[i]))
+            .await;
         assert!(matches!(p.recv().await, Packet::PubAck(_)));
     }
-    p.send(&publish("o/x", QoS::AtMostOnce, 0, b"qos0 not queued")).await;
+    p.send(&publish("o/x", QoS::AtMostOnce, 0, b"qos0 not queued"))
+        .await;
     let mut s = tb.raw().await;
     assert!(handshake(&mut s, pers()).await.session_present);
     for i in 0..5u8 {
@@ -339,9 +406,16 @@ async fn offline_messages_queued_in_order_mqtt_3_1_2_5(v: ProtocolVersion) {
 
 #[tokio::test]
 async fn offline_queue_is_bounded_and_counted() {
-    let cfg = BrokerConfig { max_queued_messages: 3, ..Default::default() };
+    let cfg = BrokerConfig {
+        max_queued_messages: 3,
+        ..Default::default()
+    };
     let tb = TestBroker::with_config(cfg).await;
-    let pers = || connect_with(V5, "bounded", false, |c| c.properties.session_expiry_interval = Some(300));
+    let pers = || {
+        connect_with(V5, "bounded", false, |c| {
+            c.properties.session_expiry_interval = Some(300)
+        })
+    };
     let mut s = tb.raw().await;
     handshake(&mut s, pers()).await;
     sub(&mut s, "b", QoS::AtLeastOnce).await;
@@ -350,7 +424,8 @@ async fn offline_queue_is_bounded_and_counted() {
     let mut p = tb.raw().await;
     online(&mut p, V5, "pub", true).await;
     for i in 0..6u8 {
-        p.send(&publish("b", QoS::AtLeastOnce, u16::from(i) + 1, &[i])).await;
+        p.send(&publish("b", QoS::AtLeastOnce, u16::from(i) + 1, &[i]))
+            .await;
         p.recv().await;
     }
     assert_eq!(tb.broker.stats().dropped_queue_full, 3);
@@ -358,7 +433,11 @@ async fn offline_queue_is_bounded_and_counted() {
     handshake(&mut s, pers()).await;
     for i in 0..3u8 {
         let m = recv_publish(&mut s).await;
-        assert_eq!(&m.payload[..], &[i], "the oldest are kept; new ones are dropped when full");
+        assert_eq!(
+            &m.payload[..],
+            &[i],
+            "the oldest are kept; new ones are dropped when full"
+        );
         s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
     }
     s.expect_silence(SHORT).await;
@@ -370,12 +449,17 @@ async fn offline_queue_is_bounded_and_counted() {
 async fn receive_maximum_of_the_client_is_respected_mqtt_3_3_4_7() {
     let tb = TestBroker::start().await;
     let mut s = tb.raw().await;
-    handshake(&mut s, connect_with(V5, "rm", true, |c| c.properties.receive_maximum = Some(2))).await;
+    handshake(
+        &mut s,
+        connect_with(V5, "rm", true, |c| c.properties.receive_maximum = Some(2)),
+    )
+    .await;
     sub(&mut s, "rm", QoS::AtLeastOnce).await;
     let mut p = tb.raw().await;
     online(&mut p, V5, "pub", true).await;
     for i in 0..5u8 {
-        p.send(&publish("rm", QoS::AtLeastOnce, u16::from(i) + 1, &[i])).await;
+        p.send(&publish("rm", QoS::AtLeastOnce, u16::from(i) + 1, &[i]))
+            .await;
     }
     let a = recv_publish(&mut s).await;
     let b = recv_publish(&mut s).await;
@@ -392,7 +476,10 @@ async fn receive_maximum_of_the_client_is_respected_mqtt_3_3_4_7() {
 
 #[tokio::test]
 async fn client_exceeding_our_receive_maximum_gets_0x93_mqtt_3_3_4_9() {
-    let cfg = BrokerConfig { max_inflight_messages: 2, ..Default::default() };
+    let cfg = BrokerConfig {
+        max_inflight_messages: 2,
+        ..Default::default()
+    };
     let tb = TestBroker::with_config(cfg).await;
     let mut p = tb.raw().await;
     online(&mut p, V5, "flood", true).await;
@@ -403,10 +490,15 @@ async fn client_exceeding_our_receive_maximum_gets_0x93_mqtt_3_3_4_9() {
 }
 
 async fn packet_over_maximum_size_disconnects_0x95(v: ProtocolVersion) {
-    let tb = TestBroker::with_config(BrokerConfig { message_size_limit: 100, ..Default::default() }).await;
+    let tb = TestBroker::with_config(BrokerConfig {
+        message_size_limit: 100,
+        ..Default::default()
+    })
+    .await;
     let mut p = tb.raw().await;
     online(&mut p, v, "big", true).await;
-    p.send(&publish("big", QoS::AtMostOnce, 0, &[0u8; 200])).await;
+    p.send(&publish("big", QoS::AtMostOnce, 0, &[0u8; 200]))
+        .await;
     expect_disconnect(&mut p, ReasonCode::PacketTooLarge).await;
 }
 
@@ -414,11 +506,18 @@ async fn packet_over_maximum_size_disconnects_0x95(v: ProtocolVersion) {
 async fn message_over_client_maximum_packet_size_is_not_sent_mqtt_3_1_2_25() {
     let tb = TestBroker::start().await;
     let mut s = tb.raw().await;
-    handshake(&mut s, connect_with(V5, "small", true, |c| c.properties.maximum_packet_size = Some(40))).await;
+    handshake(
+        &mut s,
+        connect_with(V5, "small", true, |c| {
+            c.properties.maximum_packet_size = Some(40)
+        }),
+    )
+    .await;
     sub(&mut s, "m", QoS::AtLeastOnce).await;
     let mut p = tb.raw().await;
     online(&mut p, V5, "pub", true).await;
-    p.send(&publish("m", QoS::AtLeastOnce, 1, &[1u8; 100])).await;
+    p.send(&publish("m", QoS::AtLeastOnce, 1, &[1u8; 100]))
+        .await;
     p.send(&publish("m", QoS::AtLeastOnce, 2, b"fits")).await;
     assert_eq!(&recv_publish(&mut s).await.payload[..], b"fits");
     eventually("drop counted", || tb.broker.stats().dropped_too_large == 1).await;
@@ -436,7 +535,10 @@ async fn inbound_topic_aliases_mqtt_3_3_2_10() {
     online(&mut p, V5, "pub", true).await;
     let with_alias = |t: TopicName, payload: &'static [u8]| {
         Packet::Publish(Publish {
-            properties: PublishProperties { topic_alias: Some(3), ..Default::default() },
+            properties: PublishProperties {
+                topic_alias: Some(3),
+                ..Default::default()
+            },
             ..Publish::new(t, payload)
         })
     };
@@ -446,10 +548,16 @@ async fn inbound_topic_aliases_mqtt_3_3_2_10() {
     let m2 = recv_publish(&mut s).await;
     assert_eq!(m2.topic.as_str(), "alias/a");
     assert_eq!((&m1.payload[..], &m2.payload[..]), (&b"1"[..], &b"2"[..]));
-    assert_eq!(m2.properties.topic_alias, None, "aliases are per connection, never forwarded");
+    assert_eq!(
+        m2.properties.topic_alias, None,
+        "aliases are per connection, never forwarded"
+    );
     // Above our Topic Alias Maximum (10): 0x94 [MQTT-3.3.2-9].
     p.send(&Packet::Publish(Publish {
-        properties: PublishProperties { topic_alias: Some(11), ..Default::default() },
+        properties: PublishProperties {
+            topic_alias: Some(11),
+            ..Default::default()
+        },
         ..Publish::new(topic("alias/b"), &b""[..])
     }))
     .await;
@@ -463,10 +571,19 @@ async fn inbound_topic_aliases_mqtt_3_3_2_10() {
 
 #[tokio::test]
 async fn outbound_topic_aliases_when_enabled() {
-    let cfg = BrokerConfig { topic_alias_maximum_outbound: 5, ..Default::default() };
+    let cfg = BrokerConfig {
+        topic_alias_maximum_outbound: 5,
+        ..Default::default()
+    };
     let tb = TestBroker::with_config(cfg).await;
     let mut s = tb.raw().await;
-    handshake(&mut s, connect_with(V5, "sub", true, |c| c.properties.topic_alias_maximum = Some(5))).await;
+    handshake(
+        &mut s,
+        connect_with(V5, "sub", true, |c| {
+            c.properties.topic_alias_maximum = Some(5)
+        }),
+    )
+    .await;
     sub(&mut s, "oa", QoS::AtMostOnce).await;
     let mut p = tb.raw().await;
     online(&mut p, V5, "pub", true).await;
@@ -474,7 +591,10 @@ async fn outbound_topic_aliases_when_enabled() {
     p.send(&publish("oa", QoS::AtMostOnce, 0, b"2")).await;
     let a = recv_publish(&mut s).await;
     let b = recv_publish(&mut s).await;
-    assert_eq!((a.topic.as_str(), a.properties.topic_alias), ("oa", Some(1)));
+    assert_eq!(
+        (a.topic.as_str(), a.properties.topic_alias),
+        ("oa", Some(1))
+    );
     assert_eq!((b.topic.as_str(), b.properties.topic_alias), ("", Some(1)));
 }
 
@@ -493,11 +613,18 @@ async fn publish_properties_forwarded_unchanged_mqtt_3_3_2_16_to_20() {
         content_type: Some("text/plain".into()),
         response_topic: Some(topic("reply/here")),
         correlation_data: Some(Bytes::from_static(b"corr-1")),
-        user_properties: vec![("b".into(), "2".into()), ("a".into(), "1".into()), ("b".into(), "3".into())],
+        user_properties: vec![
+            ("b".into(), "2".into()),
+            ("a".into(), "1".into()),
+            ("b".into(), "3".into()),
+        ],
         ..Default::default()
     };
-    p.send(&Packet::Publish(Publish { properties: props.clone(), ..Publish::new(topic("props"), &b"hello"[..]) }))
-        .await;
+    p.send(&Packet::Publish(Publish {
+        properties: props.clone(),
+        ..Publish::new(topic("props"), &b"hello"[..])
+    }))
+    .await;
     let m = recv_publish(&mut s).await;
     assert_eq!(m.properties, props);
 }
@@ -511,19 +638,32 @@ async fn remaining_message_expiry_is_forwarded_mqtt_3_3_2_6() {
     let mut p = tb.raw().await;
     online(&mut p, V5, "pub", true).await;
     p.send(&Packet::Publish(Publish {
-        properties: PublishProperties { message_expiry_interval: Some(100), ..Default::default() },
+        properties: PublishProperties {
+            message_expiry_interval: Some(100),
+            ..Default::default()
+        },
         ..Publish::new(topic("exp"), &b"x"[..])
     }))
     .await;
     let m = recv_publish(&mut s).await;
-    let left = m.properties.message_expiry_interval.expect("expiry forwarded");
+    let left = m
+        .properties
+        .message_expiry_interval
+        .expect("expiry forwarded");
     assert!((98..=100).contains(&left), "{left}");
 }
 
 #[tokio::test(start_paused = true)]
 async fn expired_queued_messages_are_dropped_mqtt_3_3_2_5() {
-    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
-    let pers = || connect_with(V5, "exp-q", false, |c| c.properties.session_expiry_interval = Some(300));
+    let broker = Broker::new(
+        BrokerConfig::default(),
+        std::sync::Arc::new(MemoryStore::new()),
+    );
+    let pers = || {
+        connect_with(V5, "exp-q", false, |c| {
+            c.properties.session_expiry_interval = Some(300)
+        })
+    };
     let mut s = raw_duplex(&broker);
     handshake(&mut s, pers()).await;
     sub(&mut s, "e", QoS::AtLeastOnce).await;
@@ -534,7 +674,10 @@ async fn expired_queued_messages_are_dropped_mqtt_3_3_2_5() {
     p.send(&Packet::Publish(Publish {
         qos: QoS::AtLeastOnce,
         packet_id: 1,
-        properties: PublishProperties { message_expiry_interval: Some(5), ..Default::default() },
+        properties: PublishProperties {
+            message_expiry_interval: Some(5),
+            ..Default::default()
+        },
         ..Publish::new(topic("e"), &b"short"[..])
     }))
     .await;
@@ -558,8 +701,10 @@ async fn dollar_topics_not_matched_by_leading_wildcards_mqtt_4_7_2_1(v: Protocol
     sub(&mut s, "+/info", QoS::AtMostOnce).await;
     let mut p = tb.raw().await;
     online(&mut p, v, "pub", true).await;
-    p.send(&publish("$app/info", QoS::AtMostOnce, 0, b"hidden")).await;
-    p.send(&publish("a/info", QoS::AtMostOnce, 0, b"seen")).await;
+    p.send(&publish("$app/info", QoS::AtMostOnce, 0, b"hidden"))
+        .await;
+    p.send(&publish("a/info", QoS::AtMostOnce, 0, b"seen"))
+        .await;
     assert_eq!(&recv_publish(&mut s).await.payload[..], b"seen");
     s.expect_silence(SHORT).await;
 }
@@ -592,7 +737,10 @@ async fn subscription_identifiers_delivered_mqtt_3_3_4_3() {
     let mut p = tb.raw().await;
     online(&mut p, V5, "pub", true).await;
     p.send(&publish("id/x", QoS::AtMostOnce, 0, b"x")).await;
-    let mut ids = recv_publish(&mut s).await.properties.subscription_identifiers;
+    let mut ids = recv_publish(&mut s)
+        .await
+        .properties
+        .subscription_identifiers;
     ids.sort();
     assert_eq!(ids, vec![7, 9]);
 }
@@ -602,7 +750,10 @@ async fn no_local_and_retain_as_published_mqtt_3_8_3_3_and_3_3_1_12() {
     let tb = TestBroker::start().await;
     let mut c = tb.raw().await;
     online(&mut c, V5, "self", true).await;
-    let o = SubscriptionOptions { no_local: true, ..Default::default() };
+    let o = SubscriptionOptions {
+        no_local: true,
+        ..Default::default()
+    };
     c.send(&subscribe_opts(1, "nl", o, None)).await;
     c.recv().await;
     c.send(&publish("nl", QoS::AtMostOnce, 0, b"mine")).await;
@@ -610,15 +761,25 @@ async fn no_local_and_retain_as_published_mqtt_3_8_3_3_and_3_3_1_12() {
 
     let mut s = tb.raw().await;
     online(&mut s, V5, "rap", true).await;
-    let o = SubscriptionOptions { retain_as_published: true, ..Default::default() };
+    let o = SubscriptionOptions {
+        retain_as_published: true,
+        ..Default::default()
+    };
     s.send(&subscribe_opts(1, "rap/keep", o, None)).await;
     s.recv().await;
     sub(&mut s, "rap/clear", QoS::AtMostOnce).await;
     for t in ["rap/keep", "rap/clear"] {
-        c.send(&Packet::Publish(Publish { retain: true, ..Publish::new(topic(t), &b"r"[..]) })).await;
+        c.send(&Packet::Publish(Publish {
+            retain: true,
+            ..Publish::new(topic(t), &b"r"[..])
+        }))
+        .await;
     }
     assert!(recv_publish(&mut s).await.retain, "RAP=1 keeps RETAIN");
-    assert!(!recv_publish(&mut s).await.retain, "RAP=0 clears RETAIN [MQTT-3.3.1-12]");
+    assert!(
+        !recv_publish(&mut s).await.retain,
+        "RAP=0 clears RETAIN [MQTT-3.3.1-12]"
+    );
 }
 
 #[tokio::test]
@@ -626,24 +787,55 @@ async fn retain_handling_0_1_2_mqtt_3_3_1_9_to_11() {
     let tb = TestBroker::start().await;
     let mut p = tb.raw().await;
     online(&mut p, V5, "pub", true).await;
-    p.send(&Packet::Publish(Publish { retain: true, ..Publish::new(topic("rh"), &b"kept"[..]) })).await;
+    p.send(&Packet::Publish(Publish {
+        retain: true,
+        ..Publish::new(topic("rh"), &b"kept"[..])
+    }))
+    .await;
     p.send_hex("C0 00").await;
     p.recv().await; // PINGRESP: the publish was processed
     let mut s = tb.raw().await;
     online(&mut s, V5, "sub", true).await;
-    let opts = |rh| SubscriptionOptions { retain_handling: rh, ..Default::default() };
-    s.send(&subscribe_opts(1, "rh", opts(RetainHandling::DoNotSend), None)).await;
+    let opts = |rh| SubscriptionOptions {
+        retain_handling: rh,
+        ..Default::default()
+    };
+    s.send(&subscribe_opts(
+        1,
+        "rh",
+        opts(RetainHandling::DoNotSend),
+        None,
+    ))
+    .await;
     s.recv().await;
     s.expect_silence(SHORT).await;
-    s.send(&subscribe_opts(2, "rh", opts(RetainHandling::SendIfNew), None)).await;
+    s.send(&subscribe_opts(
+        2,
+        "rh",
+        opts(RetainHandling::SendIfNew),
+        None,
+    ))
+    .await;
     s.recv().await;
     s.expect_silence(SHORT).await; // not new
-    s.send(&subscribe_opts(3, "rh", opts(RetainHandling::SendOnSubscribe), None)).await;
+    s.send(&subscribe_opts(
+        3,
+        "rh",
+        opts(RetainHandling::SendOnSubscribe),
+        None,
+    ))
+    .await;
     s.recv().await;
     assert!(recv_publish(&mut s).await.retain);
     let mut t = tb.raw().await;
     online(&mut t, V5, "sub2", true).await;
-    t.send(&subscribe_opts(1, "rh", opts(RetainHandling::SendIfNew), None)).await;
+    t.send(&subscribe_opts(
+        1,
+        "rh",
+        opts(RetainHandling::SendIfNew),
+        None,
+    ))
+    .await;
     t.recv().await;
     assert_eq!(&recv_publish(&mut t).await.payload[..], b"kept");
 }
@@ -655,7 +847,10 @@ async fn unsubscribe_stops_delivery_with_reason_codes_mqtt_3_10_4(v: ProtocolVer
     sub(&mut s, "u", QoS::AtMostOnce).await;
     s.send(&Packet::Unsubscribe(Unsubscribe {
         packet_id: 5,
-        filters: vec![TopicFilter::try_from("u").unwrap(), TopicFilter::try_from("never").unwrap()],
+        filters: vec![
+            TopicFilter::try_from("u").unwrap(),
+            TopicFilter::try_from("never").unwrap(),
+        ],
         properties: Properties::default(),
     }))
     .await;
@@ -663,7 +858,10 @@ async fn unsubscribe_stops_delivery_with_reason_codes_mqtt_3_10_4(v: ProtocolVer
         Packet::UnsubAck(u) => {
             assert_eq!(u.packet_id, 5);
             if v.is_v5() {
-                assert_eq!(u.reasons, vec![ReasonCode::Success, ReasonCode::NoSubscriptionExisted]);
+                assert_eq!(
+                    u.reasons,
+                    vec![ReasonCode::Success, ReasonCode::NoSubscriptionExisted]
+                );
             }
         }
         other => panic!("{other:?}"),
@@ -685,7 +883,8 @@ async fn shared_subscriptions_round_robin_mqtt_4_8_2(v: ProtocolVersion) {
     let mut p = tb.raw().await;
     online(&mut p, v, "pub", true).await;
     for i in 0..4u16 {
-        p.send(&publish("work", QoS::AtLeastOnce, i + 1, &[i as u8])).await;
+        p.send(&publish("work", QoS::AtLeastOnce, i + 1, &[i as u8]))
+            .await;
         p.recv().await;
     }
     let mut got = Vec::new();
@@ -708,7 +907,12 @@ async fn retained_set_replace_delete_mqtt_3_3_1_5_to_7(v: ProtocolVersion) {
     let mut p = tb.raw().await;
     online(&mut p, v, "pub", true).await;
     let retained = |t: &str, payload: &'static [u8]| {
-        Packet::Publish(Publish { retain: true, qos: QoS::AtLeastOnce, packet_id: 1, ..Publish::new(topic(t), payload) })
+        Packet::Publish(Publish {
+            retain: true,
+            qos: QoS::AtLeastOnce,
+            packet_id: 1,
+            ..Publish::new(topic(t), payload)
+        })
     };
     p.send(&retained("ret/a", b"first")).await;
     p.recv().await;
@@ -722,8 +926,14 @@ async fn retained_set_replace_delete_mqtt_3_3_1_5_to_7(v: ProtocolVersion) {
     online(&mut s, v, "sub", true).await;
     sub(&mut s, "ret/#", QoS::AtLeastOnce).await;
     let m = recv_publish(&mut s).await;
-    assert!(m.retain, "[MQTT-3.3.1-8] RETAIN set on delivery at subscribe");
-    assert_eq!((m.topic.as_str(), &m.payload[..]), ("ret/a", &b"second"[..]));
+    assert!(
+        m.retain,
+        "[MQTT-3.3.1-8] RETAIN set on delivery at subscribe"
+    );
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("ret/a", &b"second"[..])
+    );
     s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
     s.expect_silence(SHORT).await;
     // Forwarded live messages carry RETAIN 0 for 3.1.1 and for RAP=0 [MQTT-3.3.1-9].
@@ -734,7 +944,9 @@ async fn retained_set_replace_delete_mqtt_3_3_1_5_to_7(v: ProtocolVersion) {
 
 // ---------------------------------------------------------------- wills
 
-async fn will_published_on_abnormal_close_not_on_disconnect_mqtt_3_1_2_8_and_10(v: ProtocolVersion) {
+async fn will_published_on_abnormal_close_not_on_disconnect_mqtt_3_1_2_8_and_10(
+    v: ProtocolVersion,
+) {
     let tb = TestBroker::start().await;
     let mut s = tb.raw().await;
     online(&mut s, v, "watcher", true).await;
@@ -755,7 +967,10 @@ async fn will_published_on_abnormal_close_not_on_disconnect_mqtt_3_1_2_8_and_10(
     handshake(&mut a, with_will("abrupt")).await;
     drop(a); // network close without DISCONNECT
     let m = recv_publish(&mut s).await;
-    assert_eq!((m.topic.as_str(), &m.payload[..]), ("will/abrupt", &b"gone"[..]));
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("will/abrupt", &b"gone"[..])
+    );
     s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
 
     let mut b = tb.raw().await;
@@ -775,7 +990,10 @@ async fn will_published_on_abnormal_close_not_on_disconnect_mqtt_3_1_2_8_and_10(
 
 #[tokio::test(start_paused = true)]
 async fn will_delay_cancelled_by_reconnect_and_sent_after_delay_mqtt_3_1_3_9() {
-    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
+    let broker = Broker::new(
+        BrokerConfig::default(),
+        std::sync::Arc::new(MemoryStore::new()),
+    );
     let mut s = raw_duplex(&broker);
     online(&mut s, V5, "watcher", true).await;
     sub(&mut s, "wd", QoS::AtMostOnce).await;
@@ -806,22 +1024,28 @@ async fn will_delay_cancelled_by_reconnect_and_sent_after_delay_mqtt_3_1_3_9() {
 
 #[tokio::test(start_paused = true)]
 async fn will_sent_at_session_end_if_before_delay_mqtt_3_1_3_9() {
-    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
+    let broker = Broker::new(
+        BrokerConfig::default(),
+        std::sync::Arc::new(MemoryStore::new()),
+    );
     let mut s = raw_duplex(&broker);
     online(&mut s, V5, "watcher", true).await;
     sub(&mut s, "we", QoS::AtMostOnce).await;
     let mut a = raw_duplex(&broker);
-    handshake(&mut a, connect_with(V5, "short", false, |c| {
-        c.properties.session_expiry_interval = Some(3);
-        c.will = Some(Will {
-            topic: topic("we"),
-            payload: Bytes::from_static(b"end"),
-            qos: QoS::AtMostOnce,
-            retain: false,
-            delay_interval: Some(60),
-            properties: PublishProperties::default(),
-        })
-    }))
+    handshake(
+        &mut a,
+        connect_with(V5, "short", false, |c| {
+            c.properties.session_expiry_interval = Some(3);
+            c.will = Some(Will {
+                topic: topic("we"),
+                payload: Bytes::from_static(b"end"),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                delay_interval: Some(60),
+                properties: PublishProperties::default(),
+            })
+        }),
+    )
     .await;
     drop(a);
     s.expect_silence(Duration::from_millis(2900)).await;
@@ -830,8 +1054,15 @@ async fn will_sent_at_session_end_if_before_delay_mqtt_3_1_3_9() {
 
 #[tokio::test(start_paused = true)]
 async fn session_expires_after_its_interval_mqtt_3_1_2_11() {
-    let broker = Broker::new(BrokerConfig::default(), std::sync::Arc::new(MemoryStore::new()));
-    let c5 = || connect_with(V5, "exp", false, |c| c.properties.session_expiry_interval = Some(10));
+    let broker = Broker::new(
+        BrokerConfig::default(),
+        std::sync::Arc::new(MemoryStore::new()),
+    );
+    let c5 = || {
+        connect_with(V5, "exp", false, |c| {
+            c.properties.session_expiry_interval = Some(10)
+        })
+    };
     let mut a = raw_duplex(&broker);
     handshake(&mut a, c5()).await;
     a.send_hex("E0 00").await;
@@ -849,7 +1080,10 @@ async fn session_expires_after_its_interval_mqtt_3_1_2_11() {
 
 #[tokio::test(start_paused = true)]
 async fn persistent_client_expiration_applies_to_3_1_1() {
-    let cfg = BrokerConfig { persistent_client_expiration: Some(Duration::from_secs(20)), ..Default::default() };
+    let cfg = BrokerConfig {
+        persistent_client_expiration: Some(Duration::from_secs(20)),
+        ..Default::default()
+    };
     let broker = Broker::new(cfg, std::sync::Arc::new(MemoryStore::new()));
     let mut a = raw_duplex(&broker);
     online(&mut a, V3_1_1, "old", false).await;
@@ -873,7 +1107,8 @@ async fn malformed_packet_disconnects_only_that_client_mqtt_4_13(v: ProtocolVers
     expect_disconnect(&mut bad, ReasonCode::MalformedPacket).await;
     let mut p = tb.raw().await;
     online(&mut p, v, "pub", true).await;
-    p.send(&publish("ok", QoS::AtMostOnce, 0, b"still fine")).await;
+    p.send(&publish("ok", QoS::AtMostOnce, 0, b"still fine"))
+        .await;
     assert_eq!(&recv_publish(&mut good).await.payload[..], b"still fine");
 }
 
@@ -885,14 +1120,21 @@ async fn graceful_shutdown_sends_0x8b(v: ProtocolVersion) {
     let done = tokio::spawn(async move { b.shutdown().await });
     expect_disconnect(&mut c, ReasonCode::ServerShuttingDown).await;
     assert!(done.await.unwrap(), "drained within the deadline");
-    assert!(tokio::net::TcpStream::connect(tb.addr).await.is_err(), "listener closed");
+    assert!(
+        tokio::net::TcpStream::connect(tb.addr).await.is_err(),
+        "listener closed"
+    );
 }
 
 #[tokio::test]
 async fn state_survives_a_broker_restart_on_the_same_store() {
     let store = std::sync::Arc::new(MemoryStore::new());
     let tb = TestBroker::with_store(BrokerConfig::default(), store.clone()).await;
-    let pers = || connect_with(V5, "durable", false, |c| c.properties.session_expiry_interval = Some(600));
+    let pers = || {
+        connect_with(V5, "durable", false, |c| {
+            c.properties.session_expiry_interval = Some(600)
+        })
+    };
     let mut s = tb.raw().await;
     handshake(&mut s, pers()).await;
     sub(&mut s, "keep/#", QoS::AtLeastOnce).await;
@@ -900,7 +1142,11 @@ async fn state_survives_a_broker_restart_on_the_same_store() {
     s.expect_close().await;
     let mut p = tb.raw().await;
     online(&mut p, V5, "pub", true).await;
-    p.send(&Packet::Publish(Publish { retain: true, ..Publish::new(topic("keep/r"), &b"r"[..]) })).await;
+    p.send(&Packet::Publish(Publish {
+        retain: true,
+        ..Publish::new(topic("keep/r"), &b"r"[..])
+    }))
+    .await;
     p.send_hex("C0 00").await;
     p.recv().await;
     tb.broker.shutdown().await;
@@ -910,7 +1156,8 @@ async fn state_survives_a_broker_restart_on_the_same_store() {
     assert!(handshake(&mut s, pers()).await.session_present);
     let mut p = tb2.raw().await;
     online(&mut p, V5, "pub", true).await;
-    p.send(&publish("keep/live", QoS::AtLeastOnce, 1, b"after restart")).await;
+    p.send(&publish("keep/live", QoS::AtLeastOnce, 1, b"after restart"))
+        .await;
     assert_eq!(&recv_publish(&mut s).await.payload[..], b"after restart");
     let mut t = tb2.raw().await;
     online(&mut t, V5, "late", true).await;

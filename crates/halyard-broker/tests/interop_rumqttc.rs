@@ -30,7 +30,11 @@ macro_rules! client_kit {
                     return p;
                 }
                 loop {
-                    match timeout(WAIT, self.rx.recv()).await.expect("message in time").expect("driver alive") {
+                    match timeout(WAIT, self.rx.recv())
+                        .await
+                        .expect("message in time")
+                        .expect("driver alive")
+                    {
                         $is_publish => return $p,
                         _ => {}
                     }
@@ -58,11 +62,19 @@ macro_rules! client_kit {
             /// Sends DISCONNECT and waits until the event loop has ended.
             pub(super) async fn disconnect(self) {
                 self.client.disconnect().await.unwrap();
-                let _ = timeout(WAIT, self.driver).await.expect("event loop ends after DISCONNECT");
+                let _ = timeout(WAIT, self.driver)
+                    .await
+                    .expect("event loop ends after DISCONNECT");
             }
         }
 
-        fn spawn(mut el: EventLoop) -> (mpsc::UnboundedReceiver<$Packet>, JoinHandle<()>, tokio::sync::oneshot::Receiver<bool>) {
+        fn spawn(
+            mut el: EventLoop,
+        ) -> (
+            mpsc::UnboundedReceiver<$Packet>,
+            JoinHandle<()>,
+            tokio::sync::oneshot::Receiver<bool>,
+        ) {
             let (tx, rx) = mpsc::unbounded_channel();
             let (ctx, crx) = tokio::sync::oneshot::channel();
             let mut ctx = Some(ctx);
@@ -93,17 +105,34 @@ mod v311 {
 
     client_kit!(Packet, Publish, Packet::Publish(p) => p);
 
-    pub(super) async fn connect(tb: &TestBroker, id: &str, clean: bool, will: Option<LastWill>) -> (Client, bool) {
+    pub(super) async fn connect(
+        tb: &TestBroker,
+        id: &str,
+        clean: bool,
+        will: Option<LastWill>,
+    ) -> (Client, bool) {
         let (host, port) = tb.host_port();
         let mut o = MqttOptions::new(id, host, port);
-        o.set_clean_session(clean).set_keep_alive(Duration::from_secs(5));
+        o.set_clean_session(clean)
+            .set_keep_alive(Duration::from_secs(5));
         if let Some(w) = will {
             o.set_last_will(w);
         }
         let (client, el) = AsyncClient::new(o, 100);
         let (rx, driver, crx) = spawn(el);
-        let present = timeout(WAIT, crx).await.expect("CONNACK in time").expect("connected");
-        (Client { client, rx, stash: Default::default(), driver }, present)
+        let present = timeout(WAIT, crx)
+            .await
+            .expect("CONNACK in time")
+            .expect("connected");
+        (
+            Client {
+                client,
+                rx,
+                stash: Default::default(),
+                driver,
+            },
+            present,
+        )
     }
 
     async fn subscribe(c: &mut Client, f: &str, q: QoS) {
@@ -127,10 +156,16 @@ mod v311 {
         let (mut s, _) = connect(&tb, "sub311", true, None).await;
         subscribe(&mut s, "rq/#", QoS::ExactlyOnce).await;
         let (mut p, _) = connect(&tb, "pub311", true, None).await;
-        for (i, q) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+        for (i, q) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+            .into_iter()
+            .enumerate()
+        {
             publish(&mut p, &format!("rq/{i}"), q, false, vec![i as u8; 3]).await;
             let m = s.next().await;
-            assert_eq!((m.topic.as_str(), m.qos, &m.payload[..]), (format!("rq/{i}").as_str(), q, &[i as u8; 3][..]));
+            assert_eq!(
+                (m.topic.as_str(), m.qos, &m.payload[..]),
+                (format!("rq/{i}").as_str(), q, &[i as u8; 3][..])
+            );
         }
     }
 
@@ -155,7 +190,10 @@ mod v311 {
         let (d, _) = connect(&tb, "dev1", true, Some(will)).await;
         d.driver.abort(); // the socket closes without DISCONNECT
         let m = w.next().await;
-        assert_eq!((m.topic.as_str(), &m.payload[..]), ("lw/dev1", &b"offline"[..]));
+        assert_eq!(
+            (m.topic.as_str(), &m.payload[..]),
+            ("lw/dev1", &b"offline"[..])
+        );
     }
 
     #[tokio::test]
@@ -185,15 +223,32 @@ mod v5 {
 
     client_kit!(Packet, Publish, Packet::Publish(p) => p);
 
-    async fn connect(tb: &TestBroker, id: &str, clean: bool, expiry: Option<u32>) -> (Client, bool) {
+    async fn connect(
+        tb: &TestBroker,
+        id: &str,
+        clean: bool,
+        expiry: Option<u32>,
+    ) -> (Client, bool) {
         let (host, port) = tb.host_port();
         let mut o = MqttOptions::new(id, host, port);
-        o.set_clean_start(clean).set_keep_alive(Duration::from_secs(5));
+        o.set_clean_start(clean)
+            .set_keep_alive(Duration::from_secs(5));
         o.set_session_expiry_interval(expiry);
         let (client, el) = AsyncClient::new(o, 100);
         let (rx, driver, crx) = spawn(el);
-        let present = timeout(WAIT, crx).await.expect("CONNACK in time").expect("connected");
-        (Client { client, rx, stash: Default::default(), driver }, present)
+        let present = timeout(WAIT, crx)
+            .await
+            .expect("CONNACK in time")
+            .expect("connected");
+        (
+            Client {
+                client,
+                rx,
+                stash: Default::default(),
+                driver,
+            },
+            present,
+        )
     }
 
     async fn subscribe(c: &mut Client, f: &str, q: QoS) {
@@ -215,7 +270,10 @@ mod v5 {
         let (mut s, _) = connect(&tb, "sub5", true, None).await;
         subscribe(&mut s, "v5/#", QoS::ExactlyOnce).await;
         let (mut p, _) = connect(&tb, "pub5", true, None).await;
-        for (i, q) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+        for (i, q) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+            .into_iter()
+            .enumerate()
+        {
             let props = PublishProperties {
                 response_topic: Some("v5/reply".into()),
                 correlation_data: Some(vec![i as u8, 9].into()),
@@ -234,8 +292,14 @@ mod v5 {
             let got = m.properties.expect("properties forwarded");
             assert_eq!(got.response_topic.as_deref(), Some("v5/reply"));
             assert_eq!(got.correlation_data.as_deref(), Some(&[i as u8, 9][..]));
-            assert_eq!(got.user_properties, vec![("k".into(), format!("v{i}")), ("k".into(), "again".into())]);
-            assert_eq!(got.content_type.as_deref(), Some("application/octet-stream"));
+            assert_eq!(
+                got.user_properties,
+                vec![("k".into(), format!("v{i}")), ("k".into(), "again".into())]
+            );
+            assert_eq!(
+                got.content_type.as_deref(),
+                Some("application/octet-stream")
+            );
         }
     }
 
@@ -247,7 +311,10 @@ mod v5 {
         s.disconnect().await;
         let (mut p, _) = connect(&tb, "ppub5", true, None).await;
         for i in 0..3u8 {
-            p.client.publish("p5/x", QoS::ExactlyOnce, false, vec![i]).await.unwrap();
+            p.client
+                .publish("p5/x", QoS::ExactlyOnce, false, vec![i])
+                .await
+                .unwrap();
             wait_flow(&mut p, QoS::ExactlyOnce).await;
         }
         let (mut s, present) = connect(&tb, "persist5", false, Some(300)).await;
@@ -268,7 +335,10 @@ mod v5 {
         }
         let (mut p, _) = connect(&tb, "boss", true, None).await;
         for i in 0..10u8 {
-            p.client.publish("jobs", QoS::AtLeastOnce, false, vec![i]).await.unwrap();
+            p.client
+                .publish("jobs", QoS::AtLeastOnce, false, vec![i])
+                .await
+                .unwrap();
             wait_flow(&mut p, QoS::AtLeastOnce).await;
         }
         let mut got = Vec::new();

@@ -48,10 +48,16 @@ impl TestBroker {
         let broker = Broker::new(cfg, store.clone() as Arc<dyn Store>);
         let b = broker.clone();
         let shutdown = broker.shutdown_signal();
-        tokio::spawn(halyard_transport::serve_tcp(listener, shutdown, move |s, peer| {
-            b.spawn_connection(s, peer)
-        }));
-        TestBroker { broker, addr, store }
+        tokio::spawn(halyard_transport::serve_tcp(
+            listener,
+            shutdown,
+            move |s, peer| b.spawn_connection(s, peer),
+        ));
+        TestBroker {
+            broker,
+            addr,
+            store,
+        }
     }
 
     /// A raw client over TCP.
@@ -72,7 +78,8 @@ pub fn raw_duplex(broker: &Broker) -> RawClient<DuplexStream> {
     RawClient::new(a)
 }
 
-/// What a raw read produced.
+/// What a raw read produced. (Test-only: the size difference between variants is fine.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Recv {
     /// A packet.
@@ -97,7 +104,11 @@ pub struct RawClient<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     /// Wraps a connected stream (decoding as v5 until told otherwise).
     pub fn new(stream: S) -> Self {
-        RawClient { stream, buf: BytesMut::new(), version: ProtocolVersion::V5 }
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+            version: ProtocolVersion::V5,
+        }
     }
 
     /// Writes raw bytes.
@@ -136,7 +147,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
                 }
             }
         };
-        tokio::time::timeout(wait, fut).await.unwrap_or(Recv::Timeout)
+        tokio::time::timeout(wait, fut)
+            .await
+            .unwrap_or(Recv::Timeout)
     }
 
     /// Reads the next packet; panics on close or timeout.
@@ -172,7 +185,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
 /// Parses a hex string with optional whitespace.
 pub fn hex_bytes(s: &str) -> Vec<u8> {
     let digits: String = s.split_whitespace().collect();
-    assert!(digits.len().is_multiple_of(2), "odd number of hex digits in {s:?}");
+    assert!(
+        digits.len().is_multiple_of(2),
+        "odd number of hex digits in {s:?}"
+    );
     (0..digits.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("hex digit"))
@@ -183,7 +199,10 @@ pub fn hex_bytes(s: &str) -> Vec<u8> {
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

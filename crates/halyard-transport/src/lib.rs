@@ -20,8 +20,11 @@ pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// An `accept` error (EMFILE when out of file descriptors, ECONNABORTED, ...) does not end
 /// the listener: it pauses with exponential backoff, so a full descriptor table is not a
 /// busy loop, and resets the backoff after the next success (mini-redis' pattern).
-pub async fn serve_tcp<F>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, mut on_conn: F)
-where
+pub async fn serve_tcp<F>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    mut on_conn: F,
+) where
     F: FnMut(TcpStream, SocketAddr),
 {
     let local = listener.local_addr().ok();

@@ -20,8 +20,15 @@ pub fn connect(v: ProtocolVersion, id: &str, clean: bool, keep_alive: u16) -> Pa
     }))
 }
 
-pub fn connect_with(v: ProtocolVersion, id: &str, clean: bool, f: impl FnOnce(&mut Connect)) -> Packet {
-    let Packet::Connect(mut c) = connect(v, id, clean, 60) else { unreachable!() };
+pub fn connect_with(
+    v: ProtocolVersion,
+    id: &str,
+    clean: bool,
+    f: impl FnOnce(&mut Connect),
+) -> Packet {
+    let Packet::Connect(mut c) = connect(v, id, clean, 60) else {
+        unreachable!()
+    };
     f(&mut c);
     Packet::Connect(c)
 }
@@ -39,19 +46,38 @@ pub fn publish(t: &str, qos: QoS, id: u16, payload: &[u8]) -> Packet {
 }
 
 pub fn subscribe(id: u16, filter: &str, qos: QoS) -> Packet {
-    subscribe_opts(id, filter, SubscriptionOptions { qos, ..Default::default() }, None)
+    subscribe_opts(
+        id,
+        filter,
+        SubscriptionOptions {
+            qos,
+            ..Default::default()
+        },
+        None,
+    )
 }
 
-pub fn subscribe_opts(id: u16, filter: &str, o: SubscriptionOptions, sub_id: Option<u32>) -> Packet {
+pub fn subscribe_opts(
+    id: u16,
+    filter: &str,
+    o: SubscriptionOptions,
+    sub_id: Option<u32>,
+) -> Packet {
     Packet::Subscribe(Subscribe {
         packet_id: id,
         filters: vec![(TopicFilter::try_from(filter).unwrap(), o)],
-        properties: Properties { subscription_identifier: sub_id, ..Default::default() },
+        properties: Properties {
+            subscription_identifier: sub_id,
+            ..Default::default()
+        },
     })
 }
 
 /// Sends CONNECT and returns the CONNACK.
-pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(c: &mut RawClient<S>, p: Packet) -> ConnAck {
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut RawClient<S>,
+    p: Packet,
+) -> ConnAck {
     if let Packet::Connect(x) = &p {
         c.version = x.protocol;
     }
@@ -90,7 +116,10 @@ pub async fn recv_publish<S: AsyncRead + AsyncWrite + Unpin>(c: &mut RawClient<S
 }
 
 /// Expects a v5 DISCONNECT with `reason` then the close; for 3.x just the close.
-pub async fn expect_disconnect<S: AsyncRead + AsyncWrite + Unpin>(c: &mut RawClient<S>, reason: ReasonCode) {
+pub async fn expect_disconnect<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut RawClient<S>,
+    reason: ReasonCode,
+) {
     let seen = c.expect_close().await;
     if c.version.is_v5() {
         match seen.last() {
