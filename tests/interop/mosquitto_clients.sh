@@ -41,7 +41,7 @@ wait_exit() {
 # "Subscribed (mid").
 payload_lines() { grep -v -e '^Client ' -e '^Subscribed (mid' "$1" || true; }
 
-for V in mqttv311 mqttv5; do
+for V in mqttv31 mqttv311 mqttv5; do
   # QoS 0, 1, 2 end to end; the format prints the QoS the subscriber received.
   for Q in 0 1 2; do
     t="it/$V/qos$Q"

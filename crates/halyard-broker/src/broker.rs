@@ -187,11 +187,37 @@ impl Inner {
                 // on forwarding unless the subscription has Retain As Published.
                 retain: msg.retain && m.retain_as_published,
                 subscription_ids: m.subscription_ids,
+                shared: m.shared,
                 msg: msg.clone(),
             };
             self.count_enqueue(m.session.enqueue(out, limits));
         }
         matched
+    }
+
+    /// Hands deliveries a departing shared-group member did not send to other members of
+    /// the same group (§4.8.2); with no other member they stay with `leaving`.
+    pub(crate) fn redispatch_shared(&self, leaving: &Arc<Session>, outs: Vec<Outgoing>) {
+        let limits = self.queue_limits();
+        for out in outs {
+            let Some(filter) = out.shared.clone() else {
+                continue;
+            };
+            let r = match self.subs.pick_other_member(&filter, leaving) {
+                Some(m) => m.session.enqueue(
+                    Outgoing {
+                        qos: m.qos.min(out.msg.qos),
+                        retain: out.msg.retain && m.retain_as_published,
+                        subscription_ids: m.subscription_ids,
+                        shared: m.shared,
+                        msg: out.msg,
+                    },
+                    limits,
+                ),
+                None => leaving.enqueue(out, limits),
+            };
+            self.count_enqueue(r);
+        }
     }
 
     pub(crate) fn count_enqueue(&self, r: Enqueued) {

@@ -26,8 +26,9 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 100_000;
     /// Topic aliases a client may use towards us.
     pub const TOPIC_ALIAS_MAXIMUM: u16 = 10;
-    /// Topic aliases we assign towards a client (0: we never send aliases).
-    pub const TOPIC_ALIAS_MAXIMUM_OUTBOUND: u16 = 0;
+    /// Topic aliases we assign towards an MQTT 5 client, within the Topic Alias Maximum it
+    /// advertises (clients that advertise none never get aliases; 0 here turns them off).
+    pub const TOPIC_ALIAS_MAXIMUM_OUTBOUND: u16 = 10;
     /// Largest session expiry we grant, in seconds (`u32::MAX`: no cap).
     pub const MAX_SESSION_EXPIRY_SECS: u32 = u32::MAX;
     /// How long a graceful shutdown waits for clients to be told and buffers to drain.

@@ -672,7 +672,8 @@ where
         let mut st = self.session.lock();
         let reply = match st.inflight.get_mut(&a.packet_id) {
             Some(f) if f.state == Awaiting::Rec && a.reason.is_error() => {
-                // [MQTT-4.3.3-?] v5: a PUBREC with an error ends the exchange.
+                // v5: a PUBREC with an error code ends the exchange; PUBREL is only sent for
+                // codes below 0x80 [MQTT-4.3.3-4].
                 st.inflight.remove(&a.packet_id);
                 None
             }
@@ -745,7 +746,8 @@ where
                 QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
             });
             // Retained messages per Retain Handling [MQTT-3.3.1-9, MQTT-3.3.1-10,
-            // MQTT-3.3.1-11]; none for shared subscriptions [MQTT-4.8.2-?].
+            // MQTT-3.3.1-11]; none for shared subscriptions (as mosquitto, HiveMQ, EMQX:
+            // a group member joining must not replay state to the whole group).
             use halyard_codec::RetainHandling::*;
             let send = !filter.is_shared()
                 && match options.retain_handling {
@@ -759,6 +761,7 @@ where
                         qos: msg.qos.min(qos),
                         retain: true, // [MQTT-3.3.1-8]
                         subscription_ids: id.into_iter().collect(),
+                        shared: None,
                         msg,
                     });
                 }
@@ -866,6 +869,7 @@ where
                 &mut self.wbuf,
             ) {
                 Ok(()) => {
+                    self.alias_sent(&out.msg.topic, alias);
                     Stats::inc(&inner.stats.messages_sent);
                     if out.qos != QoS::AtMostOnce {
                         let state = if out.qos == QoS::AtLeastOnce {
@@ -887,20 +891,26 @@ where
         }
     }
 
-    /// Outbound topic alias for `topic`, when both sides allow them: `(alias, send topic too)`.
-    fn outbound_alias(&mut self, topic: &TopicName) -> Option<(u16, bool)> {
+    /// Outbound topic alias for `topic`, when both sides allow them: `(alias, send the
+    /// topic too)`. A new alias is only remembered by [`Self::alias_sent`] once the packet
+    /// that introduces it was actually written.
+    fn outbound_alias(&self, topic: &TopicName) -> Option<(u16, bool)> {
         if self.alias_out_max == 0 {
             return None;
         }
         if let Some(&a) = self.aliases_out.get(topic) {
             return Some((a, false));
         }
-        let next = self.aliases_out.len() as u16 + 1;
-        if next > self.alias_out_max {
-            return None; // all aliases in use: send the full topic
+        let next = u16::try_from(self.aliases_out.len() + 1).ok()?;
+        // All aliases in use: send the full topic (no reassignment, so no client ever sees
+        // an alias change meaning under it).
+        (next <= self.alias_out_max).then_some((next, true))
+    }
+
+    fn alias_sent(&mut self, topic: &TopicName, alias: Option<(u16, bool)>) {
+        if let Some((a, true)) = alias {
+            self.aliases_out.insert(topic.clone(), a);
         }
-        self.aliases_out.insert(topic.clone(), next);
-        Some((next, true))
     }
 
     /// On session resume, resends unacknowledged PUBLISH with DUP and PUBREL in their
@@ -1100,7 +1110,17 @@ fn detach(
         // Otherwise a new connection took the session over before the delay: not sent.
     }
     let expiry = st.expiry_interval;
+    // Shared-subscription messages this member had not sent go to the other members; if
+    // the session ends, its unacknowledged ones too (they would be lost otherwise).
+    let orphans = if still_mine {
+        st.take_shared(ends_now)
+    } else {
+        Vec::new()
+    };
     drop(st);
+    if !orphans.is_empty() {
+        inner.redispatch_shared(session, orphans);
+    }
     if let Some(w) = publish_now {
         inner.publish_will(&session.client_id, &w);
     }

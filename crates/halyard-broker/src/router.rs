@@ -23,6 +23,8 @@ struct Entry {
 #[derive(Debug)]
 struct SharedGroup {
     name: Box<str>,
+    /// The full `$share/{name}/{filter}`, carried by deliveries for re-dispatch.
+    filter: TopicFilter,
     members: Vec<Entry>,
     /// Round-robin cursor; relaxed is enough, fairness is approximate by design.
     next: AtomicUsize,
@@ -50,6 +52,8 @@ pub(crate) struct Match {
     /// Retain As Published on any of the merged subscriptions.
     pub(crate) retain_as_published: bool,
     pub(crate) subscription_ids: Vec<u32>,
+    /// The shared subscription this delivery was chosen for, if any.
+    pub(crate) shared: Option<TopicFilter>,
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +90,7 @@ impl SubscriptionIndex {
                     None => {
                         node.shared.push(SharedGroup {
                             name: name.into(),
+                            filter: filter.clone(),
                             members: Vec::new(),
                             next: AtomicUsize::new(0),
                         });
@@ -150,19 +155,52 @@ impl SubscriptionIndex {
                     qos: e.options.qos,
                     retain_as_published: e.options.retain_as_published,
                     subscription_ids: id.into_iter().collect(),
+                    shared: None,
                 }),
             }
         }
         for g in shared {
             if let Some(e) = pick(g) {
-                out.push(Match {
-                    session: e.session.clone(),
-                    qos: e.options.qos,
-                    retain_as_published: e.options.retain_as_published,
-                    subscription_ids: e.id.into_iter().collect(),
-                });
+                out.push(shared_match(g, e));
             }
         }
+    }
+
+    /// Another member of the shared group `filter` for a message its member `leaving` can
+    /// no longer take: an online member if there is one, else any other member.
+    pub(crate) fn pick_other_member(
+        &self,
+        filter: &TopicFilter,
+        leaving: &Arc<Session>,
+    ) -> Option<Match> {
+        let root = self.root.read().unwrap_or_else(|e| e.into_inner());
+        let mut node = &*root;
+        for level in filter.filter().split('/') {
+            node = node.children.get(level)?;
+        }
+        let g = node
+            .shared
+            .iter()
+            .find(|g| Some(&*g.name) == filter.share_name())?;
+        let others = || {
+            g.members
+                .iter()
+                .filter(|e| !Arc::ptr_eq(&e.session, leaving))
+        };
+        let e = others()
+            .find(|e| e.session.is_online())
+            .or_else(|| others().next())?;
+        Some(shared_match(g, e))
+    }
+}
+
+fn shared_match(g: &SharedGroup, e: &Entry) -> Match {
+    Match {
+        session: e.session.clone(),
+        qos: e.options.qos,
+        retain_as_published: e.options.retain_as_published,
+        subscription_ids: e.id.into_iter().collect(),
+        shared: Some(g.filter.clone()),
     }
 }
 

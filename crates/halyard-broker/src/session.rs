@@ -25,6 +25,9 @@ pub(crate) struct Outgoing {
     pub(crate) retain: bool,
     /// Identifiers of all matching subscriptions [MQTT-3.3.4-3].
     pub(crate) subscription_ids: Vec<u32>,
+    /// Set when this copy was chosen for a shared subscription: if this session goes
+    /// away before sending it, another member of the group gets it.
+    pub(crate) shared: Option<TopicFilter>,
 }
 
 /// What an outgoing QoS 1/2 message waits for (section 4.3).
@@ -212,6 +215,38 @@ impl SessionState {
                 return id;
             }
         }
+    }
+
+    /// Removes the queued (not yet sent) deliveries that came through a shared
+    /// subscription, and with `include_inflight` also the unacknowledged QoS 1 ones.
+    pub(crate) fn take_shared(&mut self, include_inflight: bool) -> Vec<Outgoing> {
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for o in self.queue.drain(..) {
+            if o.shared.is_some() {
+                self.queued_bytes -= o.msg.cost();
+                taken.push(o);
+            } else {
+                kept.push_back(o);
+            }
+        }
+        self.queue = kept;
+        if include_inflight {
+            let ids: Vec<u16> = self
+                .inflight
+                .iter()
+                // QoS 1 only: an in-flight QoS 2 message must not go to another member
+                // [MQTT-4.8.2-5]; for QoS 1 the spec says SHOULD §4.8.2.
+                .filter(|(_, f)| f.out.shared.is_some() && f.out.qos == QoS::AtLeastOnce)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in ids {
+                if let Some(f) = self.inflight.remove(&id) {
+                    taken.push(f.out);
+                }
+            }
+        }
+        taken
     }
 
     /// Drops everything queued and in flight (clean start, session end).

@@ -1191,3 +1191,48 @@ both_versions_paused!(
     keep_alive_enforced_at_one_and_a_half_times_mqtt_3_1_2_22,
     connect_timeout_closes_silent_connections,
 );
+
+#[tokio::test]
+async fn shared_messages_of_a_departing_member_go_to_another_member_4_8_2() {
+    let tb = TestBroker::start().await;
+    let mut a = tb.raw().await;
+    online(&mut a, V5, "member-a", true).await;
+    sub(&mut a, "$share/g/jobs", QoS::AtLeastOnce).await;
+    // b takes one message at a time (Receive Maximum 1) and never acknowledges.
+    let mut b = tb.raw().await;
+    handshake(
+        &mut b,
+        connect_with(V5, "member-b", true, |c| {
+            c.properties.receive_maximum = Some(1)
+        }),
+    )
+    .await;
+    sub(&mut b, "$share/g/jobs", QoS::AtLeastOnce).await;
+    let mut p = tb.raw().await;
+    online(&mut p, V5, "pub", true).await;
+    for i in 0..6u16 {
+        p.send(&publish("jobs", QoS::AtLeastOnce, i + 1, &[i as u8]))
+            .await;
+        p.recv().await;
+    }
+    let mut got_a = Vec::new();
+    for _ in 0..3 {
+        let m = recv_publish(&mut a).await;
+        a.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+        got_a.push(m.payload[0]);
+    }
+    let first_b = recv_publish(&mut b).await.payload[0];
+    drop(b); // b's session ends (expiry 0): its queued and unacknowledged QoS 1 move to a
+    for _ in 0..3 {
+        let m = recv_publish(&mut a).await;
+        a.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+        got_a.push(m.payload[0]);
+    }
+    a.expect_silence(SHORT).await;
+    got_a.sort();
+    assert_eq!(
+        got_a,
+        vec![0, 1, 2, 3, 4, 5],
+        "b had {first_b}; everything reached a"
+    );
+}
