@@ -17,7 +17,9 @@ use crate::config::BrokerConfig;
 use crate::message::Message;
 use crate::retained::Retained;
 use crate::router::{Match, SubscriptionIndex};
-use crate::session::{Enqueued, Outgoing, PendingWill, QueueLimits, Session, Subscription};
+use crate::session::{
+    Awaiting, Enqueued, Inflight, Outgoing, PendingWill, QueueLimits, Session, Subscription,
+};
 use crate::stats::{Stats, StatsSnapshot};
 
 /// How often expired retained messages are swept (they are never delivered once expired;
@@ -39,6 +41,8 @@ pub(crate) struct Inner {
     /// Flips to true once when graceful shutdown begins.
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) next_conn_id: AtomicU64,
+    /// Message ids; restarts above the highest recovered id.
+    pub(crate) next_message_id: AtomicU64,
     pub(crate) timers: Timers,
     started: Instant,
 }
@@ -77,6 +81,7 @@ impl Broker {
             stats: Stats::default(),
             shutdown,
             next_conn_id: AtomicU64::new(1),
+            next_message_id: AtomicU64::new(1),
             timers: Timers::default(),
             started: Instant::now(),
         });
@@ -154,6 +159,10 @@ impl Broker {
 }
 
 impl Inner {
+    pub(crate) fn message_id(&self) -> u64 {
+        self.next_message_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     pub(crate) fn queue_limits(&self) -> QueueLimits {
         QueueLimits {
             max_messages: self.cfg.max_queued_messages,
@@ -190,7 +199,7 @@ impl Inner {
                 shared: m.shared,
                 msg: msg.clone(),
             };
-            self.count_enqueue(m.session.enqueue(out, limits));
+            self.count_enqueue(m.session.enqueue(out, limits, &*self.store));
         }
         matched
     }
@@ -213,8 +222,9 @@ impl Inner {
                         msg: out.msg,
                     },
                     limits,
+                    &*self.store,
                 ),
-                None => leaving.enqueue(out, limits),
+                None => leaving.enqueue(out, limits, &*self.store),
             };
             self.count_enqueue(r);
         }
@@ -298,6 +308,8 @@ impl Inner {
         if image.sessions.is_empty() && image.retained.is_empty() {
             return;
         }
+        let max_id = image.messages.keys().next_back().copied().unwrap_or(0);
+        self.next_message_id.store(max_id + 1, Ordering::Relaxed);
         let now = Instant::now();
         let wall = SystemTime::now();
         // Wall-clock instants from the store become monotonic ones relative to now.
@@ -313,10 +325,56 @@ impl Inner {
                 );
                 continue;
             };
-            let mut msg = Message::new(topic, m.payload, m.qos, true, m.properties, None, now);
+            let mut msg = Message::new(
+                self.message_id(),
+                topic,
+                m.payload,
+                m.qos,
+                true,
+                m.properties,
+                None,
+                now,
+            );
             msg.expires_at = m.expires_at.map(to_instant);
             self.retained.restore(Arc::new(msg));
         }
+        // Message bodies shared by the recovered deliveries: one `Arc` per id.
+        let mut bodies: HashMap<u64, Arc<Message>> = HashMap::new();
+        for (&id, m) in &image.messages {
+            let Ok(topic) = TopicName::try_from(m.topic.as_str()) else {
+                warn!(
+                    id,
+                    topic = m.topic,
+                    "skipping stored message with an invalid topic"
+                );
+                continue;
+            };
+            let mut msg = Message::new(
+                id,
+                topic,
+                m.payload.clone(),
+                m.qos,
+                false,
+                m.properties.clone(),
+                None,
+                now,
+            );
+            msg.expires_at = m.expires_at.map(to_instant);
+            msg.persisted.store(true, Ordering::Relaxed);
+            bodies.insert(id, Arc::new(msg));
+        }
+        let outgoing = |d: &halyard_store::StoredDelivery| {
+            bodies.get(&d.message_id).map(|msg| Outgoing {
+                msg: msg.clone(),
+                qos: d.qos,
+                retain: d.retain,
+                subscription_ids: d.subscription_ids.clone(),
+                shared: d
+                    .shared
+                    .as_deref()
+                    .and_then(|f| TopicFilter::try_from(f).ok()),
+            })
+        };
         let mut restored = 0;
         for (id, s) in image.sessions {
             let client_id: Arc<str> = id.as_str().into();
@@ -342,10 +400,31 @@ impl Inner {
                         },
                     );
                 }
+                for d in &s.queue {
+                    if let Some(out) = outgoing(d) {
+                        st.queued_bytes += out.msg.cost();
+                        st.queue.push_back(out);
+                    }
+                }
+                for f in &s.inflight {
+                    if let Some(out) = outgoing(&f.delivery) {
+                        st.inflight_seq += 1;
+                        let state = match (out.qos, f.released) {
+                            (_, true) => Awaiting::Comp,
+                            (QoS::ExactlyOnce, false) => Awaiting::Rec,
+                            _ => Awaiting::Ack,
+                        };
+                        let seq = st.inflight_seq;
+                        st.inflight
+                            .insert(f.packet_id, Inflight { out, state, seq });
+                    }
+                }
+                st.inbound_qos2.extend(s.inbound_qos2.iter().copied());
                 if let Some(w) = &s.will
                     && let Ok(topic) = TopicName::try_from(w.message.topic.as_str())
                 {
                     let msg = Message::new(
+                        self.message_id(),
                         topic,
                         w.message.payload.clone(),
                         w.message.qos,

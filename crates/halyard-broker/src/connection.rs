@@ -363,6 +363,7 @@ where
 
         let will = c.will.as_ref().map(|w| {
             Arc::new(Message::new(
+                inner.message_id(),
                 w.topic.clone(),
                 w.payload.clone(),
                 w.qos,
@@ -609,6 +610,14 @@ where
                 ));
             }
             st.inbound_qos2.insert(p.packet_id);
+            if st.persistent() {
+                // Survives a restart: a resend after a crash is still not delivered twice.
+                self.inner.store.apply(vec![Op::InboundQos2 {
+                    client_id: self.session.client_id.to_string(),
+                    packet_id: p.packet_id,
+                    held: true,
+                }]);
+            }
         }
         let invalid_payload = v5
             && p.properties.payload_format_indicator == Some(true)
@@ -618,10 +627,11 @@ where
             // [MQTT-3.3.2-4]: the sender promised UTF-8; we may refuse it.
             reason = ReasonCode::PayloadFormatInvalid;
             if p.qos == QoS::ExactlyOnce {
-                self.session.lock().inbound_qos2.remove(&p.packet_id);
+                self.release_inbound(p.packet_id);
             }
         } else {
             let msg = Arc::new(Message::new(
+                self.inner.message_id(),
                 p.topic,
                 p.payload,
                 p.qos,
@@ -670,14 +680,29 @@ where
 
     fn on_pubrec(&mut self, a: &Ack) {
         let mut st = self.session.lock();
-        let reply = match st.inflight.get_mut(&a.packet_id) {
+        let persistent = st.persistent();
+        let client_id = || self.session.client_id.to_string();
+        let packet_id = a.packet_id;
+        let reply = match st.inflight.get_mut(&packet_id) {
             Some(f) if f.state == Awaiting::Rec && a.reason.is_error() => {
                 // v5: a PUBREC with an error code ends the exchange; PUBREL is only sent for
                 // codes below 0x80 [MQTT-4.3.3-4].
-                st.inflight.remove(&a.packet_id);
+                st.inflight.remove(&packet_id);
+                if persistent {
+                    self.inner.store.apply(vec![Op::Completed {
+                        client_id: client_id(),
+                        packet_id,
+                    }]);
+                }
                 None
             }
             Some(f) if matches!(f.state, Awaiting::Rec | Awaiting::Comp) => {
+                if f.state == Awaiting::Rec && persistent {
+                    self.inner.store.apply(vec![Op::Released {
+                        client_id: client_id(),
+                        packet_id,
+                    }]);
+                }
                 f.state = Awaiting::Comp;
                 Some(ReasonCode::Success)
             }
@@ -697,8 +722,22 @@ where
         }
     }
 
+    /// Forgets an inbound QoS 2 packet id; true if it was held.
+    fn release_inbound(&self, packet_id: u16) -> bool {
+        let mut st = self.session.lock();
+        let known = st.inbound_qos2.remove(&packet_id);
+        if known && st.persistent() {
+            self.inner.store.apply(vec![Op::InboundQos2 {
+                client_id: self.session.client_id.to_string(),
+                packet_id,
+                held: false,
+            }]);
+        }
+        known
+    }
+
     fn on_pubrel(&mut self, packet_id: u16) {
-        let known = self.session.lock().inbound_qos2.remove(&packet_id);
+        let known = self.release_inbound(packet_id);
         let reason = if known || !self.version.is_v5() {
             ReasonCode::Success
         } else {
@@ -775,7 +814,7 @@ where
         }));
         let limits = self.inner.queue_limits();
         for out in retained {
-            let r = self.session.enqueue(out, limits);
+            let r = self.session.enqueue(out, limits, &*self.inner.store);
             self.inner.count_enqueue(r);
         }
     }
@@ -827,12 +866,21 @@ where
         let inner = self.inner.clone();
         let session = self.session.clone();
         let mut st = session.lock();
+        // Store ops of this fill, applied once at the end while the lock is still held.
+        let mut ops = Vec::new();
+        let cid = || session.client_id.to_string();
         while self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
             let Some(front) = st.queue.front() else { break };
             if front.msg.is_expired(now) {
                 // [MQTT-3.3.2-5]: expired before onward delivery started.
                 if let Some(o) = st.queue.pop_front() {
                     st.queued_bytes -= o.msg.cost();
+                    if st.persists(&o) {
+                        ops.push(Op::Dequeue {
+                            client_id: cid(),
+                            message_id: o.msg.id,
+                        });
+                    }
                 }
                 Stats::inc(&inner.stats.expired_messages);
                 continue;
@@ -846,6 +894,7 @@ where
                 break;
             };
             st.queued_bytes -= out.msg.cost();
+            let persists = st.persists(&out);
             let packet_id = if out.qos == QoS::AtMostOnce {
                 0
             } else {
@@ -872,6 +921,13 @@ where
                     self.alias_sent(&out.msg.topic, alias);
                     Stats::inc(&inner.stats.messages_sent);
                     if out.qos != QoS::AtMostOnce {
+                        if persists {
+                            ops.push(Op::Sent {
+                                client_id: cid(),
+                                message_id: out.msg.id,
+                                packet_id,
+                            });
+                        }
                         let state = if out.qos == QoS::AtLeastOnce {
                             Awaiting::Ack
                         } else {
@@ -886,8 +942,17 @@ where
                 Err(message::WriteError::TooLarge) => {
                     // [MQTT-3.1.2-25]: discard, acting as if it had been delivered.
                     Stats::inc(&inner.stats.dropped_too_large);
+                    if persists {
+                        ops.push(Op::Dequeue {
+                            client_id: cid(),
+                            message_id: out.msg.id,
+                        });
+                    }
                 }
             }
+        }
+        if !ops.is_empty() {
+            inner.store.apply(ops);
         }
     }
 
@@ -1113,7 +1178,7 @@ fn detach(
     // Shared-subscription messages this member had not sent go to the other members; if
     // the session ends, its unacknowledged ones too (they would be lost otherwise).
     let orphans = if still_mine {
-        st.take_shared(ends_now)
+        st.take_shared(ends_now, &session.client_id, &*inner.store)
     } else {
         Vec::new()
     };

@@ -7,6 +7,7 @@
 //! byte (DUP/QoS/RETAIN) and the packet identifier in place. Only deliveries that change the
 //! properties (subscription identifiers, a remaining expiry, a topic alias) encode afresh.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
 use halyard_codec::{
@@ -17,6 +18,10 @@ use tokio::time::Instant;
 /// One application message as routed by the broker.
 #[derive(Debug)]
 pub(crate) struct Message {
+    /// Broker-unique id; stored deliveries refer to the body by it.
+    pub(crate) id: u64,
+    /// Set once the body was written to the store (it is written at most once).
+    pub(crate) persisted: AtomicBool,
     pub(crate) topic: TopicName,
     pub(crate) payload: Bytes,
     pub(crate) qos: QoS,
@@ -32,7 +37,9 @@ pub(crate) struct Message {
 }
 
 impl Message {
+    #[allow(clippy::too_many_arguments)] // a plain constructor of a plain record
     pub(crate) fn new(
+        id: u64,
         topic: TopicName,
         payload: Bytes,
         qos: QoS,
@@ -47,6 +54,8 @@ impl Message {
             .message_expiry_interval
             .map(|s| now + std::time::Duration::from_secs(u64::from(s)));
         Message {
+            id,
+            persisted: AtomicBool::new(false),
             topic,
             payload,
             qos,

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use halyard_codec::{ProtocolVersion, QoS, ReasonCode, SubscriptionOptions, TopicFilter};
+use halyard_store::{Op, Store, StoredDelivery};
 use tokio::sync::{Notify, oneshot};
 
 use crate::message::Message;
@@ -163,10 +164,17 @@ impl Session {
         self.online.load(Ordering::Relaxed)
     }
 
-    /// Offers a message to this session, applying the queue policy (docs/broker.md):
+    /// Offers a message to this session, applying the queue policy (ARCHITECTURE.md):
     /// a full queue first evicts its oldest QoS 0 message; if it holds none, the new
     /// message is dropped. Drops are returned so the caller counts them.
-    pub(crate) fn enqueue(&self, out: Outgoing, limits: QueueLimits) -> Enqueued {
+    /// QoS 1/2 deliveries to a session that outlives its connection are recorded in `store`
+    /// (under the session lock, so the session's ops stay in order).
+    pub(crate) fn enqueue(
+        &self,
+        out: Outgoing,
+        limits: QueueLimits,
+        store: &dyn Store,
+    ) -> Enqueued {
         let cost = out.msg.cost();
         let mut st = self.lock();
         if st.ended {
@@ -194,6 +202,20 @@ impl Session {
                 return Enqueued::DroppedFull;
             }
         }
+        if st.persists(&out) {
+            let mut ops = Vec::with_capacity(2);
+            if !out.msg.persisted.swap(true, Ordering::Relaxed) {
+                ops.push(Op::MessagePut {
+                    id: out.msg.id,
+                    message: crate::broker::stored(&out.msg),
+                });
+            }
+            ops.push(Op::Enqueue {
+                client_id: self.client_id.to_string(),
+                delivery: delivery_record(&out),
+            });
+            store.apply(ops);
+        }
         st.queued_bytes += cost;
         st.queue.push_back(out);
         drop(st);
@@ -204,7 +226,29 @@ impl Session {
     }
 }
 
+/// The stored form of a delivery.
+pub(crate) fn delivery_record(out: &Outgoing) -> StoredDelivery {
+    StoredDelivery {
+        message_id: out.msg.id,
+        qos: out.qos,
+        retain: out.retain,
+        subscription_ids: out.subscription_ids.clone(),
+        shared: out.shared.as_ref().map(|f| f.as_str().to_string()),
+    }
+}
+
 impl SessionState {
+    /// Whether this delivery's state is recorded in the store: QoS 1/2 to a session that
+    /// outlives its connection. (QoS 0 carries no promise; a clean session dies with it.)
+    pub(crate) fn persists(&self, out: &Outgoing) -> bool {
+        self.expiry_interval > 0 && out.qos != QoS::AtMostOnce
+    }
+
+    /// Whether inbound QoS 2 ids and acks of this session are recorded.
+    pub(crate) fn persistent(&self) -> bool {
+        self.expiry_interval > 0
+    }
+
     /// A packet id not in flight [MQTT-2.2.1-2]. The caller keeps the in-flight count
     /// below 65,535 (it is bounded by Receive Maximum), so a free id exists.
     pub(crate) fn alloc_packet_id(&mut self) -> u16 {
@@ -219,12 +263,25 @@ impl SessionState {
 
     /// Removes the queued (not yet sent) deliveries that came through a shared
     /// subscription, and with `include_inflight` also the unacknowledged QoS 1 ones.
-    pub(crate) fn take_shared(&mut self, include_inflight: bool) -> Vec<Outgoing> {
+    pub(crate) fn take_shared(
+        &mut self,
+        include_inflight: bool,
+        client_id: &str,
+        store: &dyn Store,
+    ) -> Vec<Outgoing> {
         let mut taken = Vec::new();
+        let mut ops = Vec::new();
         let mut kept = VecDeque::with_capacity(self.queue.len());
-        for o in self.queue.drain(..) {
+        let queue = std::mem::take(&mut self.queue);
+        for o in queue {
             if o.shared.is_some() {
                 self.queued_bytes -= o.msg.cost();
+                if self.persists(&o) {
+                    ops.push(Op::Dequeue {
+                        client_id: client_id.to_string(),
+                        message_id: o.msg.id,
+                    });
+                }
                 taken.push(o);
             } else {
                 kept.push_back(o);
@@ -242,9 +299,18 @@ impl SessionState {
                 .collect();
             for id in ids {
                 if let Some(f) = self.inflight.remove(&id) {
+                    if self.persists(&f.out) {
+                        ops.push(Op::Completed {
+                            client_id: client_id.to_string(),
+                            packet_id: id,
+                        });
+                    }
                     taken.push(f.out);
                 }
             }
+        }
+        if !ops.is_empty() {
+            store.apply(ops);
         }
         taken
     }

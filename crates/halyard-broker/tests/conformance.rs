@@ -1236,3 +1236,66 @@ async fn shared_messages_of_a_departing_member_go_to_another_member_4_8_2() {
         "b had {first_b}; everything reached a"
     );
 }
+
+#[tokio::test]
+async fn queued_inflight_and_inbound_qos2_survive_a_restart_mqtt_4_3_3_and_4_4_0_1() {
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let tb = TestBroker::with_store(BrokerConfig::default(), store.clone()).await;
+    let pers = |id: &str| {
+        connect_with(V5, id, false, |c| {
+            c.properties.session_expiry_interval = Some(600)
+        })
+    };
+    let mut s = tb.raw().await;
+    handshake(&mut s, pers("rs-sub")).await;
+    sub(&mut s, "rs/#", QoS::ExactlyOnce).await;
+    let mut p = tb.raw().await;
+    handshake(&mut p, pers("rs-pub")).await;
+    p.send(&publish("rs/1", QoS::AtLeastOnce, 1, b"m1")).await;
+    p.recv().await;
+    p.send(&publish("rs/2", QoS::ExactlyOnce, 2, b"m2")).await;
+    p.recv().await;
+    p.send(&Packet::PubRel(Ack::new(2))).await;
+    p.recv().await;
+    let m1 = recv_publish(&mut s).await; // not acknowledged
+    let m2 = recv_publish(&mut s).await;
+    s.send(&Packet::PubRec(Ack::new(m2.packet_id))).await; // released, no PUBCOMP
+    assert!(matches!(s.recv().await, Packet::PubRel(_)));
+    drop(s);
+    // The publisher leaves a QoS 2 message half done: PUBREC received, no PUBREL yet.
+    p.send(&publish("rs/3", QoS::ExactlyOnce, 9, b"m3")).await;
+    assert!(matches!(p.recv().await, Packet::PubRec(a) if a.packet_id == 9));
+    drop(p);
+    let mut q = tb.raw().await;
+    online(&mut q, V5, "rs-other", true).await;
+    q.send(&publish("rs/4", QoS::AtLeastOnce, 1, b"m4")).await; // queued for the offline sub
+    q.recv().await;
+    tb.broker.shutdown().await;
+
+    let tb = TestBroker::with_store(BrokerConfig::default(), store).await;
+    let mut s = tb.raw().await;
+    assert!(handshake(&mut s, pers("rs-sub")).await.session_present);
+    // In-flight first, in order: m1 again with DUP, PUBREL for m2; then the queue: m3, m4.
+    let again = recv_publish(&mut s).await;
+    assert!(again.dup && again.packet_id == m1.packet_id && &again.payload[..] == b"m1");
+    assert!(matches!(s.recv().await, Packet::PubRel(a) if a.packet_id == m2.packet_id));
+    let m3 = recv_publish(&mut s).await;
+    assert_eq!(&m3.payload[..], b"m3");
+    let m4 = recv_publish(&mut s).await;
+    assert_eq!(&m4.payload[..], b"m4");
+    // The publisher resends its half-done QoS 2 message: acknowledged, not delivered again.
+    let mut p = tb.raw().await;
+    assert!(handshake(&mut p, pers("rs-pub")).await.session_present);
+    p.send(&Packet::Publish(Publish {
+        dup: true,
+        ..match publish("rs/3", QoS::ExactlyOnce, 9, b"m3") {
+            Packet::Publish(x) => x,
+            _ => unreachable!(),
+        }
+    }))
+    .await;
+    assert!(matches!(p.recv().await, Packet::PubRec(a) if a.packet_id == 9));
+    p.send(&Packet::PubRel(Ack::new(9))).await;
+    assert!(matches!(p.recv().await, Packet::PubComp(a) if a.reason == ReasonCode::Success));
+    s.expect_silence(SHORT).await;
+}

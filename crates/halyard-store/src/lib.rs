@@ -10,7 +10,7 @@
 //! in-process. It survives only as long as the process.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -53,6 +53,32 @@ pub struct SubscriptionRecord {
     pub options: SubscriptionOptions,
     /// Subscription identifier (v5).
     pub identifier: Option<u32>,
+}
+
+/// One delivery of a stored message to a session: what the session will send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDelivery {
+    /// The message (see [`Op::MessagePut`]).
+    pub message_id: u64,
+    /// Granted QoS for this delivery.
+    pub qos: QoS,
+    /// RETAIN flag to send.
+    pub retain: bool,
+    /// Subscription identifiers to send.
+    pub subscription_ids: Vec<u32>,
+    /// The shared subscription (`$share/...`) this copy was chosen for.
+    pub shared: Option<String>,
+}
+
+/// A delivery sent and not yet completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredInflight {
+    /// Packet identifier it was sent with.
+    pub packet_id: u16,
+    /// The delivery.
+    pub delivery: StoredDelivery,
+    /// PUBREC received (QoS 2): waiting for PUBCOMP; PUBREL is resent on reconnect.
+    pub released: bool,
 }
 
 /// A will waiting for its delay to pass (or for its session to end).
@@ -104,6 +130,61 @@ pub enum Op {
         /// The will, or `None` once it was published or cancelled.
         will: Option<PendingWill>,
     },
+    /// A message body that deliveries refer to by id (written once per message).
+    MessagePut {
+        /// Broker-unique message id.
+        id: u64,
+        /// The message.
+        message: StoredMessage,
+    },
+    /// A delivery appended to a session's queue.
+    Enqueue {
+        /// Client identifier.
+        client_id: String,
+        /// The delivery.
+        delivery: StoredDelivery,
+    },
+    /// A queued delivery removed without being in flight (QoS 0 sent, dropped, expired,
+    /// or handed to another shared-group member).
+    Dequeue {
+        /// Client identifier.
+        client_id: String,
+        /// The message id of the delivery.
+        message_id: u64,
+    },
+    /// The head delivery with this message id moved from the queue to in flight.
+    Sent {
+        /// Client identifier.
+        client_id: String,
+        /// The message id of the delivery.
+        message_id: u64,
+        /// Packet identifier it was sent with.
+        packet_id: u16,
+    },
+    /// PUBREC received for an in-flight QoS 2 delivery.
+    Released {
+        /// Client identifier.
+        client_id: String,
+        /// Packet identifier.
+        packet_id: u16,
+    },
+    /// An in-flight delivery completed (PUBACK, PUBCOMP, or PUBREC with an error).
+    Completed {
+        /// Client identifier.
+        client_id: String,
+        /// Packet identifier.
+        packet_id: u16,
+    },
+    /// A QoS 2 packet id received from the client, held until PUBREL (`held = true`), or
+    /// released (`held = false`).
+    InboundQos2 {
+        /// Client identifier.
+        client_id: String,
+        /// Packet identifier.
+        packet_id: u16,
+        /// Whether it is now held.
+        held: bool,
+    },
 }
 
 /// A session with everything it owns, as recovered.
@@ -115,6 +196,12 @@ pub struct RecoveredSession {
     pub subscriptions: BTreeMap<String, SubscriptionRecord>,
     /// Its pending will, if any.
     pub will: Option<PendingWill>,
+    /// Queued deliveries, oldest first.
+    pub queue: Vec<StoredDelivery>,
+    /// In-flight deliveries, in the order they were sent.
+    pub inflight: Vec<StoredInflight>,
+    /// QoS 2 packet ids received and not yet released.
+    pub inbound_qos2: Vec<u16>,
 }
 
 /// Everything a broker rebuilds on start.
@@ -124,9 +211,32 @@ pub struct Recovered {
     pub sessions: BTreeMap<String, RecoveredSession>,
     /// Retained messages by topic.
     pub retained: BTreeMap<String, StoredMessage>,
+    /// Message bodies referred to by queued or in-flight deliveries, by id.
+    pub messages: BTreeMap<u64, StoredMessage>,
+}
+
+impl Recovered {
+    /// Drops message bodies no delivery refers to any more.
+    pub fn collect_garbage(&mut self) {
+        let live: HashSet<u64> = self
+            .sessions
+            .values()
+            .flat_map(|s| {
+                s.queue
+                    .iter()
+                    .map(|d| d.message_id)
+                    .chain(s.inflight.iter().map(|f| f.delivery.message_id))
+            })
+            .collect();
+        self.messages.retain(|id, _| live.contains(id));
+    }
 }
 
 /// The durability contract. Implementations must be cheap to call from many tasks at once.
+///
+/// Ordering: ops about one session are applied by the broker while it holds that session's
+/// lock, so they reach the store in the order they happened. The store's own lock (if any)
+/// is therefore always the innermost lock.
 pub trait Store: Send + Sync + 'static {
     /// Records a batch of changes, in order.
     fn apply(&self, ops: Vec<Op>);
@@ -171,6 +281,9 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
                     record,
                     subscriptions: BTreeMap::new(),
                     will: None,
+                    queue: Vec::new(),
+                    inflight: Vec::new(),
+                    inbound_qos2: Vec::new(),
                 });
         }
         Op::SessionDelete { client_id } => {
@@ -201,6 +314,76 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
                 s.will = will;
             }
         }
+        Op::MessagePut { id, message } => {
+            image.messages.insert(id, message);
+        }
+        Op::Enqueue {
+            client_id,
+            delivery,
+        } => {
+            if let Some(s) = image.sessions.get_mut(&client_id)
+                && !s.queue.iter().any(|d| d.message_id == delivery.message_id)
+            {
+                s.queue.push(delivery);
+            }
+        }
+        Op::Dequeue {
+            client_id,
+            message_id,
+        } => {
+            if let Some(s) = image.sessions.get_mut(&client_id) {
+                s.queue.retain(|d| d.message_id != message_id);
+            }
+        }
+        Op::Sent {
+            client_id,
+            message_id,
+            packet_id,
+        } => {
+            if let Some(s) = image.sessions.get_mut(&client_id)
+                && let Some(i) = s.queue.iter().position(|d| d.message_id == message_id)
+            {
+                let delivery = s.queue.remove(i);
+                s.inflight.retain(|f| f.packet_id != packet_id);
+                s.inflight.push(StoredInflight {
+                    packet_id,
+                    delivery,
+                    released: false,
+                });
+            }
+        }
+        Op::Released {
+            client_id,
+            packet_id,
+        } => {
+            if let Some(f) = image
+                .sessions
+                .get_mut(&client_id)
+                .and_then(|s| s.inflight.iter_mut().find(|f| f.packet_id == packet_id))
+            {
+                f.released = true;
+            }
+        }
+        Op::Completed {
+            client_id,
+            packet_id,
+        } => {
+            if let Some(s) = image.sessions.get_mut(&client_id) {
+                s.inflight.retain(|f| f.packet_id != packet_id);
+            }
+        }
+        Op::InboundQos2 {
+            client_id,
+            packet_id,
+            held,
+        } => {
+            if let Some(s) = image.sessions.get_mut(&client_id) {
+                s.inbound_qos2.retain(|&p| p != packet_id);
+                if held {
+                    s.inbound_qos2.push(packet_id);
+                }
+            }
+        }
     }
 }
 
@@ -214,7 +397,9 @@ impl Store for MemoryStore {
         }
     }
     fn recover(&self) -> Recovered {
-        self.image.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut image = self.image.lock().unwrap_or_else(|e| e.into_inner());
+        image.collect_garbage();
+        image.clone()
     }
 }
 
@@ -227,6 +412,12 @@ pub fn summarize(r: &Recovered) -> HashMap<&'static str, usize> {
             r.sessions.values().map(|s| s.subscriptions.len()).sum(),
         ),
         ("retained", r.retained.len()),
+        ("queued", r.sessions.values().map(|s| s.queue.len()).sum()),
+        (
+            "inflight",
+            r.sessions.values().map(|s| s.inflight.len()).sum(),
+        ),
+        ("messages", r.messages.len()),
     ])
 }
 
@@ -261,5 +452,82 @@ mod tests {
             client_id: "a".into(),
         }]);
         assert!(s.recover().sessions.is_empty());
+    }
+
+    #[test]
+    fn queue_and_inflight_follow_the_delivery_lifecycle() {
+        let s = MemoryStore::new();
+        let msg = StoredMessage {
+            topic: "t".into(),
+            payload: Bytes::from_static(b"p"),
+            qos: QoS::ExactlyOnce,
+            properties: PublishProperties::default(),
+            expires_at: None,
+        };
+        let d = |id| StoredDelivery {
+            message_id: id,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            subscription_ids: vec![],
+            shared: None,
+        };
+        let c = || "a".to_string();
+        s.apply(vec![
+            session("a"),
+            Op::MessagePut {
+                id: 1,
+                message: msg.clone(),
+            },
+            Op::MessagePut {
+                id: 2,
+                message: msg,
+            },
+            Op::Enqueue {
+                client_id: c(),
+                delivery: d(1),
+            },
+            Op::Enqueue {
+                client_id: c(),
+                delivery: d(2),
+            },
+            Op::Sent {
+                client_id: c(),
+                message_id: 1,
+                packet_id: 7,
+            },
+            Op::Released {
+                client_id: c(),
+                packet_id: 7,
+            },
+            Op::InboundQos2 {
+                client_id: c(),
+                packet_id: 9,
+                held: true,
+            },
+        ]);
+        let r = s.recover();
+        let a = &r.sessions["a"];
+        assert_eq!(a.queue, vec![d(2)]);
+        assert_eq!(a.inflight.len(), 1);
+        assert!(a.inflight[0].released && a.inflight[0].packet_id == 7);
+        assert_eq!(a.inbound_qos2, vec![9]);
+        s.apply(vec![
+            Op::Completed {
+                client_id: c(),
+                packet_id: 7,
+            },
+            Op::Dequeue {
+                client_id: c(),
+                message_id: 2,
+            },
+            Op::InboundQos2 {
+                client_id: c(),
+                packet_id: 9,
+                held: false,
+            },
+        ]);
+        let r = s.recover();
+        assert!(r.sessions["a"].queue.is_empty() && r.sessions["a"].inflight.is_empty());
+        assert!(r.messages.is_empty(), "unreferenced bodies are collected");
     }
 }
