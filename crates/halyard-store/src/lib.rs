@@ -11,6 +11,11 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+pub mod log;
+pub mod record;
+
+pub use log::{LogConfig, LogStore, RecoveryReport, SyncMode};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -238,10 +243,18 @@ impl Recovered {
 /// lock, so they reach the store in the order they happened. The store's own lock (if any)
 /// is therefore always the innermost lock.
 pub trait Store: Send + Sync + 'static {
-    /// Records a batch of changes, in order.
-    fn apply(&self, ops: Vec<Op>);
+    /// Records a batch of changes, in order, and returns a ticket: the batch is durable once
+    /// [`Store::durable`] reports a value at or above it. 0 means "durable already".
+    fn apply(&self, ops: Vec<Op>) -> u64;
     /// The state to rebuild on start.
     fn recover(&self) -> Recovered;
+    /// The highest durable ticket, as it advances; `None` when every `apply` is durable on
+    /// return (or never waited for, as with `SyncMode::Interval`).
+    fn durable(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+    /// Makes everything applied so far durable and stops background work (shutdown).
+    fn flush(&self) {}
 }
 
 /// Keeps no state at all (`persistence = "off"` with nothing to recover).
@@ -249,7 +262,9 @@ pub trait Store: Send + Sync + 'static {
 pub struct NullStore;
 
 impl Store for NullStore {
-    fn apply(&self, _ops: Vec<Op>) {}
+    fn apply(&self, _ops: Vec<Op>) -> u64 {
+        0
+    }
     fn recover(&self) -> Recovered {
         Recovered::default()
     }
@@ -321,9 +336,7 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
             client_id,
             delivery,
         } => {
-            if let Some(s) = image.sessions.get_mut(&client_id)
-                && !s.queue.iter().any(|d| d.message_id == delivery.message_id)
-            {
+            if let Some(s) = image.sessions.get_mut(&client_id) {
                 s.queue.push(delivery);
             }
         }
@@ -331,8 +344,12 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
             client_id,
             message_id,
         } => {
-            if let Some(s) = image.sessions.get_mut(&client_id) {
-                s.queue.retain(|d| d.message_id != message_id);
+            // One delivery: a session can hold two copies of one message (a shared and a
+            // non-shared subscription matching it).
+            if let Some(s) = image.sessions.get_mut(&client_id)
+                && let Some(i) = s.queue.iter().position(|d| d.message_id == message_id)
+            {
+                s.queue.remove(i);
             }
         }
         Op::Sent {
@@ -388,13 +405,14 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
 }
 
 impl Store for MemoryStore {
-    fn apply(&self, ops: Vec<Op>) {
+    fn apply(&self, ops: Vec<Op>) -> u64 {
         // Poisoning only happens if a panic interrupted an update; the image is still a
         // consistent set of maps, so keep going rather than take the broker down.
         let mut image = self.image.lock().unwrap_or_else(|e| e.into_inner());
         for op in ops {
             apply_op(&mut image, op);
         }
+        0
     }
     fn recover(&self) -> Recovered {
         let mut image = self.image.lock().unwrap_or_else(|e| e.into_inner());
