@@ -34,6 +34,41 @@ pub(crate) struct Config {
     pub(crate) max_session_expiry_interval: u32,
     pub(crate) shared_subscriptions: bool,
     pub(crate) shutdown_timeout: u64,
+    pub(crate) persistence: Persistence,
+}
+
+/// The `[persistence]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Persistence {
+    pub(crate) sync: String,
+    pub(crate) interval_ms: u64,
+    pub(crate) compact_min_bytes: u64,
+}
+
+impl Default for Persistence {
+    fn default() -> Self {
+        Persistence {
+            sync: "batch".into(),
+            interval_ms: 1000,
+            compact_min_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Persistence {
+    /// The store's sync mode; `None` for "off".
+    pub(crate) fn mode(&self) -> Option<halyard_store::SyncMode> {
+        use halyard_store::SyncMode;
+        match self.sync.as_str() {
+            "always" => Some(SyncMode::Always),
+            "interval" => Some(SyncMode::Interval(Duration::from_millis(
+                self.interval_ms.max(1),
+            ))),
+            "off" => None,
+            _ => Some(SyncMode::Batch),
+        }
+    }
 }
 
 impl Default for Config {
@@ -60,6 +95,7 @@ impl Default for Config {
             max_session_expiry_interval: b.max_session_expiry_interval,
             shared_subscriptions: b.shared_subscriptions,
             shutdown_timeout: b.shutdown_timeout.as_secs(),
+            persistence: Persistence::default(),
         }
     }
 }
@@ -124,6 +160,9 @@ impl Config {
             if let Err(why) = crate::listen::parse(url) {
                 return bad("listen", &why);
             }
+        }
+        if !["always", "batch", "interval", "off"].contains(&self.persistence.sync.as_str()) {
+            return bad("sync", "must be always, batch, interval or off");
         }
         if !["error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
             return bad("log_level", "must be error, warn, info, debug or trace");
@@ -195,5 +234,10 @@ mod tests {
         );
         let e = Config::parse("listen = [\"udp://x:1\"]\n", "h.toml").unwrap_err();
         assert!(e.0.contains("key `listen`"), "{}", e.0);
+        let e = Config::parse("[persistence]\nsync = \"sometimes\"\n", "h.toml").unwrap_err();
+        assert_eq!(
+            e.0,
+            "h.toml:2: key `sync`: must be always, batch, interval or off"
+        );
     }
 }

@@ -9,6 +9,7 @@ use tracing::{error, info};
 
 mod config;
 mod listen;
+mod store_cmd;
 
 use config::{Config, DEFAULT_TOML};
 
@@ -35,6 +36,11 @@ enum Command {
         /// Print the default configuration, every key documented, and exit.
         #[arg(long)]
         print_default_config: bool,
+    },
+    /// Inspect the broker's store (run while the broker is stopped).
+    Store {
+        #[command(subcommand)]
+        command: store_cmd::StoreCommand,
     },
 }
 
@@ -75,6 +81,7 @@ fn main() -> ExitCode {
             }
             serve(cfg)
         }
+        Command::Store { command } => store_cmd::run(&command),
     }
 }
 
@@ -112,7 +119,34 @@ async fn run(cfg: Config) -> ExitCode {
         error!(data_dir = %cfg.data_dir, error = %e, "cannot create the data directory");
         return ExitCode::FAILURE;
     }
-    let store = Arc::new(halyard_store::MemoryStore::new());
+    let store: Arc<dyn halyard_store::Store> = match cfg.persistence.mode() {
+        None => {
+            info!("persistence is off: state is kept in memory only");
+            Arc::new(halyard_store::MemoryStore::new())
+        }
+        Some(sync) => {
+            let mut lc = halyard_store::LogConfig::new(PathBuf::from(&cfg.data_dir).join("store"));
+            lc.sync = sync;
+            lc.compact_min_bytes = cfg.persistence.compact_min_bytes;
+            match halyard_store::LogStore::open(lc) {
+                Ok(s) => {
+                    if let Some((at, why)) = &s.report().bad_tail {
+                        tracing::warn!(
+                            offset = at,
+                            why,
+                            discarded_bytes = s.report().bytes_discarded,
+                            "store recovery cut off a damaged log tail"
+                        );
+                    }
+                    Arc::new(s)
+                }
+                Err(e) => {
+                    error!(data_dir = %cfg.data_dir, error = %e, "cannot open the store");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     let broker = halyard_broker::Broker::new(cfg.broker(), store);
     let mut listeners = Vec::new();
     for url in &cfg.listen {
@@ -142,7 +176,8 @@ async fn run(cfg: Config) -> ExitCode {
     info!(
         version = env!("CARGO_PKG_VERSION"),
         data_dir = %cfg.data_dir,
-        "halyard started (state is kept in memory in this version)"
+        sync = %cfg.persistence.sync,
+        "halyard started"
     );
     wait_for_signal().await;
     info!("signal received: shutting down gracefully (a second signal exits at once)");

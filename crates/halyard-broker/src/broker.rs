@@ -131,6 +131,9 @@ impl Broker {
         if !drained {
             warn!("shutdown deadline passed with connections still open");
         }
+        // Make everything applied durable and stop the store's writer.
+        let store = self.inner.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
         drained
     }
 
@@ -172,8 +175,10 @@ impl Inner {
     }
 
     /// Routes one message: retains it if asked, then queues a delivery to every matching
-    /// session. Runs on the publisher's task. Returns how many sessions matched.
-    pub(crate) fn publish(&self, msg: &Arc<Message>, scratch: &mut Vec<Match>) -> usize {
+    /// session. Runs on the publisher's task. Returns how many sessions matched and the
+    /// store ticket that must be durable before the publisher is acknowledged.
+    pub(crate) fn publish(&self, msg: &Arc<Message>, scratch: &mut Vec<Match>) -> (usize, u64) {
+        let mut ticket = 0;
         if msg.retain && self.cfg.retain_available {
             self.retained.set(msg);
             let op = if msg.payload.is_empty() {
@@ -183,7 +188,7 @@ impl Inner {
             } else {
                 Op::RetainSet(stored(msg))
             };
-            self.store.apply(vec![op]);
+            ticket = self.store.apply(vec![op]);
         }
         self.subs
             .matches(msg.topic.as_str(), msg.origin.as_deref(), scratch);
@@ -199,9 +204,11 @@ impl Inner {
                 shared: m.shared,
                 msg: msg.clone(),
             };
-            self.count_enqueue(m.session.enqueue(out, limits, &*self.store));
+            let (r, t) = m.session.enqueue(out, limits, &*self.store);
+            self.count_enqueue(r);
+            ticket = ticket.max(t);
         }
-        matched
+        (matched, ticket)
     }
 
     /// Hands deliveries a departing shared-group member did not send to other members of
@@ -226,7 +233,7 @@ impl Inner {
                 ),
                 None => leaving.enqueue(out, limits, &*self.store),
             };
-            self.count_enqueue(r);
+            self.count_enqueue(r.0);
         }
     }
 
@@ -246,10 +253,15 @@ impl Inner {
         self.publish(msg, &mut Vec::new());
     }
 
+    /// The highest ticket the store has made durable (`u64::MAX` when it does not track).
+    pub(crate) fn durable_now(&self, rx: Option<&tokio::sync::watch::Receiver<u64>>) -> u64 {
+        rx.map_or(u64::MAX, |r| *r.borrow())
+    }
+
     /// Discards a session: its subscriptions, queue and pending will (published now, as the
     /// session's end comes before its delay [MQTT-3.1.3-9]).
     pub(crate) fn end_session(&self, session: &Arc<Session>) {
-        let (subs, will) = {
+        let (subs, will, stored) = {
             let mut st = session.lock();
             if st.ended {
                 return;
@@ -257,7 +269,7 @@ impl Inner {
             st.ended = true;
             st.clear_messages();
             let subs: Vec<Subscription> = st.subscriptions.drain().map(|(_, s)| s).collect();
-            (subs, st.pending_will.take())
+            (subs, st.pending_will.take(), st.stored)
         };
         {
             let mut reg = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -271,35 +283,46 @@ impl Inner {
         for s in &subs {
             self.subs.unsubscribe(&s.filter, session);
         }
-        self.store.apply(vec![Op::SessionDelete {
-            client_id: session.client_id.to_string(),
-        }]);
+        if stored {
+            self.store.apply(vec![Op::SessionDelete {
+                client_id: session.client_id.to_string(),
+            }]);
+        }
         if let Some(w) = will {
             self.publish_will(&session.client_id, &w.msg);
         }
     }
 
-    pub(crate) fn persist_session(&self, session: &Session, connected: bool) {
-        let st = session.lock();
+    /// Records the session header if the session outlives its connection (clean sessions
+    /// are never written). Under the session lock, to keep its ops in order.
+    pub(crate) fn persist_session(&self, session: &Session, connected: bool) -> u64 {
+        let mut st = session.lock();
+        if st.expiry_interval == 0 || st.ended {
+            return 0;
+        }
+        st.stored = true;
         let rec = SessionRecord {
             client_id: session.client_id.to_string(),
             protocol: st.protocol,
             expiry_interval: st.expiry_interval,
             disconnected_at: (!connected).then(SystemTime::now),
         };
-        drop(st);
-        self.store.apply(vec![Op::SessionUpsert(rec)]);
+        self.store.apply(vec![Op::SessionUpsert(rec)])
     }
 
-    pub(crate) fn persist_subscription(&self, client_id: &str, sub: &Subscription) {
+    pub(crate) fn persist_subscription(&self, session: &Session, sub: &Subscription) -> u64 {
+        let st = session.lock();
+        if !st.stored {
+            return 0;
+        }
         self.store.apply(vec![Op::Subscribe {
-            client_id: client_id.to_string(),
+            client_id: session.client_id.to_string(),
             subscription: SubscriptionRecord {
                 filter: sub.filter.to_string(),
                 options: sub.options,
                 identifier: sub.id,
             },
-        }]);
+        }])
     }
 
     /// Rebuilds sessions, subscriptions, pending wills and retained messages from the store.
@@ -385,6 +408,7 @@ impl Inner {
             ));
             {
                 let mut st = session.lock();
+                st.stored = true;
                 for (filter, rec) in &s.subscriptions {
                     let Ok(f) = TopicFilter::try_from(filter.as_str()) else {
                         continue;

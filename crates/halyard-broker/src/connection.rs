@@ -8,7 +8,7 @@
 //! cancel-safe, so one `select!` serves both directions without a second task: a client
 //! that stops reading never blocks our reading of its acks, and vice versa.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -183,6 +183,11 @@ struct Connection<S> {
     /// Session expiry requested in CONNECT (a DISCONNECT may not raise it from 0).
     connect_expiry: u32,
     scratch: Vec<Match>,
+    /// The store's durable ticket (None: every change is durable at once).
+    durable: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Acknowledgements waiting until their store ticket is durable, in the order they
+    /// must be sent [MQTT-4.6.0-2] (PUBACK/PUBREC/PUBCOMP in the order of the packets).
+    pending_acks: VecDeque<(u64, Packet)>,
 }
 
 impl<S> Connection<S>
@@ -407,6 +412,8 @@ where
             will_delay: c.will.as_ref().and_then(|w| w.delay_interval).unwrap_or(0),
             connect_expiry: requested_expiry,
             scratch: Vec::new(),
+            durable: inner.store.durable(),
+            pending_acks: VecDeque::new(),
             inner,
         };
         if present {
@@ -470,6 +477,16 @@ where
                         }
                     }
                 }
+                r = async { self.durable.as_mut().expect("guarded").changed().await },
+                    if self.durable.is_some() && !self.pending_acks.is_empty() => {
+                    if r.is_err() {
+                        // The store stopped (shutdown): nothing more becomes durable.
+                        self.durable = None;
+                        self.pending_acks.clear();
+                    } else {
+                        self.release_acks();
+                    }
+                }
                 _ = self.session.wake.notified(), if can_fill => {}
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     return End::Server(ReasonCode::KeepAliveTimeout, "keep alive timeout [MQTT-3.1.2-22]");
@@ -504,6 +521,29 @@ where
     fn send(&mut self, p: &Packet) {
         // Our own packets are valid by construction and well under the size limits.
         let _ = p.encode(self.version, &mut self.wbuf);
+    }
+
+    /// Sends an acknowledgement once the store has made `ticket` durable: the client must
+    /// not hear "received" for something a crash could lose. Acknowledgements stay in order.
+    fn ack(&mut self, ticket: u64, p: Packet) {
+        if self.pending_acks.is_empty() && ticket <= self.inner.durable_now(self.durable.as_ref()) {
+            self.send(&p);
+        } else {
+            self.pending_acks.push_back((ticket, p));
+        }
+    }
+
+    fn release_acks(&mut self) {
+        let durable = self.inner.durable_now(self.durable.as_ref());
+        while self
+            .pending_acks
+            .front()
+            .is_some_and(|(t, _)| *t <= durable)
+        {
+            if let Some((_, p)) = self.pending_acks.pop_front() {
+                self.send(&p);
+            }
+        }
     }
 
     fn handle(&mut self, p: Packet) -> Result<(), End> {
@@ -592,13 +632,14 @@ where
             ));
         }
         Stats::inc(&self.inner.stats.messages_received);
+        let mut ticket = 0;
         if p.qos == QoS::ExactlyOnce {
             let mut st = self.session.lock();
             if st.inbound_qos2.contains(&p.packet_id) {
                 // A resend of a message already received: acknowledge, do not deliver again
                 // [MQTT-4.3.3-10].
                 drop(st);
-                self.send(&Packet::PubRec(Ack::new(p.packet_id)));
+                self.ack(0, Packet::PubRec(Ack::new(p.packet_id)));
                 return Ok(());
             }
             if st.inbound_qos2.len() >= usize::from(cfg.max_inflight_messages.max(1)) {
@@ -612,7 +653,7 @@ where
             st.inbound_qos2.insert(p.packet_id);
             if st.persistent() {
                 // Survives a restart: a resend after a crash is still not delivered twice.
-                self.inner.store.apply(vec![Op::InboundQos2 {
+                ticket = self.inner.store.apply(vec![Op::InboundQos2 {
                     client_id: self.session.client_id.to_string(),
                     packet_id: p.packet_id,
                     held: true,
@@ -640,7 +681,8 @@ where
                 Some(self.session.client_id.clone()),
                 Instant::now(),
             ));
-            let matched = self.inner.publish(&msg, &mut self.scratch);
+            let (matched, t) = self.inner.publish(&msg, &mut self.scratch);
+            ticket = ticket.max(t);
             if v5 && matched == 0 {
                 reason = ReasonCode::NoMatchingSubscribers;
             }
@@ -659,8 +701,8 @@ where
                     ));
                 }
             }
-            QoS::AtLeastOnce => self.send(&Packet::PubAck(ack)),
-            QoS::ExactlyOnce => self.send(&Packet::PubRec(ack)),
+            QoS::AtLeastOnce => self.ack(ticket, Packet::PubAck(ack)),
+            QoS::ExactlyOnce => self.ack(ticket, Packet::PubRec(ack)),
         }
         Ok(())
     }
@@ -722,31 +764,37 @@ where
         }
     }
 
-    /// Forgets an inbound QoS 2 packet id; true if it was held.
-    fn release_inbound(&self, packet_id: u16) -> bool {
+    /// Forgets an inbound QoS 2 packet id: whether it was held, and the store ticket.
+    fn release_inbound(&self, packet_id: u16) -> (bool, u64) {
         let mut st = self.session.lock();
         let known = st.inbound_qos2.remove(&packet_id);
+        let mut ticket = 0;
         if known && st.persistent() {
-            self.inner.store.apply(vec![Op::InboundQos2 {
+            // PUBCOMP waits for this: after a crash the id must not still look held, or the
+            // client's next message with that id would be taken for a resend and lost.
+            ticket = self.inner.store.apply(vec![Op::InboundQos2 {
                 client_id: self.session.client_id.to_string(),
                 packet_id,
                 held: false,
             }]);
         }
-        known
+        (known, ticket)
     }
 
     fn on_pubrel(&mut self, packet_id: u16) {
-        let known = self.release_inbound(packet_id);
+        let (known, ticket) = self.release_inbound(packet_id);
         let reason = if known || !self.version.is_v5() {
             ReasonCode::Success
         } else {
             ReasonCode::PacketIdentifierNotFound
         };
-        self.send(&Packet::PubComp(Ack {
-            reason,
-            ..Ack::new(packet_id)
-        }));
+        self.ack(
+            ticket,
+            Packet::PubComp(Ack {
+                reason,
+                ..Ack::new(packet_id)
+            }),
+        );
     }
 
     fn on_subscribe(&mut self, s: Subscribe) {
@@ -756,6 +804,7 @@ where
         let id = s.properties.subscription_identifier;
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
+        let mut ticket = 0;
         for (filter, opts) in s.filters {
             if filter.is_shared() && !cfg.shared_subscriptions {
                 reasons.push(ReasonCode::SharedSubscriptionsNotSupported);
@@ -777,8 +826,7 @@ where
             self.inner
                 .subs
                 .subscribe(&filter, &self.session, options, id);
-            self.inner
-                .persist_subscription(&self.session.client_id, &sub);
+            ticket = ticket.max(self.inner.persist_subscription(&self.session, &sub));
             reasons.push(match qos {
                 QoS::AtMostOnce => ReasonCode::GRANTED_QOS0,
                 QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
@@ -807,45 +855,52 @@ where
             }
         }
         let _ = v5;
-        self.send(&Packet::SubAck(SubAck {
-            packet_id: s.packet_id,
-            reasons,
-            properties: AckProperties::default(),
-        }));
+        // SUBACK for a persistent session only once the subscription is durable.
+        self.ack(
+            ticket,
+            Packet::SubAck(SubAck {
+                packet_id: s.packet_id,
+                reasons,
+                properties: AckProperties::default(),
+            }),
+        );
         let limits = self.inner.queue_limits();
         for out in retained {
-            let r = self.session.enqueue(out, limits, &*self.inner.store);
+            let (r, _) = self.session.enqueue(out, limits, &*self.inner.store);
             self.inner.count_enqueue(r);
         }
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe) {
         let mut reasons = Vec::with_capacity(u.filters.len());
+        let mut ticket = 0;
         for filter in u.filters {
-            let existed = self
-                .session
-                .lock()
-                .subscriptions
-                .remove(filter.as_str())
-                .is_some();
+            let existed = {
+                let mut st = self.session.lock();
+                let existed = st.subscriptions.remove(filter.as_str()).is_some();
+                if existed && st.stored {
+                    ticket = self.inner.store.apply(vec![Op::Unsubscribe {
+                        client_id: self.session.client_id.to_string(),
+                        filter: filter.to_string(),
+                    }]);
+                }
+                existed
+            };
             self.inner.subs.unsubscribe(&filter, &self.session);
-            if existed {
-                self.inner.store.apply(vec![Op::Unsubscribe {
-                    client_id: self.session.client_id.to_string(),
-                    filter: filter.to_string(),
-                }]);
-            }
             reasons.push(if existed {
                 ReasonCode::Success
             } else {
                 ReasonCode::NoSubscriptionExisted
             });
         }
-        self.send(&Packet::UnsubAck(UnsubAck {
-            packet_id: u.packet_id,
-            reasons,
-            properties: AckProperties::default(),
-        }));
+        self.ack(
+            ticket,
+            Packet::UnsubAck(UnsubAck {
+                packet_id: u.packet_id,
+                reasons,
+                properties: AckProperties::default(),
+            }),
+        );
     }
 
     fn on_disconnect(&mut self, d: &Disconnect) -> Result<(), End> {

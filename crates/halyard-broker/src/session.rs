@@ -91,6 +91,8 @@ pub(crate) struct SessionState {
     pub(crate) pending_will: Option<PendingWill>,
     /// Set once the session is discarded; publishers then stop queueing to it.
     pub(crate) ended: bool,
+    /// Whether the store holds this session (so its end must be recorded too).
+    pub(crate) stored: bool,
 }
 
 /// Limits applied when queueing.
@@ -148,6 +150,7 @@ impl Session {
                 expiry_interval,
                 pending_will: None,
                 ended: false,
+                stored: false,
             }),
             wake: Notify::new(),
             online: AtomicBool::new(false),
@@ -168,21 +171,22 @@ impl Session {
     /// a full queue first evicts its oldest QoS 0 message; if it holds none, the new
     /// message is dropped. Drops are returned so the caller counts them.
     /// QoS 1/2 deliveries to a session that outlives its connection are recorded in `store`
-    /// (under the session lock, so the session's ops stay in order).
+    /// (under the session lock, so the session's ops stay in order). Returns what happened
+    /// and the store ticket to wait for (0: nothing to wait for).
     pub(crate) fn enqueue(
         &self,
         out: Outgoing,
         limits: QueueLimits,
         store: &dyn Store,
-    ) -> Enqueued {
+    ) -> (Enqueued, u64) {
         let cost = out.msg.cost();
         let mut st = self.lock();
         if st.ended {
-            return Enqueued::DroppedEnded;
+            return (Enqueued::DroppedEnded, 0);
         }
         let online = st.conn.is_some();
         if out.qos == QoS::AtMostOnce && !online && !limits.queue_qos0_offline {
-            return Enqueued::DroppedOfflineQos0;
+            return (Enqueued::DroppedOfflineQos0, 0);
         }
         let full = |st: &SessionState| {
             st.queue.len() >= limits.max_messages
@@ -192,16 +196,17 @@ impl Session {
         if full(&st) {
             // Drop-oldest for QoS 0: it is the one class the sender accepted losing.
             let Some(victim) = st.queue.iter().position(|o| o.qos == QoS::AtMostOnce) else {
-                return Enqueued::DroppedFull;
+                return (Enqueued::DroppedFull, 0);
             };
             if let Some(v) = st.queue.remove(victim) {
                 st.queued_bytes -= v.msg.cost();
             }
             result = Enqueued::QueuedEvictedQos0;
             if full(&st) {
-                return Enqueued::DroppedFull;
+                return (Enqueued::DroppedFull, 0);
             }
         }
+        let mut ticket = 0;
         if st.persists(&out) {
             let mut ops = Vec::with_capacity(2);
             if !out.msg.persisted.swap(true, Ordering::Relaxed) {
@@ -214,7 +219,7 @@ impl Session {
                 client_id: self.client_id.to_string(),
                 delivery: delivery_record(&out),
             });
-            store.apply(ops);
+            ticket = store.apply(ops);
         }
         st.queued_bytes += cost;
         st.queue.push_back(out);
@@ -222,7 +227,7 @@ impl Session {
         if online {
             self.wake.notify_one();
         }
-        result
+        (result, ticket)
     }
 }
 

@@ -1299,3 +1299,137 @@ async fn queued_inflight_and_inbound_qos2_survive_a_restart_mqtt_4_3_3_and_4_4_0
     assert!(matches!(p.recv().await, Packet::PubComp(a) if a.reason == ReasonCode::Success));
     s.expect_silence(SHORT).await;
 }
+
+/// A store whose durability the test controls: tickets count up, nothing is durable until
+/// the test says so.
+struct GatedStore {
+    inner: MemoryStore,
+    next: std::sync::atomic::AtomicU64,
+    durable: tokio::sync::watch::Sender<u64>,
+}
+
+impl halyard_store::Store for GatedStore {
+    fn apply(&self, ops: Vec<halyard_store::Op>) -> u64 {
+        self.inner.apply(ops);
+        self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+    fn recover(&self) -> halyard_store::Recovered {
+        self.inner.recover()
+    }
+    fn durable(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.durable.subscribe())
+    }
+}
+
+#[tokio::test]
+async fn acknowledgements_wait_until_the_store_made_the_change_durable() {
+    let gated = std::sync::Arc::new(GatedStore {
+        inner: MemoryStore::new(),
+        next: std::sync::atomic::AtomicU64::new(0),
+        durable: tokio::sync::watch::channel(0).0,
+    });
+    let broker = Broker::new(BrokerConfig::default(), gated.clone());
+    let pers = |id: &str| {
+        connect_with(V5, id, false, |c| {
+            c.properties.session_expiry_interval = Some(60)
+        })
+    };
+    let mut s = raw_duplex(&broker);
+    handshake(&mut s, pers("d-sub")).await;
+    s.send(&subscribe(1, "d/#", QoS::AtLeastOnce)).await;
+    s.expect_silence(SHORT).await; // SUBACK held: the subscription is not durable yet
+    gated.durable.send_replace(u64::MAX >> 1);
+    assert!(matches!(s.recv().await, Packet::SubAck(_)));
+    s.send_hex("E0 00").await;
+    s.expect_close().await;
+
+    let mut p = raw_duplex(&broker);
+    online(&mut p, V5, "d-pub", true).await;
+    let before = gated.next.load(std::sync::atomic::Ordering::SeqCst);
+    gated.durable.send_replace(before);
+    p.send(&publish("d/1", QoS::AtLeastOnce, 1, b"x")).await;
+    p.send(&publish("d/2", QoS::AtLeastOnce, 2, b"y")).await;
+    p.send_hex("C0 00").await;
+    // PINGRESP is not held, the PUBACKs are: the queued copies are not durable yet.
+    assert_eq!(p.recv().await, Packet::PingResp);
+    p.expect_silence(SHORT).await;
+    gated.durable.send_replace(before + 1); // only the first message's ops
+    assert!(matches!(p.recv().await, Packet::PubAck(a) if a.packet_id == 1));
+    p.expect_silence(SHORT).await;
+    gated.durable.send_replace(before + 2);
+    assert!(
+        matches!(p.recv().await, Packet::PubAck(a) if a.packet_id == 2),
+        "in order"
+    );
+}
+
+#[tokio::test]
+async fn log_store_restart_keeps_sessions_queues_and_retained() {
+    let dir = std::env::temp_dir().join(format!("halyard-broker-logstore-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let open = || {
+        std::sync::Arc::new(
+            halyard_store::LogStore::open(halyard_store::LogConfig::new(&dir)).unwrap(),
+        )
+    };
+    let pers = |id: &str| {
+        connect_with(V5, id, false, |c| {
+            c.properties.session_expiry_interval = Some(600)
+        })
+    };
+    {
+        let broker = Broker::new(BrokerConfig::default(), open());
+        let mut s = raw_duplex(&broker);
+        handshake(&mut s, pers("l-sub")).await;
+        sub(&mut s, "l/#", QoS::ExactlyOnce).await;
+        s.send_hex("E0 00").await;
+        s.expect_close().await;
+        let mut p = raw_duplex(&broker);
+        online(&mut p, V5, "l-pub", true).await;
+        for i in 0..3u16 {
+            p.send(&publish("l/q", QoS::ExactlyOnce, i + 1, &[i as u8]))
+                .await;
+            assert!(matches!(p.recv().await, Packet::PubRec(_)));
+        }
+        p.send(&Packet::Publish(Publish {
+            retain: true,
+            qos: QoS::AtLeastOnce,
+            packet_id: 9,
+            ..Publish::new(topic("l/ret"), &b"kept"[..])
+        }))
+        .await;
+        assert!(matches!(p.recv().await, Packet::PubAck(_)));
+        broker.shutdown().await;
+    }
+    let broker = Broker::new(BrokerConfig::default(), open());
+    let mut s = raw_duplex(&broker);
+    assert!(handshake(&mut s, pers("l-sub")).await.session_present);
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        match s.recv().await {
+            Packet::Publish(m) => {
+                got.push((m.topic.to_string(), m.payload.to_vec()));
+                let a = Ack::new(m.packet_id);
+                s.send(&if m.qos == QoS::ExactlyOnce {
+                    Packet::PubRec(a)
+                } else {
+                    Packet::PubAck(a)
+                })
+                .await;
+            }
+            Packet::PubRel(a) => s.send(&Packet::PubComp(Ack::new(a.packet_id))).await,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("l/q".into(), vec![0]),
+            ("l/q".into(), vec![1]),
+            ("l/q".into(), vec![2]),
+            ("l/ret".into(), b"kept".to_vec())
+        ]
+    );
+    broker.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -270,9 +270,11 @@ impl LogStore {
             durable,
             stats: LogStats::default(),
         });
+        let mode = cfg.sync;
+        let dir = cfg.dir.clone();
         let mut writer = Writer {
             shared: shared.clone(),
-            cfg: cfg.clone(),
+            cfg,
             image: image.clone(),
             wal,
             wal_len,
@@ -286,13 +288,13 @@ impl LogStore {
             .name("halyard-store".into())
             .spawn(move || writer.run())?;
         info!(
-            dir = %cfg.dir.display(), generation, snapshot_records = report.snapshot_records,
+            dir = %dir.display(), generation, snapshot_records = report.snapshot_records,
             log_records = report.log_records, sessions = image.sessions.len(),
             retained = image.retained.len(), ms = report.elapsed.as_millis() as u64, "store recovered"
         );
         Ok(LogStore {
             shared,
-            mode: cfg.sync,
+            mode,
             writer: Mutex::new(Some(handle)),
             recovered: Mutex::new(Some(image)),
             report,

@@ -1,0 +1,217 @@
+"""Crash harness: SIGKILL the broker at random moments while publishers send QoS 1 and
+QoS 2 messages to persistent sessions that are offline; restart it each time; then drain.
+
+Every message whose PUBACK (QoS 1) or PUBCOMP (QoS 2) the publisher received must be
+delivered: QoS 1 at least once, QoS 2 exactly once. Publishers use persistent sessions so
+that their unacknowledged messages are resent after each restart (with DUP).
+
+Usage: python3 crash_harness.py BINARY KILLS [SEED]
+Prints a summary and "N passed, N failed"; exit 1 on any loss or QoS 2 duplicate.
+"""
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+BIN, KILLS = sys.argv[1], int(sys.argv[2])
+SEED = int(sys.argv[3]) if len(sys.argv) > 3 else int(time.time())
+rng = random.Random(SEED)
+work = tempfile.mkdtemp(prefix="halyard-crash-")
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+PORT = sock.getsockname()[1]
+sock.close()
+config = os.path.join(work, "halyard.toml")
+with open(config, "w") as f:
+    f.write(
+        f'listen = ["tcp://127.0.0.1:{PORT}"]\n'
+        f'data_dir = "{work}/data"\n'
+        "max_queued_messages = 10000000\nmax_queued_bytes = 0\nmax_inflight_messages = 100\n"
+    )
+log = open(os.path.join(work, "broker.log"), "ab")
+broker = None
+
+
+def start():
+    global broker
+    broker = subprocess.Popen([BIN, "serve", "--config", config], stdout=log, stderr=log)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", PORT), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("broker did not start")
+
+
+def kill():
+    broker.send_signal(signal.SIGKILL)
+    broker.wait()
+
+
+def connect_props(expiry):
+    p = Properties(PacketTypes.CONNECT)
+    p.SessionExpiryInterval = expiry
+    return p
+
+
+SUBSCRIBERS = [("crash-sub-q1", 1), ("crash-sub-q2", 2)]
+
+
+def subscribe_offline():
+    for cid, qos in SUBSCRIBERS:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+        done = threading.Event()
+        c.on_subscribe = lambda *a, done=done: done.set()
+        c.connect("127.0.0.1", PORT, clean_start=True, properties=connect_props(3600))
+        c.loop_start()
+        c.subscribe("crash/#", qos)
+        assert done.wait(10), "SUBACK"
+        c.disconnect()
+        c.loop_stop()
+
+
+class Publisher:
+    """Publishes numbered messages; records the ones acknowledged (PUBACK / PUBCOMP)."""
+
+    def __init__(self, idx, qos):
+        self.idx, self.qos = idx, qos
+        self.acked = set()
+        self.mids = {}
+        self.early = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"crash-pub-{idx}", protocol=mqtt.MQTTv5)
+        self.c.max_inflight_messages_set(20)
+        self.c.reconnect_delay_set(min_delay=0.05, max_delay=0.5)
+        self.c.on_publish = self.on_publish
+        self.c.connect("127.0.0.1", PORT, clean_start=False, properties=connect_props(3600))
+        self.c.loop_start()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def on_publish(self, client, userdata, mid, reason_code, properties):
+        # Runs on paho's network thread, possibly before publish() returned the mid.
+        with self.lock:
+            ok = not reason_code.is_failure
+            payload = self.mids.pop(mid, None)
+            if payload is None:
+                self.early[mid] = ok
+            elif ok:
+                self.acked.add(payload)
+
+    def run(self):
+        n = 0
+        while not self.stop.is_set():
+            with self.lock:
+                backlog = len(self.mids)
+            # paho-mqtt re-sends *every* unacknowledged message right after a reconnect,
+            # ignoring its in-flight window (the increment is commented out in
+            # Client._messages_reconnect_reset_out). Keeping the backlog under the broker's
+            # Receive Maximum (100 below) keeps that burst legal [MQTT-3.3.4-9].
+            if backlog >= 80:
+                time.sleep(0.005)
+                continue
+            payload = f"p{self.idx}-q{self.qos}-{n}"
+            # Never call into paho while holding our lock: paho holds its own lock when it
+            # calls on_publish, which takes ours.
+            info = self.c.publish(f"crash/{self.idx}", payload, self.qos)
+            with self.lock:
+                early = self.early.pop(info.mid, None)
+                if early is None:
+                    self.mids[info.mid] = payload
+                elif early:
+                    self.acked.add(payload)
+            n += 1
+        self.sent = n
+
+    def finish(self, wait):
+        self.stop.set()
+        self.t.join()
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            with self.lock:
+                if not self.mids:
+                    break
+            time.sleep(0.05)
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def drain(cid, qos):
+    got = []
+    idle = threading.Event()
+    last = [time.time()]
+
+    def on_message(c, u, m):
+        got.append(m.payload.decode())
+        last[0] = time.time()
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    c.connect("127.0.0.1", PORT, clean_start=False, properties=connect_props(3600))
+    c.loop_start()
+    while time.time() - last[0] < 3:
+        time.sleep(0.1)
+    c.disconnect()
+    c.loop_stop()
+    return got
+
+
+failed = 0
+try:
+    start()
+    subscribe_offline()
+    pubs = [Publisher(i, 1 if i % 2 == 0 else 2) for i in range(4)]
+    for k in range(KILLS):
+        time.sleep(rng.uniform(0.1, 0.6))
+        kill()
+        start()
+    pubs_done = [p.finish(20) for p in pubs]
+    for cid, qos in SUBSCRIBERS:
+        got = drain(cid, qos)
+        seen = set(got)
+        for p in pubs:
+            # Each subscriber receives every publisher's messages, at min(pub, sub) QoS.
+            lost = p.acked - seen
+            exactly_once = p.qos == 2 and qos == 2
+            dups = len([x for x in got if x.startswith(f"p{p.idx}-")]) - len(
+                {x for x in got if x.startswith(f"p{p.idx}-")}
+            )
+            status = "ok  "
+            if lost or (exactly_once and dups):
+                status = "FAIL"
+                failed += 1
+            print(
+                f"{status} {cid} <- publisher {p.idx} (QoS {p.qos}): sent {p.sent}, acknowledged {len(p.acked)}, "
+                f"lost {len(lost)}, duplicates {dups}{' (must be 0)' if exactly_once else ''}"
+            )
+            if lost:
+                print("     first lost:", sorted(lost)[:5])
+    print(f"crash harness: {KILLS} kills (seed {SEED})")
+finally:
+    if broker and broker.poll() is None:
+        broker.send_signal(signal.SIGTERM)
+        try:
+            broker.wait(15)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+    if failed:
+        print("broker log:", os.path.join(work, "broker.log"))
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+print(f"crash: {8 - failed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
