@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
+mod bench;
 mod config;
 mod listen;
 mod store_cmd;
@@ -37,6 +38,9 @@ enum Command {
         #[arg(long)]
         print_default_config: bool,
     },
+    /// Load generator: publisher/subscriber pairs with exact loss, duplicate and latency
+    /// accounting.
+    Bench(bench::BenchArgs),
     /// Inspect the broker's store (run while the broker is stopped).
     Store {
         #[command(subcommand)]
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
             serve(cfg)
         }
         Command::Store { command } => store_cmd::run(&command),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 

@@ -95,7 +95,12 @@ class Publisher:
         self.stop = threading.Event()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"crash-pub-{idx}", protocol=mqtt.MQTTv5)
         self.c.max_inflight_messages_set(20)
-        self.c.reconnect_delay_set(min_delay=0.05, max_delay=0.5)
+        # paho-mqtt resets its QoS 2 state on every reconnect *attempt*: after a failed
+        # attempt, a message that already had its PUBREL sent is reset to PUBLISH and sent
+        # again, a client violation of [MQTT-4.3.3-7] that the broker must treat as a new
+        # message (a duplicate downstream). A fixed delay longer than a restart keeps
+        # attempts from failing; kills are spaced to match.
+        self.c.reconnect_delay_set(min_delay=0.4, max_delay=0.4)
         self.c.on_publish = self.on_publish
         self.c.connect("127.0.0.1", PORT, clean_start=False, properties=connect_props(3600))
         self.c.loop_start()
@@ -150,6 +155,9 @@ class Publisher:
         self.c.loop_stop()
 
 
+meta = []
+
+
 def drain(cid, qos):
     got = []
     idle = threading.Event()
@@ -157,6 +165,7 @@ def drain(cid, qos):
 
     def on_message(c, u, m):
         got.append(m.payload.decode())
+        meta.append((m.payload.decode(), m.mid, m.dup))
         last[0] = time.time()
 
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
@@ -176,7 +185,7 @@ try:
     subscribe_offline()
     pubs = [Publisher(i, 1 if i % 2 == 0 else 2) for i in range(4)]
     for k in range(KILLS):
-        time.sleep(rng.uniform(0.1, 0.6))
+        time.sleep(rng.uniform(0.6, 1.2))
         kill()
         start()
     pubs_done = [p.finish(20) for p in pubs]
@@ -200,6 +209,15 @@ try:
             )
             if lost:
                 print("     first lost:", sorted(lost)[:5])
+            if exactly_once and dups:
+                seen_once = set()
+                shown = 0
+                for payload, mid, dup in meta:
+                    if payload.startswith(f"p{p.idx}-") and payload in seen_once and shown < 5:
+                        print(f"     duplicate {payload}: mid {mid} dup {dup}; all copies:",
+                              [(mm, dd) for pp, mm, dd in meta if pp == payload])
+                        shown += 1
+                    seen_once.add(payload)
     print(f"crash harness: {KILLS} kills (seed {SEED})")
 finally:
     if broker and broker.poll() is None:

@@ -175,20 +175,25 @@ impl Inner {
     }
 
     /// Routes one message: retains it if asked, then queues a delivery to every matching
-    /// session. Runs on the publisher's task. Returns how many sessions matched and the
-    /// store ticket that must be durable before the publisher is acknowledged.
-    pub(crate) fn publish(&self, msg: &Arc<Message>, scratch: &mut Vec<Match>) -> (usize, u64) {
-        let mut ticket = 0;
+    /// session. Runs on the publisher's task. Every store op this causes, plus `extra`,
+    /// goes to the store in **one** batch, so a crash keeps all or none of it. Returns how
+    /// many sessions matched and the ticket to wait for before acknowledging the publisher.
+    pub(crate) fn publish(
+        &self,
+        msg: &Arc<Message>,
+        scratch: &mut Vec<Match>,
+        extra: Vec<Op>,
+    ) -> (usize, u64) {
+        let mut ops = Vec::new();
         if msg.retain && self.cfg.retain_available {
             self.retained.set(msg);
-            let op = if msg.payload.is_empty() {
+            ops.push(if msg.payload.is_empty() {
                 Op::RetainDelete {
                     topic: msg.topic.to_string(),
                 }
             } else {
                 Op::RetainSet(stored(msg))
-            };
-            ticket = self.store.apply(vec![op]);
+            });
         }
         self.subs
             .matches(msg.topic.as_str(), msg.origin.as_deref(), scratch);
@@ -202,20 +207,31 @@ impl Inner {
                 retain: msg.retain && m.retain_as_published,
                 subscription_ids: m.subscription_ids,
                 shared: m.shared,
+                recorded: false,
                 msg: msg.clone(),
             };
-            let (r, t) = m.session.enqueue(out, limits, &*self.store);
+            let (r, _) = m.session.enqueue(out, limits, &mut ops);
             self.count_enqueue(r);
-            ticket = ticket.max(t);
         }
+        ops.extend(extra);
+        let ticket = if ops.is_empty() {
+            0
+        } else {
+            self.store.apply(ops)
+        };
+        msg.set_ticket(ticket);
         (matched, ticket)
     }
 
     /// Hands deliveries a departing shared-group member did not send to other members of
-    /// the same group (§4.8.2); with no other member they stay with `leaving`.
+    /// the same group (§4.8.2); with no other member they stay with `leaving`. One store
+    /// batch for all of them.
     pub(crate) fn redispatch_shared(&self, leaving: &Arc<Session>, outs: Vec<Outgoing>) {
         let limits = self.queue_limits();
+        let mut ops = Vec::new();
+        let mut msgs = Vec::new();
         for out in outs {
+            msgs.push(out.msg.clone());
             let Some(filter) = out.shared.clone() else {
                 continue;
             };
@@ -226,14 +242,30 @@ impl Inner {
                         retain: out.msg.retain && m.retain_as_published,
                         subscription_ids: m.subscription_ids,
                         shared: m.shared,
+                        recorded: false,
                         msg: out.msg,
                     },
                     limits,
-                    &*self.store,
+                    &mut ops,
                 ),
-                None => leaving.enqueue(out, limits, &*self.store),
+                None => leaving.enqueue(
+                    Outgoing {
+                        recorded: false,
+                        ..out
+                    },
+                    limits,
+                    &mut ops,
+                ),
             };
             self.count_enqueue(r.0);
+        }
+        let ticket = if ops.is_empty() {
+            0
+        } else {
+            self.store.apply(ops)
+        };
+        for m in msgs {
+            m.set_ticket(ticket);
         }
     }
 
@@ -250,7 +282,7 @@ impl Inner {
     pub(crate) fn publish_will(&self, client_id: &str, msg: &Arc<Message>) {
         debug!(client_id, topic = %msg.topic, "publishing will");
         Stats::inc(&self.stats.wills_published);
-        self.publish(msg, &mut Vec::new());
+        self.publish(msg, &mut Vec::new(), Vec::new());
     }
 
     /// The highest ticket the store has made durable (`u64::MAX` when it does not track).
@@ -359,6 +391,7 @@ impl Inner {
                 now,
             );
             msg.expires_at = m.expires_at.map(to_instant);
+            msg.set_ticket(0);
             self.retained.restore(Arc::new(msg));
         }
         // Message bodies shared by the recovered deliveries: one `Arc` per id.
@@ -384,6 +417,7 @@ impl Inner {
             );
             msg.expires_at = m.expires_at.map(to_instant);
             msg.persisted.store(true, Ordering::Relaxed);
+            msg.set_ticket(0);
             bodies.insert(id, Arc::new(msg));
         }
         let outgoing = |d: &halyard_store::StoredDelivery| {
@@ -396,6 +430,7 @@ impl Inner {
                     .shared
                     .as_deref()
                     .and_then(|f| TopicFilter::try_from(f).ok()),
+                recorded: true,
             })
         };
         let mut restored = 0;

@@ -188,6 +188,8 @@ struct Connection<S> {
     /// Acknowledgements waiting until their store ticket is durable, in the order they
     /// must be sent [MQTT-4.6.0-2] (PUBACK/PUBREC/PUBCOMP in the order of the packets).
     pending_acks: VecDeque<(u64, Packet)>,
+    /// The queue's head is a recorded delivery whose store batch is not durable yet.
+    blocked_on_durable: bool,
 }
 
 impl<S> Connection<S>
@@ -414,6 +416,7 @@ where
             scratch: Vec::new(),
             durable: inner.store.durable(),
             pending_acks: VecDeque::new(),
+            blocked_on_durable: false,
             inner,
         };
         if present {
@@ -478,7 +481,8 @@ where
                     }
                 }
                 r = async { self.durable.as_mut().expect("guarded").changed().await },
-                    if self.durable.is_some() && !self.pending_acks.is_empty() => {
+                    if self.durable.is_some()
+                        && (!self.pending_acks.is_empty() || self.blocked_on_durable) => {
                     if r.is_err() {
                         // The store stopped (shutdown): nothing more becomes durable.
                         self.durable = None;
@@ -651,14 +655,6 @@ where
                 ));
             }
             st.inbound_qos2.insert(p.packet_id);
-            if st.persistent() {
-                // Survives a restart: a resend after a crash is still not delivered twice.
-                ticket = self.inner.store.apply(vec![Op::InboundQos2 {
-                    client_id: self.session.client_id.to_string(),
-                    packet_id: p.packet_id,
-                    held: true,
-                }]);
-            }
         }
         let invalid_payload = v5
             && p.properties.payload_format_indicator == Some(true)
@@ -681,7 +677,18 @@ where
                 Some(self.session.client_id.clone()),
                 Instant::now(),
             ));
-            let (matched, t) = self.inner.publish(&msg, &mut self.scratch);
+            let mut extra = Vec::new();
+            if p.qos == QoS::ExactlyOnce && self.session.lock().persistent() {
+                // In the same batch as the routing: a crash keeps both or neither, so a held
+                // id always means its copies are stored, and a resend after a crash that
+                // lost the id routes the message for the first time.
+                extra.push(Op::InboundQos2 {
+                    client_id: self.session.client_id.to_string(),
+                    packet_id: p.packet_id,
+                    held: true,
+                });
+            }
+            let (matched, t) = self.inner.publish(&msg, &mut self.scratch, extra);
             ticket = ticket.max(t);
             if v5 && matched == 0 {
                 reason = ReasonCode::NoMatchingSubscribers;
@@ -849,6 +856,7 @@ where
                         retain: true, // [MQTT-3.3.1-8]
                         subscription_ids: id.into_iter().collect(),
                         shared: None,
+                        recorded: false,
                         msg,
                     });
                 }
@@ -865,9 +873,19 @@ where
             }),
         );
         let limits = self.inner.queue_limits();
+        let mut ops = Vec::new();
+        let msgs: Vec<Arc<Message>> = retained.iter().map(|o| o.msg.clone()).collect();
         for out in retained {
-            let (r, _) = self.session.enqueue(out, limits, &*self.inner.store);
+            let (r, _) = self.session.enqueue(out, limits, &mut ops);
             self.inner.count_enqueue(r);
+        }
+        let t = if ops.is_empty() {
+            0
+        } else {
+            self.inner.store.apply(ops)
+        };
+        for m in msgs {
+            m.set_ticket(t);
         }
     }
 
@@ -924,6 +942,7 @@ where
         // Store ops of this fill, applied once at the end while the lock is still held.
         let mut ops = Vec::new();
         let cid = || session.client_id.to_string();
+        self.blocked_on_durable = false;
         while self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
             let Some(front) = st.queue.front() else { break };
             if front.msg.is_expired(now) {
@@ -939,6 +958,14 @@ where
                 }
                 Stats::inc(&inner.stats.expired_messages);
                 continue;
+            }
+            // A recorded delivery waits until its enqueue is durable (see Message::ticket).
+            if front.recorded
+                && front.msg.ticket.load(std::sync::atomic::Ordering::Acquire)
+                    > inner.durable_now(self.durable.as_ref())
+            {
+                self.blocked_on_durable = true;
+                break;
             }
             // Messages stay in order: a QoS 1/2 message waiting for window space holds back
             // everything behind it [MQTT-4.6.0-6].
@@ -1233,7 +1260,8 @@ fn detach(
     // Shared-subscription messages this member had not sent go to the other members; if
     // the session ends, its unacknowledged ones too (they would be lost otherwise).
     let orphans = if still_mine {
-        st.take_shared(ends_now, &session.client_id, &*inner.store)
+        let durable = inner.durable_now(inner.store.durable().as_ref());
+        st.take_shared(ends_now, &session.client_id, &*inner.store, durable)
     } else {
         Vec::new()
     };

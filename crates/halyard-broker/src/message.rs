@@ -7,7 +7,7 @@
 //! byte (DUP/QoS/RETAIN) and the packet identifier in place. Only deliveries that change the
 //! properties (subscription identifiers, a remaining expiry, a topic alias) encode afresh.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use halyard_codec::{
@@ -22,6 +22,10 @@ pub(crate) struct Message {
     pub(crate) id: u64,
     /// Set once the body was written to the store (it is written at most once).
     pub(crate) persisted: AtomicBool,
+    /// Store ticket of the batch that recorded this message's deliveries: a recorded
+    /// delivery is sent only once it is durable, so a subscriber's acknowledgement can never
+    /// reach the store before the enqueue it refers to. `u64::MAX` until routing finished.
+    pub(crate) ticket: AtomicU64,
     pub(crate) topic: TopicName,
     pub(crate) payload: Bytes,
     pub(crate) qos: QoS,
@@ -56,6 +60,7 @@ impl Message {
         Message {
             id,
             persisted: AtomicBool::new(false),
+            ticket: AtomicU64::new(u64::MAX),
             topic,
             payload,
             qos,
@@ -64,6 +69,18 @@ impl Message {
             expires_at,
             origin,
             cache: Default::default(),
+        }
+    }
+
+    /// Marks the batch that recorded this message's deliveries (0: none recorded).
+    pub(crate) fn set_ticket(&self, ticket: u64) {
+        // A later batch (re-dispatch, retained on subscribe) may record more deliveries of
+        // the same message; keep the first ticket for those recorded first unless unset.
+        let _ = self
+            .ticket
+            .compare_exchange(u64::MAX, ticket, Ordering::AcqRel, Ordering::Acquire);
+        if ticket != 0 {
+            self.ticket.fetch_max(ticket, Ordering::AcqRel);
         }
     }
 

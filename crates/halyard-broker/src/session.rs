@@ -29,6 +29,8 @@ pub(crate) struct Outgoing {
     /// Set when this copy was chosen for a shared subscription: if this session goes
     /// away before sending it, another member of the group gets it.
     pub(crate) shared: Option<TopicFilter>,
+    /// Recorded in the store: it may only be sent once the message's ticket is durable.
+    pub(crate) recorded: bool,
 }
 
 /// What an outgoing QoS 1/2 message waits for (section 4.3).
@@ -175,9 +177,9 @@ impl Session {
     /// and the store ticket to wait for (0: nothing to wait for).
     pub(crate) fn enqueue(
         &self,
-        out: Outgoing,
+        mut out: Outgoing,
         limits: QueueLimits,
-        store: &dyn Store,
+        ops: &mut Vec<Op>,
     ) -> (Enqueued, u64) {
         let cost = out.msg.cost();
         let mut st = self.lock();
@@ -206,9 +208,9 @@ impl Session {
                 return (Enqueued::DroppedFull, 0);
             }
         }
-        let mut ticket = 0;
+        let ticket = 0;
         if st.persists(&out) {
-            let mut ops = Vec::with_capacity(2);
+            out.recorded = true;
             if !out.msg.persisted.swap(true, Ordering::Relaxed) {
                 ops.push(Op::MessagePut {
                     id: out.msg.id,
@@ -219,7 +221,6 @@ impl Session {
                 client_id: self.client_id.to_string(),
                 delivery: delivery_record(&out),
             });
-            ticket = store.apply(ops);
         }
         st.queued_bytes += cost;
         st.queue.push_back(out);
@@ -273,13 +274,17 @@ impl SessionState {
         include_inflight: bool,
         client_id: &str,
         store: &dyn Store,
+        durable: u64,
     ) -> Vec<Outgoing> {
         let mut taken = Vec::new();
         let mut ops = Vec::new();
         let mut kept = VecDeque::with_capacity(self.queue.len());
         let queue = std::mem::take(&mut self.queue);
         for o in queue {
-            if o.shared.is_some() {
+            // A recorded copy whose enqueue is not durable yet stays: its Dequeue could
+            // otherwise reach the store before its Enqueue.
+            let settled = !o.recorded || o.msg.ticket.load(Ordering::Acquire) <= durable;
+            if o.shared.is_some() && settled {
                 self.queued_bytes -= o.msg.cost();
                 if self.persists(&o) {
                     ops.push(Op::Dequeue {

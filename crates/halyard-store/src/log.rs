@@ -149,7 +149,10 @@ fn generations(dir: &Path, prefix: &str) -> io::Result<Vec<u64>> {
     for e in fs::read_dir(dir)? {
         let name = e?.file_name();
         let name = name.to_string_lossy();
-        if let Some(hex) = name.strip_prefix(prefix).and_then(|r| r.split('.').next())
+        // Only finished files: a `.tmp` snapshot is a compaction a crash interrupted.
+        if let Some(hex) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(".bin").or_else(|| r.strip_suffix(".log")))
             && let Ok(g) = u64::from_str_radix(hex, 16)
         {
             gens.push(g);
