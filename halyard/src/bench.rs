@@ -192,8 +192,15 @@ async fn bench(args: &BenchArgs) -> std::io::Result<()> {
                             counters.received.fetch_add(1, Ordering::Relaxed);
                         }
                         let now_ns = epoch.elapsed().as_nanos() as u64;
-                        if lat.len() < 200_000 {
-                            lat.push((now_ns.saturating_sub(sent_ns) / 1000) as u32);
+                        lat.push((now_ns.saturating_sub(sent_ns) / 1000) as u32);
+                        // Hand samples over as we go: the task is aborted at the end.
+                        if lat.len() >= 1024 {
+                            let mut all = latencies.lock().await;
+                            if all.len() < 2_000_000 {
+                                all.append(&mut lat);
+                            } else {
+                                lat.clear();
+                            }
                         }
                         match m.qos {
                             QoS::AtMostOnce => {}

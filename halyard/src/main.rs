@@ -127,7 +127,7 @@ async fn run(cfg: Config) -> ExitCode {
     let store: Arc<dyn halyard_store::Store> = match cfg.persistence.mode() {
         None => {
             info!("persistence is off: state is kept in memory only");
-            Arc::new(halyard_store::MemoryStore::new())
+            Arc::new(halyard_store::NullStore)
         }
         Some(sync) => {
             let mut lc = halyard_store::LogConfig::new(PathBuf::from(&cfg.data_dir).join("store"));

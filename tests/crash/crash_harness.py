@@ -98,9 +98,10 @@ class Publisher:
         # paho-mqtt resets its QoS 2 state on every reconnect *attempt*: after a failed
         # attempt, a message that already had its PUBREL sent is reset to PUBLISH and sent
         # again, a client violation of [MQTT-4.3.3-7] that the broker must treat as a new
-        # message (a duplicate downstream). A fixed delay longer than a restart keeps
-        # attempts from failing; kills are spaced to match.
-        self.c.reconnect_delay_set(min_delay=0.4, max_delay=0.4)
+        # message (a duplicate downstream). A fixed delay longer than a restart (recovery
+        # takes up to ~1.6 s with a million queued messages) keeps attempts from failing;
+        # kills are spaced to match.
+        self.c.reconnect_delay_set(min_delay=2, max_delay=2)
         self.c.on_publish = self.on_publish
         self.c.connect("127.0.0.1", PORT, clean_start=False, properties=connect_props(3600))
         self.c.loop_start()
@@ -185,7 +186,7 @@ try:
     subscribe_offline()
     pubs = [Publisher(i, 1 if i % 2 == 0 else 2) for i in range(4)]
     for k in range(KILLS):
-        time.sleep(rng.uniform(0.6, 1.2))
+        time.sleep(rng.uniform(2.5, 3.5))
         kill()
         start()
     pubs_done = [p.finish(20) for p in pubs]

@@ -721,7 +721,16 @@ where
             .get(&packet_id)
             .is_some_and(|f| f.state == expect)
         {
-            st.inflight.remove(&packet_id);
+            if let Some(f) = st.inflight.remove(&packet_id)
+                && st.persists(&f.out)
+            {
+                // The delivery is complete: the store must forget it (and, with its last
+                // delivery, the message body).
+                self.inner.store.apply(vec![Op::Completed {
+                    client_id: self.session.client_id.to_string(),
+                    packet_id,
+                }]);
+            }
         } else {
             debug!(client_id = %self.session.client_id, packet_id, "acknowledgement for an unknown packet id");
         }

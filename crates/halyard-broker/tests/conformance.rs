@@ -1430,6 +1430,32 @@ async fn log_store_restart_keeps_sessions_queues_and_retained() {
             ("l/ret".into(), b"kept".to_vec())
         ]
     );
+    // Everything was acknowledged: after one more restart nothing is delivered again.
+    s.send_hex("C0 00").await;
+    loop {
+        match s.recv().await {
+            Packet::PingResp => break,
+            Packet::PubRel(a) => s.send(&Packet::PubComp(Ack::new(a.packet_id))).await,
+            other => panic!("{other:?}"),
+        }
+    }
+    s.send_hex("C0 00").await; // the PUBCOMP above was processed once this is answered
+    assert_eq!(s.recv().await, Packet::PingResp);
+    s.send_hex("E0 00").await;
+    s.expect_close().await;
+    broker.shutdown().await;
+    drop(broker);
+    // The store's directory lock goes with the last reference, once the tasks wound down.
+    let store = loop {
+        match halyard_store::LogStore::open(halyard_store::LogConfig::new(&dir)) {
+            Ok(s) => break std::sync::Arc::new(s),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    let broker = Broker::new(BrokerConfig::default(), store);
+    let mut s = raw_duplex(&broker);
+    assert!(handshake(&mut s, pers("l-sub")).await.session_present);
+    s.expect_silence(SHORT).await;
     broker.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -218,6 +218,9 @@ pub struct Recovered {
     pub retained: BTreeMap<String, StoredMessage>,
     /// Message bodies referred to by queued or in-flight deliveries, by id.
     pub messages: BTreeMap<u64, StoredMessage>,
+    /// How many deliveries refer to each body; a body goes when its last delivery does,
+    /// so a long-running store's image stays as small as what is pending.
+    pub refs: HashMap<u64, u32>,
 }
 
 impl Recovered {
@@ -234,6 +237,27 @@ impl Recovered {
             })
             .collect();
         self.messages.retain(|id, _| live.contains(id));
+        self.refs.clear();
+        for s in self.sessions.values() {
+            for id in s
+                .queue
+                .iter()
+                .map(|d| d.message_id)
+                .chain(s.inflight.iter().map(|f| f.delivery.message_id))
+            {
+                *self.refs.entry(id).or_default() += 1;
+            }
+        }
+    }
+
+    fn release(&mut self, id: u64) {
+        if let Some(n) = self.refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.refs.remove(&id);
+                self.messages.remove(&id);
+            }
+        }
     }
 }
 
@@ -302,7 +326,14 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
                 });
         }
         Op::SessionDelete { client_id } => {
-            image.sessions.remove(&client_id);
+            if let Some(s) = image.sessions.remove(&client_id) {
+                for d in s.queue {
+                    image.release(d.message_id);
+                }
+                for f in s.inflight {
+                    image.release(f.delivery.message_id);
+                }
+            }
         }
         Op::Subscribe {
             client_id,
@@ -337,6 +368,7 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
             delivery,
         } => {
             if let Some(s) = image.sessions.get_mut(&client_id) {
+                *image.refs.entry(delivery.message_id).or_default() += 1;
                 s.queue.push(delivery);
             }
         }
@@ -350,6 +382,7 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
                 && let Some(i) = s.queue.iter().position(|d| d.message_id == message_id)
             {
                 s.queue.remove(i);
+                image.release(message_id);
             }
         }
         Op::Sent {
@@ -385,8 +418,11 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
             client_id,
             packet_id,
         } => {
-            if let Some(s) = image.sessions.get_mut(&client_id) {
-                s.inflight.retain(|f| f.packet_id != packet_id);
+            if let Some(s) = image.sessions.get_mut(&client_id)
+                && let Some(i) = s.inflight.iter().position(|f| f.packet_id == packet_id)
+            {
+                let f = s.inflight.remove(i);
+                image.release(f.delivery.message_id);
             }
         }
         Op::InboundQos2 {
