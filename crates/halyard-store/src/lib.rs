@@ -457,24 +457,6 @@ impl Store for MemoryStore {
     }
 }
 
-/// Counts of what a store holds, for logs and `$SYS`.
-pub fn summarize(r: &Recovered) -> HashMap<&'static str, usize> {
-    HashMap::from([
-        ("sessions", r.sessions.len()),
-        (
-            "subscriptions",
-            r.sessions.values().map(|s| s.subscriptions.len()).sum(),
-        ),
-        ("retained", r.retained.len()),
-        ("queued", r.sessions.values().map(|s| s.queue.len()).sum()),
-        (
-            "inflight",
-            r.sessions.values().map(|s| s.inflight.len()).sum(),
-        ),
-        ("messages", r.messages.len()),
-    ])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
