@@ -68,6 +68,24 @@ macro_rules! client_kit {
             }
         }
 
+        /// Starts the event loop and waits for CONNACK: the client and "session present".
+        async fn start(client: AsyncClient, el: EventLoop) -> (Client, bool) {
+            let (rx, driver, crx) = spawn(el);
+            let present = timeout(WAIT, crx)
+                .await
+                .expect("CONNACK in time")
+                .expect("connected");
+            (
+                Client {
+                    client,
+                    rx,
+                    stash: Default::default(),
+                    driver,
+                },
+                present,
+            )
+        }
+
         fn spawn(
             mut el: EventLoop,
         ) -> (
@@ -119,20 +137,7 @@ mod v311 {
             o.set_last_will(w);
         }
         let (client, el) = AsyncClient::new(o, 100);
-        let (rx, driver, crx) = spawn(el);
-        let present = timeout(WAIT, crx)
-            .await
-            .expect("CONNACK in time")
-            .expect("connected");
-        (
-            Client {
-                client,
-                rx,
-                stash: Default::default(),
-                driver,
-            },
-            present,
-        )
+        start(client, el).await
     }
 
     async fn subscribe(c: &mut Client, f: &str, q: QoS) {
@@ -235,20 +240,7 @@ mod v5 {
             .set_keep_alive(Duration::from_secs(5));
         o.set_session_expiry_interval(expiry);
         let (client, el) = AsyncClient::new(o, 100);
-        let (rx, driver, crx) = spawn(el);
-        let present = timeout(WAIT, crx)
-            .await
-            .expect("CONNACK in time")
-            .expect("connected");
-        (
-            Client {
-                client,
-                rx,
-                stash: Default::default(),
-                driver,
-            },
-            present,
-        )
+        start(client, el).await
     }
 
     async fn subscribe(c: &mut Client, f: &str, q: QoS) {
