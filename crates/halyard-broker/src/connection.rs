@@ -814,7 +814,6 @@ where
     }
 
     fn on_subscribe(&mut self, s: Subscribe) {
-        let v5 = self.version.is_v5();
         let cfg = &self.inner.cfg;
         let now = Instant::now();
         let id = s.properties.subscription_identifier;
@@ -871,7 +870,6 @@ where
                 }
             }
         }
-        let _ = v5;
         // SUBACK for a persistent session only once the subscription is durable.
         self.ack(
             ticket,
@@ -952,6 +950,9 @@ where
         let mut ops = Vec::new();
         let cid = || session.client_id.to_string();
         self.blocked_on_durable = false;
+        // Read once per fill: the watch borrow is not free, and a ticket that becomes
+        // durable meanwhile wakes the loop again.
+        let durable = inner.durable_now(self.durable.as_ref());
         while self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
             let Some(front) = st.queue.front() else { break };
             if front.msg.is_expired(now) {
@@ -970,8 +971,7 @@ where
             }
             // A recorded delivery waits until its enqueue is durable (see Message::ticket).
             if front.recorded
-                && front.msg.ticket.load(std::sync::atomic::Ordering::Acquire)
-                    > inner.durable_now(self.durable.as_ref())
+                && front.msg.ticket.load(std::sync::atomic::Ordering::Acquire) > durable
             {
                 self.blocked_on_durable = true;
                 break;
