@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use halyard_broker::BrokerConfig;
 use halyard_codec::QoS;
+use halyard_transport::ListenerConfig;
 use serde::Deserialize;
 
 /// The documented default configuration.
@@ -35,6 +36,66 @@ pub(crate) struct Config {
     pub(crate) shared_subscriptions: bool,
     pub(crate) shutdown_timeout: u64,
     pub(crate) persistence: Persistence,
+    /// `[[listener]]` tables: listeners with options.
+    pub(crate) listener: Vec<ListenerTable>,
+}
+
+/// One `[[listener]]` table: a URL and the options of [`halyard_transport::ListenerConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListenerTable {
+    url: String,
+    max_connections: Option<u64>,
+    proxy_protocol: Option<bool>,
+    handshake_timeout: Option<u64>,
+    certfile: Option<String>,
+    keyfile: Option<String>,
+    cafile: Option<String>,
+    require_certificate: Option<bool>,
+    use_identity_as_username: Option<bool>,
+    tls_reload_interval: Option<u64>,
+    allowed_origins: Option<Vec<String>>,
+    socket_mode: Option<String>,
+}
+
+impl ListenerTable {
+    fn build(&self, handshake_timeout: u64) -> Result<ListenerConfig, String> {
+        let mut c = ListenerConfig::from_url(&self.url)?;
+        c.set("handshake_timeout", &handshake_timeout.to_string())?;
+        let s = |v: &Option<String>| v.clone();
+        let n = |v: Option<u64>| v.map(|x| x.to_string());
+        let b = |v: Option<bool>| v.map(|x| x.to_string());
+        for (k, v) in [
+            ("max_connections", n(self.max_connections)),
+            ("proxy_protocol", b(self.proxy_protocol)),
+            ("handshake_timeout", n(self.handshake_timeout)),
+            ("certfile", s(&self.certfile)),
+            ("keyfile", s(&self.keyfile)),
+            ("cafile", s(&self.cafile)),
+            ("require_certificate", b(self.require_certificate)),
+            ("use_identity_as_username", b(self.use_identity_as_username)),
+            ("tls_reload_interval", n(self.tls_reload_interval)),
+            (
+                "allowed_origins",
+                self.allowed_origins.as_ref().map(|o| o.join(",")),
+            ),
+            ("socket_mode", s(&self.socket_mode)),
+        ] {
+            if let Some(v) = v {
+                c.set(k, &v)?;
+            }
+        }
+        known_scheme(&c)?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// The binary serves the built-in schemes of the transport registry.
+fn known_scheme(c: &ListenerConfig) -> Result<(), String> {
+    halyard_transport::Registry::default()
+        .get(&c.parsed.scheme)
+        .map(|_| ())
 }
 
 /// The `[persistence]` table.
@@ -96,6 +157,7 @@ impl Default for Config {
             shared_subscriptions: b.shared_subscriptions,
             shutdown_timeout: b.shutdown_timeout.as_secs(),
             persistence: Persistence::default(),
+            listener: Vec::new(),
         }
     }
 }
@@ -153,12 +215,27 @@ impl Config {
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
         }
-        if self.listen.is_empty() {
-            return bad("listen", "needs at least one URL");
+        if self.listen.is_empty() && self.listener.is_empty() {
+            return bad("listen", "needs at least one URL (or a [[listener]] table)");
         }
         for url in &self.listen {
-            if let Err(why) = crate::listen::parse(url) {
+            if let Err(why) = listener_from_url(url, self.connect_timeout) {
                 return bad("listen", &why);
+            }
+        }
+        for t in &self.listener {
+            if let Err(why) = t.build(self.connect_timeout) {
+                // Point at the table's `url = "..."` line.
+                let line = text
+                    .lines()
+                    .position(|l| {
+                        l.contains(&format!("\"{}\"", t.url)) && l.trim_start().starts_with("url")
+                    })
+                    .map_or(String::new(), |i| format!(":{}", i + 1));
+                return Err(ConfigError(format!(
+                    "{origin}{line}: [[listener]] `{}`: {why}",
+                    t.url
+                )));
             }
         }
         if !["always", "batch", "interval", "off"].contains(&self.persistence.sync.as_str()) {
@@ -168,6 +245,21 @@ impl Config {
             return bad("log_level", "must be error, warn, info, debug or trace");
         }
         Ok(())
+    }
+
+    /// Every listener: the `listen` URLs, then the `[[listener]]` tables.
+    pub(crate) fn listeners(&self) -> Result<Vec<ListenerConfig>, String> {
+        let mut v = Vec::new();
+        for url in &self.listen {
+            v.push(listener_from_url(url, self.connect_timeout)?);
+        }
+        for t in &self.listener {
+            v.push(
+                t.build(self.connect_timeout)
+                    .map_err(|e| format!("{}: {e}", t.url))?,
+            );
+        }
+        Ok(v)
     }
 
     pub(crate) fn broker(&self) -> BrokerConfig {
@@ -192,6 +284,18 @@ impl Config {
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
         }
     }
+}
+
+/// A listener from a URL (options as query parameters); handshakes get the CONNECT timeout
+/// unless the URL says otherwise.
+pub(crate) fn listener_from_url(url: &str, connect_timeout: u64) -> Result<ListenerConfig, String> {
+    let mut c = ListenerConfig::from_url(url)?;
+    if !c.parsed.query.iter().any(|(k, _)| k == "handshake_timeout") {
+        c.set("handshake_timeout", &connect_timeout.to_string())?;
+    }
+    known_scheme(&c)?;
+    c.validate()?;
+    Ok(c)
 }
 
 /// The key on the line containing byte offset `at`, if that line is `key = ...`.
@@ -234,6 +338,22 @@ mod tests {
         );
         let e = Config::parse("listen = [\"udp://x:1\"]\n", "h.toml").unwrap_err();
         assert!(e.0.contains("key `listen`"), "{}", e.0);
+        let e = Config::parse(
+            "listen = []\n\n[[listener]]\nurl = \"tls://0.0.0.0:8883\"\ncertfile = \"c.pem\"\n",
+            "h.toml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.0,
+            "h.toml:4: [[listener]] `tls://0.0.0.0:8883`: tls:// needs both `certfile` and `keyfile`"
+        );
+        let e =
+            Config::parse("[[listener]]\nurl = \"ws://h:1\"\nport = 3\n", "h.toml").unwrap_err();
+        assert!(
+            e.0.starts_with("h.toml:3: key `port`: unknown field"),
+            "{}",
+            e.0
+        );
         let e = Config::parse("[persistence]\nsync = \"sometimes\"\n", "h.toml").unwrap_err();
         assert_eq!(
             e.0,

@@ -9,7 +9,6 @@ use tracing::{error, info};
 
 mod bench;
 mod config;
-mod listen;
 mod store_cmd;
 
 use config::{Config, DEFAULT_TOML};
@@ -28,7 +27,8 @@ enum Command {
         /// Configuration file (TOML). Without it, the built-in defaults apply.
         #[arg(long, short = 'c')]
         config: Option<PathBuf>,
-        /// Listen on this URL (repeatable); replaces the configured listeners.
+        /// Listen on this URL (repeatable; tcp://, tls://, ws://, wss://, unix://, options
+        /// as query parameters); replaces the configured listeners.
         #[arg(long = "listen", short = 'l', value_name = "URL")]
         listen: Vec<String>,
         /// Directory for the broker's state.
@@ -73,12 +73,13 @@ fn main() -> ExitCode {
             };
             if !listen.is_empty() {
                 for url in &listen {
-                    if let Err(why) = listen::parse(url) {
-                        eprintln!("halyard: --listen: {why}");
+                    if let Err(why) = config::listener_from_url(url, cfg.connect_timeout) {
+                        eprintln!("halyard: --listen {url}: {why}");
                         return ExitCode::from(2);
                     }
                 }
                 cfg.listen = listen;
+                cfg.listener.clear();
             }
             if let Some(d) = data_dir {
                 cfg.data_dir = d.display().to_string();
@@ -152,26 +153,38 @@ async fn run(cfg: Config) -> ExitCode {
             }
         }
     };
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener_cfgs = match cfg.listeners() {
+        Ok(l) => l,
+        Err(why) => {
+            error!(why, "bad listener");
+            return ExitCode::from(2);
+        }
+    };
     let broker = halyard_broker::Broker::new(cfg.broker(), store);
+    let monitor = broker.monitor().clone();
+    monitor.spawn_logger();
+    let registry = halyard_transport::Registry::default();
+    let b = broker.clone();
+    let sink: halyard_transport::ConnSink = Arc::new(move |s, peer| b.spawn_connection(s, peer));
     let mut listeners = Vec::new();
-    for url in &cfg.listen {
-        let listen::Endpoint::Tcp(addr) = match listen::parse(url) {
-            Ok(e) => e,
-            Err(why) => {
-                error!(url, why, "bad listener");
-                return ExitCode::from(2);
-            }
-        };
-        match halyard_transport::bind_tcp(&addr).await {
-            Ok(l) => {
-                info!(url, "listening");
-                let b = broker.clone();
-                listeners.push(tokio::spawn(halyard_transport::serve_tcp(
-                    l,
-                    broker.shutdown_signal(),
-                    move |s, peer| b.spawn_connection(s, peer),
-                )));
-            }
+    for lc in listener_cfgs {
+        match halyard_transport::start_listener(
+            &registry,
+            lc,
+            monitor.clone(),
+            broker.shutdown_signal(),
+            sink.clone(),
+        )
+        .await
+        {
+            Ok(h) => listeners.push(h),
             Err(e) => {
                 error!("{e}");
                 return ExitCode::FAILURE;
@@ -184,36 +197,57 @@ async fn run(cfg: Config) -> ExitCode {
         sync = %cfg.persistence.sync,
         "halyard started"
     );
-    wait_for_signal().await;
+    while let Signal::Reload = signals.next().await {
+        // SIGHUP: TLS files now (the file check also catches changes on its own).
+        info!("SIGHUP: reloading TLS files");
+        for l in &listeners {
+            let _ = l.reload_tls();
+        }
+    }
     info!("signal received: shutting down gracefully (a second signal exits at once)");
-    tokio::spawn(async {
-        wait_for_signal().await;
+    tokio::spawn(async move {
+        while let Signal::Reload = signals.next().await {}
         eprintln!("halyard: second signal, exiting now");
         std::process::exit(130);
     });
     broker.shutdown().await;
     for l in listeners {
-        let _ = l.await;
+        let _ = l.join().await;
     }
     info!("halyard stopped");
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
+enum Signal {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// SIGHUP.
+    Reload,
+}
+
+/// The signals the broker acts on, registered once at start so that from then on
+/// SIGHUP never takes its default action (terminating the process).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
         use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use halyard_codec::{ProtocolVersion, QoS, TopicFilter, TopicName};
 use halyard_store::{Op, SessionRecord, Store, StoredMessage, SubscriptionRecord};
+use halyard_transport::{Monitor, PeerInfo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
@@ -44,6 +45,8 @@ pub(crate) struct Inner {
     /// Message ids; restarts above the highest recovered id.
     pub(crate) next_message_id: AtomicU64,
     pub(crate) timers: Timers,
+    /// Connection events for the log and the admin API (never blocks).
+    pub(crate) monitor: Monitor,
     started: Instant,
 }
 
@@ -83,6 +86,7 @@ impl Broker {
             next_conn_id: AtomicU64::new(1),
             next_message_id: AtomicU64::new(1),
             timers: Timers::default(),
+            monitor: Monitor::default(),
             started: Instant::now(),
         });
         inner.recover();
@@ -95,9 +99,11 @@ impl Broker {
         }
     }
 
-    /// Serves one client connection on its own task. `peer` names the remote end in logs.
-    /// A panic in the task ends that connection only.
-    pub fn spawn_connection<S>(&self, stream: S, peer: impl fmt::Display)
+    /// Serves one client connection on its own task. `peer` says who it is (an address
+    /// for logs, or what a transport learnt: TLS identity, listener, proxy).
+    /// A panic in the task ends that connection only: the session is detached as on a
+    /// lost connection (will included) and everything else carries on.
+    pub fn spawn_connection<S>(&self, stream: S, peer: impl Into<PeerInfo>)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -105,11 +111,17 @@ impl Broker {
             return; // shutting down: drop the stream
         };
         let inner = self.inner.clone();
-        let peer: Arc<str> = peer.to_string().into();
+        let peer = peer.into();
         tokio::spawn(async move {
             crate::connection::serve(inner, stream, peer).await;
             drop(guard);
         });
+    }
+
+    /// The monitor event stream (connections here; listeners emit into the same one
+    /// when given this monitor).
+    pub fn monitor(&self) -> &Monitor {
+        &self.inner.monitor
     }
 
     /// A receiver that turns true when graceful shutdown begins (for listeners).

@@ -19,6 +19,7 @@ use halyard_codec::{
     TopicName, UnsubAck, Unsubscribe, decode,
 };
 use halyard_store::{Op, PendingWill as StoredWill};
+use halyard_transport::{Event, PeerInfo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -48,10 +49,11 @@ enum End {
     Server(ReasonCode, &'static str),
 }
 
-pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, peer: Arc<str>)
+pub(crate) async fn serve<S>(inner: Arc<Inner>, stream: S, info: PeerInfo)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let peer: Arc<str> = info.to_string().into();
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut rbuf = BytesMut::with_capacity(READ_BUFFER_INITIAL_BYTES);
     let max_in = inner.cfg.message_size_limit;
@@ -79,21 +81,47 @@ where
         }
     };
     let permit = inner.permits.clone().try_acquire_owned().ok();
-    let Some(conn) = Connection::accept(
-        inner.clone(),
-        *connect,
-        peer,
-        rd,
-        wr,
-        rbuf,
-        permit.is_some(),
-    )
-    .await
+    let mut connect = *connect;
+    // A listener with `use_identity_as_username` authenticates by the verified client
+    // certificate and replaces the user name with its identity (as mosquitto does).
+    let cert = match (info.identity_as_username, &info.tls_identity) {
+        (false, _) => CertAuth::NotUsed,
+        (true, Some(id)) => {
+            connect.username = Some(id.as_str().into());
+            CertAuth::Verified
+        }
+        (true, None) => CertAuth::Missing,
+    };
+    let admission = Admission {
+        have_permit: permit.is_some(),
+        cert,
+    };
+    let Some(conn) =
+        Connection::accept(inner.clone(), connect, peer, rd, wr, rbuf, admission).await
     else {
         return;
     };
     conn.run().await;
     drop(permit);
+}
+
+/// How the listener's client-certificate identity applies to a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CertAuth {
+    /// The listener does not use certificate identities.
+    NotUsed,
+    /// `use_identity_as_username`, and the client's certificate had an identity.
+    Verified,
+    /// `use_identity_as_username`, but no identity: refused.
+    Missing,
+}
+
+/// What the connection task decided before CONNECT is checked.
+#[derive(Debug, Clone, Copy)]
+struct Admission {
+    /// Within `max_connections`.
+    have_permit: bool,
+    cert: CertAuth,
 }
 
 enum ReadError {
@@ -142,6 +170,11 @@ async fn refuse_bad_connect<W: AsyncWrite + Unpin>(
 ) {
     Stats::inc(&inner.stats.connections_refused);
     info!(peer, error = %e, "refused CONNECT");
+    inner.monitor.emit(Event::AuthFailed {
+        peer: peer.to_string(),
+        client_id: String::new(),
+        reason: e.to_string(),
+    });
     let v = match (e.kind, e.version) {
         (ErrorKind::UnsupportedProtocolVersion, Some(ProtocolVersion::V5)) => ProtocolVersion::V5,
         (ErrorKind::UnsupportedProtocolVersion, _) => ProtocolVersion::V3_1_1,
@@ -190,6 +223,28 @@ struct Connection<S> {
     pending_acks: VecDeque<(u64, Packet)>,
     /// The queue's head is a recorded delivery whose store batch is not durable yet.
     blocked_on_durable: bool,
+    /// `finish` ran; if not, the task is unwinding from a panic (see `Drop`).
+    finished: bool,
+}
+
+impl<S> Drop for Connection<S> {
+    fn drop(&mut self) {
+        // Only a panic gets here without `finish`: close this connection only, as if the
+        // network had failed (will included), so the session can expire or be resumed.
+        // (A task cancelled by runtime teardown is not a lost connection; leave it.)
+        if self.finished || !std::thread::panicking() {
+            return;
+        }
+        tracing::error!(peer = %self.peer, client_id = %self.session.client_id, "connection task panicked; closing this connection only");
+        Stats::dec(&self.inner.stats.connections_current);
+        detach(
+            &self.inner,
+            &self.session,
+            self.conn_id,
+            self.will.take(),
+            self.will_delay,
+        );
+    }
 }
 
 impl<S> Connection<S>
@@ -204,15 +259,22 @@ where
         rd: ReadHalf<S>,
         mut wr: WriteHalf<S>,
         rbuf: BytesMut,
-        have_permit: bool,
+        admission: Admission,
     ) -> Option<Self> {
         let v = c.protocol;
         let v5 = v.is_v5();
         let cfg = &inner.cfg;
         let refuse = |reason: ReasonCode, why: &'static str| (reason, why);
         let mut assigned = None;
+        let cert_authenticated = admission.cert == CertAuth::Verified;
         let check = (|| {
-            if !have_permit {
+            if admission.cert == CertAuth::Missing {
+                return Err(refuse(
+                    ReasonCode::NotAuthorized,
+                    "use_identity_as_username: no client certificate identity",
+                ));
+            }
+            if !admission.have_permit {
                 return Err(refuse(ReasonCode::QuotaExceeded, "max_connections reached"));
             }
             if c.client_id.is_empty() {
@@ -237,7 +299,7 @@ where
                     "unsupported authentication method",
                 ));
             }
-            if !cfg.allow_anonymous {
+            if !cfg.allow_anonymous && !cert_authenticated {
                 if c.username.is_none() {
                     return Err(refuse(
                         ReasonCode::NotAuthorized,
@@ -276,6 +338,11 @@ where
         if let Err((reason, why)) = check {
             Stats::inc(&inner.stats.connections_refused);
             info!(%peer, client_id = %c.client_id, protocol = version_name(v), reason = ?reason, why, "refused CONNECT");
+            inner.monitor.emit(Event::AuthFailed {
+                peer: peer.to_string(),
+                client_id: c.client_id.as_str().to_string(),
+                reason: format!("{reason:?}: {why}"),
+            });
             let ack = Packet::ConnAck(ConnAck {
                 session_present: false,
                 reason,
@@ -367,6 +434,11 @@ where
             %peer, client_id = %client_id, protocol = version_name(v), clean_start = c.clean_start,
             keep_alive, session_present = present, "client connected"
         );
+        inner.monitor.emit(Event::Connected {
+            peer: peer.to_string(),
+            client_id: client_id.to_string(),
+            protocol: version_name(v),
+        });
 
         let will = c.will.as_ref().map(|w| {
             Arc::new(Message::new(
@@ -417,6 +489,7 @@ where
             durable: inner.store.durable(),
             pending_acks: VecDeque::new(),
             blocked_on_durable: false,
+            finished: false,
             inner,
         };
         if present {
@@ -1134,6 +1207,16 @@ where
         })
         .await;
         Stats::dec(&self.inner.stats.connections_current);
+        self.finished = true;
+        self.inner.monitor.emit(Event::Disconnected {
+            peer: self.peer.to_string(),
+            client_id: self.session.client_id.to_string(),
+            reason: match &end {
+                End::ClientDisconnect(r) => format!("client DISCONNECT {r:?}"),
+                End::Closed(why) => format!("connection lost: {why}"),
+                End::Server(r, why) => format!("closed by the server {r:?}: {why}"),
+            },
+        });
 
         let keep_will = match &end {
             End::ClientDisconnect(ReasonCode::DisconnectWithWillMessage) => true,

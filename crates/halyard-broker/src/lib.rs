@@ -14,4 +14,5 @@ mod stats;
 
 pub use broker::Broker;
 pub use config::BrokerConfig;
+pub use halyard_transport::{Event, Monitor, MonitorEvent, PeerInfo, Remote};
 pub use stats::StatsSnapshot;

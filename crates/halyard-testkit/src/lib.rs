@@ -10,6 +10,7 @@ use std::time::Duration;
 use halyard_broker::{Broker, BrokerConfig};
 use halyard_codec::{BytesMut, DecodeError, MAX_PACKET_SIZE, Packet, ProtocolVersion, decode};
 use halyard_store::{MemoryStore, Store};
+use halyard_transport::{ListenerConfig, ListenerHandle, Registry, start_listener};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpStream;
 
@@ -26,6 +27,8 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     /// The store it uses (share it with a second broker to test restarts).
     pub store: Arc<MemoryStore>,
+    /// Its supervised `tcp://127.0.0.1:0` listener.
+    pub listener: ListenerHandle,
 }
 
 impl TestBroker {
@@ -41,23 +44,20 @@ impl TestBroker {
 
     /// Starts a broker on an existing store (to check what survives a restart).
     pub async fn with_store(cfg: BrokerConfig, store: Arc<MemoryStore>) -> TestBroker {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local addr");
         let broker = Broker::new(cfg, store.clone() as Arc<dyn Store>);
-        let b = broker.clone();
-        let shutdown = broker.shutdown_signal();
-        tokio::spawn(halyard_transport::serve_tcp(
-            listener,
-            shutdown,
-            move |s, peer| b.spawn_connection(s, peer),
-        ));
+        let listener = listen(&broker, "tcp://127.0.0.1:0").await;
+        let addr = listener.local_addr().parse().expect("a socket address");
         TestBroker {
             broker,
             addr,
             store,
+            listener,
         }
+    }
+
+    /// Adds a listener (any scheme, options as URL query parameters).
+    pub async fn listen(&self, url: &str) -> ListenerHandle {
+        listen(&self.broker, url).await
     }
 
     /// A raw client over TCP.
@@ -69,6 +69,21 @@ impl TestBroker {
     pub fn host_port(&self) -> (String, u16) {
         (self.addr.ip().to_string(), self.addr.port())
     }
+}
+
+/// Starts a supervised listener for `url` feeding `broker`.
+pub async fn listen(broker: &Broker, url: &str) -> ListenerHandle {
+    let cfg = ListenerConfig::from_url(url).expect("listener URL");
+    let b = broker.clone();
+    start_listener(
+        &Registry::default(),
+        cfg,
+        broker.monitor().clone(),
+        broker.shutdown_signal(),
+        Arc::new(move |s, peer| b.spawn_connection(s, peer)),
+    )
+    .await
+    .expect("listener starts")
 }
 
 /// A raw client over an in-memory pipe to `broker` (works with paused time).

@@ -1,0 +1,919 @@
+//! The transport registry, listeners (bind -> supervised accept loop -> per-connection
+//! handshakes -> the broker) and dialers.
+//!
+//! Per connection the layers are: socket, optional PROXY header, optional TLS, optional
+//! WebSocket. The handshakes run on a task of their own under `handshake_timeout`, so a
+//! slow or silent client never holds up `accept`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::monitor::{Event, Monitor};
+use crate::rewind::Rewind;
+use crate::supervisor::{ListenerStatus, SupervisorExit, SupervisorState, supervise};
+use crate::tls::{ClientTls, ReloadableTls};
+use crate::url::{ListenerConfig, Url};
+use crate::ws::WsSettings;
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Any byte stream a connection can run over.
+pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
+
+/// A connection's stream after every handshake, whatever the transport.
+pub type BoxStream = Box<dyn AsyncStream>;
+
+/// Where a connection comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Remote {
+    /// An IP client (the PROXY header's source when the listener uses it).
+    Ip(SocketAddr),
+    /// A Unix-socket client; the listener's path (Unix peers are usually unnamed).
+    Unix(Arc<str>),
+    /// Anything else (in-memory test pipes, embedders' transports).
+    Named(Arc<str>),
+}
+
+impl fmt::Display for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Remote::Ip(a) => write!(f, "{a}"),
+            Remote::Unix(p) => write!(f, "unix:{p}"),
+            Remote::Named(n) => f.write_str(n),
+        }
+    }
+}
+
+/// What the broker learns about a connection from its transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The client.
+    pub remote: Remote,
+    /// The listener's URL.
+    pub listener: Arc<str>,
+    /// The proxy's own address when a PROXY header supplied `remote`.
+    pub proxy: Option<Remote>,
+    /// The client certificate's identity (CN, else first SAN).
+    pub tls_identity: Option<String>,
+    /// The listener replaces the CONNECT user name with `tls_identity`.
+    pub identity_as_username: bool,
+}
+
+impl PeerInfo {
+    /// A peer known only by its address.
+    pub fn new(remote: Remote) -> PeerInfo {
+        PeerInfo {
+            remote,
+            listener: Arc::from(""),
+            proxy: None,
+            tls_identity: None,
+            identity_as_username: false,
+        }
+    }
+}
+
+impl fmt::Display for PeerInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.remote.fmt(f)
+    }
+}
+
+impl From<SocketAddr> for PeerInfo {
+    fn from(a: SocketAddr) -> Self {
+        PeerInfo::new(Remote::Ip(a))
+    }
+}
+
+impl From<&str> for PeerInfo {
+    fn from(s: &str) -> Self {
+        PeerInfo::new(Remote::Named(s.into()))
+    }
+}
+
+impl From<String> for PeerInfo {
+    fn from(s: String) -> Self {
+        PeerInfo::new(Remote::Named(s.into()))
+    }
+}
+
+/// A bound listening socket.
+pub trait Acceptor: Send {
+    /// The next raw connection.
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<(BoxStream, Remote)>>;
+    /// Where it listens (the real port when bound to port 0).
+    fn local_addr(&self) -> String;
+}
+
+/// What a listener's handshakes need.
+#[derive(Debug)]
+pub struct ListenerCtx {
+    /// The listener's settings.
+    pub cfg: ListenerConfig,
+    /// Its TLS configuration, replaceable at run time.
+    pub tls: Option<Arc<ReloadableTls>>,
+    /// Its WebSocket settings.
+    pub ws: Option<WsSettings>,
+}
+
+/// Options for dialing out (client library, bridges, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DialOptions {
+    /// TLS settings for `tls://` and `wss://`.
+    pub tls: ClientTls,
+    /// Time allowed to connect and finish the handshakes.
+    pub connect_timeout: Duration,
+    /// `Origin` header sent on WebSocket upgrades.
+    pub ws_origin: Option<String>,
+}
+
+impl Default for DialOptions {
+    fn default() -> Self {
+        DialOptions {
+            tls: ClientTls::default(),
+            connect_timeout: Duration::from_secs(10),
+            ws_origin: None,
+        }
+    }
+}
+
+/// One URL scheme: how to listen and how to dial.
+pub trait Transport: Send + Sync + fmt::Debug {
+    /// Binds a listening socket for `cfg`.
+    fn bind<'a>(&'a self, cfg: &'a ListenerConfig) -> BoxFuture<'a, io::Result<Box<dyn Acceptor>>>;
+    /// Runs the server-side handshakes on an accepted stream (after any PROXY header);
+    /// returns the stream MQTT runs on and the client certificate identity, if any.
+    fn upgrade(
+        &self,
+        stream: BoxStream,
+        ctx: Arc<ListenerCtx>,
+    ) -> BoxFuture<'static, io::Result<(BoxStream, Option<String>)>>;
+    /// Connects to `url`.
+    fn dial<'a>(
+        &'a self,
+        url: &'a Url,
+        opts: &'a DialOptions,
+    ) -> BoxFuture<'a, io::Result<BoxStream>>;
+}
+
+/// Transports keyed by URL scheme. `Registry::default()` has `tcp`, `tls`, `ws`, `wss`
+/// and `unix`; embedders may register more.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    map: HashMap<String, Arc<dyn Transport>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        let mut r = Registry::empty();
+        r.register("tcp", Arc::new(Tcp));
+        r.register("tls", Arc::new(Tls));
+        r.register("ws", Arc::new(Ws { secure: false }));
+        r.register("wss", Arc::new(Ws { secure: true }));
+        r.register("unix", Arc::new(Unix));
+        r
+    }
+}
+
+impl Registry {
+    /// A registry with no transports.
+    pub fn empty() -> Registry {
+        Registry {
+            map: HashMap::new(),
+        }
+    }
+
+    /// Adds or replaces the transport for `scheme`.
+    pub fn register(&mut self, scheme: &str, t: Arc<dyn Transport>) {
+        self.map.insert(scheme.to_ascii_lowercase(), t);
+    }
+
+    /// The known schemes, sorted.
+    pub fn schemes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.map.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The transport for `scheme`, or an error listing the known ones.
+    pub fn get(&self, scheme: &str) -> Result<Arc<dyn Transport>, String> {
+        self.map.get(scheme).cloned().ok_or_else(|| {
+            format!(
+                "unknown scheme `{scheme}://` (known: {})",
+                self.schemes().join(", ")
+            )
+        })
+    }
+
+    /// Connects to `url` (any registered scheme) within `opts.connect_timeout`.
+    pub async fn dial(&self, url: &str, opts: &DialOptions) -> io::Result<BoxStream> {
+        let u = Url::parse(url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let t = self
+            .get(&u.scheme)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        tokio::time::timeout(opts.connect_timeout, t.dial(&u, opts))
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {url} timed out"),
+                )
+            })?
+    }
+}
+
+fn invalid(e: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
+}
+
+// ---- tcp ----
+
+#[derive(Debug)]
+struct TcpAcceptor(TcpListener);
+
+impl Acceptor for TcpAcceptor {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<(BoxStream, Remote)>> {
+        Box::pin(async move {
+            let (s, peer) = self.0.accept().await?;
+            // MQTT packets are small and latency-sensitive; the broker batches its own
+            // writes, so Nagle only adds delay.
+            let _ = s.set_nodelay(true);
+            Ok((Box::new(s) as BoxStream, Remote::Ip(peer)))
+        })
+    }
+    fn local_addr(&self) -> String {
+        self.0
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string())
+    }
+}
+
+async fn bind_tcp(cfg: &ListenerConfig) -> io::Result<Box<dyn Acceptor>> {
+    let (host, port) = cfg.parsed.host_port().map_err(invalid)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let l = TcpListener::bind((host, port)).await?;
+    Ok(Box::new(TcpAcceptor(l)))
+}
+
+async fn dial_tcp(url: &Url) -> io::Result<TcpStream> {
+    let (host, port) = url.host_port().map_err(invalid)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let s = TcpStream::connect((host, port)).await?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+async fn tls_accept(
+    stream: BoxStream,
+    ctx: &ListenerCtx,
+) -> io::Result<(BoxStream, Option<String>)> {
+    let tls = ctx
+        .tls
+        .as_ref()
+        .ok_or_else(|| io::Error::other("TLS listener without TLS settings"))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+    let s = acceptor.accept(stream).await?;
+    let identity = crate::tls::peer_identity(s.get_ref().1);
+    Ok((Box::new(s), identity))
+}
+
+async fn tls_dial(url: &Url, stream: BoxStream, opts: &DialOptions) -> io::Result<BoxStream> {
+    let (host, _) = url.host_port().map_err(invalid)?;
+    let cfg = crate::tls::client_config(&opts.tls).map_err(invalid)?;
+    let name = crate::tls::server_name(host, &opts.tls).map_err(invalid)?;
+    let s = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, stream)
+        .await?;
+    Ok(Box::new(s))
+}
+
+#[derive(Debug)]
+struct Tcp;
+
+impl Transport for Tcp {
+    fn bind<'a>(&'a self, cfg: &'a ListenerConfig) -> BoxFuture<'a, io::Result<Box<dyn Acceptor>>> {
+        Box::pin(bind_tcp(cfg))
+    }
+    fn upgrade(
+        &self,
+        s: BoxStream,
+        _: Arc<ListenerCtx>,
+    ) -> BoxFuture<'static, io::Result<(BoxStream, Option<String>)>> {
+        Box::pin(async move { Ok((s, None)) })
+    }
+    fn dial<'a>(
+        &'a self,
+        url: &'a Url,
+        _: &'a DialOptions,
+    ) -> BoxFuture<'a, io::Result<BoxStream>> {
+        Box::pin(async move { Ok(Box::new(dial_tcp(url).await?) as BoxStream) })
+    }
+}
+
+#[derive(Debug)]
+struct Tls;
+
+impl Transport for Tls {
+    fn bind<'a>(&'a self, cfg: &'a ListenerConfig) -> BoxFuture<'a, io::Result<Box<dyn Acceptor>>> {
+        Box::pin(bind_tcp(cfg))
+    }
+    fn upgrade(
+        &self,
+        s: BoxStream,
+        ctx: Arc<ListenerCtx>,
+    ) -> BoxFuture<'static, io::Result<(BoxStream, Option<String>)>> {
+        Box::pin(async move { tls_accept(s, &ctx).await })
+    }
+    fn dial<'a>(
+        &'a self,
+        url: &'a Url,
+        opts: &'a DialOptions,
+    ) -> BoxFuture<'a, io::Result<BoxStream>> {
+        Box::pin(async move {
+            let s = dial_tcp(url).await?;
+            tls_dial(url, Box::new(s), opts).await
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Ws {
+    secure: bool,
+}
+
+impl Transport for Ws {
+    fn bind<'a>(&'a self, cfg: &'a ListenerConfig) -> BoxFuture<'a, io::Result<Box<dyn Acceptor>>> {
+        Box::pin(bind_tcp(cfg))
+    }
+    fn upgrade(
+        &self,
+        s: BoxStream,
+        ctx: Arc<ListenerCtx>,
+    ) -> BoxFuture<'static, io::Result<(BoxStream, Option<String>)>> {
+        let secure = self.secure;
+        Box::pin(async move {
+            let (s, identity) = if secure {
+                tls_accept(s, &ctx).await?
+            } else {
+                (s, None)
+            };
+            let ws = ctx
+                .ws
+                .as_ref()
+                .ok_or_else(|| io::Error::other("WebSocket listener without settings"))?;
+            let s = crate::ws::accept(s, ws).await?;
+            Ok((Box::new(s) as BoxStream, identity))
+        })
+    }
+    fn dial<'a>(
+        &'a self,
+        url: &'a Url,
+        opts: &'a DialOptions,
+    ) -> BoxFuture<'a, io::Result<BoxStream>> {
+        Box::pin(async move {
+            let mut s: BoxStream = Box::new(dial_tcp(url).await?);
+            if self.secure {
+                s = tls_dial(url, s, opts).await?;
+            }
+            let path = if url.path.is_empty() {
+                "/mqtt"
+            } else {
+                &url.path
+            };
+            let ws = crate::ws::connect(s, &url.authority, path, opts.ws_origin.as_deref()).await?;
+            Ok(Box::new(ws) as BoxStream)
+        })
+    }
+}
+
+// ---- unix ----
+
+#[derive(Debug)]
+struct UnixAcceptor {
+    l: UnixListener,
+    name: Arc<str>,
+    /// The socket file, removed when the listener closes (None for abstract sockets).
+    file: Option<PathBuf>,
+}
+
+impl Drop for UnixAcceptor {
+    fn drop(&mut self) {
+        if let Some(p) = &self.file {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Acceptor for UnixAcceptor {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<(BoxStream, Remote)>> {
+        Box::pin(async move {
+            let (s, _) = self.l.accept().await?;
+            Ok((Box::new(s) as BoxStream, Remote::Unix(self.name.clone())))
+        })
+    }
+    fn local_addr(&self) -> String {
+        self.name.to_string()
+    }
+}
+
+/// Removes a socket file left by a previous run, but only if nothing answers on it
+/// and it is a socket: never delete a regular file or a live broker's socket.
+fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if !m.file_type().is_socket() => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; not removing it",
+                path.display()
+            ),
+        )),
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another process is listening on {}", path.display()),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                info!(path = %path.display(), "removing a stale socket file");
+                std::fs::remove_file(path)
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+fn bind_unix(cfg: &ListenerConfig) -> io::Result<Box<dyn Acceptor>> {
+    let p = cfg.parsed.unix_path().map_err(invalid)?;
+    if let Some(name) = p.strip_prefix('@') {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+            let l = std::os::unix::net::UnixListener::bind_addr(&addr)?;
+            l.set_nonblocking(true)?;
+            return Ok(Box::new(UnixAcceptor {
+                l: UnixListener::from_std(l)?,
+                name: p.as_str().into(),
+                file: None,
+            }));
+        }
+        #[cfg(not(target_os = "linux"))]
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("abstract socket @{name} needs Linux"),
+        ));
+    }
+    let path = PathBuf::from(&p);
+    remove_stale_socket(&path)?;
+    let l = UnixListener::bind(&path)?;
+    let acceptor = UnixAcceptor {
+        l,
+        name: p.as_str().into(),
+        file: Some(path.clone()),
+    };
+    if let Some(mode) = cfg.socket_mode {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(Box::new(acceptor))
+}
+
+#[derive(Debug)]
+struct Unix;
+
+impl Transport for Unix {
+    fn bind<'a>(&'a self, cfg: &'a ListenerConfig) -> BoxFuture<'a, io::Result<Box<dyn Acceptor>>> {
+        Box::pin(async move { bind_unix(cfg) })
+    }
+    fn upgrade(
+        &self,
+        s: BoxStream,
+        _: Arc<ListenerCtx>,
+    ) -> BoxFuture<'static, io::Result<(BoxStream, Option<String>)>> {
+        Box::pin(async move { Ok((s, None)) })
+    }
+    fn dial<'a>(
+        &'a self,
+        url: &'a Url,
+        _: &'a DialOptions,
+    ) -> BoxFuture<'a, io::Result<BoxStream>> {
+        Box::pin(async move {
+            let p = url.unix_path().map_err(invalid)?;
+            if let Some(name) = p.strip_prefix('@') {
+                #[cfg(target_os = "linux")]
+                {
+                    use std::os::linux::net::SocketAddrExt;
+                    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+                    let s = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+                    s.set_nonblocking(true)?;
+                    return Ok(Box::new(UnixStream::from_std(s)?) as BoxStream);
+                }
+                #[cfg(not(target_os = "linux"))]
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("abstract socket @{name} needs Linux"),
+                ));
+            }
+            Ok(Box::new(UnixStream::connect(p).await?) as BoxStream)
+        })
+    }
+}
+
+// ---- listeners ----
+
+/// Called with each connection that completed its handshakes.
+pub type ConnSink = Arc<dyn Fn(BoxStream, PeerInfo) + Send + Sync>;
+
+/// Counters of one listener.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Connections accepted (before handshakes).
+    pub accepted: AtomicU64,
+    /// Connections closed at once because `max_connections` was reached.
+    pub refused: AtomicU64,
+    /// PROXY/TLS/WebSocket handshakes that failed or timed out.
+    pub handshake_failed: AtomicU64,
+}
+
+/// Consecutive resource-exhaustion `accept` errors (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+/// after which the accept loop gives up and lets its supervisor restart the listener.
+pub const RESOURCE_ERRORS_BEFORE_RESTART: u32 = 10;
+/// First pause after a resource-exhaustion `accept` error, doubled up to
+/// [`ACCEPT_BACKOFF_MAX`].
+pub const ACCEPT_BACKOFF_INITIAL: Duration = Duration::from_millis(10);
+/// Longest pause between failed `accept`s.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+struct Shared {
+    name: Arc<str>,
+    ctx: Arc<ListenerCtx>,
+    transport: Arc<dyn Transport>,
+    sink: ConnSink,
+    monitor: Monitor,
+    limit: Option<Arc<Semaphore>>,
+    stats: ListenerStats,
+    state: Arc<SupervisorState>,
+    local: Mutex<String>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener")
+            .field("name", &self.name)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection's stream holding its slot of the listener's `max_connections`.
+struct Held {
+    inner: BoxStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Held {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Held {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+impl Shared {
+    fn handle(self: &Arc<Self>, stream: BoxStream, remote: Remote) {
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let permit = match &self.limit {
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    debug!(listener = %self.name, peer = %remote, "max_connections reached; closing");
+                    self.monitor.emit(Event::Refused {
+                        listener: self.name.clone(),
+                        peer: remote.to_string(),
+                        why: "the listener's max_connections is reached",
+                    });
+                    return;
+                }
+            },
+            None => None,
+        };
+        self.monitor.emit(Event::Accepted {
+            listener: self.name.clone(),
+            peer: remote.to_string(),
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let shown = remote.to_string();
+            let work = async {
+                let (mut stream, mut remote, mut proxy) = (stream, remote, None);
+                if me.ctx.cfg.proxy_protocol {
+                    let (h, rest) = crate::proxy::read_header(&mut stream).await?;
+                    if let crate::proxy::ProxyHeader::Proxied { source, .. } = h {
+                        proxy = Some(std::mem::replace(&mut remote, Remote::Ip(source)));
+                    }
+                    stream = Box::new(Rewind::new(rest, stream));
+                }
+                let (stream, identity) = me.transport.upgrade(stream, me.ctx.clone()).await?;
+                Ok::<_, io::Error>((stream, remote, proxy, identity))
+            };
+            let r = match tokio::time::timeout(me.ctx.cfg.handshake_timeout, work).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "handshake timed out",
+                )),
+            };
+            match r {
+                Ok((stream, remote, proxy, tls_identity)) => {
+                    let stream: BoxStream = match permit {
+                        Some(p) => Box::new(Held {
+                            inner: stream,
+                            _permit: p,
+                        }),
+                        None => stream,
+                    };
+                    let peer = PeerInfo {
+                        remote,
+                        listener: me.name.clone(),
+                        proxy,
+                        tls_identity,
+                        identity_as_username: me.ctx.cfg.use_identity_as_username,
+                    };
+                    (me.sink)(stream, peer);
+                }
+                Err(e) => {
+                    me.stats.handshake_failed.fetch_add(1, Ordering::Relaxed);
+                    debug!(listener = %me.name, peer = %shown, error = %e, "handshake failed");
+                    me.monitor.emit(Event::HandshakeFailed {
+                        listener: me.name.clone(),
+                        peer: shown,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        });
+    }
+
+    /// Accepts until shutdown (`Ok`) or a failure the supervisor should handle (`Err`).
+    async fn accept_loop(
+        self: Arc<Self>,
+        mut acceptor: Box<dyn Acceptor>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> io::Result<()> {
+        let mut backoff = ACCEPT_BACKOFF_INITIAL;
+        let mut resource_errors = 0u32;
+        if *shutdown.borrow_and_update() {
+            return Ok(());
+        }
+        loop {
+            let r = tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                r = acceptor.accept() => r,
+            };
+            match r {
+                Ok((stream, remote)) => {
+                    backoff = ACCEPT_BACKOFF_INITIAL;
+                    resource_errors = 0;
+                    self.handle(stream, remote);
+                }
+                Err(e) if is_transient(&e) => {
+                    debug!(listener = %self.name, error = %e, "accept: transient error");
+                }
+                Err(e) if is_resource_exhaustion(&e) => {
+                    resource_errors += 1;
+                    if resource_errors >= RESOURCE_ERRORS_BEFORE_RESTART {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("accept failed {resource_errors} times in a row: {e}"),
+                        ));
+                    }
+                    // Out of descriptors: pause instead of spinning, mini-redis style.
+                    warn!(listener = %self.name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                    tokio::select! {
+                        _ = shutdown.changed() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn reload_tls(&self, force: bool) -> Result<bool, String> {
+        let Some(tls) = &self.ctx.tls else {
+            return Ok(false);
+        };
+        let r = if force {
+            tls.reload().map(|()| true)
+        } else {
+            tls.reload_if_changed()
+        };
+        match &r {
+            Ok(true) => {
+                self.monitor.emit(Event::TlsReloaded {
+                    listener: self.name.clone(),
+                });
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.monitor.emit(Event::TlsReloadFailed {
+                    listener: self.name.clone(),
+                    error: e.clone(),
+                });
+            }
+        }
+        r
+    }
+}
+
+/// A running, supervised listener.
+#[derive(Debug)]
+pub struct ListenerHandle {
+    shared: Arc<Shared>,
+    task: JoinHandle<SupervisorExit>,
+}
+
+impl ListenerHandle {
+    /// The listener's URL.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+    /// Where it listens now.
+    pub fn local_addr(&self) -> String {
+        self.shared
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    /// Its supervisor's view.
+    pub fn status(&self) -> ListenerStatus {
+        self.shared.state.status()
+    }
+    /// Restarts so far.
+    pub fn restarts(&self) -> u32 {
+        self.shared.state.restarts()
+    }
+    /// Its counters.
+    pub fn stats(&self) -> &ListenerStats {
+        &self.shared.stats
+    }
+    /// Reloads the TLS files now (SIGHUP). `Ok(false)` for a listener without TLS; on
+    /// `Err` the previous files stay in use.
+    pub fn reload_tls(&self) -> Result<bool, String> {
+        self.shared.reload_tls(true)
+    }
+    /// Waits for the listener to stop (shutdown, or given up by its supervisor).
+    pub async fn join(self) -> SupervisorExit {
+        self.task.await.unwrap_or(SupervisorExit::Failed)
+    }
+}
+
+/// Binds `cfg`'s listener (a failure here is returned, for the caller to report at
+/// start-up) and runs it under a supervisor until `shutdown`. Each connection that
+/// completes its handshakes goes to `sink`.
+pub async fn start_listener(
+    registry: &Registry,
+    cfg: ListenerConfig,
+    monitor: Monitor,
+    shutdown: watch::Receiver<bool>,
+    sink: ConnSink,
+) -> Result<ListenerHandle, String> {
+    cfg.validate().map_err(|e| format!("{}: {e}", cfg.url))?;
+    let transport = registry.get(&cfg.parsed.scheme)?;
+    let tls = match cfg.tls.clone() {
+        Some(files) => Some(Arc::new(
+            ReloadableTls::load(files).map_err(|e| format!("{}: {e}", cfg.url))?,
+        )),
+        None => None,
+    };
+    let ws = matches!(cfg.parsed.scheme.as_str(), "ws" | "wss").then(|| WsSettings {
+        path: cfg.ws_path(),
+        allowed_origins: cfg.allowed_origins.clone(),
+    });
+    let acceptor = transport
+        .bind(&cfg)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.url))?;
+    let name: Arc<str> = cfg.url.as_str().into();
+    let limit = (cfg.max_connections > 0).then(|| {
+        Arc::new(Semaphore::new(
+            cfg.max_connections.min(Semaphore::MAX_PERMITS),
+        ))
+    });
+    let policy = cfg.restart;
+    let reload_every = cfg.tls_reload_interval;
+    let shared = Arc::new(Shared {
+        name: name.clone(),
+        ctx: Arc::new(ListenerCtx { cfg, tls, ws }),
+        transport,
+        sink,
+        monitor: monitor.clone(),
+        limit,
+        stats: ListenerStats::default(),
+        state: Arc::new(SupervisorState::default()),
+        local: Mutex::new(acceptor.local_addr()),
+    });
+    monitor.emit(Event::Listening {
+        listener: name.clone(),
+        local: acceptor.local_addr(),
+    });
+    let first = Mutex::new(Some(acceptor));
+    let s2 = shared.clone();
+    let sd = shutdown.clone();
+    let task = tokio::spawn(supervise(
+        name,
+        policy,
+        monitor,
+        shared.state.clone(),
+        shutdown.clone(),
+        move |_attempt| {
+            let me = s2.clone();
+            let sd = sd.clone();
+            let prebound = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+            async move {
+                let acceptor = match prebound {
+                    Some(a) => a,
+                    None => {
+                        let a = me.transport.bind(&me.ctx.cfg).await?;
+                        *me.local.lock().unwrap_or_else(|e| e.into_inner()) = a.local_addr();
+                        me.monitor.emit(Event::Listening {
+                            listener: me.name.clone(),
+                            local: a.local_addr(),
+                        });
+                        a
+                    }
+                };
+                me.accept_loop(acceptor, sd).await
+            }
+        },
+    ));
+    if shared.ctx.tls.is_some() && !reload_every.is_zero() {
+        let weak = Arc::downgrade(&shared);
+        let mut sd = shutdown;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sd.changed() => break,
+                    _ = tokio::time::sleep(reload_every) => {}
+                }
+                let Some(s) = weak.upgrade() else { break };
+                let _ = s.reload_tls(false);
+            }
+        });
+    }
+    Ok(ListenerHandle { shared, task })
+}

@@ -1,0 +1,250 @@
+//! Monitor events: what happens to listeners and connections, as a stream any part of the
+//! program can subscribe to (the log now, the admin API's Server-Sent Events later).
+//!
+//! A `tokio::sync::broadcast` channel: `emit` never blocks and never waits for a slow
+//! subscriber. A subscriber that falls more than the channel's capacity behind loses the
+//! oldest events and is told how many (`RecvError::Lagged`), which is the right trade for
+//! observability: the broker must never slow down because nobody reads its events.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::broadcast;
+use tracing::{debug, error, info, warn};
+
+/// Events buffered per subscriber before the oldest are dropped.
+pub const MONITOR_CAPACITY: usize = 4096;
+
+/// One event, stamped with wall-clock time.
+#[derive(Debug, Clone)]
+pub struct MonitorEvent {
+    /// When it happened.
+    pub at: SystemTime,
+    /// What happened.
+    pub kind: Event,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A listener is bound and accepting.
+    Listening { listener: Arc<str>, local: String },
+    /// A connection was accepted by a listener (before any TLS/WebSocket handshake).
+    Accepted { listener: Arc<str>, peer: String },
+    /// A connection was closed at once because a limit was reached.
+    Refused {
+        listener: Arc<str>,
+        peer: String,
+        why: &'static str,
+    },
+    /// The PROXY, TLS or WebSocket handshake failed.
+    HandshakeFailed {
+        listener: Arc<str>,
+        peer: String,
+        error: String,
+    },
+    /// An MQTT session was established (CONNACK success sent).
+    Connected {
+        peer: String,
+        client_id: String,
+        protocol: &'static str,
+    },
+    /// A CONNECT was refused (bad credentials, not authorized, bad packet, ...).
+    AuthFailed {
+        peer: String,
+        client_id: String,
+        reason: String,
+    },
+    /// An MQTT connection ended.
+    Disconnected {
+        peer: String,
+        client_id: String,
+        reason: String,
+    },
+    /// A listener's accept loop failed; it restarts after `restart_in`.
+    ListenerCrashed {
+        listener: Arc<str>,
+        error: String,
+        restart_in: Duration,
+    },
+    /// A listener was restarted by its supervisor (attempt counts from 1).
+    ListenerRestarted { listener: Arc<str>, attempt: u32 },
+    /// A listener failed too often inside the supervisor's window and was given up.
+    ListenerFailed {
+        listener: Arc<str>,
+        failures: usize,
+        window: Duration,
+        error: String,
+    },
+    /// A listener stopped (shutdown).
+    ListenerClosed { listener: Arc<str> },
+    /// New TLS certificate/key/CA files were loaded.
+    TlsReloaded { listener: Arc<str> },
+    /// New TLS files were refused; the previous ones stay in use.
+    TlsReloadFailed { listener: Arc<str>, error: String },
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Listening { listener, local } => write!(f, "listening: {listener} on {local}"),
+            Event::Accepted { listener, peer } => write!(f, "accepted: {peer} on {listener}"),
+            Event::Refused {
+                listener,
+                peer,
+                why,
+            } => write!(f, "refused: {peer} on {listener}: {why}"),
+            Event::HandshakeFailed {
+                listener,
+                peer,
+                error,
+            } => write!(f, "handshake failed: {peer} on {listener}: {error}"),
+            Event::Connected {
+                peer,
+                client_id,
+                protocol,
+            } => write!(f, "connected: {client_id} from {peer} ({protocol})"),
+            Event::AuthFailed {
+                peer,
+                client_id,
+                reason,
+            } => write!(f, "connect refused: {client_id} from {peer}: {reason}"),
+            Event::Disconnected {
+                peer,
+                client_id,
+                reason,
+            } => write!(f, "disconnected: {client_id} from {peer}: {reason}"),
+            Event::ListenerCrashed {
+                listener,
+                error,
+                restart_in,
+            } => write!(
+                f,
+                "listener crashed: {listener}: {error}; restarting in {restart_in:?}"
+            ),
+            Event::ListenerRestarted { listener, attempt } => {
+                write!(f, "listener restarted: {listener} (restart {attempt})")
+            }
+            Event::ListenerFailed {
+                listener,
+                failures,
+                window,
+                error,
+            } => write!(
+                f,
+                "listener failed: {listener}: {failures} failures within {window:?}, last: {error}; not restarting"
+            ),
+            Event::ListenerClosed { listener } => write!(f, "listener closed: {listener}"),
+            Event::TlsReloaded { listener } => {
+                write!(f, "tls files reloaded; new handshakes use them: {listener}")
+            }
+            Event::TlsReloadFailed { listener, error } => {
+                write!(
+                    f,
+                    "tls reload refused, keeping the previous files: {listener}: {error}"
+                )
+            }
+        }
+    }
+}
+
+/// A cheap, cloneable handle for emitting and subscribing to events.
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    tx: broadcast::Sender<Arc<MonitorEvent>>,
+}
+
+impl Default for Monitor {
+    fn default() -> Self {
+        Monitor::new(MONITOR_CAPACITY)
+    }
+}
+
+impl Monitor {
+    /// A monitor whose subscribers each buffer up to `capacity` events.
+    pub fn new(capacity: usize) -> Monitor {
+        let (tx, _) = broadcast::channel(capacity.max(1));
+        Monitor { tx }
+    }
+
+    /// Publishes an event. Never blocks; does nothing when nobody subscribes.
+    pub fn emit(&self, kind: Event) {
+        if self.tx.receiver_count() == 0 {
+            return;
+        }
+        let _ = self.tx.send(Arc::new(MonitorEvent {
+            at: SystemTime::now(),
+            kind,
+        }));
+    }
+
+    /// A new subscription; it sees events emitted from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<MonitorEvent>> {
+        self.tx.subscribe()
+    }
+
+    /// Writes every event to the log (target `halyard::monitor`) until the monitor's last
+    /// sender is dropped. Per-connection events are at debug level (the broker already
+    /// logs them with more detail at info); listener events at info or above.
+    pub fn spawn_logger(&self) -> tokio::task::JoinHandle<()> {
+        let mut rx = self.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => log_event(&ev.kind),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(target: "halyard::monitor", dropped = n, "monitor log fell behind; events dropped");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        })
+    }
+}
+
+fn log_event(ev: &Event) {
+    match ev {
+        Event::Accepted { .. }
+        | Event::Connected { .. }
+        | Event::Disconnected { .. }
+        | Event::AuthFailed { .. }
+        | Event::HandshakeFailed { .. } => debug!(target: "halyard::monitor", "{ev}"),
+        Event::Refused { .. } | Event::ListenerCrashed { .. } | Event::TlsReloadFailed { .. } => {
+            warn!(target: "halyard::monitor", "{ev}")
+        }
+        Event::ListenerFailed { .. } => error!(target: "halyard::monitor", "{ev}"),
+        _ => info!(target: "halyard::monitor", "{ev}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn slow_subscriber_lags_instead_of_blocking() {
+        let m = Monitor::new(4);
+        let mut rx = m.subscribe();
+        for i in 0..10u32 {
+            m.emit(Event::ListenerRestarted {
+                listener: "x".into(),
+                attempt: i,
+            });
+        }
+        // emit returned ten times without anyone reading: never blocks.
+        match rx.recv().await {
+            Err(broadcast::error::RecvError::Lagged(n)) => assert_eq!(n, 6),
+            other => panic!("expected a lag report, got {other:?}"),
+        }
+        let ev = rx.recv().await.expect("event");
+        assert_eq!(
+            ev.kind,
+            Event::ListenerRestarted {
+                listener: "x".into(),
+                attempt: 6
+            }
+        );
+    }
+}
