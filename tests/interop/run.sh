@@ -80,6 +80,23 @@ else
   echo "FAIL bad config: exit $rc, said: $out"; fails=$((fails + 1))
 fi
 
+# A listener that cannot be bound names its URL and exits 1; a bad --listen exits 2.
+out=$("$BIN" serve --data-dir "$work/d3" --listen "unix:///nonexistent-dir/h.sock" 2>&1); rc=$?
+if [ "$rc" -eq 1 ] && [[ "$out" == *"cannot listen on unix:///nonexistent-dir/h.sock"* ]]; then
+  echo "ok   unbindable listener: exit 1 naming the URL"
+else
+  echo "FAIL unbindable listener: exit $rc, said: $out"; fails=$((fails + 1))
+fi
+out=$("$BIN" serve --listen "tls://0.0.0.0:8883" 2>&1); rc=$?
+if [ "$rc" -eq 2 ] && [[ "$out" == *"needs \`certfile\` and \`keyfile\`"* ]]; then
+  echo "ok   --listen tls:// without certificate: exit 2 saying what is missing"
+else
+  echo "FAIL bad --listen: exit $rc, said: $out"; fails=$((fails + 1))
+fi
+
+# Every transport with outside clients (TLS, mTLS, unix, ws, wss, rotation).
+bash tests/interop/transports.sh "$BIN" || fails=$((fails + 1))
+
 if [ "$fails" -ne 0 ]; then
   echo "--- broker log (tail) ---"; tail -30 "$work/broker.log"
 fi

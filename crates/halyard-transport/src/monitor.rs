@@ -209,8 +209,10 @@ fn log_event(ev: &Event) {
         Event::Accepted { .. }
         | Event::Connected { .. }
         | Event::Disconnected { .. }
-        | Event::AuthFailed { .. }
-        | Event::HandshakeFailed { .. } => debug!(target: "halyard::monitor", "{ev}"),
+        | Event::AuthFailed { .. } => debug!(target: "halyard::monitor", "{ev}"),
+        // Why a client's TLS or WebSocket handshake failed (an unknown CA, a v1
+        // certificate, a wrong path) is what its operator needs to see.
+        Event::HandshakeFailed { .. } => info!(target: "halyard::monitor", "{ev}"),
         Event::Refused { .. } | Event::ListenerCrashed { .. } | Event::TlsReloadFailed { .. } => {
             warn!(target: "halyard::monitor", "{ev}")
         }
