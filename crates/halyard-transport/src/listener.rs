@@ -693,6 +693,12 @@ impl Shared {
                     };
                     (me.sink)(stream, peer);
                 }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    // Closed before the handshake ended: port probes and health checks
+                    // do this all day; counted, not reported as a failure.
+                    me.stats.handshake_failed.fetch_add(1, Ordering::Relaxed);
+                    debug!(listener = %me.name, peer = %shown, error = %e, "closed during the handshake");
+                }
                 Err(e) => {
                     me.stats.handshake_failed.fetch_add(1, Ordering::Relaxed);
                     debug!(listener = %me.name, peer = %shown, error = %e, "handshake failed");
