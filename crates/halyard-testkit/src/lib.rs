@@ -3,6 +3,8 @@
 //! packets back, for behaviour a client library would hide.
 #![forbid(unsafe_code)]
 
+pub mod pki;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,6 +131,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     /// Writes raw bytes.
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
+        // TLS and WebSocket streams buffer; plain sockets ignore this.
+        self.stream.flush().await.expect("flush");
     }
 
     /// Writes a hex string (spaces allowed).

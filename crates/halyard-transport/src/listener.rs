@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -551,6 +551,8 @@ pub struct ListenerStats {
     pub refused: AtomicU64,
     /// PROXY/TLS/WebSocket handshakes that failed or timed out.
     pub handshake_failed: AtomicU64,
+    /// Connections open now (handed to the broker and not yet closed).
+    pub open: AtomicUsize,
 }
 
 /// Consecutive resource-exhaustion `accept` errors (EMFILE, ENFILE, ENOBUFS, ENOMEM)
@@ -569,7 +571,7 @@ struct Shared {
     sink: ConnSink,
     monitor: Monitor,
     limit: Option<Arc<Semaphore>>,
-    stats: ListenerStats,
+    stats: Arc<ListenerStats>,
     state: Arc<SupervisorState>,
     local: Mutex<String>,
 }
@@ -583,10 +585,18 @@ impl fmt::Debug for Shared {
     }
 }
 
-/// A connection's stream holding its slot of the listener's `max_connections`.
+/// A connection's stream, counted in its listener's `open` gauge and holding its slot of
+/// the listener's `max_connections` until dropped.
 struct Held {
     inner: BoxStream,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
+    stats: Arc<ListenerStats>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl AsyncRead for Held {
@@ -677,13 +687,12 @@ impl Shared {
             };
             match r {
                 Ok((stream, remote, proxy, tls_identity)) => {
-                    let stream: BoxStream = match permit {
-                        Some(p) => Box::new(Held {
-                            inner: stream,
-                            _permit: p,
-                        }),
-                        None => stream,
-                    };
+                    me.stats.open.fetch_add(1, Ordering::Relaxed);
+                    let stream: BoxStream = Box::new(Held {
+                        inner: stream,
+                        _permit: permit,
+                        stats: me.stats.clone(),
+                    });
                     let peer = PeerInfo {
                         remote,
                         listener: me.name.clone(),
@@ -869,7 +878,7 @@ pub async fn start_listener(
         sink,
         monitor: monitor.clone(),
         limit,
-        stats: ListenerStats::default(),
+        stats: Arc::default(),
         state: Arc::new(SupervisorState::default()),
         local: Mutex::new(acceptor.local_addr()),
     });
@@ -922,4 +931,80 @@ pub async fn start_listener(
         });
     }
     Ok(ListenerHandle { shared, task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails `accept` with the errors in `script`, then with `last` forever.
+    struct Scripted {
+        script: Vec<i32>,
+        last: i32,
+    }
+
+    impl Acceptor for Scripted {
+        fn accept(&mut self) -> BoxFuture<'_, io::Result<(BoxStream, Remote)>> {
+            let code = if self.script.is_empty() {
+                self.last
+            } else {
+                self.script.remove(0)
+            };
+            Box::pin(async move { Err(io::Error::from_raw_os_error(code)) })
+        }
+        fn local_addr(&self) -> String {
+            "scripted".into()
+        }
+    }
+
+    fn shared() -> Arc<Shared> {
+        let cfg = ListenerConfig::from_url("tcp://127.0.0.1:0").unwrap();
+        Arc::new(Shared {
+            name: "test".into(),
+            ctx: Arc::new(ListenerCtx {
+                cfg,
+                tls: None,
+                ws: None,
+            }),
+            transport: Registry::default().get("tcp").unwrap(),
+            sink: Arc::new(|_, _| {}),
+            monitor: Monitor::default(),
+            limit: None,
+            stats: Arc::default(),
+            state: Arc::default(),
+            local: Mutex::new(String::new()),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn persistent_emfile_ends_the_accept_loop_after_backing_off() {
+        let (_tx, rx) = watch::channel(false);
+        // Transient errors (ECONNABORTED, EINTR) are skipped without a pause; then EMFILE
+        // forever: ten attempts with 10, 20, ... 1000 ms pauses between them.
+        let a = Scripted {
+            script: vec![103, 4, 103],
+            last: 24,
+        };
+        let t0 = tokio::time::Instant::now();
+        let e = shared().accept_loop(Box::new(a), rx).await.unwrap_err();
+        assert!(e.to_string().contains("10 times in a row"), "{e}");
+        let waited: u64 = [10, 20, 40, 80, 160, 320, 640, 1000, 1000].iter().sum();
+        assert_eq!(t0.elapsed(), Duration::from_millis(waited));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_the_accept_loop_during_its_backoff() {
+        let (tx, rx) = watch::channel(false);
+        let s = shared();
+        let task = tokio::spawn(s.accept_loop(
+            Box::new(Scripted {
+                script: vec![],
+                last: 24,
+            }),
+            rx,
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send(true).unwrap();
+        assert!(task.await.unwrap().is_ok());
+    }
 }
