@@ -12,40 +12,15 @@ fail=0
 ok() { pass=$((pass + 1)); echo "ok   $*"; }
 bad() { fail=$((fail + 1)); echo "FAIL $*"; }
 
-# Starts mosquitto_sub in the background with debug output and waits (polling, 10 s max)
-# until its SUBACK arrived, so a publish cannot race the subscription. Sets $SUB_PID.
-start_sub() {
-  local out=$1; shift
-  # Line-buffered, or the debug lines sit in stdio buffers until exit.
-  stdbuf -oL -eL mosquitto_sub -h "$HOST" -p "$PORT" -d "$@" >"$out" 2>&1 &
-  SUB_PID=$!
-  for _ in $(seq 1 200); do
-    grep -q "received SUBACK" "$out" && return 0
-    sleep 0.05
-  done
-  return 1
-}
-
-# Waits up to 10 s for a background process to exit; returns its status.
-wait_exit() {
-  local pid=$1
-  for _ in $(seq 1 200); do
-    kill -0 "$pid" 2>/dev/null || { wait "$pid"; return $?; }
-    sleep 0.05
-  done
-  kill "$pid" 2>/dev/null
-  return 124
-}
-
-# Message lines in mosquitto_sub -d output (its debug lines start with "Client " or
-# "Subscribed (mid").
-payload_lines() { grep -v -e '^Client ' -e '^Subscribed (mid' "$1" || true; }
+source "$(dirname "$0")/lib.sh"
+# mosquitto_sub against HOST PORT.
+sub_at() { local out=$1; shift; start_sub "$out" -h "$HOST" -p "$PORT" "$@"; }
 
 for V in mqttv31 mqttv311 mqttv5; do
   # QoS 0, 1, 2 end to end; the format prints the QoS the subscriber received.
   for Q in 0 1 2; do
     t="it/$V/qos$Q"
-    if start_sub "$work/s" -V "$V" -t "$t" -q "$Q" -C 1 -F '%q %p'; then
+    if sub_at "$work/s" -V "$V" -t "$t" -q "$Q" -C 1 -F '%q %p'; then
       mosquitto_pub -h "$HOST" -p "$PORT" -V "$V" -t "$t" -q "$Q" -m "hello-$Q"
       wait_exit "$SUB_PID"
       got=$(payload_lines "$work/s")
@@ -66,9 +41,9 @@ for V in mqttv31 mqttv311 mqttv5; do
 
   # Will: a client with a will dies without DISCONNECT (SIGKILL); the watcher gets it.
   t="it/$V/will"
-  if start_sub "$work/w" -V "$V" -t "$t" -q 1 -C 1; then
+  if sub_at "$work/w" -V "$V" -t "$t" -q 1 -C 1; then
     watcher=$SUB_PID
-    start_sub "$work/d" -V "$V" -t "it/$V/nothing" --will-topic "$t" --will-payload "gone" --will-qos 1 -k 60
+    sub_at "$work/d" -V "$V" -t "it/$V/nothing" --will-topic "$t" --will-payload "gone" --will-qos 1 -k 60
     dying=$SUB_PID
     kill -9 "$dying"
     wait "$dying" 2>/dev/null
@@ -82,7 +57,7 @@ done
 
 # MQTT 5 user properties, content type and response topic are forwarded.
 t="it/v5/props"
-if start_sub "$work/p" -V mqttv5 -t "$t" -C 1 -F '%P|%C|%R|%p'; then
+if sub_at "$work/p" -V mqttv5 -t "$t" -C 1 -F '%P|%C|%R|%p'; then
   mosquitto_pub -h "$HOST" -p "$PORT" -V mqttv5 -t "$t" -m body \
     -D publish user-property trace abc -D publish content-type text/plain \
     -D publish response-topic reply/1

@@ -15,19 +15,12 @@ cleanup() {
 trap cleanup EXIT
 fails=0
 
-# Polls (5 s at most) until the broker accepts connections on $port.
-wait_port() {
-  for _ in $(seq 1 100); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),0.2)" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  return 1
-}
+source tests/interop/lib.sh
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 "$BIN" serve --listen "tcp://127.0.0.1:$port" --data-dir "$work/data" >"$work/broker.log" 2>&1 &
 broker=$!
-wait_port
+wait_port "$port"
 
 bash tests/interop/mosquitto_clients.sh 127.0.0.1 "$port" || fails=$((fails + 1))
 python3 tests/interop/paho_sessions.py 127.0.0.1 "$port" || fails=$((fails + 1))
@@ -57,7 +50,7 @@ else
 fi
 "$BIN" serve --listen "tcp://127.0.0.1:$port" --data-dir "$work/data" >"$work/broker2.log" 2>&1 &
 broker=$!
-wait_port
+wait_port "$port"
 got=$(mosquitto_sub -h 127.0.0.1 -p "$port" -t durable/check -C 1 -W 5)
 if [ "$got" = "still here" ] && grep -q "cut off" "$work/broker2.log"; then
   echo "ok   damaged log tail cut off and reported; acknowledged data kept"

@@ -26,14 +26,7 @@ fail=0
 ok() { pass=$((pass + 1)); echo "ok   $*"; }
 bad() { fail=$((fail + 1)); echo "FAIL $*"; }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 100); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  return 1
-}
+source "$(dirname "$0")/lib.sh"
 
 # --- a test PKI: CA 1 (server + client certificates), CA 2 (the rotated server cert) ---
 pki() { openssl "$@" >/dev/null 2>&1; }
@@ -75,35 +68,16 @@ start_broker() {
 }
 start_broker || { echo "FAIL broker did not start"; cat "$work/broker.log"; exit 1; }
 
-# Starts mosquitto_sub in the background and waits for its SUBACK. Sets SUB_PID.
-start_sub() {
-  local out=$1; shift
-  stdbuf -oL -eL mosquitto_sub -d "$@" >"$out" 2>&1 &
-  SUB_PID=$!
-  bg+=("$SUB_PID")
-  for _ in $(seq 1 200); do
-    grep -q "received SUBACK" "$out" && return 0
-    kill -0 "$SUB_PID" 2>/dev/null || return 1
-    sleep 0.05
-  done
-  return 1
-}
-wait_exit() {
-  for _ in $(seq 1 200); do
-    kill -0 "$1" 2>/dev/null || { wait "$1"; return $?; }
-    sleep 0.05
-  done
-  kill "$1" 2>/dev/null
-  return 124
-}
-payload() { grep -v -e '^Client ' -e '^Subscribed (mid' "$1" || true; }
+# Remember every background subscriber for the cleanup.
+sub() { start_sub "$@"; local rc=$?; bg+=("$SUB_PID"); return $rc; }
+payload() { payload_lines "$1"; }
 TLS1=(-h localhost -p "$P_TLS" --cafile "$work/ca1.pem")
 
 # tls://: subscribe over TLS, publish over plain TCP (one broker, every transport).
 for V in mqttv311 mqttv5; do
   for T in tlsv1.2 tlsv1.3; do
     t="tls/$V/$T"
-    if start_sub "$work/s" "${TLS1[@]}" --tls-version "$T" -V "$V" -t "$t" -q 1 -C 1; then
+    if sub "$work/s" "${TLS1[@]}" --tls-version "$T" -V "$V" -t "$t" -q 1 -C 1; then
       mosquitto_pub -h 127.0.0.1 -p "$P_TCP" -V "$V" -t "$t" -q 1 -m "over $T"
       wait_exit "$SUB_PID"
       got=$(payload "$work/s")
@@ -114,7 +88,7 @@ for V in mqttv311 mqttv5; do
   done
 done
 # Publishing over TLS too, QoS 2.
-if start_sub "$work/s" "${TLS1[@]}" -V mqttv5 -t tls/pub -q 2 -C 1; then
+if sub "$work/s" "${TLS1[@]}" -V mqttv5 -t tls/pub -q 2 -C 1; then
   mosquitto_pub "${TLS1[@]}" -V mqttv5 -t tls/pub -q 2 -m "both ends tls"
   wait_exit "$SUB_PID"
   [ "$(payload "$work/s")" = "both ends tls" ] && ok "tls:// QoS 2 publish and subscribe over TLS" || bad "tls:// QoS 2: got '$(payload "$work/s")'"
@@ -136,7 +110,7 @@ for V in mqttv311 mqttv5; do
   else
     ok "mTLS $V: refused without a client certificate"
   fi
-  if start_sub "$work/s" "${MTLS[@]}" --cert "$work/client.pem" --key "$work/client.key" -V "$V" -t "mtls/$V" -q 1 -C 1; then
+  if sub "$work/s" "${MTLS[@]}" --cert "$work/client.pem" --key "$work/client.key" -V "$V" -t "mtls/$V" -q 1 -C 1; then
     mosquitto_pub -h 127.0.0.1 -p "$P_TCP" -V "$V" -t "mtls/$V" -q 1 -m "cert ok"
     wait_exit "$SUB_PID"
     [ "$(payload "$work/s")" = "cert ok" ] && ok "mTLS $V: served with a client certificate" || bad "mTLS $V: got '$(payload "$work/s")'"
@@ -149,7 +123,7 @@ done
 mode=$(stat -c '%a' "$SOCK" 2>/dev/null)
 [ "$mode" = "660" ] && ok "unix:// socket file mode 0660" || bad "unix:// socket mode is '$mode'"
 for V in mqttv311 mqttv5; do
-  if start_sub "$work/s" --unix "$SOCK" -V "$V" -t "unix/$V" -q 1 -C 1; then
+  if sub "$work/s" --unix "$SOCK" -V "$V" -t "unix/$V" -q 1 -C 1; then
     mosquitto_pub --unix "$SOCK" -V "$V" -t "unix/$V" -q 1 -m "via socket"
     wait_exit "$SUB_PID"
     [ "$(payload "$work/s")" = "via socket" ] && ok "unix:// $V (mosquitto --unix)" || bad "unix:// $V: got '$(payload "$work/s")'"
@@ -162,7 +136,7 @@ done
 python3 tests/interop/transports_paho.py 127.0.0.1 "$P_WS" "$P_WSS" "$work/ca1.pem" "$P_TCP" && ok "ws:// and wss:// (paho-mqtt, see above)" || bad "ws/wss paho checks"
 
 # Certificate rotation on SIGHUP: an old TLS client stays connected across it.
-if start_sub "$work/old" "${TLS1[@]}" -V mqttv5 -t rot/t -q 1 -C 2; then
+if sub "$work/old" "${TLS1[@]}" -V mqttv5 -t rot/t -q 1 -C 2; then
   mosquitto_pub -h 127.0.0.1 -p "$P_TCP" -t rot/t -q 1 -m before
   cp "$work/server2.pem" "$work/live.pem"
   cp "$work/server2.key" "$work/live.key"

@@ -57,6 +57,31 @@ fn port_of(h: &halyard_transport::ListenerHandle) -> u16 {
     h.local_addr().rsplit_once(':').unwrap().1.parse().unwrap()
 }
 
+/// Starts a listener on `tb`'s broker through `reg`.
+async fn start_with(
+    tb: &TestBroker,
+    reg: &Registry,
+    cfg: ListenerConfig,
+) -> Result<halyard_transport::ListenerHandle, String> {
+    let b = tb.broker.clone();
+    start_listener(
+        reg,
+        cfg,
+        tb.broker.monitor().clone(),
+        tb.broker.shutdown_signal(),
+        Arc::new(move |s, p| b.spawn_connection(s, p)),
+    )
+    .await
+}
+
+async fn try_listen(
+    tb: &TestBroker,
+    reg: &Registry,
+    url: &str,
+) -> Result<halyard_transport::ListenerHandle, String> {
+    start_with(tb, reg, ListenerConfig::from_url(url)?).await
+}
+
 /// Subscribes on `a`, publishes QoS 1 on `b`, checks `a` gets it.
 async fn roundtrip<A, B>(a: &mut RawClient<A>, b: &mut RawClient<B>, t: &str)
 where
@@ -197,28 +222,20 @@ async fn unix_path_and_abstract_sockets(v: halyard_codec::ProtocolVersion) {
     online(&mut b, v, "unix-b", true).await;
     roundtrip(&mut a, &mut b, "unix/t").await;
     // A socket someone is listening on is not taken over; a regular file is not deleted.
-    let cfg = ListenerConfig::from_url(&format!("unix://{}", path.display())).unwrap();
-    let b2 = tb.broker.clone();
-    let e = start_listener(
+    let e = try_listen(
+        &tb,
         &Registry::default(),
-        cfg,
-        tb.broker.monitor().clone(),
-        tb.broker.shutdown_signal(),
-        Arc::new(move |s, p| b2.spawn_connection(s, p)),
+        &format!("unix://{}", path.display()),
     )
     .await
     .unwrap_err();
     assert!(e.contains("another process is listening"), "{e}");
     let file = pki.path("plain-file");
     std::fs::write(&file, "data").unwrap();
-    let cfg = ListenerConfig::from_url(&format!("unix://{}", file.display())).unwrap();
-    let b3 = tb.broker.clone();
-    let e = start_listener(
+    let e = try_listen(
+        &tb,
         &Registry::default(),
-        cfg,
-        tb.broker.monitor().clone(),
-        tb.broker.shutdown_signal(),
-        Arc::new(move |s, p| b3.spawn_connection(s, p)),
+        &format!("unix://{}", file.display()),
     )
     .await
     .unwrap_err();
@@ -466,16 +483,7 @@ async fn failing_listeners_are_restarted_with_growing_delay_then_failed_while_ot
             max_failures: 3,
             window: Duration::from_secs(60),
         };
-        let b = tb.broker.clone();
-        let h = start_listener(
-            &reg,
-            cfg,
-            tb.broker.monitor().clone(),
-            tb.broker.shutdown_signal(),
-            Arc::new(move |s, p| b.spawn_connection(s, p)),
-        )
-        .await
-        .expect("bind");
+        let h = start_with(&tb, &reg, cfg).await.expect("bind");
         let mut delays = Vec::new();
         loop {
             match event(&mut events, "listener crash", |e| {

@@ -182,10 +182,34 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         let mut r = Registry::empty();
-        r.register("tcp", Arc::new(Tcp));
-        r.register("tls", Arc::new(Tls));
-        r.register("ws", Arc::new(Ws { secure: false }));
-        r.register("wss", Arc::new(Ws { secure: true }));
+        r.register(
+            "tcp",
+            Arc::new(TcpStack {
+                tls: false,
+                ws: false,
+            }),
+        );
+        r.register(
+            "tls",
+            Arc::new(TcpStack {
+                tls: true,
+                ws: false,
+            }),
+        );
+        r.register(
+            "ws",
+            Arc::new(TcpStack {
+                tls: false,
+                ws: true,
+            }),
+        );
+        r.register(
+            "wss",
+            Arc::new(TcpStack {
+                tls: true,
+                ws: true,
+            }),
+        );
         r.register("unix", Arc::new(Unix));
         r
     }
@@ -303,33 +327,14 @@ async fn tls_dial(url: &Url, stream: BoxStream, opts: &DialOptions) -> io::Resul
     Ok(Box::new(s))
 }
 
+/// The TCP-based stacks: `tcp` (plain), `tls`, `ws` and `wss`.
 #[derive(Debug)]
-struct Tcp;
-
-impl Transport for Tcp {
-    fn bind<'a>(&'a self, cfg: &'a ListenerConfig) -> BoxFuture<'a, io::Result<Box<dyn Acceptor>>> {
-        Box::pin(bind_tcp(cfg))
-    }
-    fn upgrade(
-        &self,
-        s: BoxStream,
-        _: Arc<ListenerCtx>,
-    ) -> BoxFuture<'static, io::Result<(BoxStream, Option<String>)>> {
-        Box::pin(async move { Ok((s, None)) })
-    }
-    fn dial<'a>(
-        &'a self,
-        url: &'a Url,
-        _: &'a DialOptions,
-    ) -> BoxFuture<'a, io::Result<BoxStream>> {
-        Box::pin(async move { Ok(Box::new(dial_tcp(url).await?) as BoxStream) })
-    }
+struct TcpStack {
+    tls: bool,
+    ws: bool,
 }
 
-#[derive(Debug)]
-struct Tls;
-
-impl Transport for Tls {
+impl Transport for TcpStack {
     fn bind<'a>(&'a self, cfg: &'a ListenerConfig) -> BoxFuture<'a, io::Result<Box<dyn Acceptor>>> {
         Box::pin(bind_tcp(cfg))
     }
@@ -338,46 +343,21 @@ impl Transport for Tls {
         s: BoxStream,
         ctx: Arc<ListenerCtx>,
     ) -> BoxFuture<'static, io::Result<(BoxStream, Option<String>)>> {
-        Box::pin(async move { tls_accept(s, &ctx).await })
-    }
-    fn dial<'a>(
-        &'a self,
-        url: &'a Url,
-        opts: &'a DialOptions,
-    ) -> BoxFuture<'a, io::Result<BoxStream>> {
+        let (tls, ws) = (self.tls, self.ws);
         Box::pin(async move {
-            let s = dial_tcp(url).await?;
-            tls_dial(url, Box::new(s), opts).await
-        })
-    }
-}
-
-#[derive(Debug)]
-struct Ws {
-    secure: bool,
-}
-
-impl Transport for Ws {
-    fn bind<'a>(&'a self, cfg: &'a ListenerConfig) -> BoxFuture<'a, io::Result<Box<dyn Acceptor>>> {
-        Box::pin(bind_tcp(cfg))
-    }
-    fn upgrade(
-        &self,
-        s: BoxStream,
-        ctx: Arc<ListenerCtx>,
-    ) -> BoxFuture<'static, io::Result<(BoxStream, Option<String>)>> {
-        let secure = self.secure;
-        Box::pin(async move {
-            let (s, identity) = if secure {
+            let (s, identity) = if tls {
                 tls_accept(s, &ctx).await?
             } else {
                 (s, None)
             };
-            let ws = ctx
+            if !ws {
+                return Ok((s, identity));
+            }
+            let settings = ctx
                 .ws
                 .as_ref()
                 .ok_or_else(|| io::Error::other("WebSocket listener without settings"))?;
-            let s = crate::ws::accept(s, ws).await?;
+            let s = crate::ws::accept(s, settings).await?;
             Ok((Box::new(s) as BoxStream, identity))
         })
     }
@@ -388,16 +368,20 @@ impl Transport for Ws {
     ) -> BoxFuture<'a, io::Result<BoxStream>> {
         Box::pin(async move {
             let mut s: BoxStream = Box::new(dial_tcp(url).await?);
-            if self.secure {
+            if self.tls {
                 s = tls_dial(url, s, opts).await?;
             }
-            let path = if url.path.is_empty() {
-                "/mqtt"
-            } else {
-                &url.path
-            };
-            let ws = crate::ws::connect(s, &url.authority, path, opts.ws_origin.as_deref()).await?;
-            Ok(Box::new(ws) as BoxStream)
+            if self.ws {
+                let path = if url.path.is_empty() {
+                    "/mqtt"
+                } else {
+                    &url.path
+                };
+                let ws =
+                    crate::ws::connect(s, &url.authority, path, opts.ws_origin.as_deref()).await?;
+                s = Box::new(ws);
+            }
+            Ok(s)
         })
     }
 }
