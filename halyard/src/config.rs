@@ -56,6 +56,7 @@ pub(crate) struct ListenerTable {
     tls_reload_interval: Option<u64>,
     allowed_origins: Option<Vec<String>>,
     socket_mode: Option<String>,
+    allow_anonymous: Option<bool>,
 }
 
 impl ListenerTable {
@@ -80,6 +81,7 @@ impl ListenerTable {
                 self.allowed_origins.as_ref().map(|o| o.join(",")),
             ),
             ("socket_mode", s(&self.socket_mode)),
+            ("allow_anonymous", b(self.allow_anonymous)),
         ] {
             if let Some(v) = v {
                 c.set(k, &v)?;

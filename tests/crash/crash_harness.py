@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens in CI logs
 BIN, KILLS = sys.argv[1], int(sys.argv[2])
 SEED = int(sys.argv[3]) if len(sys.argv) > 3 else int(time.time())
 rng = random.Random(SEED)
@@ -41,6 +42,8 @@ with open(config, "w") as f:
     )
 log = open(os.path.join(work, "broker.log"), "ab")
 broker = None
+# Set while the broker accepts connections; publishers reconnect only then (see Publisher).
+broker_up = threading.Event()
 
 
 def start():
@@ -50,6 +53,7 @@ def start():
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", PORT), 0.2).close()
+            broker_up.set()
             return
         except OSError:
             time.sleep(0.02)
@@ -57,6 +61,7 @@ def start():
 
 
 def kill():
+    broker_up.clear()
     broker.send_signal(signal.SIGKILL)
     broker.wait()
 
@@ -95,18 +100,31 @@ class Publisher:
         self.stop = threading.Event()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"crash-pub-{idx}", protocol=mqtt.MQTTv5)
         self.c.max_inflight_messages_set(20)
-        # paho-mqtt resets its QoS 2 state on every reconnect *attempt*: after a failed
-        # attempt, a message that already had its PUBREL sent is reset to PUBLISH and sent
-        # again, a client violation of [MQTT-4.3.3-7] that the broker must treat as a new
-        # message (a duplicate downstream). A fixed delay longer than a restart (recovery
-        # takes up to ~1.6 s with a million queued messages) keeps attempts from failing;
-        # kills are spaced to match.
-        self.c.reconnect_delay_set(min_delay=2, max_delay=2)
         self.c.on_publish = self.on_publish
         self.c.connect("127.0.0.1", PORT, clean_start=False, properties=connect_props(3600))
-        self.c.loop_start()
+        self.closing = False
+        # We run paho's network loop ourselves instead of loop_start(): paho-mqtt resets
+        # its QoS 2 state on every reconnect *attempt*, so after a failed attempt a message
+        # whose PUBREL was already sent is reset to PUBLISH and sent again, a client
+        # violation of [MQTT-4.3.3-7] that the broker must treat as a new message (a
+        # duplicate downstream). Reconnecting only once the broker is known to be up means
+        # attempts do not fail (kills are at least 2.5 s after a start).
+        self.net = threading.Thread(target=self.network, daemon=True)
+        self.net.start()
         self.t = threading.Thread(target=self.run, daemon=True)
         self.t.start()
+
+    def network(self):
+        while not self.closing:
+            if self.c.loop(timeout=0.05) == mqtt.MQTT_ERR_SUCCESS:
+                continue
+            if self.closing:
+                break
+            broker_up.wait()
+            try:
+                self.c.reconnect()
+            except OSError:
+                time.sleep(0.05)
 
     def on_publish(self, client, userdata, mid, reason_code, properties):
         # Runs on paho's network thread, possibly before publish() returned the mid.
@@ -152,8 +170,9 @@ class Publisher:
                 if not self.mids:
                     break
             time.sleep(0.05)
+        self.closing = True
         self.c.disconnect()
-        self.c.loop_stop()
+        self.net.join()
 
 
 meta = []
@@ -185,10 +204,14 @@ try:
     start()
     subscribe_offline()
     pubs = [Publisher(i, 1 if i % 2 == 0 else 2) for i in range(4)]
+    t0 = time.time()
     for k in range(KILLS):
         time.sleep(rng.uniform(2.5, 3.5))
         kill()
         start()
+        if (k + 1) % 10 == 0:
+            acked = sum(len(p.acked) for p in pubs)
+            print(f"  {k + 1}/{KILLS} kills, {time.time() - t0:.0f} s, {acked} acknowledged so far")
     pubs_done = [p.finish(20) for p in pubs]
     for cid, qos in SUBSCRIBERS:
         got = drain(cid, qos)

@@ -95,6 +95,7 @@ where
     let admission = Admission {
         have_permit: permit.is_some(),
         cert,
+        allow_anonymous: info.allow_anonymous.unwrap_or(inner.cfg.allow_anonymous),
     };
     let Some(conn) =
         Connection::accept(inner.clone(), connect, peer, rd, wr, rbuf, admission).await
@@ -122,6 +123,8 @@ struct Admission {
     /// Within `max_connections`.
     have_permit: bool,
     cert: CertAuth,
+    /// The listener's `allow_anonymous`, else the broker's.
+    allow_anonymous: bool,
 }
 
 enum ReadError {
@@ -299,7 +302,7 @@ where
                     "unsupported authentication method",
                 ));
             }
-            if !cfg.allow_anonymous && !cert_authenticated {
+            if !admission.allow_anonymous && !cert_authenticated {
                 if c.username.is_none() {
                     return Err(refuse(
                         ReasonCode::NotAuthorized,

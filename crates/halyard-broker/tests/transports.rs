@@ -332,7 +332,22 @@ async fn listener_max_connections(v: halyard_codec::ProtocolVersion) {
     online(&mut d, v, "third", true).await;
 }
 
+async fn per_listener_allow_anonymous(v: halyard_codec::ProtocolVersion) {
+    let tb = TestBroker::start().await; // the broker allows anonymous clients
+    let closed = tb.listen("tcp://127.0.0.1:0?allow_anonymous=false").await;
+    let mut c = RawClient::new(
+        tokio::net::TcpStream::connect(("127.0.0.1", port_of(&closed)))
+            .await
+            .unwrap(),
+    );
+    let ack = handshake(&mut c, connect(v, "anon", true, 60)).await;
+    assert_eq!(ack.reason, ReasonCode::NotAuthorized, "{ack:?}");
+    let mut open = tb.raw().await;
+    online(&mut open, v, "anon", true).await;
+}
+
 both_versions!(
+    per_listener_allow_anonymous,
     tls_with_client_certificate_identity_as_username,
     wss_and_ws_route_to_each_other,
     unix_path_and_abstract_sockets,

@@ -74,6 +74,8 @@ pub struct PeerInfo {
     pub tls_identity: Option<String>,
     /// The listener replaces the CONNECT user name with `tls_identity`.
     pub identity_as_username: bool,
+    /// The listener's `allow_anonymous`, overriding the broker's when set.
+    pub allow_anonymous: Option<bool>,
 }
 
 impl PeerInfo {
@@ -85,6 +87,7 @@ impl PeerInfo {
             proxy: None,
             tls_identity: None,
             identity_as_username: false,
+            allow_anonymous: None,
         }
     }
 }
@@ -683,6 +686,7 @@ impl Shared {
                         proxy,
                         tls_identity,
                         identity_as_username: me.ctx.cfg.use_identity_as_username,
+                        allow_anonymous: me.ctx.cfg.allow_anonymous,
                     };
                     (me.sink)(stream, peer);
                 }

@@ -140,6 +140,9 @@ pub struct ListenerConfig {
     pub allowed_origins: Vec<String>,
     /// `unix://`: the socket file's mode (e.g. 0o660).
     pub socket_mode: Option<u32>,
+    /// Whether clients without credentials are served on this listener; `None` follows
+    /// the broker's `allow_anonymous`.
+    pub allow_anonymous: Option<bool>,
     /// Listener supervision.
     pub restart: RestartPolicy,
 }
@@ -157,6 +160,7 @@ pub const LISTENER_KEYS: &[&str] = &[
     "tls_reload_interval",
     "allowed_origins",
     "socket_mode",
+    "allow_anonymous",
 ];
 
 fn parse_bool(k: &str, v: &str) -> Result<bool, String> {
@@ -182,6 +186,7 @@ impl ListenerConfig {
             tls_reload_interval: Duration::from_secs(10),
             allowed_origins: Vec::new(),
             socket_mode: None,
+            allow_anonymous: None,
             restart: RestartPolicy::default(),
         };
         for (k, v) in &parsed.query {
@@ -214,6 +219,7 @@ impl ListenerConfig {
             "cafile" => self.tls_mut().cafile = Some(PathBuf::from(v)),
             "require_certificate" => self.tls_mut().require_certificate = parse_bool(key, v)?,
             "use_identity_as_username" => self.use_identity_as_username = parse_bool(key, v)?,
+            "allow_anonymous" => self.allow_anonymous = Some(parse_bool(key, v)?),
             "tls_reload_interval" => self.tls_reload_interval = Duration::from_secs(num(v)?),
             "allowed_origins" => {
                 self.allowed_origins = v
