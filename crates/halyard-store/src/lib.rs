@@ -10,7 +10,7 @@
 //! in-process. It survives only as long as the process.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 pub mod log;
 pub mod record;
@@ -201,8 +201,9 @@ pub struct RecoveredSession {
     pub subscriptions: BTreeMap<String, SubscriptionRecord>,
     /// Its pending will, if any.
     pub will: Option<PendingWill>,
-    /// Queued deliveries, oldest first.
-    pub queue: Vec<StoredDelivery>,
+    /// Queued deliveries, oldest first. A deque: deliveries leave from the front, and a
+    /// `Vec` made each one cost a move of the whole queue (O(n) per message).
+    pub queue: VecDeque<StoredDelivery>,
     /// In-flight deliveries, in the order they were sent.
     pub inflight: Vec<StoredInflight>,
     /// QoS 2 packet ids received and not yet released.
@@ -320,7 +321,7 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
                     record,
                     subscriptions: BTreeMap::new(),
                     will: None,
-                    queue: Vec::new(),
+                    queue: VecDeque::new(),
                     inflight: Vec::new(),
                     inbound_qos2: Vec::new(),
                 });
@@ -369,7 +370,7 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
         } => {
             if let Some(s) = image.sessions.get_mut(&client_id) {
                 *image.refs.entry(delivery.message_id).or_default() += 1;
-                s.queue.push(delivery);
+                s.queue.push_back(delivery);
             }
         }
         Op::Dequeue {
@@ -393,7 +394,9 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
             if let Some(s) = image.sessions.get_mut(&client_id)
                 && let Some(i) = s.queue.iter().position(|d| d.message_id == message_id)
             {
-                let delivery = s.queue.remove(i);
+                let Some(delivery) = s.queue.remove(i) else {
+                    return;
+                };
                 s.inflight.retain(|f| f.packet_id != packet_id);
                 s.inflight.push(StoredInflight {
                     packet_id,
@@ -543,7 +546,7 @@ mod tests {
         ]);
         let r = s.recover();
         let a = &r.sessions["a"];
-        assert_eq!(a.queue, vec![d(2)]);
+        assert_eq!(a.queue, VecDeque::from([d(2)]));
         assert_eq!(a.inflight.len(), 1);
         assert!(a.inflight[0].released && a.inflight[0].packet_id == 7);
         assert_eq!(a.inbound_qos2, vec![9]);
