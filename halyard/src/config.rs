@@ -28,7 +28,8 @@ pub(crate) struct Config {
     pub(crate) max_connections: usize,
     pub(crate) retain_available: bool,
     pub(crate) max_qos: u8,
-    pub(crate) allow_anonymous: bool,
+    pub(crate) allow_anonymous: Option<bool>,
+    pub(crate) password_file: Option<String>,
     pub(crate) topic_alias_maximum: u16,
     pub(crate) topic_alias_maximum_outbound: u16,
     pub(crate) persistent_client_expiration: u64,
@@ -151,7 +152,8 @@ impl Default for Config {
             max_connections: b.max_connections,
             retain_available: b.retain_available,
             max_qos: b.max_qos as u8,
-            allow_anonymous: b.allow_anonymous,
+            allow_anonymous: None,
+            password_file: None,
             topic_alias_maximum: b.topic_alias_maximum,
             topic_alias_maximum_outbound: b.topic_alias_maximum_outbound,
             persistent_client_expiration: b.persistent_client_expiration.map_or(0, |d| d.as_secs()),
@@ -264,6 +266,29 @@ impl Config {
         Ok(v)
     }
 
+    /// Authentication as configured: the password file is read now, so a broken one is
+    /// reported with its file and line (at start-up and on reload alike).
+    pub(crate) fn security(&self) -> Result<halyard_broker::auth::Security, String> {
+        use halyard_broker::auth::{Anonymous, Authenticator, Security};
+        let authenticator = match &self.password_file {
+            Some(p) => Some(
+                std::sync::Arc::new(halyard_auth::PasswordFile::load(Path::new(p))?)
+                    as std::sync::Arc<dyn Authenticator>,
+            ),
+            None => None,
+        };
+        let anonymous = match (self.allow_anonymous, authenticator.is_some()) {
+            (Some(true), _) => Anonymous::Allow,
+            (Some(false), _) | (None, true) => Anonymous::Deny,
+            (None, false) => Anonymous::LoopbackOnly,
+        };
+        Ok(Security {
+            authenticator,
+            anonymous,
+            ..Security::default()
+        })
+    }
+
     pub(crate) fn broker(&self) -> BrokerConfig {
         BrokerConfig {
             max_keepalive: self.max_keepalive,
@@ -276,7 +301,7 @@ impl Config {
             max_connections: self.max_connections,
             retain_available: self.retain_available,
             max_qos: QoS::from_u8(self.max_qos).unwrap_or(QoS::ExactlyOnce),
-            allow_anonymous: self.allow_anonymous,
+            allow_anonymous: self.allow_anonymous.unwrap_or(true),
             topic_alias_maximum: self.topic_alias_maximum,
             topic_alias_maximum_outbound: self.topic_alias_maximum_outbound,
             persistent_client_expiration: (self.persistent_client_expiration > 0)

@@ -9,6 +9,7 @@ use tracing::{error, info};
 
 mod bench;
 mod config;
+mod passwd;
 mod store_cmd;
 
 use config::{Config, DEFAULT_TOML};
@@ -41,6 +42,8 @@ enum Command {
     /// Load generator: publisher/subscriber pairs with exact loss, duplicate and latency
     /// accounting.
     Bench(bench::BenchArgs),
+    /// Manage a password file (mosquitto_passwd's flags; writes argon2id by default).
+    Passwd(passwd::PasswdArgs),
     /// Inspect the broker's store (run while the broker is stopped).
     Store {
         #[command(subcommand)]
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
             serve(cfg)
         }
         Command::Store { command } => store_cmd::run(&command),
+        Command::Passwd(args) => passwd::run(&args),
         Command::Bench(args) => bench::run(&args),
     }
 }
@@ -100,7 +104,12 @@ fn init_logging(level: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour codes only for a terminal, never into log files and journals.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .with(filter)
         .init();
 }
@@ -167,7 +176,15 @@ async fn run(cfg: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let security = match cfg.security() {
+        Ok(s) => s,
+        Err(why) => {
+            error!("{why}");
+            return ExitCode::from(2);
+        }
+    };
     let broker = halyard_broker::Broker::new(cfg.broker(), store);
+    broker.set_security(security);
     let monitor = broker.monitor().clone();
     monitor.spawn_logger();
     let registry = halyard_transport::Registry::default();
@@ -198,8 +215,15 @@ async fn run(cfg: Config) -> ExitCode {
         "halyard started"
     );
     while let Signal::Reload = signals.next().await {
-        // SIGHUP: TLS files now (the file check also catches changes on its own).
-        info!("SIGHUP: reloading TLS files");
+        // SIGHUP: the password file and TLS files now (the TLS file check also catches
+        // changes on its own). A broken file changes nothing and says why.
+        info!("SIGHUP: reloading the password file and TLS files");
+        match cfg.security() {
+            Ok(s) => broker.set_security(s),
+            Err(why) => {
+                tracing::warn!("password file refused, the previous one stays in force: {why}")
+            }
+        }
         for l in &listeners {
             let _ = l.reload_tls();
         }

@@ -89,6 +89,8 @@ fi
 
 # Every transport with outside clients (TLS, mTLS, unix, ws, wss, rotation).
 bash tests/interop/transports.sh "$BIN" || fails=$((fails + 1))
+# Password files with mosquitto_passwd, mosquitto_pub and the mosquitto broker.
+bash tests/interop/auth.sh "$BIN" || fails=$((fails + 1))
 
 if [ "$fails" -ne 0 ]; then
   echo "--- broker log (tail) ---"; tail -30 "$work/broker.log"

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use halyard_codec::{ProtocolVersion, QoS, TopicFilter, TopicName};
@@ -14,7 +14,8 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::config::BrokerConfig;
+use crate::auth::{Anonymous, Security};
+use crate::config::{BrokerConfig, defaults};
 use crate::message::Message;
 use crate::retained::Retained;
 use crate::router::{Match, SubscriptionIndex};
@@ -47,7 +48,56 @@ pub(crate) struct Inner {
     pub(crate) timers: Timers,
     /// Connection events for the log and the admin API (never blocks).
     pub(crate) monitor: Monitor,
+    /// Authentication and authorization; swapped whole on reload.
+    security: RwLock<Arc<Security>>,
+    /// Failed logins per source address.
+    pub(crate) auth_failures: AuthFailures,
     started: Instant,
+}
+
+/// Failed logins per source address in a sliding window: past
+/// [`defaults::AUTH_FAILURES_PER_WINDOW`] failures in [`defaults::AUTH_FAILURE_WINDOW_SECS`],
+/// further attempts from that address are refused without checking the password, which
+/// makes guessing slow and keeps slow hashes from being used to burn our CPU.
+#[derive(Debug, Default)]
+pub(crate) struct AuthFailures {
+    map: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
+}
+
+impl AuthFailures {
+    fn window() -> Duration {
+        Duration::from_secs(defaults::AUTH_FAILURE_WINDOW_SECS)
+    }
+
+    pub(crate) fn blocked(&self, ip: std::net::IpAddr) -> bool {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&ip).is_some_and(|&(n, since)| {
+            n >= defaults::AUTH_FAILURES_PER_WINDOW && since.elapsed() < Self::window()
+        })
+    }
+
+    pub(crate) fn record(&self, ip: std::net::IpAddr) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= defaults::AUTH_FAILURE_TRACKED_ADDRESSES {
+            // Bounded: forget windows that ended (and, if all are live, everything).
+            map.retain(|_, (_, since)| since.elapsed() < Self::window());
+            if map.len() >= defaults::AUTH_FAILURE_TRACKED_ADDRESSES {
+                map.clear();
+            }
+        }
+        let e = map.entry(ip).or_insert((0, Instant::now()));
+        if e.1.elapsed() >= Self::window() {
+            *e = (0, Instant::now());
+        }
+        e.0 += 1;
+        if e.0 == defaults::AUTH_FAILURES_PER_WINDOW {
+            warn!(%ip, failures = e.0, "too many failed logins; refusing this address for a while");
+        }
+    }
+
+    fn clear(&self) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 impl fmt::Debug for Inner {
@@ -72,6 +122,7 @@ impl Broker {
     /// task. Must be called within a Tokio runtime.
     pub fn new(cfg: BrokerConfig, store: Arc<dyn Store>) -> Broker {
         let (shutdown, _) = watch::channel(false);
+        let cfg_allow_anonymous = cfg.allow_anonymous;
         let inner = Arc::new(Inner {
             permits: Arc::new(Semaphore::new(
                 cfg.max_connections.min(Semaphore::MAX_PERMITS),
@@ -87,6 +138,15 @@ impl Broker {
             next_message_id: AtomicU64::new(1),
             timers: Timers::default(),
             monitor: Monitor::default(),
+            security: RwLock::new(Arc::new(Security {
+                anonymous: if cfg_allow_anonymous {
+                    Anonymous::Allow
+                } else {
+                    Anonymous::Deny
+                },
+                ..Security::default()
+            })),
+            auth_failures: AuthFailures::default(),
             started: Instant::now(),
         });
         inner.recover();
@@ -116,6 +176,22 @@ impl Broker {
             crate::connection::serve(inner, stream, peer).await;
             drop(guard);
         });
+    }
+
+    /// Replaces the authentication and authorization settings (a reload). Connections
+    /// already established keep their session; new CONNECTs use the new settings.
+    pub fn set_security(&self, security: Security) {
+        *self
+            .inner
+            .security
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(security);
+        self.inner.auth_failures.clear();
+    }
+
+    /// The authentication and authorization settings in force.
+    pub fn security(&self) -> Arc<Security> {
+        self.inner.security()
     }
 
     /// The monitor event stream (connections here; listeners emit into the same one
@@ -190,6 +266,13 @@ impl Inner {
     /// session. Runs on the publisher's task. Every store op this causes, plus `extra`,
     /// goes to the store in **one** batch, so a crash keeps all or none of it. Returns how
     /// many sessions matched and the ticket to wait for before acknowledging the publisher.
+    pub(crate) fn security(&self) -> Arc<Security> {
+        self.security
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub(crate) fn publish(
         &self,
         msg: &Arc<Message>,

@@ -36,6 +36,13 @@ pub mod defaults {
     /// Bytes of encoded packets a connection buffers for writing before it stops taking
     /// more from its session (backpressure towards the queue).
     pub const WRITE_BUFFER_HIGH_WATER_BYTES: usize = 64 * 1024;
+    /// Failed logins from one address within [`AUTH_FAILURE_WINDOW_SECS`] after which its
+    /// further attempts are refused unchecked until the window ends.
+    pub const AUTH_FAILURES_PER_WINDOW: u32 = 10;
+    /// The window of [`AUTH_FAILURES_PER_WINDOW`].
+    pub const AUTH_FAILURE_WINDOW_SECS: u64 = 60;
+    /// Addresses whose failures are tracked at once (bounds that table's memory).
+    pub const AUTH_FAILURE_TRACKED_ADDRESSES: usize = 65_536;
 }
 
 /// Broker-wide settings.

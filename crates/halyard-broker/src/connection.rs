@@ -20,6 +20,8 @@ use halyard_codec::{
 };
 use halyard_store::{Op, PendingWill as StoredWill};
 use halyard_transport::{Event, PeerInfo};
+
+use crate::auth::{Anonymous, AuthVerdict, Credentials, Security};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -92,10 +94,18 @@ where
         }
         (true, None) => CertAuth::Missing,
     };
+    let security = inner.security();
+    let anonymous = match info.allow_anonymous {
+        Some(true) => Anonymous::Allow,
+        Some(false) => Anonymous::Deny,
+        None => security.anonymous,
+    };
     let admission = Admission {
         have_permit: permit.is_some(),
         cert,
-        allow_anonymous: info.allow_anonymous.unwrap_or(inner.cfg.allow_anonymous),
+        anonymous_ok: anonymous.allows(&info),
+        security,
+        info,
     };
     let Some(conn) =
         Connection::accept(inner.clone(), connect, peer, rd, wr, rbuf, admission).await
@@ -118,13 +128,74 @@ enum CertAuth {
 }
 
 /// What the connection task decided before CONNECT is checked.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Admission {
     /// Within `max_connections`.
     have_permit: bool,
     cert: CertAuth,
-    /// The listener's `allow_anonymous`, else the broker's.
-    allow_anonymous: bool,
+    /// An anonymous client from this peer may connect (listener or broker policy).
+    anonymous_ok: bool,
+    /// The security settings in force when the connection arrived.
+    security: Arc<Security>,
+    info: PeerInfo,
+}
+
+/// Authenticates a CONNECT that passed the protocol checks: certificate identity, then
+/// anonymous policy, then the authenticator (on a blocking thread), with failures per
+/// source address rate-limited.
+async fn authenticate(
+    inner: &Inner,
+    c: &Connect,
+    admission: &Admission,
+) -> Result<(), (ReasonCode, &'static str)> {
+    if admission.cert == CertAuth::Verified {
+        return Ok(());
+    }
+    let Some(username) = &c.username else {
+        return if admission.anonymous_ok {
+            Ok(())
+        } else {
+            Err((ReasonCode::NotAuthorized, "anonymous clients not allowed"))
+        };
+    };
+    let Some(authn) = admission.security.authenticator.clone() else {
+        return Ok(()); // no password check configured: any user name is accepted
+    };
+    let ip = match &admission.info.remote {
+        halyard_transport::Remote::Ip(a) => Some(a.ip()),
+        _ => None,
+    };
+    if let Some(ip) = ip
+        && inner.auth_failures.blocked(ip)
+    {
+        return Err((
+            ReasonCode::BadUserNameOrPassword,
+            "too many failed attempts from this address; try later",
+        ));
+    }
+    let creds = Credentials {
+        client_id: c.client_id.as_str().to_string(),
+        username: Some(username.to_string()),
+        password: c.password.as_ref().map(|p| p.to_vec()),
+        peer: admission.info.clone(),
+    };
+    // Password hashes are slow on purpose: keep them off the async workers.
+    let verdict = tokio::task::spawn_blocking(move || authn.authenticate(&creds))
+        .await
+        .unwrap_or(AuthVerdict::NotAuthorized);
+    match verdict {
+        AuthVerdict::Allow => Ok(()),
+        AuthVerdict::BadCredentials => {
+            if let Some(ip) = ip {
+                inner.auth_failures.record(ip);
+            }
+            Err((
+                ReasonCode::BadUserNameOrPassword,
+                "bad user name or password",
+            ))
+        }
+        AuthVerdict::NotAuthorized => Err((ReasonCode::NotAuthorized, "not authorized")),
+    }
 }
 
 enum ReadError {
@@ -269,7 +340,6 @@ where
         let cfg = &inner.cfg;
         let refuse = |reason: ReasonCode, why: &'static str| (reason, why);
         let mut assigned = None;
-        let cert_authenticated = admission.cert == CertAuth::Verified;
         let check = (|| {
             if admission.cert == CertAuth::Missing {
                 return Err(refuse(
@@ -302,19 +372,6 @@ where
                     "unsupported authentication method",
                 ));
             }
-            if !admission.allow_anonymous && !cert_authenticated {
-                if c.username.is_none() {
-                    return Err(refuse(
-                        ReasonCode::NotAuthorized,
-                        "anonymous clients not allowed",
-                    ));
-                }
-                // No password database is configured, so no credentials can be verified.
-                return Err(refuse(
-                    ReasonCode::BadUserNameOrPassword,
-                    "no authentication backend configured",
-                ));
-            }
             if !v5 && c.keep_alive > cfg.max_keepalive {
                 // 3.x has no Server Keep Alive; refuse as mosquitto does.
                 return Err(refuse(
@@ -338,6 +395,10 @@ where
             }
             Ok(())
         })();
+        let check = match check {
+            Ok(()) => authenticate(&inner, &c, &admission).await,
+            Err(e) => Err(e),
+        };
         if let Err((reason, why)) = check {
             Stats::inc(&inner.stats.connections_refused);
             info!(%peer, client_id = %c.client_id, protocol = version_name(v), reason = ?reason, why, "refused CONNECT");

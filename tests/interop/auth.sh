@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Password files across implementations, MQTT 3.1.1 and 5.0:
+#   a file written by Debian's mosquitto_passwd ($7$) is read by Halyard;
+#   a file written by `halyard passwd` (argon2id, and -H sha512-pbkdf2) is read by Halyard,
+#   and its $7$ entries by the real mosquitto broker;
+#   mosquitto_pub with good / bad / no credentials gets in / 0x86 (rc 4) / 0x87 (rc 5);
+#   SIGHUP reloads the file; a broken file is refused and the old one kept;
+#   `halyard passwd -D` and `-U` as mosquitto_passwd's.
+# Usage: tests/interop/auth.sh [path/to/halyard]. Prints ok/FAIL lines; exit 1 on failure.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source tests/interop/lib.sh
+BIN=${1:-target/release/halyard}
+work=$(mktemp -d)
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; rm -rf "$work"' EXIT
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok   $*"; }
+bad() { fail=$((fail + 1)); echo "FAIL $*"; }
+
+pw=$work/passwd
+mosquitto_passwd -c -b "$pw" mosq-user mosq-pass
+grep -q '^mosq-user:\$7\$' "$pw" && ok "mosquitto_passwd wrote a \$7\$ entry" || bad "mosquitto_passwd output: $(cat "$pw")"
+"$BIN" passwd -b "$pw" hal-user hal-pass || bad "halyard passwd -b"
+grep -q '^hal-user:\$argon2id\$' "$pw" && ok "halyard passwd wrote argon2id next to it" || bad "halyard passwd output: $(cat "$pw")"
+
+port=$(free_port)
+cat >"$work/h.toml" <<TOML
+listen = ["tcp://127.0.0.1:$port"]
+data_dir = "$work/data"
+password_file = "$pw"
+TOML
+"$BIN" serve --config "$work/h.toml" >"$work/broker.log" 2>&1 &
+broker=$!
+pids+=("$broker")
+wait_port "$port" || { cat "$work/broker.log"; exit 1; }
+
+pub() { mosquitto_pub -h 127.0.0.1 -p "$port" -t auth/t -m x "$@" 2>&1; }
+for V in mqttv311 mqttv5; do
+  pub -V "$V" -u mosq-user -P mosq-pass >/dev/null && ok "$V mosquitto_passwd user gets in" || bad "$V mosq-user refused"
+  pub -V "$V" -u hal-user -P hal-pass >/dev/null && ok "$V halyard passwd user gets in" || bad "$V hal-user refused"
+  out=$(pub -V "$V" -u hal-user -P wrong); rc=$?
+  [ $rc -ne 0 ] && [[ "${out,,}" == *"bad user name or password"* ]] && ok "$V wrong password refused: $out" || bad "$V wrong password: rc $rc, $out"
+  out=$(pub -V "$V"); rc=$?
+  [ $rc -ne 0 ] && [[ "${out,,}" == *"not authori"* ]] && ok "$V anonymous refused once a password file is set: $out" || bad "$V anonymous: rc $rc, $out"
+done
+grep -q "refused CONNECT.*peer=127.0.0.1" "$work/broker.log" && ok "failed logins logged with the client address" || bad "no log line for failed logins"
+
+# Reload: a new user on SIGHUP; then a broken file is refused and the old one kept.
+"$BIN" passwd -b "$pw" late-user late-pass
+kill -HUP "$broker"
+for _ in $(seq 1 100); do pub -u late-user -P late-pass >/dev/null && break; sleep 0.05; done
+pub -u late-user -P late-pass >/dev/null && ok "SIGHUP: a user added to the file gets in" || bad "SIGHUP reload"
+cp "$pw" "$work/good"
+broken_line=$(($(wc -l <"$pw") + 1))
+echo "broken line without a colon" >>"$pw"
+kill -HUP "$broker"
+for _ in $(seq 1 100); do grep -q "password file refused" "$work/broker.log" && break; sleep 0.05; done
+if grep -q "password file refused.*passwd:$broken_line: expected" "$work/broker.log" && pub -u late-user -P late-pass >/dev/null; then
+  ok "SIGHUP with a broken file: refused naming file and line, previous file kept"
+else
+  bad "broken file on reload"; grep -i "password" "$work/broker.log" | tail -2
+fi
+cp "$work/good" "$pw"
+"$BIN" passwd -D "$pw" late-user && ! grep -q '^late-user:' "$pw" && ok "halyard passwd -D deletes" || bad "passwd -D"
+"$BIN" passwd -D "$pw" nobody 2>/dev/null && bad "passwd -D of a missing user succeeded" || ok "passwd -D of a missing user fails"
+printf 'u1:p1\nu2:p2\n' >"$work/plain"
+"$BIN" passwd -U "$work/plain" && grep -q '^u2:\$argon2id\$' "$work/plain" && ok "halyard passwd -U hashes a plain-text file" || bad "passwd -U"
+"$BIN" passwd -U "$work/plain" 2>/dev/null && bad "-U twice accepted" || ok "-U refuses an already hashed file"
+
+# The real mosquitto broker reads what `halyard passwd -H sha512-pbkdf2` writes.
+"$BIN" passwd -c -b -H sha512-pbkdf2 -I 101 "$work/forward" fwd-user fwd-pass
+mport=$(free_port)
+# `user root`: as root, mosquitto would otherwise switch to its own user, which cannot
+# read a 0600 file in a 0700 temporary directory.
+printf 'user root\nlistener %s 127.0.0.1\nallow_anonymous false\npassword_file %s\n' "$mport" "$work/forward" >"$work/m.conf"
+mosquitto -c "$work/m.conf" >"$work/mosq.log" 2>&1 &
+pids+=("$!")
+wait_port "$mport"
+if mosquitto_pub -h 127.0.0.1 -p "$mport" -t t -m x -u fwd-user -P fwd-pass &&
+  ! mosquitto_pub -h 127.0.0.1 -p "$mport" -t t -m x -u fwd-user -P nope 2>/dev/null; then
+  ok "mosquitto 2.0 accepts halyard passwd's \$7\$ entry and rejects a wrong password"
+else
+  bad "mosquitto with halyard's file"; tail -3 "$work/mosq.log"
+fi
+
+echo "auth: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
