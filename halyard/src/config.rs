@@ -30,6 +30,8 @@ pub(crate) struct Config {
     pub(crate) max_qos: u8,
     pub(crate) allow_anonymous: Option<bool>,
     pub(crate) password_file: Option<String>,
+    pub(crate) acl_file: Option<String>,
+    pub(crate) subscribe_denied: String,
     pub(crate) topic_alias_maximum: u16,
     pub(crate) topic_alias_maximum_outbound: u16,
     pub(crate) persistent_client_expiration: u64,
@@ -154,6 +156,8 @@ impl Default for Config {
             max_qos: b.max_qos as u8,
             allow_anonymous: None,
             password_file: None,
+            acl_file: None,
+            subscribe_denied: "not_authorized".into(),
             topic_alias_maximum: b.topic_alias_maximum,
             topic_alias_maximum_outbound: b.topic_alias_maximum_outbound,
             persistent_client_expiration: b.persistent_client_expiration.map_or(0, |d| d.as_secs()),
@@ -242,6 +246,12 @@ impl Config {
                 )));
             }
         }
+        if !["not_authorized", "unspecified_error"].contains(&self.subscribe_denied.as_str()) {
+            return bad(
+                "subscribe_denied",
+                "must be not_authorized or unspecified_error",
+            );
+        }
         if !["always", "batch", "interval", "off"].contains(&self.persistence.sync.as_str()) {
             return bad("sync", "must be always, batch, interval or off");
         }
@@ -277,6 +287,13 @@ impl Config {
             ),
             None => None,
         };
+        let authorizer = match &self.acl_file {
+            Some(p) => Some(
+                std::sync::Arc::new(halyard_auth::AclFile::load(Path::new(p))?)
+                    as std::sync::Arc<dyn halyard_broker::auth::Authorizer>,
+            ),
+            None => None,
+        };
         let anonymous = match (self.allow_anonymous, authenticator.is_some()) {
             (Some(true), _) => Anonymous::Allow,
             (Some(false), _) | (None, true) => Anonymous::Deny,
@@ -284,8 +301,9 @@ impl Config {
         };
         Ok(Security {
             authenticator,
+            authorizer,
             anonymous,
-            ..Security::default()
+            subscribe_denied_not_authorized: self.subscribe_denied != "unspecified_error",
         })
     }
 

@@ -217,11 +217,11 @@ async fn run(cfg: Config) -> ExitCode {
     while let Signal::Reload = signals.next().await {
         // SIGHUP: the password file and TLS files now (the TLS file check also catches
         // changes on its own). A broken file changes nothing and says why.
-        info!("SIGHUP: reloading the password file and TLS files");
+        info!("SIGHUP: reloading the password file, the ACL file and TLS files");
         match cfg.security() {
             Ok(s) => broker.set_security(s),
             Err(why) => {
-                tracing::warn!("password file refused, the previous one stays in force: {why}")
+                tracing::warn!("security files refused, the previous ones stay in force: {why}")
             }
         }
         for l in &listeners {

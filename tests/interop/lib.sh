@@ -17,6 +17,7 @@ wait_port() {
 # Sets SUB_PID. Fails early if mosquitto_sub exits (e.g. a refused TLS handshake).
 start_sub() {
   local out=$1; shift
+  : >"$out"
   stdbuf -oL -eL mosquitto_sub -d "$@" >"$out" 2>&1 &
   SUB_PID=$!
   for _ in $(seq 1 200); do

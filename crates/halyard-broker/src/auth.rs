@@ -47,11 +47,11 @@ pub trait Authenticator: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Access {
     /// Publish to a topic name.
-    Write,
+    Write = 0,
     /// Subscribe with a topic filter.
-    Subscribe,
+    Subscribe = 1,
     /// Receive a message on a topic name (checked on delivery, retained messages included).
-    Read,
+    Read = 2,
 }
 
 /// Who is asking.

@@ -52,6 +52,8 @@ pub(crate) struct Inner {
     security: RwLock<Arc<Security>>,
     /// Failed logins per source address.
     pub(crate) auth_failures: AuthFailures,
+    /// Moves on every `set_security`: connections drop their cached access decisions.
+    security_generation: AtomicU64,
     started: Instant,
 }
 
@@ -147,6 +149,7 @@ impl Broker {
                 ..Security::default()
             })),
             auth_failures: AuthFailures::default(),
+            security_generation: AtomicU64::new(0),
             started: Instant::now(),
         });
         inner.recover();
@@ -187,6 +190,9 @@ impl Broker {
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(security);
         self.inner.auth_failures.clear();
+        self.inner
+            .security_generation
+            .fetch_add(1, Ordering::Release);
     }
 
     /// The authentication and authorization settings in force.
@@ -266,6 +272,10 @@ impl Inner {
     /// session. Runs on the publisher's task. Every store op this causes, plus `extra`,
     /// goes to the store in **one** batch, so a crash keeps all or none of it. Returns how
     /// many sessions matched and the ticket to wait for before acknowledging the publisher.
+    pub(crate) fn security_generation(&self) -> u64 {
+        self.security_generation.load(Ordering::Acquire)
+    }
+
     pub(crate) fn security(&self) -> Arc<Security> {
         self.security
             .read()

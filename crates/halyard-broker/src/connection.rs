@@ -21,7 +21,7 @@ use halyard_codec::{
 use halyard_store::{Op, PendingWill as StoredWill};
 use halyard_transport::{Event, PeerInfo};
 
-use crate::auth::{Anonymous, AuthVerdict, Credentials, Security};
+use crate::auth::{Access, Anonymous, AuthVerdict, Authorizer, Credentials, Identity, Security};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -299,7 +299,23 @@ struct Connection<S> {
     blocked_on_durable: bool,
     /// `finish` ran; if not, the task is unwinding from a panic (see `Drop`).
     finished: bool,
+    /// Who this client is, for topic access checks.
+    identity: Identity,
+    acl: AclCache,
 }
+
+/// Topic access decisions of one connection, dropped when the rules change (the broker's
+/// security generation moves) and bounded in size.
+#[derive(Debug, Default)]
+struct AclCache {
+    generation: u64,
+    authorizer: Option<Arc<dyn Authorizer>>,
+    /// One map per `Access` (write, subscribe, read).
+    decisions: [HashMap<Box<str>, bool>; 3],
+}
+
+/// Most cached decisions per connection and access kind; beyond it the cache starts over.
+const ACL_CACHE_ENTRIES: usize = 1024;
 
 impl<S> Drop for Connection<S> {
     fn drop(&mut self) {
@@ -554,6 +570,14 @@ where
             pending_acks: VecDeque::new(),
             blocked_on_durable: false,
             finished: false,
+            identity: Identity {
+                client_id,
+                username: c.username.as_ref().map(|u| Arc::from(&u[..])),
+            },
+            acl: AclCache {
+                generation: u64::MAX, // loaded on first use
+                ..AclCache::default()
+            },
             inner,
         };
         if present {
@@ -796,8 +820,19 @@ where
         let invalid_payload = v5
             && p.properties.payload_format_indicator == Some(true)
             && std::str::from_utf8(&p.payload).is_err();
+        let denied = !invalid_payload && !self.allowed(Access::Write, p.topic.as_str());
         let mut reason = ReasonCode::Success;
-        if invalid_payload {
+        if denied {
+            // v5: PUBACK/PUBREC 0x87 ends the exchange. 3.1.1 has no way to say no: a
+            // positive acknowledgement, and the message goes nowhere [MQTT-3.3.5-2].
+            Stats::inc(&self.inner.stats.publish_denied);
+            if v5 {
+                reason = ReasonCode::NotAuthorized;
+                if p.qos == QoS::ExactlyOnce {
+                    self.release_inbound(p.packet_id);
+                }
+            }
+        } else if invalid_payload {
             // [MQTT-3.3.2-4]: the sender promised UTF-8; we may refuse it.
             reason = ReasonCode::PayloadFormatInvalid;
             if p.qos == QoS::ExactlyOnce {
@@ -951,15 +986,28 @@ where
     }
 
     fn on_subscribe(&mut self, s: Subscribe) {
-        let cfg = &self.inner.cfg;
+        let inner = self.inner.clone();
+        let cfg = &inner.cfg;
         let now = Instant::now();
         let id = s.properties.subscription_identifier;
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         let mut ticket = 0;
+        let not_authorized =
+            if self.version.is_v5() && self.inner.security().subscribe_denied_not_authorized {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::UnspecifiedError // 0x80: 3.1.1's only failure code
+            };
         for (filter, opts) in s.filters {
             if filter.is_shared() && !cfg.shared_subscriptions {
                 reasons.push(ReasonCode::SharedSubscriptionsNotSupported);
+                continue;
+            }
+            // A shared subscription is authorized on its topic filter.
+            if !self.allowed(Access::Subscribe, filter.filter()) {
+                Stats::inc(&self.inner.stats.subscribe_denied);
+                reasons.push(not_authorized);
                 continue;
             }
             let qos = grant(opts.qos, cfg.max_qos);
@@ -996,6 +1044,11 @@ where
                 };
             if send {
                 for msg in self.inner.retained.matching(&filter, now) {
+                    // Retained messages are filtered by read rights too.
+                    if !self.allowed(Access::Read, msg.topic.as_str()) {
+                        Stats::inc(&self.inner.stats.dropped_not_authorized);
+                        continue;
+                    }
                     retained.push(Outgoing {
                         qos: msg.qos.min(qos),
                         retain: true, // [MQTT-3.3.1-8]
@@ -1106,6 +1159,21 @@ where
                 Stats::inc(&inner.stats.expired_messages);
                 continue;
             }
+            if !self.allowed(Access::Read, front.msg.topic.as_str()) {
+                // Read rights are checked on delivery, so a deny rule or a reload applies
+                // to messages already queued.
+                if let Some(o) = st.queue.pop_front() {
+                    st.queued_bytes -= o.msg.cost();
+                    if st.persists(&o) {
+                        ops.push(Op::Dequeue {
+                            client_id: cid(),
+                            message_id: o.msg.id,
+                        });
+                    }
+                }
+                Stats::inc(&inner.stats.dropped_not_authorized);
+                continue;
+            }
             // A recorded delivery waits until its enqueue is durable (see Message::ticket).
             if front.recorded
                 && front.msg.ticket.load(std::sync::atomic::Ordering::Acquire) > durable
@@ -1187,6 +1255,34 @@ where
     /// Outbound topic alias for `topic`, when both sides allow them: `(alias, send the
     /// topic too)`. A new alias is only remembered by [`Self::alias_sent`] once the packet
     /// that introduces it was actually written.
+    /// Whether this client may do `access` on `topic`, from the cache when possible.
+    fn allowed(&mut self, access: Access, topic: &str) -> bool {
+        let generation = self.inner.security_generation();
+        if generation != self.acl.generation {
+            self.acl.generation = generation;
+            self.acl.authorizer = self.inner.security().authorizer.clone();
+            for m in &mut self.acl.decisions {
+                m.clear();
+            }
+        }
+        let Some(authz) = &self.acl.authorizer else {
+            return true;
+        };
+        let map = &mut self.acl.decisions[access as usize];
+        if let Some(&d) = map.get(topic) {
+            return d;
+        }
+        let d = authz.check(&self.identity, access, topic);
+        if map.len() >= ACL_CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(topic.into(), d);
+        if !d {
+            debug!(client_id = %self.identity.client_id, ?access, topic, "denied by the authorizer");
+        }
+        d
+    }
+
     fn outbound_alias(&self, topic: &TopicName) -> Option<(u16, bool)> {
         if self.alias_out_max == 0 {
             return None;

@@ -36,6 +36,9 @@ counters! {
     sessions_expired: "Sessions discarded when their expiry interval ran out.",
     wills_published: "Will messages published.",
     protocol_errors: "Connections closed for a malformed packet or protocol error.",
+    publish_denied: "PUBLISH packets refused by the authorizer (not routed).",
+    subscribe_denied: "Subscriptions refused by the authorizer.",
+    dropped_not_authorized: "Deliveries withheld because the subscriber may not read the topic.",
 }
 
 impl Stats {
