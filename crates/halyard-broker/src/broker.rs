@@ -272,6 +272,12 @@ impl Inner {
     /// session. Runs on the publisher's task. Every store op this causes, plus `extra`,
     /// goes to the store in **one** batch, so a crash keeps all or none of it. Returns how
     /// many sessions matched and the ticket to wait for before acknowledging the publisher.
+    /// Whether a topic name or filter exceeds `max_topic_length` or `max_topic_levels`.
+    pub(crate) fn topic_over_limits(&self, topic: &str) -> bool {
+        topic.len() > self.cfg.max_topic_length
+            || topic.bytes().filter(|&b| b == b'/').count() + 1 > self.cfg.max_topic_levels
+    }
+
     pub(crate) fn security_generation(&self) -> u64 {
         self.security_generation.load(Ordering::Acquire)
     }
@@ -290,8 +296,22 @@ impl Inner {
         extra: Vec<Op>,
     ) -> (usize, u64) {
         let mut ops = Vec::new();
-        if msg.retain && self.cfg.retain_available {
-            self.retained.set(msg);
+        let retain = msg.retain
+            && self.cfg.retain_available
+            && match self.retained.set(
+                msg,
+                self.cfg.max_retained_messages,
+                self.cfg.max_retained_bytes,
+            ) {
+                crate::retained::SetOutcome::Done => true,
+                crate::retained::SetOutcome::OverLimit => {
+                    // Delivered as usual, just not kept: the limit bounds memory and disk.
+                    Stats::inc(&self.stats.retained_refused);
+                    debug!(topic = %msg.topic, "retained message limit reached; not retained");
+                    false
+                }
+            };
+        if retain {
             ops.push(if msg.payload.is_empty() {
                 Op::RetainDelete {
                     topic: msg.topic.to_string(),

@@ -43,6 +43,23 @@ pub mod defaults {
     pub const AUTH_FAILURE_WINDOW_SECS: u64 = 60;
     /// Addresses whose failures are tracked at once (bounds that table's memory).
     pub const AUTH_FAILURE_TRACKED_ADDRESSES: usize = 65_536;
+    /// Longest client identifier accepted (UUIDs and device names fit many times over).
+    pub const MAX_CLIENT_ID_LENGTH_BYTES: usize = 256;
+    /// Subscriptions one session may hold (0: no limit).
+    pub const MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 1_000;
+    /// Levels in a topic name or filter (as EMQX's `max_topic_levels`).
+    pub const MAX_TOPIC_LEVELS: usize = 128;
+    /// Bytes in a topic name or filter.
+    pub const MAX_TOPIC_LENGTH_BYTES: usize = 4_096;
+    /// PUBLISH packets per second one client may send before its reads pause (0: no limit).
+    pub const PUBLISH_RATE_MESSAGES_PER_SEC: u32 = 0;
+    /// PUBLISH payload bytes per second one client may send before its reads pause
+    /// (0: no limit).
+    pub const PUBLISH_RATE_BYTES_PER_SEC: u64 = 0;
+    /// Retained messages held at once (0: no limit); more are delivered but not retained.
+    pub const MAX_RETAINED_MESSAGES: usize = 1_000_000;
+    /// Payload bytes of all retained messages (0: no limit).
+    pub const MAX_RETAINED_BYTES: usize = 256 * 1024 * 1024;
 }
 
 /// Broker-wide settings.
@@ -84,6 +101,22 @@ pub struct BrokerConfig {
     pub shared_subscriptions: bool,
     /// See [`defaults::SHUTDOWN_TIMEOUT_SECS`].
     pub shutdown_timeout: Duration,
+    /// See [`defaults::MAX_CLIENT_ID_LENGTH_BYTES`].
+    pub max_client_id_length: usize,
+    /// See [`defaults::MAX_SUBSCRIPTIONS_PER_CLIENT`].
+    pub max_subscriptions_per_client: usize,
+    /// See [`defaults::MAX_TOPIC_LEVELS`].
+    pub max_topic_levels: usize,
+    /// See [`defaults::MAX_TOPIC_LENGTH_BYTES`].
+    pub max_topic_length: usize,
+    /// See [`defaults::PUBLISH_RATE_MESSAGES_PER_SEC`].
+    pub publish_rate_messages: u32,
+    /// See [`defaults::PUBLISH_RATE_BYTES_PER_SEC`].
+    pub publish_rate_bytes: u64,
+    /// See [`defaults::MAX_RETAINED_MESSAGES`].
+    pub max_retained_messages: usize,
+    /// See [`defaults::MAX_RETAINED_BYTES`].
+    pub max_retained_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -106,6 +139,14 @@ impl Default for BrokerConfig {
             max_session_expiry_interval: defaults::MAX_SESSION_EXPIRY_SECS,
             shared_subscriptions: true,
             shutdown_timeout: Duration::from_secs(defaults::SHUTDOWN_TIMEOUT_SECS),
+            max_client_id_length: defaults::MAX_CLIENT_ID_LENGTH_BYTES,
+            max_subscriptions_per_client: defaults::MAX_SUBSCRIPTIONS_PER_CLIENT,
+            max_topic_levels: defaults::MAX_TOPIC_LEVELS,
+            max_topic_length: defaults::MAX_TOPIC_LENGTH_BYTES,
+            publish_rate_messages: defaults::PUBLISH_RATE_MESSAGES_PER_SEC,
+            publish_rate_bytes: defaults::PUBLISH_RATE_BYTES_PER_SEC,
+            max_retained_messages: defaults::MAX_RETAINED_MESSAGES,
+            max_retained_bytes: defaults::MAX_RETAINED_BYTES,
         }
     }
 }

@@ -302,6 +302,87 @@ struct Connection<S> {
     /// Who this client is, for topic access checks.
     identity: Identity,
     acl: AclCache,
+    rate: PublishRate,
+}
+
+/// A client's publish budget: token buckets of messages and payload bytes, refilled
+/// continuously at the configured rates with one second of burst. Spending may go below
+/// zero (a packet is never split); reads pause until the budget is positive again.
+#[derive(Debug)]
+struct PublishRate {
+    msgs_per_sec: f64,
+    bytes_per_sec: f64,
+    msgs: f64,
+    bytes: f64,
+    last: Instant,
+    /// For the `publish_throttled` counter.
+    inner: Arc<Inner>,
+    throttled: bool,
+}
+
+impl PublishRate {
+    fn new(inner: &Arc<Inner>) -> Self {
+        let m = f64::from(inner.cfg.publish_rate_messages);
+        let b = inner.cfg.publish_rate_bytes as f64;
+        PublishRate {
+            msgs_per_sec: m,
+            bytes_per_sec: b,
+            msgs: m,
+            bytes: b,
+            last: Instant::now(),
+            inner: inner.clone(),
+            throttled: false,
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.msgs_per_sec > 0.0 || self.bytes_per_sec > 0.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.msgs = (self.msgs + dt * self.msgs_per_sec).min(self.msgs_per_sec);
+        self.bytes = (self.bytes + dt * self.bytes_per_sec).min(self.bytes_per_sec);
+    }
+
+    fn spend(&mut self, payload: usize) {
+        if !self.enabled() {
+            return;
+        }
+        self.refill(Instant::now());
+        if self.msgs_per_sec > 0.0 {
+            self.msgs -= 1.0;
+        }
+        if self.bytes_per_sec > 0.0 {
+            self.bytes -= payload as f64;
+        }
+    }
+
+    /// When reading may resume, if the budget is spent.
+    fn blocked_until(&mut self, now: Instant) -> Option<Instant> {
+        if !self.enabled() {
+            return None;
+        }
+        self.refill(now);
+        let wait = |have: f64, rate: f64| {
+            if rate > 0.0 && have < 0.0 {
+                -have / rate
+            } else {
+                0.0
+            }
+        };
+        let secs = wait(self.msgs, self.msgs_per_sec).max(wait(self.bytes, self.bytes_per_sec));
+        if secs <= 0.0 {
+            self.throttled = false;
+            return None;
+        }
+        if !self.throttled {
+            self.throttled = true;
+            Stats::inc(&self.inner.stats.publish_throttled);
+        }
+        Some(now + Duration::from_secs_f64(secs))
+    }
 }
 
 /// Topic access decisions of one connection, dropped when the rules change (the broker's
@@ -379,6 +460,11 @@ where
                 return Err(refuse(
                     ReasonCode::ClientIdentifierNotValid,
                     "3.1 client id over 23 bytes",
+                ));
+            } else if c.client_id.as_str().len() > cfg.max_client_id_length {
+                return Err(refuse(
+                    ReasonCode::ClientIdentifierNotValid,
+                    "client id longer than max_client_id_length",
                 ));
             }
             if v5 && c.properties.authentication_method.is_some() {
@@ -578,6 +664,7 @@ where
                 generation: u64::MAX, // loaded on first use
                 ..AclCache::default()
             },
+            rate: PublishRate::new(&inner),
             inner,
         };
         if present {
@@ -601,11 +688,20 @@ where
             if self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
                 self.fill();
             }
+            let now = Instant::now();
+            // Over its publish rate, a client is not read until its budget refills: it
+            // slows down instead of us buffering or dropping. Keep alive does not run out
+            // while we are the ones not reading.
+            let throttled_until = self.rate.blocked_until(now);
+            if throttled_until.is_some() {
+                self.last_rx = now;
+            }
             let deadline = self.keepalive.map(|k| self.last_rx + k);
             let want_write = !self.wbuf.is_empty();
             // Stop reading while our replies to this client pile up unread: its own
             // input is then paused instead of our buffer growing.
-            let can_read = self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES;
+            let can_read =
+                self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES && throttled_until.is_none();
             let can_fill = self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES;
             tokio::select! {
                 biased;
@@ -653,6 +749,12 @@ where
                     }
                 }
                 _ = self.session.wake.notified(), if can_fill => {}
+                _ = sleep_until(throttled_until.unwrap_or(now)), if throttled_until.is_some() => {
+                    // Budget refilled: handle what was already read, then read again.
+                    if let Some(end) = self.process_input() {
+                        return end;
+                    }
+                }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     return End::Server(ReasonCode::KeepAliveTimeout, "keep alive timeout [MQTT-3.1.2-22]");
                 }
@@ -663,6 +765,10 @@ where
     /// Decodes and handles every complete packet in the read buffer.
     fn process_input(&mut self) -> Option<End> {
         loop {
+            // Packets already read wait too while the publish budget is spent.
+            if self.rate.enabled() && self.rate.blocked_until(Instant::now()).is_some() {
+                return None;
+            }
             match decode(
                 &mut self.rbuf,
                 self.version,
@@ -784,6 +890,26 @@ where
         if !p.properties.subscription_identifiers.is_empty() {
             return Err(self.protocol_error("subscription identifier from a client [MQTT-3.3.4-6]"));
         }
+        if self.inner.topic_over_limits(p.topic.as_str()) {
+            // Valid MQTT, over our limits: v5 is told 0x90; 3.1.1 can only be given a
+            // positive acknowledgement, and the message goes nowhere [MQTT-3.3.5-2].
+            Stats::inc(&self.inner.stats.topic_refused);
+            let ack = Ack {
+                reason: if v5 {
+                    ReasonCode::TopicNameInvalid
+                } else {
+                    ReasonCode::Success
+                },
+                ..Ack::new(p.packet_id)
+            };
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.ack(0, Packet::PubAck(ack)),
+                QoS::ExactlyOnce => self.ack(0, Packet::PubRec(ack)),
+            }
+            return Ok(());
+        }
+        self.rate.spend(p.payload.len());
         if p.qos > cfg.max_qos {
             return Err(End::Server(
                 ReasonCode::QoSNotSupported,
@@ -1003,6 +1129,30 @@ where
             if filter.is_shared() && !cfg.shared_subscriptions {
                 reasons.push(ReasonCode::SharedSubscriptionsNotSupported);
                 continue;
+            }
+            if inner.topic_over_limits(filter.filter()) {
+                Stats::inc(&inner.stats.topic_refused);
+                reasons.push(if self.version.is_v5() {
+                    ReasonCode::TopicFilterInvalid
+                } else {
+                    ReasonCode::UnspecifiedError
+                });
+                continue;
+            }
+            if cfg.max_subscriptions_per_client > 0 {
+                let st = self.session.lock();
+                if st.subscriptions.len() >= cfg.max_subscriptions_per_client
+                    && !st.subscriptions.contains_key(filter.as_str())
+                {
+                    drop(st);
+                    Stats::inc(&inner.stats.subscribe_quota_exceeded);
+                    reasons.push(if self.version.is_v5() {
+                        ReasonCode::QuotaExceeded
+                    } else {
+                        ReasonCode::UnspecifiedError
+                    });
+                    continue;
+                }
             }
             // A shared subscription is authorized on its topic filter.
             if !self.allowed(Access::Subscribe, filter.filter()) {

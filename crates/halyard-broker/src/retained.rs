@@ -16,24 +16,62 @@ use crate::message::Message;
 #[derive(Debug, Default)]
 pub(crate) struct Retained {
     map: RwLock<HashMap<Box<str>, Arc<Message>>>,
+    /// Payload bytes held (under the map's lock; read without it for limits).
+    bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// What `Retained::set` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SetOutcome {
+    /// Stored, replaced or deleted as asked.
+    Done,
+    /// A new message over the count or byte limit: not retained.
+    OverLimit,
 }
 
 impl Retained {
     /// Sets (or, with an empty payload, deletes [MQTT-3.3.1-6]) the topic's retained
-    /// message. Returns true if the topic had one before.
-    pub(crate) fn set(&self, msg: &Arc<Message>) -> bool {
+    /// message, within `max_messages` and `max_bytes` (0: no limit). A replacement may
+    /// always shrink or keep its topic's share.
+    pub(crate) fn set(
+        &self,
+        msg: &Arc<Message>,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> SetOutcome {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         if msg.payload.is_empty() {
-            map.remove(msg.topic.as_str()).is_some()
-        } else {
-            map.insert(msg.topic.as_str().into(), msg.clone()).is_some()
+            if let Some(old) = map.remove(msg.topic.as_str()) {
+                self.bytes.fetch_sub(old.payload.len(), Relaxed);
+            }
+            return SetOutcome::Done;
         }
+        let old_len = map.get(msg.topic.as_str()).map(|m| m.payload.len());
+        let count_after = map.len() + usize::from(old_len.is_none());
+        let bytes_after = self.bytes.load(Relaxed) - old_len.unwrap_or(0) + msg.payload.len();
+        let grows = old_len.is_none_or(|l| msg.payload.len() > l);
+        if grows
+            && ((max_messages > 0 && count_after > max_messages)
+                || (max_bytes > 0 && bytes_after > max_bytes))
+        {
+            return SetOutcome::OverLimit;
+        }
+        map.insert(msg.topic.as_str().into(), msg.clone());
+        self.bytes.store(bytes_after, Relaxed);
+        SetOutcome::Done
     }
 
     /// Restores one message at start-up.
     pub(crate) fn restore(&self, msg: Arc<Message>) {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        map.insert(msg.topic.as_str().into(), msg);
+        let len = msg.payload.len();
+        if let Some(old) = map.insert(msg.topic.as_str().into(), msg) {
+            self.bytes
+                .fetch_sub(old.payload.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        self.bytes
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Unexpired retained messages matching `filter`.
@@ -62,7 +100,10 @@ impl Retained {
             .map(|(t, _)| t.to_string())
             .collect();
         for t in &expired {
-            map.remove(t.as_str());
+            if let Some(old) = map.remove(t.as_str()) {
+                self.bytes
+                    .fetch_sub(old.payload.len(), std::sync::atomic::Ordering::Relaxed);
+            }
         }
         expired
     }

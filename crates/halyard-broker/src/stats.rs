@@ -39,6 +39,10 @@ counters! {
     publish_denied: "PUBLISH packets refused by the authorizer (not routed).",
     subscribe_denied: "Subscriptions refused by the authorizer.",
     dropped_not_authorized: "Deliveries withheld because the subscriber may not read the topic.",
+    subscribe_quota_exceeded: "Subscriptions refused because the client holds max_subscriptions_per_client.",
+    topic_refused: "Topic names or filters refused for exceeding max_topic_levels or max_topic_length.",
+    publish_throttled: "Times a client's reads were paused by its publish rate limit.",
+    retained_refused: "Retained messages not retained because max_retained_messages/bytes was reached.",
 }
 
 impl Stats {

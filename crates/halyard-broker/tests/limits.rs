@@ -1,0 +1,203 @@
+//! Limits on what one client can make the broker hold, MQTT 3.1.1 and 5.0: client id
+//! length, subscriptions per client, topic levels and length, publish rate (reads paused,
+//! nothing dropped; paused time), retained count and bytes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use halyard_broker::BrokerConfig;
+use halyard_codec::*;
+use halyard_testkit::{TestBroker, raw_duplex};
+
+fn cfg() -> BrokerConfig {
+    BrokerConfig {
+        max_client_id_length: 16,
+        max_subscriptions_per_client: 2,
+        max_topic_levels: 4,
+        max_topic_length: 32,
+        max_retained_messages: 2,
+        max_retained_bytes: 10,
+        ..BrokerConfig::default()
+    }
+}
+
+async fn client_id_length(v: ProtocolVersion) {
+    let tb = TestBroker::with_config(cfg()).await;
+    let mut c = tb.raw().await;
+    online(&mut c, v, "sixteen-bytes-id", true).await;
+    let mut c = tb.raw().await;
+    let ack = handshake(&mut c, connect(v, "seventeen-bytes-x", true, 60)).await;
+    // v5 0x85; 3.1.1 return code 2 (identifier rejected) [MQTT-3.2.2-6 table].
+    assert_eq!(ack.reason, ReasonCode::ClientIdentifierNotValid);
+}
+
+async fn subscriptions_per_client(v: ProtocolVersion) {
+    let tb = TestBroker::with_config(cfg()).await;
+    let mut c = tb.raw().await;
+    online(&mut c, v, "s", true).await;
+    for (i, f) in ["a", "b"].iter().enumerate() {
+        c.send(&subscribe(i as u16 + 1, f, QoS::AtMostOnce)).await;
+        assert!(matches!(c.recv().await, Packet::SubAck(s) if !s.reasons[0].is_error()));
+    }
+    // A third filter is over quota; re-subscribing an existing one is not.
+    c.send(&subscribe(3, "c", QoS::AtMostOnce)).await;
+    let Packet::SubAck(s) = c.recv().await else {
+        panic!()
+    };
+    let want = if v.is_v5() {
+        ReasonCode::QuotaExceeded
+    } else {
+        ReasonCode::UnspecifiedError
+    };
+    assert_eq!(s.reasons[0], want);
+    c.send(&subscribe(4, "a", QoS::AtLeastOnce)).await;
+    let Packet::SubAck(s) = c.recv().await else {
+        panic!()
+    };
+    assert_eq!(s.reasons[0], ReasonCode::GrantedQoS1);
+    assert_eq!(tb.broker.stats().subscribe_quota_exceeded, 1);
+}
+
+async fn topic_levels_and_length(v: ProtocolVersion) {
+    let tb = TestBroker::with_config(cfg()).await;
+    let mut sub_c = tb.raw().await;
+    online(&mut sub_c, v, "sub", true).await;
+    sub(&mut sub_c, "#", QoS::AtLeastOnce).await;
+    let mut c = tb.raw().await;
+    online(&mut c, v, "pub", true).await;
+    // Filters: 5 levels, 33 bytes: refused (v5 0x8F, 3.1.1 0x80).
+    for f in ["a/b/c/d/e", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
+        c.send(&subscribe(1, f, QoS::AtMostOnce)).await;
+        let Packet::SubAck(s) = c.recv().await else {
+            panic!()
+        };
+        let want = if v.is_v5() {
+            ReasonCode::TopicFilterInvalid
+        } else {
+            ReasonCode::UnspecifiedError
+        };
+        assert_eq!(s.reasons[0], want, "{f}");
+    }
+    // Topic names: refused with 0x90 (v5), acknowledged and dropped (3.1.1).
+    for t in ["a/b/c/d/e", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
+        c.send(&publish(t, QoS::AtLeastOnce, 2, b"x")).await;
+        let Packet::PubAck(a) = c.recv().await else {
+            panic!()
+        };
+        let want = if v.is_v5() {
+            ReasonCode::TopicNameInvalid
+        } else {
+            ReasonCode::Success
+        };
+        assert_eq!(a.reason, want, "{t}");
+    }
+    c.send(&publish("a/b/c/d", QoS::AtLeastOnce, 3, b"ok"))
+        .await;
+    assert!(matches!(c.recv().await, Packet::PubAck(_)));
+    assert_eq!(
+        recv_publish(&mut sub_c).await.topic.as_str(),
+        "a/b/c/d",
+        "only the one within limits"
+    );
+    assert_eq!(tb.broker.stats().topic_refused, 4);
+}
+
+async fn retained_count_and_bytes(v: ProtocolVersion) {
+    let tb = TestBroker::with_config(cfg()).await;
+    let mut c = tb.raw().await;
+    online(&mut c, v, "p", true).await;
+    let retain = |t: &str, payload: &[u8]| {
+        let Packet::Publish(p) = publish(t, QoS::AtLeastOnce, 1, payload) else {
+            unreachable!()
+        };
+        Packet::Publish(Publish { retain: true, ..p })
+    };
+    for (t, p) in [
+        ("r/1", &b"12345"[..]),
+        ("r/2", b"1234"),
+        ("r/3", b"1"),
+        ("r/1", b"1234567"),
+    ] {
+        c.send(&retain(t, p)).await;
+        assert!(matches!(c.recv().await, Packet::PubAck(_)));
+    }
+    // r/3 was over the count (2), r/1's growth to 7 bytes over the byte budget (10): the
+    // earlier values stay. A replacement that shrinks is always accepted.
+    c.send(&retain("r/2", b"1")).await;
+    assert!(matches!(c.recv().await, Packet::PubAck(_)));
+    assert_eq!(tb.broker.counts().2, 2);
+    assert_eq!(tb.broker.stats().retained_refused, 2);
+    let mut s = tb.raw().await;
+    online(&mut s, v, "s", true).await;
+    sub(&mut s, "r/+", QoS::AtMostOnce).await;
+    let mut got = vec![];
+    for _ in 0..2 {
+        let p = recv_publish(&mut s).await;
+        got.push((p.topic.to_string(), p.payload.to_vec()));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("r/1".into(), b"12345".to_vec()),
+            ("r/2".into(), b"1".to_vec())
+        ]
+    );
+}
+
+both_versions!(
+    client_id_length,
+    subscriptions_per_client,
+    topic_levels_and_length,
+    retained_count_and_bytes,
+);
+
+/// Over its publish rate a client is not read from: with 10 messages/s and a burst of 10,
+/// 30 QoS 1 publishes take 2 s of (paused) time and every one is acknowledged and
+/// delivered; nothing is dropped.
+async fn publish_rate_pauses_reads(v: ProtocolVersion) {
+    let b = halyard_broker::Broker::new(
+        BrokerConfig {
+            publish_rate_messages: 10,
+            ..BrokerConfig::default()
+        },
+        std::sync::Arc::new(halyard_store::MemoryStore::new()),
+    );
+    let mut s = raw_duplex(&b);
+    online(&mut s, v, "s", true).await;
+    sub(&mut s, "rate/t", QoS::AtLeastOnce).await;
+    let mut c = raw_duplex(&b);
+    online(&mut c, v, "p", true).await;
+    let t0 = tokio::time::Instant::now();
+    for i in 1..=30u16 {
+        c.send(&publish("rate/t", QoS::AtLeastOnce, i, b"x")).await;
+    }
+    for _ in 0..30 {
+        assert!(matches!(c.recv().await, Packet::PubAck(_)));
+    }
+    let elapsed = t0.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1900) && elapsed < Duration::from_secs(3),
+        "30 messages at 10/s after a burst of 10: {elapsed:?}"
+    );
+    for _ in 0..30 {
+        let p = recv_publish(&mut s).await;
+        s.send(&Packet::PubAck(Ack::new(p.packet_id))).await;
+    }
+    assert!(b.stats().publish_throttled >= 1);
+    assert_eq!(b.stats().messages_received, 30);
+}
+
+mod paused {
+    use super::*;
+    #[tokio::test(start_paused = true)]
+    async fn publish_rate_pauses_reads_v3_1_1() {
+        publish_rate_pauses_reads(V3_1_1).await
+    }
+    #[tokio::test(start_paused = true)]
+    async fn publish_rate_pauses_reads_v5() {
+        publish_rate_pauses_reads(V5).await
+    }
+}
