@@ -5,7 +5,10 @@ Every message whose PUBACK (QoS 1) or PUBCOMP (QoS 2) the publisher received mus
 delivered: QoS 1 at least once, QoS 2 exactly once. Publishers use persistent sessions so
 that their unacknowledged messages are resent after each restart (with DUP).
 
-Usage: python3 crash_harness.py BINARY KILLS [SEED]
+Usage: python3 crash_harness.py BINARY KILLS [SEED] [RATE]
+RATE caps each publisher at that many messages per second (default: as fast as it can). Long
+runs use it: with offline subscribers the backlog, and so each restart's recovery, grows with
+every message published.
 Prints a summary and "N passed, N failed"; exit 1 on any loss or QoS 2 duplicate.
 """
 
@@ -27,6 +30,7 @@ from paho.mqtt.properties import Properties
 sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens in CI logs
 BIN, KILLS = sys.argv[1], int(sys.argv[2])
 SEED = int(sys.argv[3]) if len(sys.argv) > 3 else int(time.time())
+RATE = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 rng = random.Random(SEED)
 work = tempfile.mkdtemp(prefix="halyard-crash-")
 sock = socket.socket()
@@ -49,7 +53,8 @@ broker_up = threading.Event()
 def start():
     global broker
     broker = subprocess.Popen([BIN, "serve", "--config", config], stdout=log, stderr=log)
-    deadline = time.time() + 20
+    # Recovery time grows with the backlog (millions of queued deliveries take seconds).
+    deadline = time.time() + 180
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", PORT), 0.2).close()
@@ -138,7 +143,11 @@ class Publisher:
 
     def run(self):
         n = 0
+        t0 = time.time()
         while not self.stop.is_set():
+            if RATE > 0 and n > (time.time() - t0) * RATE:
+                time.sleep(0.002)
+                continue
             with self.lock:
                 backlog = len(self.mids)
             # paho-mqtt re-sends *every* unacknowledged message right after a reconnect,
@@ -200,6 +209,7 @@ def drain(cid, qos):
 
 
 failed = 0
+crashed = False
 try:
     start()
     subscribe_offline()
@@ -242,7 +252,10 @@ try:
                               [(mm, dd) for pp, mm, dd in meta if pp == payload])
                         shown += 1
                     seen_once.add(payload)
-    print(f"crash harness: {KILLS} kills (seed {SEED})")
+    print(f"crash harness: {KILLS} kills (seed {SEED}{f', {RATE:g} msg/s per publisher' if RATE else ''})")
+except BaseException:
+    crashed = True
+    raise
 finally:
     if broker and broker.poll() is None:
         broker.send_signal(signal.SIGTERM)
@@ -250,8 +263,8 @@ finally:
             broker.wait(15)
         except subprocess.TimeoutExpired:
             broker.kill()
-    if failed:
-        print("broker log:", os.path.join(work, "broker.log"))
+    if failed or crashed:
+        print("kept for inspection:", work)
     else:
         shutil.rmtree(work, ignore_errors=True)
 
