@@ -187,7 +187,13 @@ async fn run(cfg: Config) -> ExitCode {
     broker.set_security(security);
     let monitor = broker.monitor().clone();
     monitor.spawn_logger();
-    let registry = halyard_transport::Registry::default();
+    let mut registry = halyard_transport::Registry::default();
+    if cfg.max_connections_per_ip > 0 || cfg.connection_rate_per_ip > 0 {
+        registry = registry.with_ip_limits(halyard_transport::IpLimits::new(
+            cfg.max_connections_per_ip,
+            f64::from(cfg.connection_rate_per_ip),
+        ));
+    }
     let b = broker.clone();
     let sink: halyard_transport::ConnSink = Arc::new(move |s, peer| b.spawn_connection(s, peer));
     let mut listeners = Vec::new();

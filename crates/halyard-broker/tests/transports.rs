@@ -346,7 +346,62 @@ async fn per_listener_allow_anonymous(v: halyard_codec::ProtocolVersion) {
     online(&mut open, v, "anon", true).await;
 }
 
+/// Per-address limits, shared by all listeners of a registry: open connections, then the
+/// rate of new ones. Refused connections are closed before any handshake.
+async fn per_address_limits(v: halyard_codec::ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let reg = Registry::default().with_ip_limits(halyard_transport::IpLimits::new(2, 0.0));
+    let l = start_with(
+        &tb,
+        &reg,
+        ListenerConfig::from_url("tcp://127.0.0.1:0").unwrap(),
+    )
+    .await
+    .unwrap();
+    let dial = || tokio::net::TcpStream::connect(("127.0.0.1", port_of(&l)));
+    let mut a = RawClient::new(dial().await.unwrap());
+    online(&mut a, v, "ip-a", true).await;
+    let mut b = RawClient::new(dial().await.unwrap());
+    online(&mut b, v, "ip-b", true).await;
+    let mut c = RawClient::new(dial().await.unwrap());
+    c.version = v;
+    assert!(
+        is_closed(&c.recv_within(Duration::from_secs(5)).await),
+        "third from one address"
+    );
+    drop(a);
+    halyard_testkit::eventually("a slot frees", || {
+        l.stats().open.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let mut d = RawClient::new(dial().await.unwrap());
+    online(&mut d, v, "ip-d", true).await;
+
+    // One new connection per second (burst 1): the second within the second is refused.
+    // (A token comes back after a full second, far longer than two local connects take.)
+    let reg = Registry::default().with_ip_limits(halyard_transport::IpLimits::new(0, 1.0));
+    let l = start_with(
+        &tb,
+        &reg,
+        ListenerConfig::from_url("tcp://127.0.0.1:0").unwrap(),
+    )
+    .await
+    .unwrap();
+    let connect_to = || tokio::net::TcpStream::connect(("127.0.0.1", port_of(&l)));
+    let first = connect_to().await.unwrap();
+    let mut over = RawClient::new(connect_to().await.unwrap());
+    over.version = v;
+    assert!(
+        is_closed(&over.recv_within(Duration::from_secs(5)).await),
+        "second within the same second"
+    );
+    let mut c = RawClient::new(first);
+    online(&mut c, v, "rate-0", true).await;
+    assert_eq!(l.stats().refused.load(Ordering::Relaxed), 1);
+}
+
 both_versions!(
+    per_address_limits,
     per_listener_allow_anonymous,
     tls_with_client_certificate_identity_as_username,
     wss_and_ws_route_to_each_other,

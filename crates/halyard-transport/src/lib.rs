@@ -16,7 +16,7 @@ mod x509;
 
 pub use listener::{
     ACCEPT_BACKOFF_INITIAL, ACCEPT_BACKOFF_MAX, Acceptor, AsyncStream, BoxFuture, BoxStream,
-    ConnSink, DialOptions, ListenerCtx, ListenerHandle, ListenerStats, PeerInfo,
+    ConnSink, DialOptions, IpLimits, ListenerCtx, ListenerHandle, ListenerStats, PeerInfo,
     RESOURCE_ERRORS_BEFORE_RESTART, Registry, Remote, Transport, start_listener,
 };
 pub use monitor::{Event, Monitor, MonitorEvent};

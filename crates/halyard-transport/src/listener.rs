@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -176,10 +176,98 @@ pub trait Transport: Send + Sync + fmt::Debug {
 }
 
 /// Transports keyed by URL scheme. `Registry::default()` has `tcp`, `tls`, `ws`, `wss`
-/// and `unix`; embedders may register more.
+/// and `unix`; embedders may register more. Listeners started through one registry share
+/// its per-address limits.
 #[derive(Debug, Clone)]
 pub struct Registry {
     map: HashMap<String, Arc<dyn Transport>>,
+    ip_limits: Option<Arc<IpLimits>>,
+}
+
+/// Per-address limits shared by every listener of a registry: connections open at once
+/// from one IP address, and new connections per second from it (a token bucket with one
+/// second of burst). Checked before any TLS or WebSocket handshake, so a flood costs us an
+/// `accept` and a close, not a handshake; behind a PROXY header, on the client's address.
+#[derive(Debug)]
+pub struct IpLimits {
+    max_open: usize,
+    rate: f64,
+    state: Mutex<HashMap<IpAddr, IpState>>,
+}
+
+#[derive(Debug)]
+struct IpState {
+    open: usize,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+/// Addresses tracked at once; beyond it, idle entries are forgotten.
+const IP_LIMIT_TRACKED_ADDRESSES: usize = 65_536;
+
+impl IpLimits {
+    /// `max_open` connections per address (0: no limit), `rate` new connections per second
+    /// per address (0: no limit).
+    pub fn new(max_open: usize, rate: f64) -> Arc<IpLimits> {
+        Arc::new(IpLimits {
+            max_open,
+            rate,
+            state: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<IpGuard, &'static str> {
+        let now = tokio::time::Instant::now();
+        let mut map = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= IP_LIMIT_TRACKED_ADDRESSES && !map.contains_key(&ip) {
+            // An idle address's bucket is full again after a second: forgetting it is exact.
+            map.retain(|_, s| s.open > 0 || now.duration_since(s.last) < Duration::from_secs(1));
+        }
+        let burst = self.rate.max(1.0);
+        let s = map.entry(ip).or_insert(IpState {
+            open: 0,
+            tokens: burst,
+            last: now,
+        });
+        if self.rate > 0.0 {
+            let dt = now.duration_since(s.last).as_secs_f64();
+            s.tokens = (s.tokens + dt * self.rate).min(burst);
+            s.last = now;
+            if s.tokens < 1.0 {
+                return Err("too many new connections per second from this address");
+            }
+        }
+        if self.max_open > 0 && s.open >= self.max_open {
+            return Err("too many connections from this address");
+        }
+        if self.rate > 0.0 {
+            s.tokens -= 1.0;
+        }
+        s.open += 1;
+        Ok(IpGuard {
+            limits: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open connection counted against its address.
+#[derive(Debug)]
+struct IpGuard {
+    limits: Arc<IpLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for IpGuard {
+    fn drop(&mut self) {
+        let mut map = self.limits.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get_mut(&self.ip) {
+            s.open = s.open.saturating_sub(1);
+            if s.open == 0 && self.limits.rate == 0.0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Default for Registry {
@@ -223,7 +311,14 @@ impl Registry {
     pub fn empty() -> Registry {
         Registry {
             map: HashMap::new(),
+            ip_limits: None,
         }
+    }
+
+    /// Applies per-address limits to every listener started through this registry.
+    pub fn with_ip_limits(mut self, limits: Arc<IpLimits>) -> Registry {
+        self.ip_limits = Some(limits);
+        self
     }
 
     /// Adds or replaces the transport for `scheme`.
@@ -561,6 +656,7 @@ struct Shared {
     stats: Arc<ListenerStats>,
     state: Arc<SupervisorState>,
     local: Mutex<String>,
+    ip_limits: Option<Arc<IpLimits>>,
 }
 
 impl fmt::Debug for Shared {
@@ -577,6 +673,7 @@ impl fmt::Debug for Shared {
 struct Held {
     inner: BoxStream,
     _permit: Option<OwnedSemaphorePermit>,
+    _ip: Option<IpGuard>,
     stats: Arc<ListenerStats>,
 }
 
@@ -628,20 +725,39 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 impl Shared {
+    fn refuse(&self, peer: &Remote, why: &'static str) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        debug!(listener = %self.name, %peer, why, "connection refused");
+        self.monitor.emit(Event::Refused {
+            listener: self.name.clone(),
+            peer: peer.to_string(),
+            why,
+        });
+    }
+
+    /// Counts a connection against its address's limits.
+    fn admit_ip(&self, remote: &Remote) -> Result<Option<IpGuard>, &'static str> {
+        match (&self.ip_limits, remote) {
+            (Some(l), Remote::Ip(a)) => l.admit(a.ip()).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     fn handle(self: &Arc<Self>, stream: BoxStream, remote: Remote) {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        // Behind a PROXY header the socket's address is the proxy's: check after it.
+        let mut ip_guard = None;
+        if !self.ctx.cfg.proxy_protocol {
+            match self.admit_ip(&remote) {
+                Ok(g) => ip_guard = g,
+                Err(why) => return self.refuse(&remote, why),
+            }
+        }
         let permit = match &self.limit {
             Some(sem) => match sem.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
-                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    debug!(listener = %self.name, peer = %remote, "max_connections reached; closing");
-                    self.monitor.emit(Event::Refused {
-                        listener: self.name.clone(),
-                        peer: remote.to_string(),
-                        why: "the listener's max_connections is reached",
-                    });
-                    return;
+                    return self.refuse(&remote, "the listener's max_connections is reached");
                 }
             },
             None => None,
@@ -659,6 +775,13 @@ impl Shared {
                     let (h, rest) = crate::proxy::read_header(&mut stream).await?;
                     if let crate::proxy::ProxyHeader::Proxied { source, .. } = h {
                         proxy = Some(std::mem::replace(&mut remote, Remote::Ip(source)));
+                    }
+                    match me.admit_ip(&remote) {
+                        Ok(g) => ip_guard = g,
+                        Err(why) => {
+                            me.refuse(&remote, why);
+                            return Err(io::Error::other(why));
+                        }
                     }
                     stream = Box::new(Rewind::new(rest, stream));
                 }
@@ -678,6 +801,7 @@ impl Shared {
                     let stream: BoxStream = Box::new(Held {
                         inner: stream,
                         _permit: permit,
+                        _ip: ip_guard,
                         stats: me.stats.clone(),
                     });
                     let peer = PeerInfo {
@@ -869,6 +993,7 @@ pub async fn start_listener(
         stats: Arc::default(),
         state: Arc::new(SupervisorState::default()),
         local: Mutex::new(acceptor.local_addr()),
+        ip_limits: registry.ip_limits.clone(),
     });
     monitor.emit(Event::Listening {
         listener: name.clone(),
@@ -961,6 +1086,7 @@ mod tests {
             stats: Arc::default(),
             state: Arc::default(),
             local: Mutex::new(String::new()),
+            ip_limits: None,
         })
     }
 
