@@ -300,13 +300,25 @@ impl Config {
     /// reported with its file and line (at start-up and on reload alike).
     pub(crate) fn security(&self) -> Result<halyard_broker::auth::Security, String> {
         use halyard_broker::auth::{Anonymous, Authenticator, Security};
-        let authenticator = match &self.password_file {
-            Some(p) => Some(
-                std::sync::Arc::new(halyard_auth::PasswordFile::load(Path::new(p))?)
-                    as std::sync::Arc<dyn Authenticator>,
-            ),
+        use std::sync::Arc;
+        let passwords = match &self.password_file {
+            Some(p) => Some(Arc::new(halyard_auth::PasswordFile::load(Path::new(p))?)),
             None => None,
         };
+        let authenticator = passwords.clone().map(|p| p as Arc<dyn Authenticator>);
+        // SCRAM over the same file, for users whose entries are SCRAM verifiers.
+        let enhanced = passwords.map_or_else(Vec::new, |p| {
+            [
+                halyard_auth::ScramHash::Sha256,
+                halyard_auth::ScramHash::Sha512,
+            ]
+            .into_iter()
+            .map(|h| {
+                Arc::new(halyard_auth::ScramAuth::new(h, p.clone()))
+                    as Arc<dyn halyard_broker::auth::EnhancedAuth>
+            })
+            .collect()
+        });
         let authorizer = match &self.acl_file {
             Some(p) => Some(
                 std::sync::Arc::new(halyard_auth::AclFile::load(Path::new(p))?)
@@ -322,6 +334,7 @@ impl Config {
         Ok(Security {
             authenticator,
             authorizer,
+            enhanced,
             anonymous,
             subscribe_denied_not_authorized: self.subscribe_denied != "unspecified_error",
         })

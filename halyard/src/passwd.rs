@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
-use halyard_auth::{PasswordFile, Scheme};
+use halyard_auth::{PasswordFile, Scheme, ScramHash};
 
 #[derive(Debug, Args)]
 pub(crate) struct PasswdArgs {
@@ -29,12 +29,15 @@ pub(crate) struct PasswdArgs {
     /// Convert a plain-text `username:password` file to hashes, in place.
     #[arg(short = 'U')]
     upgrade: bool,
-    /// Hash for new entries: argon2id (default), sha512-pbkdf2 (mosquitto 2's `$7$`), sha512.
+    /// Hash for new entries: argon2id (default), scram-sha-256 / scram-sha-512 (SCRAM
+    /// verifiers: MQTT 5 enhanced authentication and plain passwords), sha512-pbkdf2
+    /// (mosquitto 2's `$7$`), sha512.
     #[arg(short = 'H', value_name = "HASH", default_value = "argon2id")]
     hash: String,
-    /// Iterations for sha512-pbkdf2 (mosquitto 2.0 uses 101, 2.1 uses 1000).
-    #[arg(short = 'I', value_name = "N", default_value_t = 1000)]
-    iterations: u32,
+    /// Iterations for sha512-pbkdf2 (default 1000; mosquitto 2.0 uses 101) and SCRAM
+    /// (default 4096, RFC 7677's minimum).
+    #[arg(short = 'I', value_name = "N")]
+    iterations: Option<u32>,
     /// The password file.
     file: PathBuf,
     /// The user name.
@@ -111,11 +114,13 @@ fn read_password() -> Result<String, String> {
 pub(crate) fn run(a: &PasswdArgs) -> ExitCode {
     let scheme = match a.hash.as_str() {
         "argon2id" => Scheme::Argon2id,
-        "sha512-pbkdf2" => Scheme::Pbkdf2Sha512(a.iterations.max(1)),
+        "sha512-pbkdf2" => Scheme::Pbkdf2Sha512(a.iterations.unwrap_or(1000).max(1)),
         "sha512" => Scheme::Sha512,
+        "scram-sha-256" => Scheme::Scram(ScramHash::Sha256, a.iterations.unwrap_or(4096).max(1)),
+        "scram-sha-512" => Scheme::Scram(ScramHash::Sha512, a.iterations.unwrap_or(4096).max(1)),
         other => {
             return fail(format!(
-                "unknown hash `{other}` (argon2id, sha512-pbkdf2, sha512)"
+                "unknown hash `{other}` (argon2id, scram-sha-256, scram-sha-512, sha512-pbkdf2, sha512)"
             ));
         }
     };

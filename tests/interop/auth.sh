@@ -99,6 +99,13 @@ printf 'u1:p1\nu2:p2\n' >"$work/plain"
 "$BIN" passwd -U "$work/plain" && grep -q '^u2:\$argon2id\$' "$work/plain" && ok "halyard passwd -U hashes a plain-text file" || bad "passwd -U"
 "$BIN" passwd -U "$work/plain" 2>/dev/null && bad "-U twice accepted" || ok "-U refuses an already hashed file"
 
+# SCRAM (MQTT 5 AUTH) with an independent client implementation (Python scramp).
+"$BIN" passwd -b -H scram-sha-256 "$pw" alice pencil
+"$BIN" passwd -b -H scram-sha-512 "$pw" bob builder
+kill -HUP "$broker"
+for _ in $(seq 1 100); do pub -u alice -P pencil >/dev/null && break; sleep 0.05; done
+python3 tests/interop/scram_mqtt.py 127.0.0.1 "$port" && ok "SCRAM-SHA-256/512 exchange with scramp (see above)" || bad "SCRAM with scramp"
+
 # The real mosquitto broker reads what `halyard passwd -H sha512-pbkdf2` writes.
 "$BIN" passwd -c -b -H sha512-pbkdf2 -I 101 "$work/forward" fwd-user fwd-pass
 mport=$(free_port)

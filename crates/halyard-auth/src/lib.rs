@@ -5,6 +5,8 @@
 
 pub mod acl;
 pub mod passwd;
+pub mod scram;
 
 pub use acl::AclFile;
 pub use passwd::{PasswordFile, Scheme};
+pub use scram::{ScramAuth, ScramHash, Verifier};

@@ -29,6 +29,9 @@ pub enum Scheme {
     Pbkdf2Sha512(u32),
     /// mosquitto 1.x's `$6$` salted SHA-512 (weak; reading old files is what it is for).
     Sha512,
+    /// A SCRAM verifier (RFC 5802) with this hash and iteration count: serves MQTT 5
+    /// enhanced authentication as well as plain passwords.
+    Scram(crate::scram::ScramHash, u32),
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -43,6 +46,7 @@ enum Hash {
         hash: Vec<u8>,
     },
     Argon2(String),
+    Scram(crate::scram::Verifier),
 }
 
 impl fmt::Debug for Hash {
@@ -52,6 +56,7 @@ impl fmt::Debug for Hash {
             Hash::Sha512 { .. } => "$6$...",
             Hash::Pbkdf2 { .. } => "$7$...",
             Hash::Argon2(_) => "$argon2id$...",
+            Hash::Scram(_) => "$scram-...$...",
         })
     }
 }
@@ -124,6 +129,9 @@ impl Hash {
                 hash,
             });
         }
+        if let Some(v) = crate::scram::Verifier::parse(s) {
+            return v.map(Hash::Scram);
+        }
         if s.starts_with("$argon2") {
             PasswordHash::new(s).map_err(|e| format!("bad argon2 hash: {e}"))?;
             return Ok(Hash::Argon2(s.to_string()));
@@ -155,6 +163,12 @@ impl Hash {
                 let hash = sha512(&[password, &salt]);
                 Hash::Sha512 { salt, hash }
             }
+            Scheme::Scram(h, iterations) => Hash::Scram(crate::scram::Verifier::new(
+                h,
+                password,
+                &random(16),
+                iterations,
+            )),
         }
     }
 
@@ -168,6 +182,7 @@ impl Hash {
             } => ct_eq(&pbkdf2(password, salt, *iterations, hash.len()), hash),
             Hash::Argon2(phc) => PasswordHash::new(phc)
                 .is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok()),
+            Hash::Scram(v) => v.verify_password(password),
         }
     }
 
@@ -182,6 +197,7 @@ impl Hash {
                 format!("$7${iterations}${}${}", B64.encode(salt), B64.encode(hash))
             }
             Hash::Argon2(phc) => phc.clone(),
+            Hash::Scram(v) => v.render(),
         }
     }
 }
@@ -258,6 +274,23 @@ impl PasswordFile {
         self.users
             .insert(user.to_string(), Hash::new(password, scheme));
         Ok(())
+    }
+
+    /// The user's SCRAM verifier for `hash`, if the entry is one.
+    pub fn scram_verifier(
+        &self,
+        user: &str,
+        hash: crate::scram::ScramHash,
+    ) -> Option<&crate::scram::Verifier> {
+        match self.users.get(user) {
+            Some(Hash::Scram(v)) if v.hash == hash => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Adds or replaces `user` with a SCRAM verifier made elsewhere.
+    pub fn set_verifier(&mut self, user: &str, v: crate::scram::Verifier) {
+        self.users.insert(user.to_string(), Hash::Scram(v));
     }
 
     /// Removes `user`; false if it was not there.

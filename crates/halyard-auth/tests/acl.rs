@@ -32,6 +32,7 @@ fn security(acl: &str, subscribe_0x87: bool) -> Security {
         authorizer: Some(Arc::new(AclFile::parse(acl, "acl").unwrap())),
         anonymous: Anonymous::Allow,
         subscribe_denied_not_authorized: subscribe_0x87,
+        enhanced: Vec::new(),
     }
 }
 

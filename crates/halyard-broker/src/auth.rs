@@ -113,6 +113,8 @@ pub struct Security {
     pub authenticator: Option<Arc<dyn Authenticator>>,
     /// Topic access; `None`: everything is allowed.
     pub authorizer: Option<Arc<dyn Authorizer>>,
+    /// MQTT 5 enhanced authentication methods offered.
+    pub enhanced: Vec<Arc<dyn EnhancedAuth>>,
     /// Anonymous clients (listeners may override with their own `allow_anonymous`).
     pub anonymous: Anonymous,
     /// The v5 reason code for a refused subscription: 0x87 Not authorized (default) or
@@ -125,8 +127,41 @@ impl Default for Security {
         Security {
             authenticator: None,
             authorizer: None,
+            enhanced: Vec::new(),
             anonymous: Anonymous::LoopbackOnly,
             subscribe_denied_not_authorized: true,
         }
     }
+}
+
+/// MQTT 5 enhanced authentication (section 4.12): a method named in CONNECT's
+/// Authentication Method, run as a challenge/response over AUTH packets, at connect time
+/// and again on re-authentication.
+pub trait EnhancedAuth: Send + Sync + fmt::Debug {
+    /// The Authentication Method it answers to (e.g. `SCRAM-SHA-256`).
+    fn method(&self) -> &str;
+    /// Starts an exchange with the client's first Authentication Data.
+    fn start(&self, data: Option<&[u8]>) -> AuthStep;
+}
+
+/// One exchange in progress.
+pub trait AuthExchange: Send + fmt::Debug {
+    /// The client's next Authentication Data.
+    fn step(&mut self, data: Option<&[u8]>) -> AuthStep;
+}
+
+/// Where an exchange stands.
+#[derive(Debug)]
+pub enum AuthStep {
+    /// Send this data in AUTH 0x18 and wait for the client's next AUTH.
+    Continue(Vec<u8>, Box<dyn AuthExchange>),
+    /// Authenticated as `username`; send `data` with the success (CONNACK or AUTH 0x00).
+    Success {
+        /// The authenticated user.
+        username: String,
+        /// Final server data (e.g. SCRAM's server signature).
+        data: Option<Vec<u8>>,
+    },
+    /// Refused.
+    Failure(AuthVerdict),
 }

@@ -21,7 +21,11 @@ use halyard_codec::{
 use halyard_store::{Op, PendingWill as StoredWill};
 use halyard_transport::{Event, PeerInfo};
 
-use crate::auth::{Access, Anonymous, AuthVerdict, Authorizer, Credentials, Identity, Security};
+use crate::auth::{
+    Access, Anonymous, AuthExchange, AuthStep, AuthVerdict, Authorizer, Credentials, EnhancedAuth,
+    Identity, Security,
+};
+use halyard_codec::{ByteString, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -303,6 +307,111 @@ struct Connection<S> {
     identity: Identity,
     acl: AclCache,
     rate: PublishRate,
+    /// The enhanced authentication method of CONNECT, for re-authentication.
+    enhanced: Option<(ByteString, Arc<dyn EnhancedAuth>)>,
+    /// A re-authentication in progress.
+    reauth: Option<Box<dyn AuthExchange>>,
+}
+
+/// The halves of a connection an authentication exchange talks over before the session
+/// exists.
+struct AuthIo<'a, R, W> {
+    rd: &'a mut R,
+    wr: &'a mut W,
+    rbuf: &'a mut BytesMut,
+}
+
+fn auth_packet(reason: ReasonCode, name: &ByteString, data: Option<Vec<u8>>) -> Packet {
+    Packet::Auth(halyard_codec::Auth {
+        reason,
+        properties: Properties {
+            authentication_method: Some(name.clone()),
+            authentication_data: data.map(Bytes::from),
+            ..Properties::default()
+        },
+    })
+}
+
+fn auth_refusal(inner: &Inner, v: AuthVerdict, peer: &PeerInfo) -> (ReasonCode, &'static str) {
+    match v {
+        AuthVerdict::BadCredentials | AuthVerdict::Allow => {
+            if let halyard_transport::Remote::Ip(a) = &peer.remote {
+                inner.auth_failures.record(a.ip());
+            }
+            (ReasonCode::BadUserNameOrPassword, "authentication failed")
+        }
+        AuthVerdict::NotAuthorized => (ReasonCode::NotAuthorized, "not authorized"),
+    }
+}
+
+/// Runs an enhanced authentication exchange at CONNECT time (section 4.12): AUTH 0x18 out,
+/// AUTH 0x18 back, each within the CONNECT timeout, until the method decides.
+async fn exchange<R, W>(
+    inner: &Inner,
+    name: &ByteString,
+    mut step: AuthStep,
+    io: &mut AuthIo<'_, R, W>,
+    peer: &PeerInfo,
+) -> Result<(String, Option<Vec<u8>>), (ReasonCode, &'static str)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if let halyard_transport::Remote::Ip(a) = &peer.remote
+        && inner.auth_failures.blocked(a.ip())
+    {
+        return Err((
+            ReasonCode::BadUserNameOrPassword,
+            "too many failed attempts from this address; try later",
+        ));
+    }
+    loop {
+        match step {
+            AuthStep::Success { username, data } => return Ok((username, data)),
+            AuthStep::Failure(v) => return Err(auth_refusal(inner, v, peer)),
+            AuthStep::Continue(data, mut ex) => {
+                let mut buf = BytesMut::new();
+                let _ = auth_packet(ReasonCode::ContinueAuthentication, name, Some(data))
+                    .encode(ProtocolVersion::V5, &mut buf);
+                if io.wr.write_all(&buf).await.is_err() || io.wr.flush().await.is_err() {
+                    return Err((
+                        ReasonCode::UnspecifiedError,
+                        "connection lost during authentication",
+                    ));
+                }
+                let next = timeout(
+                    inner.cfg.connect_timeout,
+                    read_packet(
+                        io.rd,
+                        io.rbuf,
+                        ProtocolVersion::V5,
+                        inner.cfg.message_size_limit,
+                    ),
+                )
+                .await;
+                match next {
+                    Ok(Ok(Packet::Auth(a)))
+                        if a.reason == ReasonCode::ContinueAuthentication
+                            && a.properties.authentication_method.as_ref() == Some(name) =>
+                    {
+                        step = ex.step(a.properties.authentication_data.as_deref());
+                    }
+                    Ok(Ok(_)) => {
+                        return Err((
+                            ReasonCode::ProtocolError,
+                            "expected AUTH continuing the same method [MQTT-4.12.0-2]",
+                        ));
+                    }
+                    _ => {
+                        return Err((
+                            ReasonCode::UnspecifiedError,
+                            "no AUTH within the connect timeout",
+                        ));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A client's publish budget: token buckets of messages and payload bytes, refilled
@@ -425,11 +534,11 @@ where
     /// Validates CONNECT, attaches the session and sends CONNACK. `None` when refused.
     async fn accept(
         inner: Arc<Inner>,
-        c: Connect,
+        mut c: Connect,
         peer: Arc<str>,
-        rd: ReadHalf<S>,
+        mut rd: ReadHalf<S>,
         mut wr: WriteHalf<S>,
-        rbuf: BytesMut,
+        mut rbuf: BytesMut,
         admission: Admission,
     ) -> Option<Self> {
         let v = c.protocol;
@@ -467,8 +576,15 @@ where
                     "client id longer than max_client_id_length",
                 ));
             }
-            if v5 && c.properties.authentication_method.is_some() {
-                // No enhanced authentication method is configured [MQTT-4.12.0-1].
+            if v5
+                && let Some(m) = &c.properties.authentication_method
+                && !admission
+                    .security
+                    .enhanced
+                    .iter()
+                    .any(|e| e.method() == &m[..])
+            {
+                // A method we do not offer [MQTT-4.12.0-1].
                 return Err(refuse(
                     ReasonCode::BadAuthenticationMethod,
                     "unsupported authentication method",
@@ -497,9 +613,42 @@ where
             }
             Ok(())
         })();
-        let check = match check {
-            Ok(()) => authenticate(&inner, &c, &admission).await,
-            Err(e) => Err(e),
+        let mut enhanced: Option<(ByteString, Arc<dyn EnhancedAuth>)> = None;
+        let mut auth_reply = None;
+        let check = match (check, c.properties.authentication_method.clone()) {
+            (Ok(()), None) => authenticate(&inner, &c, &admission).await,
+            (Ok(()), Some(name)) => {
+                let method = admission
+                    .security
+                    .enhanced
+                    .iter()
+                    .find(|e| e.method() == &name[..])
+                    .cloned();
+                match method {
+                    None => Err((
+                        ReasonCode::BadAuthenticationMethod,
+                        "unsupported authentication method",
+                    )),
+                    Some(method) => {
+                        let first = method.start(c.properties.authentication_data.as_deref());
+                        let mut io = AuthIo {
+                            rd: &mut rd,
+                            wr: &mut wr,
+                            rbuf: &mut rbuf,
+                        };
+                        match exchange(&inner, &name, first, &mut io, &admission.info).await {
+                            Ok((user, data)) => {
+                                c.username = Some(user.as_str().into());
+                                auth_reply = data;
+                                enhanced = Some((name, method));
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                }
+            }
+            (Err(e), _) => Err(e),
         };
         if let Err((reason, why)) = check {
             Stats::inc(&inner.stats.connections_refused);
@@ -584,6 +733,10 @@ where
             props.wildcard_subscription_available = Some(true);
             props.subscription_identifier_available = Some(true);
             props.shared_subscription_available = Some(cfg.shared_subscriptions);
+            if let Some((name, _)) = &enhanced {
+                props.authentication_method = Some(name.clone());
+                props.authentication_data = auth_reply.map(Bytes::from);
+            }
         }
         let ack = Packet::ConnAck(ConnAck {
             session_present: present,
@@ -665,6 +818,8 @@ where
                 ..AclCache::default()
             },
             rate: PublishRate::new(&inner),
+            enhanced,
+            reauth: None,
             inner,
         };
         if present {
@@ -850,13 +1005,56 @@ where
             }
             Packet::Disconnect(d) => self.on_disconnect(&d),
             Packet::Connect(_) => Err(self.protocol_error("second CONNECT [MQTT-3.1.0-2]")),
-            Packet::Auth(_) => {
-                Err(self.protocol_error("AUTH without enhanced authentication [MQTT-4.12.0-2]"))
-            }
+            Packet::Auth(a) => self.on_auth(&a),
             other => {
                 debug!(packet = other.name(), "client sent a server-only packet");
                 Err(self.protocol_error("packet only a server may send"))
             }
+        }
+    }
+
+    /// Re-authentication on a live connection (section 4.12.1): the client starts it with
+    /// AUTH 0x19 and the method of its CONNECT [MQTT-4.12.1-1]; success is AUTH 0x00, failure
+    /// a DISCONNECT [MQTT-4.12.1-2]. Publications continue meanwhile.
+    fn on_auth(&mut self, a: &halyard_codec::Auth) -> Result<(), End> {
+        let Some((name, method)) = self.enhanced.clone() else {
+            return Err(self.protocol_error("AUTH without enhanced authentication [MQTT-4.12.0-2]"));
+        };
+        if a.properties.authentication_method.as_ref() != Some(&name) {
+            return Err(
+                self.protocol_error("AUTH with another method than CONNECT's [MQTT-4.12.1-1]")
+            );
+        }
+        let data = a.properties.authentication_data.as_deref();
+        let step = match (a.reason, self.reauth.take()) {
+            (ReasonCode::ReAuthenticate, None) => method.start(data),
+            (ReasonCode::ContinueAuthentication, Some(mut ex)) => ex.step(data),
+            _ => return Err(self.protocol_error("unexpected AUTH reason code [MQTT-4.12.0-2]")),
+        };
+        match step {
+            AuthStep::Continue(data, ex) => {
+                self.reauth = Some(ex);
+                self.send(&auth_packet(
+                    ReasonCode::ContinueAuthentication,
+                    &name,
+                    Some(data),
+                ));
+                Ok(())
+            }
+            AuthStep::Success { username, data }
+                if self.identity.username.as_deref() == Some(username.as_str()) =>
+            {
+                self.send(&auth_packet(ReasonCode::Success, &name, data));
+                Ok(())
+            }
+            AuthStep::Success { .. } => Err(End::Server(
+                ReasonCode::NotAuthorized,
+                "re-authenticated as another user",
+            )),
+            AuthStep::Failure(_) => Err(End::Server(
+                ReasonCode::NotAuthorized,
+                "re-authentication failed [MQTT-4.12.1-2]",
+            )),
         }
     }
 
