@@ -48,6 +48,7 @@ pub(crate) struct Config {
     pub(crate) publish_rate_bytes: u64,
     pub(crate) max_retained_messages: usize,
     pub(crate) max_retained_bytes: usize,
+    pub(crate) max_memory_bytes: usize,
     pub(crate) persistence: Persistence,
     /// `[[listener]]` tables: listeners with options.
     pub(crate) listener: Vec<ListenerTable>,
@@ -184,6 +185,7 @@ impl Default for Config {
             publish_rate_bytes: b.publish_rate_bytes,
             max_retained_messages: b.max_retained_messages,
             max_retained_bytes: b.max_retained_bytes,
+            max_memory_bytes: b.max_memory_bytes,
             persistence: Persistence::default(),
             listener: Vec::new(),
         }
@@ -368,6 +370,7 @@ impl Config {
             publish_rate_bytes: self.publish_rate_bytes,
             max_retained_messages: self.max_retained_messages,
             max_retained_bytes: self.max_retained_bytes,
+            max_memory_bytes: self.max_memory_bytes,
         }
     }
 }

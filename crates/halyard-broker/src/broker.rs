@@ -54,6 +54,8 @@ pub(crate) struct Inner {
     pub(crate) auth_failures: AuthFailures,
     /// Moves on every `set_security`: connections drop their cached access decisions.
     security_generation: AtomicU64,
+    /// Bytes of client messages alive (see `max_memory_bytes`).
+    pub(crate) memory: Arc<crate::message::MemoryUse>,
     started: Instant,
 }
 
@@ -150,6 +152,7 @@ impl Broker {
             })),
             auth_failures: AuthFailures::default(),
             security_generation: AtomicU64::new(0),
+            memory: Arc::default(),
             started: Instant::now(),
         });
         inner.recover();
@@ -234,6 +237,7 @@ impl Broker {
     /// Current counters.
     pub fn stats(&self) -> StatsSnapshot {
         let mut s = self.inner.stats.snapshot();
+        s.message_bytes_alive = self.inner.memory.bytes.load(Ordering::Relaxed) as u64;
         s.connections_current = self.inner.stats.connections_current.load(Ordering::Relaxed);
         s
     }
@@ -272,6 +276,12 @@ impl Inner {
     /// session. Runs on the publisher's task. Every store op this causes, plus `extra`,
     /// goes to the store in **one** batch, so a crash keeps all or none of it. Returns how
     /// many sessions matched and the ticket to wait for before acknowledging the publisher.
+    /// Whether the messages alive exceed `max_memory_bytes` (0: no budget).
+    pub(crate) fn memory_over_budget(&self) -> bool {
+        self.cfg.max_memory_bytes > 0
+            && self.memory.bytes.load(Ordering::Relaxed) >= self.cfg.max_memory_bytes
+    }
+
     /// Whether a topic name or filter exceeds `max_topic_length` or `max_topic_levels`.
     pub(crate) fn topic_over_limits(&self, topic: &str) -> bool {
         topic.len() > self.cfg.max_topic_length

@@ -60,6 +60,10 @@ pub mod defaults {
     pub const MAX_RETAINED_MESSAGES: usize = 1_000_000;
     /// Payload bytes of all retained messages (0: no limit).
     pub const MAX_RETAINED_BYTES: usize = 256 * 1024 * 1024;
+    /// Bytes of client messages alive at once, queued, in flight or retained, across all
+    /// sessions (0: no budget). Past it, publishers are held back until deliveries free
+    /// memory.
+    pub const MAX_MEMORY_BYTES: usize = 1024 * 1024 * 1024;
 }
 
 /// Broker-wide settings.
@@ -117,6 +121,8 @@ pub struct BrokerConfig {
     pub max_retained_messages: usize,
     /// See [`defaults::MAX_RETAINED_BYTES`].
     pub max_retained_bytes: usize,
+    /// See [`defaults::MAX_MEMORY_BYTES`].
+    pub max_memory_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -147,6 +153,7 @@ impl Default for BrokerConfig {
             publish_rate_bytes: defaults::PUBLISH_RATE_BYTES_PER_SEC,
             max_retained_messages: defaults::MAX_RETAINED_MESSAGES,
             max_retained_bytes: defaults::MAX_RETAINED_BYTES,
+            max_memory_bytes: defaults::MAX_MEMORY_BYTES,
         }
     }
 }

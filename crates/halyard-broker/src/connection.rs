@@ -311,7 +311,12 @@ struct Connection<S> {
     enhanced: Option<(ByteString, Arc<dyn EnhancedAuth>)>,
     /// A re-authentication in progress.
     reauth: Option<Box<dyn AuthExchange>>,
+    /// A PUBLISH waits for the memory budget.
+    memory_blocked: bool,
 }
+
+/// How often a client held back by the memory budget looks again.
+const MEMORY_RECHECK: Duration = Duration::from_millis(10);
 
 /// The halves of a connection an authentication exchange talks over before the session
 /// exists.
@@ -820,6 +825,7 @@ where
             rate: PublishRate::new(&inner),
             enhanced,
             reauth: None,
+            memory_blocked: false,
             inner,
         };
         if present {
@@ -848,15 +854,16 @@ where
             // slows down instead of us buffering or dropping. Keep alive does not run out
             // while we are the ones not reading.
             let throttled_until = self.rate.blocked_until(now);
-            if throttled_until.is_some() {
+            if throttled_until.is_some() || self.memory_blocked {
                 self.last_rx = now;
             }
             let deadline = self.keepalive.map(|k| self.last_rx + k);
             let want_write = !self.wbuf.is_empty();
             // Stop reading while our replies to this client pile up unread: its own
             // input is then paused instead of our buffer growing.
-            let can_read =
-                self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES && throttled_until.is_none();
+            let can_read = self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES
+                && throttled_until.is_none()
+                && !self.memory_blocked;
             let can_fill = self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES;
             tokio::select! {
                 biased;
@@ -904,6 +911,14 @@ where
                     }
                 }
                 _ = self.session.wake.notified(), if can_fill => {}
+                _ = tokio::time::sleep(MEMORY_RECHECK), if self.memory_blocked => {
+                    if !self.inner.memory_over_budget() {
+                        self.memory_blocked = false;
+                        if let Some(end) = self.process_input() {
+                            return end;
+                        }
+                    }
+                }
                 _ = sleep_until(throttled_until.unwrap_or(now)), if throttled_until.is_some() => {
                     // Budget refilled: handle what was already read, then read again.
                     if let Some(end) = self.process_input() {
@@ -922,6 +937,16 @@ where
         loop {
             // Packets already read wait too while the publish budget is spent.
             if self.rate.enabled() && self.rate.blocked_until(Instant::now()).is_some() {
+                return None;
+            }
+            // Over the broker's memory budget, a PUBLISH waits (and the client is not read
+            // from) until deliveries free memory; acknowledgements and everything else
+            // still flow, so subscribers keep draining.
+            if self.rbuf.first().is_some_and(|b| b >> 4 == 3) && self.inner.memory_over_budget() {
+                if !self.memory_blocked {
+                    Stats::inc(&self.inner.stats.publish_paused_memory);
+                }
+                self.memory_blocked = true;
                 return None;
             }
             match decode(
@@ -1163,16 +1188,19 @@ where
                 self.release_inbound(p.packet_id);
             }
         } else {
-            let msg = Arc::new(Message::new(
-                self.inner.message_id(),
-                p.topic,
-                p.payload,
-                p.qos,
-                p.retain,
-                p.properties,
-                Some(self.session.client_id.clone()),
-                Instant::now(),
-            ));
+            let msg = Arc::new(
+                Message::new(
+                    self.inner.message_id(),
+                    p.topic,
+                    p.payload,
+                    p.qos,
+                    p.retain,
+                    p.properties,
+                    Some(self.session.client_id.clone()),
+                    Instant::now(),
+                )
+                .charged_to(&self.inner.memory),
+            );
             let mut extra = Vec::new();
             if p.qos == QoS::ExactlyOnce && self.session.lock().persistent() {
                 // In the same batch as the routing: a crash keeps both or neither, so a held

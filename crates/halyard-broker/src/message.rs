@@ -38,6 +38,25 @@ pub(crate) struct Message {
     pub(crate) origin: Option<Arc<str>>,
     /// Encoded PUBLISH per (v5, has packet id): see [`Message::cached`].
     cache: [OnceLock<Bytes>; 4],
+    /// The broker-wide count this message's bytes are charged to while it lives.
+    account: Option<Arc<MemoryUse>>,
+}
+
+/// Bytes of messages alive in the broker (queued, in flight, retained): what the global
+/// memory budget is checked against. Charged when a client's message is routed, refunded
+/// when the last reference to it goes.
+#[derive(Debug, Default)]
+pub(crate) struct MemoryUse {
+    pub(crate) bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        if let Some(a) = &self.account {
+            a.bytes
+                .fetch_sub(self.cost(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl Message {
@@ -69,6 +88,7 @@ impl Message {
             expires_at,
             origin,
             cache: Default::default(),
+            account: None,
         }
     }
 
@@ -89,6 +109,15 @@ impl Message {
     }
 
     /// Payload bytes plus topic: what a queued copy costs, for queue limits.
+    /// Charges this message's bytes to `account` until it is dropped.
+    pub(crate) fn charged_to(mut self, account: &Arc<MemoryUse>) -> Self {
+        account
+            .bytes
+            .fetch_add(self.cost(), std::sync::atomic::Ordering::Relaxed);
+        self.account = Some(account.clone());
+        self
+    }
+
     pub(crate) fn cost(&self) -> usize {
         self.payload.len() + self.topic.as_str().len()
     }

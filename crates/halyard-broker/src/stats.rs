@@ -43,6 +43,8 @@ counters! {
     topic_refused: "Topic names or filters refused for exceeding max_topic_levels or max_topic_length.",
     publish_throttled: "Times a client's reads were paused by its publish rate limit.",
     retained_refused: "Retained messages not retained because max_retained_messages/bytes was reached.",
+    publish_paused_memory: "Times a publisher was held back because max_memory_bytes was reached.",
+    message_bytes_alive: "Bytes of client messages alive now (queued, in flight, retained); a gauge.",
 }
 
 impl Stats {

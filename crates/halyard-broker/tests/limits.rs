@@ -201,3 +201,90 @@ mod paused {
         publish_rate_pauses_reads(V5).await
     }
 }
+
+/// The global memory budget: with an offline subscriber holding everything, a publisher is
+/// held back (no more PUBACKs, its PUBLISHes wait unread) once the bytes of messages alive
+/// reach `max_memory_bytes`; when the subscriber drains, the publisher resumes and nothing
+/// is lost.
+async fn memory_budget_holds_back_publishers(v: ProtocolVersion) {
+    let tb = TestBroker::with_config(BrokerConfig {
+        max_memory_bytes: 64 * 1024,
+        max_queued_messages: 10_000,
+        max_queued_bytes: 0,
+        ..BrokerConfig::default()
+    })
+    .await;
+    let mut s = tb.raw().await;
+    let c = connect_with(v, "mem-sub", true, |c| {
+        if v.is_v5() {
+            c.properties.session_expiry_interval = Some(600);
+        } else {
+            c.clean_start = false;
+        }
+    });
+    assert_eq!(handshake(&mut s, c).await.reason, ReasonCode::Success);
+    sub(&mut s, "mem/t", QoS::AtLeastOnce).await;
+    s.send(&Packet::Disconnect(Disconnect {
+        reason: ReasonCode::Success,
+        properties: Properties::default(),
+    }))
+    .await;
+    let _ = s.expect_close().await;
+
+    let mut p = tb.raw().await;
+    online(&mut p, v, "mem-pub", true).await;
+    let payload = vec![7u8; 4096];
+    for i in 1..=100u16 {
+        p.send(&publish("mem/t", QoS::AtLeastOnce, i, &payload))
+            .await;
+    }
+    let mut acked = 0;
+    while let halyard_testkit::Recv::Packet(Packet::PubAck(_)) =
+        p.recv_within(Duration::from_millis(500)).await
+    {
+        acked += 1;
+    }
+    let stats = tb.broker.stats();
+    assert!(
+        (16..=17).contains(&acked),
+        "held back at the budget: {acked} acknowledged"
+    );
+    assert!(stats.publish_paused_memory >= 1);
+    assert!(
+        stats.message_bytes_alive <= 64 * 1024 + 4096 + 16,
+        "{}",
+        stats.message_bytes_alive
+    );
+
+    // The subscriber comes back and drains; the publisher goes on; nothing is lost.
+    let mut s = tb.raw().await;
+    let c = connect_with(v, "mem-sub", false, |c| {
+        if v.is_v5() {
+            c.properties.session_expiry_interval = Some(600);
+        }
+    });
+    assert!(handshake(&mut s, c).await.session_present);
+    for _ in 0..100 {
+        let m = recv_publish(&mut s).await;
+        s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+    }
+    for _ in acked..100 {
+        assert!(matches!(p.recv().await, Packet::PubAck(_)));
+    }
+    halyard_testkit::eventually("memory is freed", || {
+        tb.broker.stats().message_bytes_alive == 0
+    })
+    .await;
+}
+
+mod memory {
+    use super::*;
+    #[tokio::test]
+    async fn memory_budget_v3_1_1() {
+        memory_budget_holds_back_publishers(V3_1_1).await
+    }
+    #[tokio::test]
+    async fn memory_budget_v5() {
+        memory_budget_holds_back_publishers(V5).await
+    }
+}
