@@ -82,7 +82,9 @@ where
         Ok(Ok(Packet::Connect(c))) => c,
         Ok(Ok(other)) => {
             // [MQTT-3.1.0-1]: the first packet must be CONNECT.
-            info!(%peer, packet = other.name(), "first packet is not CONNECT [MQTT-3.1.0-1]; closing");
+            if let Some(suppressed) = PEER_LOG.admit() {
+                info!(%peer, packet = other.name(), suppressed, "first packet is not CONNECT [MQTT-3.1.0-1]; closing");
+            }
             return;
         }
     };
@@ -202,6 +204,13 @@ async fn authenticate(
     }
 }
 
+/// One budget for every log line about a misbehaving or refused client: a flood of bad
+/// connections costs a few lines a second, each reporting how many were suppressed.
+static PEER_LOG: std::sync::LazyLock<halyard_transport::LogBudget> =
+    std::sync::LazyLock::new(|| {
+        halyard_transport::LogBudget::new(halyard_transport::LOG_LINES_PER_SECOND)
+    });
+
 enum ReadError {
     Closed,
     Decode(DecodeError),
@@ -247,7 +256,9 @@ async fn refuse_bad_connect<W: AsyncWrite + Unpin>(
     e: &DecodeError,
 ) {
     Stats::inc(&inner.stats.connections_refused);
-    info!(peer, error = %e, "refused CONNECT");
+    if let Some(suppressed) = PEER_LOG.admit() {
+        info!(peer, error = %e, suppressed, "refused CONNECT");
+    }
     inner.monitor.emit(Event::AuthFailed {
         peer: peer.to_string(),
         client_id: String::new(),
@@ -657,7 +668,9 @@ where
         };
         if let Err((reason, why)) = check {
             Stats::inc(&inner.stats.connections_refused);
-            info!(%peer, client_id = %c.client_id, protocol = version_name(v), reason = ?reason, why, "refused CONNECT");
+            if let Some(suppressed) = PEER_LOG.admit() {
+                info!(%peer, client_id = %c.client_id, protocol = version_name(v), reason = ?reason, why, suppressed, "refused CONNECT");
+            }
             inner.monitor.emit(Event::AuthFailed {
                 peer: peer.to_string(),
                 client_id: c.client_id.as_str().to_string(),
@@ -962,7 +975,9 @@ where
                 Ok(None) => return None,
                 Err(e) => {
                     Stats::inc(&self.inner.stats.protocol_errors);
-                    warn!(peer = %self.peer, client_id = %self.session.client_id, error = %e, "bad packet; disconnecting");
+                    if let Some(suppressed) = PEER_LOG.admit() {
+                        warn!(peer = %self.peer, client_id = %self.session.client_id, error = %e, suppressed, "bad packet; disconnecting");
+                    }
                     return Some(End::Server(e.reason_code(), e.detail));
                 }
             }
@@ -1085,7 +1100,9 @@ where
 
     fn protocol_error(&self, why: &'static str) -> End {
         Stats::inc(&self.inner.stats.protocol_errors);
-        warn!(peer = %self.peer, client_id = %self.session.client_id, why, "protocol error; disconnecting");
+        if let Some(suppressed) = PEER_LOG.admit() {
+            warn!(peer = %self.peer, client_id = %self.session.client_id, why, suppressed, "protocol error; disconnecting");
+        }
         End::Server(ReasonCode::ProtocolError, why)
     }
 

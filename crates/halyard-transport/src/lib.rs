@@ -19,7 +19,7 @@ pub use listener::{
     ConnSink, DialOptions, IpLimits, ListenerCtx, ListenerHandle, ListenerStats, PeerInfo,
     RESOURCE_ERRORS_BEFORE_RESTART, Registry, Remote, Transport, start_listener,
 };
-pub use monitor::{Event, Monitor, MonitorEvent};
+pub use monitor::{Event, LOG_LINES_PER_SECOND, LogBudget, Monitor, MonitorEvent};
 pub use rewind::Rewind;
 pub use supervisor::{ListenerStatus, RestartPolicy, SupervisorExit};
 pub use url::{LISTENER_KEYS, ListenerConfig, Url};

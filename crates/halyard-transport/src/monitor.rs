@@ -13,6 +13,10 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::broadcast;
 use tracing::{debug, error, info, warn};
 
+/// Log lines a second about misbehaving peers (handshake failures, protocol errors); the
+/// rest are counted and reported with the next line (see [`LogBudget`]).
+pub const LOG_LINES_PER_SECOND: u32 = 20;
+
 /// Events buffered per subscriber before the oldest are dropped.
 pub const MONITOR_CAPACITY: usize = 4096;
 
@@ -212,7 +216,13 @@ fn log_event(ev: &Event) {
         | Event::AuthFailed { .. } => debug!(target: "halyard::monitor", "{ev}"),
         // Why a client's TLS or WebSocket handshake failed (an unknown CA, a v1
         // certificate, a wrong path) is what its operator needs to see.
-        Event::HandshakeFailed { .. } => info!(target: "halyard::monitor", "{ev}"),
+        Event::HandshakeFailed { .. } => {
+            static BUDGET: std::sync::LazyLock<LogBudget> =
+                std::sync::LazyLock::new(|| LogBudget::new(LOG_LINES_PER_SECOND));
+            if let Some(suppressed) = BUDGET.admit() {
+                info!(target: "halyard::monitor", suppressed, "{ev}");
+            }
+        }
         Event::Refused { .. } | Event::ListenerCrashed { .. } | Event::TlsReloadFailed { .. } => {
             warn!(target: "halyard::monitor", "{ev}")
         }
@@ -224,6 +234,22 @@ fn log_event(ev: &Event) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_budget_admits_per_second_and_counts_the_rest() {
+        let b = LogBudget::new(3);
+        assert_eq!(b.admit(), Some(0));
+        assert_eq!(b.admit(), Some(0));
+        assert_eq!(b.admit(), Some(0));
+        assert_eq!(b.admit(), None);
+        assert_eq!(b.admit(), None);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(
+            b.admit(),
+            Some(2),
+            "the next line reports what was suppressed"
+        );
+    }
 
     #[tokio::test]
     async fn slow_subscriber_lags_instead_of_blocking() {
@@ -248,5 +274,56 @@ mod tests {
                 attempt: 6
             }
         );
+    }
+}
+
+/// A budget for log lines about misbehaving peers: at most `per_second` lines a second;
+/// the rest are counted and the count is reported with the next line that gets through.
+/// A flood of garbage connections then costs a few log lines a second, not one each.
+#[derive(Debug)]
+pub struct LogBudget {
+    per_second: u32,
+    /// (second, lines logged in it), packed as second << 32 | count.
+    state: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+    start: std::time::Instant,
+}
+
+impl LogBudget {
+    /// A budget of `per_second` lines.
+    pub fn new(per_second: u32) -> LogBudget {
+        LogBudget {
+            per_second,
+            state: std::sync::atomic::AtomicU64::new(u64::MAX),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// `Some(n)` when a line may be logged (`n` lines were suppressed since the last one),
+    /// `None` when it must be dropped.
+    pub fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.start.elapsed().as_secs();
+        let mut cur = self.state.load(Relaxed);
+        loop {
+            let (sec, n) = (cur >> 32, cur & 0xFFFF_FFFF);
+            let next = if sec == now & 0xFFFF_FFFF {
+                if n >= u64::from(self.per_second) {
+                    self.suppressed.fetch_add(1, Relaxed);
+                    return None;
+                }
+                cur + 1
+            } else {
+                ((now & 0xFFFF_FFFF) << 32) | 1
+            };
+            match self
+                .state
+                .compare_exchange_weak(cur, next, Relaxed, Relaxed)
+            {
+                Ok(_) => return Some(self.suppressed.swap(0, Relaxed)),
+                Err(actual) => cur = actual,
+            }
+        }
     }
 }
