@@ -187,6 +187,7 @@ async fn run(cfg: Config) -> ExitCode {
     broker.set_security(security);
     let monitor = broker.monitor().clone();
     monitor.spawn_logger();
+    spawn_security_file_watch(&cfg, &broker);
     let mut registry = halyard_transport::Registry::default();
     if cfg.max_connections_per_ip > 0 || cfg.connection_rate_per_ip > 0 {
         registry = registry.with_ip_limits(halyard_transport::IpLimits::new(
@@ -253,6 +254,56 @@ enum Signal {
     Stop,
     /// SIGHUP.
     Reload,
+}
+
+/// Reloads the password and ACL files when they change (length, modification time or inode:
+/// in-place writes, atomic renames and symlink swaps alike), checked every 5 s, as SIGHUP
+/// does. A broken file changes nothing and says why; it is tried again when it changes.
+fn spawn_security_file_watch(cfg: &Config, broker: &halyard_broker::Broker) {
+    use std::os::unix::fs::MetadataExt;
+    let files: Vec<PathBuf> = [&cfg.password_file, &cfg.acl_file]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::from)
+        .collect();
+    if files.is_empty() {
+        return;
+    }
+    let stamp = move |files: &[PathBuf]| -> Vec<Option<(u64, std::time::SystemTime, u64)>> {
+        files
+            .iter()
+            .map(|f| {
+                let m = std::fs::metadata(f).ok()?;
+                Some((m.len(), m.modified().ok()?, m.ino()))
+            })
+            .collect()
+    };
+    let cfg = cfg.clone();
+    let broker = broker.clone();
+    let mut shutdown = broker.shutdown_signal();
+    tokio::spawn(async move {
+        let mut seen = stamp(&files);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            }
+            let now = stamp(&files);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match cfg.security() {
+                Ok(s) => {
+                    info!("password/ACL file changed: reloaded");
+                    broker.set_security(s);
+                }
+                Err(why) => {
+                    tracing::warn!("security files refused, the previous ones stay in force: {why}")
+                }
+            }
+        }
+    });
 }
 
 /// The signals the broker acts on, registered once at start so that from then on

@@ -93,6 +93,30 @@ else
   bad "broken file on reload"; grep -i "password" "$work/broker.log" | tail -2
 fi
 cp "$work/good" "$pw"
+# A change to the file is picked up without a signal (checked every 5 s).
+"$BIN" passwd -b "$pw" watched-user watched-pass
+for _ in $(seq 1 160); do pub -u watched-user -P watched-pass >/dev/null && break; sleep 0.05; done
+pub -u watched-user -P watched-pass >/dev/null && ok "file change: a user added without SIGHUP gets in" || bad "file watch reload"
+# paho-mqtt (another independent client), 3.1.1 and 5.0.
+python3 - "$port" <<'PY' && ok "paho-mqtt: good password in, wrong password 0x86/rc 4, for 3.1.1 and 5.0" || bad "paho-mqtt auth"
+import sys, threading
+import paho.mqtt.client as mqtt
+port = int(sys.argv[1])
+def attempt(proto, pw):
+    done, rc = threading.Event(), []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=proto)
+    c.username_pw_set("hal-user", pw)
+    c.on_connect = lambda cl, u, f, reason, p: (rc.append(reason), done.set())
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    done.wait(5)
+    c.loop_stop()
+    return rc[0] if rc else None
+for proto in (mqtt.MQTTv311, mqtt.MQTTv5):
+    assert attempt(proto, "hal-pass") == 0, "good password refused"
+    r = attempt(proto, "nope")
+    assert r is not None and r.value in (4, 0x86), f"wrong password: {r}"
+PY
 "$BIN" passwd -D "$pw" late-user && ! grep -q '^late-user:' "$pw" && ok "halyard passwd -D deletes" || bad "passwd -D"
 "$BIN" passwd -D "$pw" nobody 2>/dev/null && bad "passwd -D of a missing user succeeded" || ok "passwd -D of a missing user fails"
 printf 'u1:p1\nu2:p2\n' >"$work/plain"
