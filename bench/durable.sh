@@ -2,6 +2,7 @@
 # Durable QoS 1 throughput per persistence.sync mode: 16 publishers -> 16 persistent
 # subscribers, 64-byte payloads. Broker pinned to CPU 0, load generator to CPU 1.
 # Usage: bench/durable.sh [seconds] [modes...]   (default: 10 s; batch always interval off)
+# PIN=0 bench/durable.sh ...: no pinning (the broker may use both cores, shared with the load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -22,14 +23,16 @@ max_inflight_messages = 1000
 [persistence]
 sync = "$mode"
 TOML
-  taskset -c 0 "$BIN" serve --config "$work/h.toml" &
+  # PIN=0: no pinning, broker and load generator share both cores.
+  if [ "${PIN:-1}" = 0 ]; then pin_b=(); pin_l=(); else pin_b=(taskset -c 0); pin_l=(taskset -c 1); fi
+  "${pin_b[@]}" "$BIN" serve --config "$work/h.toml" &
   broker=$!
   for _ in $(seq 1 100); do
     python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),0.2)" 2>/dev/null && break
     sleep 0.05
   done
   t0=$(awk '{print $14+$15}' "/proc/$broker/stat")
-  out=$(taskset -c 1 "$BIN" bench --port "$port" --pairs 16 --qos 1 --size 64 --duration "$secs" --window 64 --persistent --json 2>/dev/null)
+  out=$("${pin_l[@]}" "$BIN" bench --port "$port" --pairs 16 --qos 1 --size 64 --duration "$secs" --window 64 --persistent --json 2>/dev/null)
   t1=$(awk '{print $14+$15}' "/proc/$broker/stat")
   rss=$(awk '/VmRSS/ {print $2}' "/proc/$broker/status")
   kill -TERM "$broker"; wait "$broker" || true
