@@ -41,6 +41,9 @@ listen = ["tcp://127.0.0.1:$port"]
 data_dir = "$work/data"
 password_file = "$pw"
 acl_file = "$work/acl"
+max_client_id_length = 32
+max_subscriptions_per_client = 2
+max_topic_levels = 8
 TOML
 "$BIN" serve --config "$work/h.toml" >"$work/broker.log" 2>&1 &
 broker=$!
@@ -76,6 +79,17 @@ for V in mqttv311 mqttv5; do
 done
 out=$(pubt -V mqttv5 -q 1 -u hal-user -P hal-pass -t auth/x -m y -d)
 [[ "${out,,}" == *"not authori"* ]] && ok "mqttv5 ACL: publish without write right gets PUBACK 0x87" || bad "v5 publish denied: $out"
+
+# Limits, seen by mosquitto clients.
+long_id=$(printf 'x%.0s' $(seq 1 40))
+for V in mqttv311 mqttv5; do
+  out=$(pubt -V "$V" -i "$long_id" -u mosq-user -P mosq-pass -t auth/x -m y); rc=$?
+  [ $rc -ne 0 ] && [[ "${out,,}" == *"identifier"* ]] && ok "$V client id over max_client_id_length refused: ${out%%$'\n'*}" || bad "$V long client id: rc $rc $out"
+done
+out=$(pubt -V mqttv5 -q 1 -u mosq-user -P mosq-pass -t auth/1/2/3/4/5/6/7/8 -m y -d)
+[[ "${out,,}" == *"topic name invalid"* ]] && ok "mqttv5 topic over max_topic_levels: PUBACK 0x90 ($(grep -i 'topic name' <<<"$out" | head -1))" || bad "v5 topic levels: $out"
+out=$(mosquitto_sub -h 127.0.0.1 -p "$port" -V mqttv5 -u mosq-user -P mosq-pass -t auth/a -t auth/b -t auth/c -C 1 -W 2 -d 2>&1)
+[[ "$out" == *"Subscribed (mid: 1): 0, 0, 151"* ]] && ok "mqttv5 third subscription over max_subscriptions_per_client: SUBACK 0, 0, 151 (0x97)" || bad "v5 subscription quota: $out"
 
 # Reload: a new user on SIGHUP; then a broken file is refused and the old one kept.
 "$BIN" passwd -b "$pw" late-user late-pass
