@@ -52,23 +52,10 @@ fn valid_filter(f: &str) -> bool {
     })
 }
 
-/// Whether topic name `topic` matches filter `filter` (`$`-topics are not matched by a
-/// leading wildcard [MQTT-4.7.2-1]).
+/// Whether topic name `topic` matches filter `filter`: the codec's matching (section 4.7,
+/// `$`-topics not matched by a leading wildcard [MQTT-4.7.2-1]).
 fn topic_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
+    halyard_codec::TopicFilter::try_from(filter).is_ok_and(|f| f.matches(topic))
 }
 
 /// Whether every topic that subscription filter `sub` can match also matches `acl`.

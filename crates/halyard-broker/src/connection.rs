@@ -1538,8 +1538,16 @@ where
         let durable = inner.durable_now(self.durable.as_ref());
         while self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
             let Some(front) = st.queue.front() else { break };
-            if front.msg.is_expired(now) {
-                // [MQTT-3.3.2-5]: expired before onward delivery started.
+            // [MQTT-3.3.2-5]: expired before onward delivery started. Read rights are
+            // checked on delivery, so a deny rule or a reload applies to queued messages.
+            let skip = if front.msg.is_expired(now) {
+                Some(&inner.stats.expired_messages)
+            } else if !self.allowed(Access::Read, front.msg.topic.as_str()) {
+                Some(&inner.stats.dropped_not_authorized)
+            } else {
+                None
+            };
+            if let Some(counter) = skip {
                 if let Some(o) = st.queue.pop_front() {
                     st.queued_bytes -= o.msg.cost();
                     if st.persists(&o) {
@@ -1549,22 +1557,7 @@ where
                         });
                     }
                 }
-                Stats::inc(&inner.stats.expired_messages);
-                continue;
-            }
-            if !self.allowed(Access::Read, front.msg.topic.as_str()) {
-                // Read rights are checked on delivery, so a deny rule or a reload applies
-                // to messages already queued.
-                if let Some(o) = st.queue.pop_front() {
-                    st.queued_bytes -= o.msg.cost();
-                    if st.persists(&o) {
-                        ops.push(Op::Dequeue {
-                            client_id: cid(),
-                            message_id: o.msg.id,
-                        });
-                    }
-                }
-                Stats::inc(&inner.stats.dropped_not_authorized);
+                Stats::inc(counter);
                 continue;
             }
             // A recorded delivery waits until its enqueue is durable (see Message::ticket).
