@@ -440,22 +440,19 @@ struct PublishRate {
     msgs: f64,
     bytes: f64,
     last: Instant,
-    /// For the `publish_throttled` counter.
-    inner: Arc<Inner>,
     throttled: bool,
 }
 
 impl PublishRate {
-    fn new(inner: &Arc<Inner>) -> Self {
-        let m = f64::from(inner.cfg.publish_rate_messages);
-        let b = inner.cfg.publish_rate_bytes as f64;
+    fn new(cfg: &crate::config::BrokerConfig) -> Self {
+        let m = f64::from(cfg.publish_rate_messages);
+        let b = cfg.publish_rate_bytes as f64;
         PublishRate {
             msgs_per_sec: m,
             bytes_per_sec: b,
             msgs: m,
             bytes: b,
             last: Instant::now(),
-            inner: inner.clone(),
             throttled: false,
         }
     }
@@ -485,7 +482,8 @@ impl PublishRate {
     }
 
     /// When reading may resume, if the budget is spent.
-    fn blocked_until(&mut self, now: Instant) -> Option<Instant> {
+    /// Counts each new pause in `stats.publish_throttled`.
+    fn blocked_until(&mut self, now: Instant, stats: &Stats) -> Option<Instant> {
         if !self.enabled() {
             return None;
         }
@@ -504,7 +502,7 @@ impl PublishRate {
         }
         if !self.throttled {
             self.throttled = true;
-            Stats::inc(&self.inner.stats.publish_throttled);
+            Stats::inc(&stats.publish_throttled);
         }
         Some(now + Duration::from_secs_f64(secs))
     }
@@ -835,7 +833,7 @@ where
                 generation: u64::MAX, // loaded on first use
                 ..AclCache::default()
             },
-            rate: PublishRate::new(&inner),
+            rate: PublishRate::new(&inner.cfg),
             enhanced,
             reauth: None,
             memory_blocked: false,
@@ -866,7 +864,7 @@ where
             // Over its publish rate, a client is not read until its budget refills: it
             // slows down instead of us buffering or dropping. Keep alive does not run out
             // while we are the ones not reading.
-            let throttled_until = self.rate.blocked_until(now);
+            let throttled_until = self.rate.blocked_until(now, &self.inner.stats);
             if throttled_until.is_some() || self.memory_blocked {
                 self.last_rx = now;
             }
@@ -949,7 +947,12 @@ where
     fn process_input(&mut self) -> Option<End> {
         loop {
             // Packets already read wait too while the publish budget is spent.
-            if self.rate.enabled() && self.rate.blocked_until(Instant::now()).is_some() {
+            if self.rate.enabled()
+                && self
+                    .rate
+                    .blocked_until(Instant::now(), &self.inner.stats)
+                    .is_some()
+            {
                 return None;
             }
             // Over the broker's memory budget, a PUBLISH waits (and the client is not read
