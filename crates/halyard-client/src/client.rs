@@ -1,0 +1,396 @@
+//! The handle: cheap to clone, talks to the driver task over a bounded channel.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use halyard_codec::{
+    AckProperties, ByteString, Bytes, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
+    SubscriptionOptions, TopicFilter, TopicName,
+};
+use tokio::sync::{OnceCell, broadcast, mpsc, oneshot, watch};
+
+use crate::driver::{Command, Driver};
+use crate::rpc::Rr;
+use crate::{ClientOptions, Error, Message};
+
+/// Commands waiting for the driver. Small: the real bound on outgoing messages is
+/// `max_queued`, counted separately so that a full queue is an error, not a wait.
+const COMMAND_CHANNEL: usize = 256;
+/// Connection events kept for slow event readers (they see `Lagged` beyond this).
+const EVENT_CHANNEL: usize = 64;
+
+/// Where the connection stands.
+#[derive(Debug, Clone)]
+pub enum ClientState {
+    /// Dialling, or waiting to redial.
+    Connecting,
+    /// CONNACK received.
+    Connected {
+        /// The broker resumed an existing session.
+        session_present: bool,
+    },
+    /// Closed for good: deliberately (`None`), or because reconnecting is off and the
+    /// connection failed (the error).
+    Closed(Option<Arc<Error>>),
+}
+
+/// Something that happened to the connection.
+#[derive(Debug, Clone)]
+pub enum ConnectionEvent {
+    /// A connection is up.
+    Connected {
+        /// The URL it went to.
+        url: String,
+        /// The broker resumed an existing session.
+        session_present: bool,
+        /// CONNACK properties (v5): assigned client id, server limits, response information.
+        properties: Box<Properties>,
+    },
+    /// An attempt failed (dial error, or CONNACK refusal).
+    ConnectFailed {
+        /// The URL tried.
+        url: String,
+        /// Why.
+        error: Arc<Error>,
+    },
+    /// An established connection was lost.
+    ConnectionLost {
+        /// Why.
+        error: Arc<Error>,
+    },
+    /// Waiting before the next attempt.
+    Reconnecting {
+        /// Attempts failed since the last good connection.
+        attempt: u32,
+        /// The (jittered) wait.
+        delay: Duration,
+    },
+    /// The client is closed.
+    Closed,
+}
+
+/// The broker's answer to a QoS 1/2 publish (QoS 0: success once written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishResult {
+    /// PUBACK / PUBREC reason code (success codes only; failures are [`Error::Rejected`]).
+    pub reason: ReasonCode,
+    /// Acknowledgement properties (v5).
+    pub properties: AckProperties,
+}
+
+/// The broker's answer to a SUBSCRIBE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeResult {
+    /// Granted QoS.
+    pub granted: QoS,
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// A handle to a client. Clone it freely; the connection closes when
+/// [`Client::disconnect`] is called or the last handle (and subscription) is dropped.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) tx: mpsc::Sender<Command>,
+    state: watch::Receiver<ClientState>,
+    events: broadcast::Sender<ConnectionEvent>,
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+    subscription_buffer: usize,
+    pub(crate) protocol: ProtocolVersion,
+    pub(crate) client_id: watch::Receiver<String>,
+    pub(crate) response_information: watch::Receiver<Option<String>>,
+    pub(crate) response_topic_prefix: String,
+    pub(crate) rr: OnceCell<Arc<Rr>>,
+}
+
+impl Client {
+    /// Starts a client: spawns its driver task (on the current tokio runtime), which
+    /// connects at once. Use [`Client::connected`] to wait for the first connection.
+    pub fn connect(opts: ClientOptions) -> Client {
+        let (tx, rx) = mpsc::channel(COMMAND_CHANNEL);
+        let (state_tx, state) = watch::channel(ClientState::Connecting);
+        let (events, _) = broadcast::channel(EVENT_CHANNEL);
+        let (id_tx, client_id) = watch::channel(opts.client_id.clone());
+        let (ri_tx, response_information) = watch::channel(None);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let inner = Arc::new(Inner {
+            tx,
+            state,
+            events: events.clone(),
+            queued: queued.clone(),
+            max_queued: opts.max_queued,
+            subscription_buffer: opts.subscription_buffer,
+            protocol: opts.protocol,
+            client_id,
+            response_information,
+            response_topic_prefix: opts.response_topic_prefix.clone(),
+            rr: OnceCell::new(),
+        });
+        if let Err(e) = opts.validate() {
+            let _ = state_tx.send(ClientState::Closed(Some(Arc::new(e))));
+            return Client { inner };
+        }
+        let driver = Driver::new(opts, rx, state_tx, events, queued, id_tx, ri_tx);
+        tokio::spawn(driver.run());
+        Client { inner }
+    }
+
+    /// Waits until the client is connected; returns whether the session was resumed.
+    /// Fails when the client closes first (reconnect off and the attempt failed, or closed).
+    pub async fn connected(&self) -> Result<bool, Error> {
+        let mut st = self.inner.state.clone();
+        loop {
+            match &*st.borrow_and_update() {
+                ClientState::Connected { session_present } => return Ok(*session_present),
+                ClientState::Closed(Some(e)) => return Err(clone_error(e)),
+                ClientState::Closed(None) => return Err(Error::Closed),
+                ClientState::Connecting => {}
+            }
+            if st.changed().await.is_err() {
+                return Err(Error::Closed);
+            }
+        }
+    }
+
+    /// The connection state now.
+    pub fn state(&self) -> ClientState {
+        self.inner.state.borrow().clone()
+    }
+
+    /// A watch of the connection state.
+    pub fn watch_state(&self) -> watch::Receiver<ClientState> {
+        self.inner.state.clone()
+    }
+
+    /// A stream of connection events from now on.
+    pub fn events(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// The client identifier in use (the broker's assigned one once known).
+    pub fn client_id(&self) -> String {
+        self.inner.client_id.borrow().clone()
+    }
+
+    /// The protocol version this client speaks.
+    pub fn protocol(&self) -> ProtocolVersion {
+        self.inner.protocol
+    }
+
+    /// Publishes and waits for the broker's acknowledgement (QoS 1: PUBACK, QoS 2: PUBCOMP;
+    /// QoS 0: written to the connection).
+    pub async fn publish(&self, msg: Message) -> Result<PublishResult, Error> {
+        self.publish_nowait(msg).await?.await
+    }
+
+    /// Queues a message and returns a [`Delivery`] that resolves when it is acknowledged,
+    /// so a caller can keep many in flight. Fails at once with [`Error::QueueFull`] when
+    /// `max_queued` messages are already waiting.
+    pub async fn publish_nowait(&self, msg: Message) -> Result<Delivery, Error> {
+        let topic = TopicName::new(msg.topic)?;
+        if topic.is_empty() {
+            // [MQTT-4.7.3-1] a topic name is at least one character.
+            return Err(Error::InvalidTopic(halyard_codec::TopicError::Empty));
+        }
+        let mut props = msg.properties;
+        props.topic_alias = None;
+        props.subscription_identifiers.clear();
+        let publish = Publish {
+            dup: false,
+            qos: msg.qos,
+            retain: msg.retain,
+            topic,
+            packet_id: 0,
+            properties: props,
+            raw_properties: Bytes::new(),
+            payload: msg.payload,
+        };
+        // Reserve a queue slot first: the bound is checked here so that the caller gets
+        // the error now instead of waiting behind a broker that is away.
+        let q = &self.inner.queued;
+        if q.fetch_add(1, Ordering::AcqRel) >= self.inner.max_queued {
+            q.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::QueueFull);
+        }
+        let (done, rx) = oneshot::channel();
+        if self
+            .inner
+            .tx
+            .send(Command::Publish { publish, done })
+            .await
+            .is_err()
+        {
+            q.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Closed);
+        }
+        Ok(Delivery { rx })
+    }
+
+    /// Subscribes with `qos` and default options; messages arrive on the returned stream.
+    pub async fn subscribe(
+        &self,
+        filter: impl Into<ByteString>,
+        qos: QoS,
+    ) -> Result<Subscription, Error> {
+        let options = SubscriptionOptions {
+            qos,
+            ..SubscriptionOptions::default()
+        };
+        self.subscribe_with(filter, options, Vec::new()).await
+    }
+
+    /// Subscribes with every option (no local, retain as published, retain handling) and
+    /// v5 user properties. The client adds a subscription identifier of its own (when the
+    /// broker supports them) to route messages to the right stream.
+    pub async fn subscribe_with(
+        &self,
+        filter: impl Into<ByteString>,
+        options: SubscriptionOptions,
+        user_properties: Vec<(ByteString, ByteString)>,
+    ) -> Result<Subscription, Error> {
+        let filter = TopicFilter::new(filter)?;
+        let (mtx, mrx) = mpsc::channel(self.inner.subscription_buffer.max(1));
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Subscribe {
+                filter: filter.clone(),
+                options,
+                user_properties,
+                tx: mtx,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
+        let granted = rx.await.map_err(|_| Error::Closed)??;
+        Ok(Subscription {
+            filter,
+            granted,
+            rx: mrx,
+            tx: self.inner.tx.downgrade(),
+        })
+    }
+
+    /// Unsubscribes a filter (every local stream on it ends).
+    pub async fn unsubscribe(&self, filter: impl Into<ByteString>) -> Result<(), Error> {
+        let filter = TopicFilter::new(filter)?;
+        unsubscribe(&self.inner.tx, filter).await
+    }
+
+    /// Closes the connection deliberately: DISCONNECT (normal, the will is discarded) after
+    /// what is already written, then no reconnection. Messages still waiting fail with
+    /// [`Error::Closed`].
+    pub async fn disconnect(&self) -> Result<(), Error> {
+        self.disconnect_with(ReasonCode::Success).await
+    }
+
+    /// Like [`Client::disconnect`] with a v5 reason code (0x04 asks the broker to publish
+    /// the will).
+    pub async fn disconnect_with(&self, reason: ReasonCode) -> Result<(), Error> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .tx
+            .send(Command::Disconnect { reason, reply })
+            .await
+            .is_err()
+        {
+            return Ok(()); // already closed
+        }
+        let _ = rx.await;
+        Ok(())
+    }
+}
+
+pub(crate) async fn unsubscribe(
+    tx: &mpsc::Sender<Command>,
+    filter: TopicFilter,
+) -> Result<(), Error> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(Command::Unsubscribe { filter, reply })
+        .await
+        .map_err(|_| Error::Closed)?;
+    rx.await.map_err(|_| Error::Closed)?
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::Refused {
+            reason,
+            reason_string,
+        } => Error::Refused {
+            reason: *reason,
+            reason_string: reason_string.clone(),
+        },
+        Error::Connect(io) => Error::Connect(std::io::Error::new(io.kind(), io.to_string())),
+        Error::Timeout => Error::Timeout,
+        other => Error::Protocol(other.to_string()),
+    }
+}
+
+/// A queued publish; resolves when the broker acknowledged it.
+#[derive(Debug)]
+pub struct Delivery {
+    rx: oneshot::Receiver<Result<PublishResult, Error>>,
+}
+
+impl Future for Delivery {
+    type Output = Result<PublishResult, Error>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::Closed)))
+    }
+}
+
+/// Messages of one subscription, as an async stream with a bounded buffer.
+///
+/// Dropping it unsubscribes (lazily: when the next message for it arrives, or at once with
+/// [`Subscription::unsubscribe`]).
+#[derive(Debug)]
+pub struct Subscription {
+    filter: TopicFilter,
+    granted: QoS,
+    rx: mpsc::Receiver<Message>,
+    tx: mpsc::WeakSender<Command>,
+}
+
+impl Subscription {
+    /// The next message; `None` once the client is closed or the filter unsubscribed.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+    /// The filter.
+    pub fn filter(&self) -> &str {
+        self.filter.as_str()
+    }
+    /// The QoS the broker granted.
+    pub fn granted_qos(&self) -> QoS {
+        self.granted
+    }
+    /// Unsubscribes now and waits for the broker's UNSUBACK.
+    pub async fn unsubscribe(mut self) -> Result<(), Error> {
+        self.rx.close();
+        match self.tx.upgrade() {
+            Some(tx) => unsubscribe(&tx, self.filter.clone()).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl futures_core::Stream for Subscription {
+    type Item = Message;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
