@@ -11,6 +11,7 @@ mod bench;
 mod config;
 mod passwd;
 mod store_cmd;
+mod tools;
 
 use config::{Config, DEFAULT_TOML};
 
@@ -44,6 +45,14 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Manage a password file (mosquitto_passwd's flags; writes argon2id by default).
     Passwd(passwd::PasswdArgs),
+    /// Publish a message (mosquitto_pub's flags and exit codes).
+    Pub(Box<tools::publish::PubArgs>),
+    /// Subscribe and print messages (mosquitto_sub's flags, -F formats and exit codes).
+    Sub(Box<tools::subscribe::SubArgs>),
+    /// Send an MQTT 5 request and print the reply; `rpc serve` answers requests.
+    Rpc(Box<tools::rpc::RpcArgs>),
+    /// Control a running broker: status, reload, stop.
+    Ctl(tools::ctl::CtlArgs),
     /// Inspect the broker's store (run while the broker is stopped).
     Store {
         #[command(subcommand)]
@@ -52,7 +61,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // mosquitto_pub/sub exit 1 on bad arguments; keep that for the client tools.
+            let client_tool = std::env::args()
+                .nth(1)
+                .is_some_and(|a| matches!(a.as_str(), "pub" | "sub" | "rpc"));
+            let _ = e.print();
+            return if e.use_stderr() && client_tool {
+                ExitCode::from(1)
+            } else {
+                ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+            };
+        }
+    };
     match cli.command {
         Command::Serve {
             config,
@@ -92,6 +115,10 @@ fn main() -> ExitCode {
         Command::Store { command } => store_cmd::run(&command),
         Command::Passwd(args) => passwd::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Pub(args) => tools::publish::run(*args),
+        Command::Sub(args) => tools::subscribe::run(*args),
+        Command::Rpc(args) => tools::rpc::run(*args),
+        Command::Ctl(args) => tools::ctl::run(&args),
     }
 }
 
@@ -215,6 +242,11 @@ async fn run(cfg: Config) -> ExitCode {
             }
         }
     }
+    // For `halyard ctl`: written once the listeners are up, removed on a graceful exit.
+    let pid_file = PathBuf::from(&cfg.data_dir).join(tools::ctl::PID_FILE);
+    if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
+        tracing::warn!(path = %pid_file.display(), error = %e, "cannot write the pid file");
+    }
     info!(
         version = env!("CARGO_PKG_VERSION"),
         data_dir = %cfg.data_dir,
@@ -245,6 +277,7 @@ async fn run(cfg: Config) -> ExitCode {
     for l in listeners {
         let _ = l.join().await;
     }
+    let _ = std::fs::remove_file(&pid_file);
     info!("halyard stopped");
     ExitCode::SUCCESS
 }

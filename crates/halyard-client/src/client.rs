@@ -258,24 +258,64 @@ impl Client {
         options: SubscriptionOptions,
         user_properties: Vec<(ByteString, ByteString)>,
     ) -> Result<Subscription, Error> {
-        let filter = TopicFilter::new(filter)?;
-        let (mtx, mrx) = mpsc::channel(self.inner.subscription_buffer.max(1));
-        let (reply, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(Command::Subscribe {
-                filter: filter.clone(),
-                options,
-                user_properties,
-                tx: mtx,
-                reply,
-            })
+        self.subscribe_many(vec![(filter.into(), options)], user_properties)
             .await
-            .map_err(|_| Error::Closed)?;
-        let granted = rx.await.map_err(|_| Error::Closed)??;
+    }
+
+    /// Subscribes to several filters with one stream: a message matching more than one
+    /// of them arrives once (as `mosquitto_sub -t a -t b` prints it once). Succeeds when
+    /// the broker granted at least one filter; [`Subscription::grants`] tells which.
+    pub async fn subscribe_many(
+        &self,
+        filters: Vec<(ByteString, SubscriptionOptions)>,
+        user_properties: Vec<(ByteString, ByteString)>,
+    ) -> Result<Subscription, Error> {
+        let parsed = filters
+            .into_iter()
+            .map(|(f, o)| Ok((TopicFilter::new(f)?, o)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let (mtx, mrx) = mpsc::channel(self.inner.subscription_buffer.max(1));
+        let mut waits = Vec::with_capacity(parsed.len());
+        for (filter, options) in &parsed {
+            let (reply, rx) = oneshot::channel();
+            self.inner
+                .tx
+                .send(Command::Subscribe {
+                    filter: filter.clone(),
+                    options: *options,
+                    user_properties: user_properties.clone(),
+                    tx: mtx.clone(),
+                    reply,
+                })
+                .await
+                .map_err(|_| Error::Closed)?;
+            waits.push(rx);
+        }
+        drop(mtx);
+        let mut grants = Vec::with_capacity(waits.len());
+        let mut last_err = None;
+        for rx in waits {
+            match rx.await.map_err(|_| Error::Closed)? {
+                Ok(q) => grants.push(Ok(q)),
+                Err(Error::Rejected {
+                    reason,
+                    reason_string,
+                }) => {
+                    grants.push(Err(reason));
+                    last_err = Some(Error::Rejected {
+                        reason,
+                        reason_string,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if grants.iter().all(Result::is_err) {
+            return Err(last_err.unwrap_or(Error::Closed));
+        }
         Ok(Subscription {
-            filter,
-            granted,
+            filters: parsed.into_iter().map(|(f, _)| f).collect(),
+            grants,
             rx: mrx,
             tx: self.inner.tx.downgrade(),
         })
@@ -359,8 +399,8 @@ impl Future for Delivery {
 /// [`Subscription::unsubscribe`]).
 #[derive(Debug)]
 pub struct Subscription {
-    filter: TopicFilter,
-    granted: QoS,
+    filters: Vec<TopicFilter>,
+    grants: Vec<Result<QoS, ReasonCode>>,
     rx: mpsc::Receiver<Message>,
     tx: mpsc::WeakSender<Command>,
 }
@@ -370,21 +410,33 @@ impl Subscription {
     pub async fn recv(&mut self) -> Option<Message> {
         self.rx.recv().await
     }
-    /// The filter.
+    /// The (first) filter.
     pub fn filter(&self) -> &str {
-        self.filter.as_str()
+        self.filters.first().map(|f| f.as_str()).unwrap_or("")
     }
-    /// The QoS the broker granted.
+    /// The QoS the broker granted the (first) filter.
     pub fn granted_qos(&self) -> QoS {
-        self.granted
+        match self.grants.first() {
+            Some(Ok(q)) => *q,
+            _ => QoS::AtMostOnce,
+        }
     }
-    /// Unsubscribes now and waits for the broker's UNSUBACK.
+    /// Per filter, in order: the granted QoS or the broker's refusal.
+    pub fn grants(&self) -> &[Result<QoS, ReasonCode>] {
+        &self.grants
+    }
+    /// Unsubscribes now and waits for the broker's UNSUBACKs.
     pub async fn unsubscribe(mut self) -> Result<(), Error> {
         self.rx.close();
-        match self.tx.upgrade() {
-            Some(tx) => unsubscribe(&tx, self.filter.clone()).await,
-            None => Ok(()),
+        let Some(tx) = self.tx.upgrade() else {
+            return Ok(());
+        };
+        for (f, g) in self.filters.iter().zip(&self.grants) {
+            if g.is_ok() {
+                unsubscribe(&tx, f.clone()).await?;
+            }
         }
+        Ok(())
     }
 }
 

@@ -116,6 +116,7 @@ struct Session {
     ping_sent: Option<Instant>,
     wbuf: BytesMut,
     needs_flush: bool,
+    trace: Option<crate::PacketTrace>,
 }
 
 /// A message waiting for room in subscription buffers, with the acknowledgement to send
@@ -240,7 +241,9 @@ impl Driver {
                     e
                 }
             };
-            if !self.opts.reconnect.enabled {
+            if !self.opts.reconnect.enabled
+                || (!self.connected_once && !self.opts.reconnect.retry_first_connect)
+            {
                 break Some(error);
             }
             // Backoff, still serving commands. A full round of URLs failing counts as one
@@ -442,6 +445,7 @@ impl Driver {
             ping_sent: None,
             wbuf: BytesMut::with_capacity(4096),
             needs_flush: false,
+            trace: self.opts.trace.clone(),
         };
         let session_present = connack.session_present;
         self.connected_once = true;
@@ -800,6 +804,9 @@ impl Driver {
     }
 
     fn handle_packet(&mut self, s: &mut Session, p: Packet) -> Result<(), (ReasonCode, String)> {
+        if let Some(t) = &s.trace {
+            (t.0)(&format!("received {}", summary(&p)));
+        }
         match p {
             Packet::Publish(p) => self.incoming_publish(s, p)?,
             Packet::PubAck(a) => {
@@ -962,6 +969,7 @@ impl Driver {
             qos: p.qos,
             retain: p.retain,
             dup: p.dup,
+            packet_id: p.packet_id,
             properties: {
                 let mut props = p.properties;
                 props.topic_alias = None;
@@ -978,26 +986,35 @@ impl Driver {
 
     /// Subscription streams a message goes to: by subscription identifier when the broker
     /// sent any (and to streams sharing a filter with them), else by matching filters.
+    /// One PUBLISH reaches each stream once, even when several of the stream's filters
+    /// match it (`subscribe_many`).
     fn targets(&self, p: &Publish) -> Vec<u32> {
         let ids = &p.properties.subscription_identifiers;
-        if !ids.is_empty() {
+        let matching: Vec<(u32, &SubEntry)> = if ids.is_empty() {
+            self.subs
+                .iter()
+                .filter(|(_, e)| e.filter.matches(p.topic.as_str()))
+                .map(|(id, e)| (*id, e))
+                .collect()
+        } else {
             let filters: Vec<&TopicFilter> = ids
                 .iter()
                 .filter_map(|id| self.subs.get(id))
                 .map(|e| &e.filter)
                 .collect();
-            return self
-                .subs
+            self.subs
                 .iter()
                 .filter(|(id, e)| ids.contains(id) || filters.contains(&&e.filter))
-                .map(|(id, _)| *id)
-                .collect();
+                .map(|(id, e)| (*id, e))
+                .collect()
+        };
+        let mut out: Vec<u32> = Vec::with_capacity(matching.len());
+        for (i, (id, e)) in matching.iter().enumerate() {
+            if !matching[..i].iter().any(|(_, o)| o.tx.same_channel(&e.tx)) {
+                out.push(*id);
+            }
         }
-        self.subs
-            .iter()
-            .filter(|(_, e)| e.filter.matches(p.topic.as_str()))
-            .map(|(id, _)| *id)
-            .collect()
+        out
     }
 
     /// Hands the pending message to its remaining targets; stops at the first full buffer
@@ -1109,6 +1126,9 @@ fn check_publish(s: &Session, p: &Publish) -> Result<(), Error> {
 }
 
 fn write_packet(s: &mut Session, p: &Packet) {
+    if let Some(t) = &s.trace {
+        (t.0)(&format!("sending {}", summary(p)));
+    }
     // Encoding only fails for values our types already rule out (sizes checked above);
     // a failure is logged and the packet skipped rather than panicking the driver.
     if let Err(e) = p.encode(s.version, &mut s.wbuf) {
@@ -1134,7 +1154,11 @@ async fn establish(
         let v = opts.protocol;
         let connect = build_connect(&opts, client_id, clean_start)?;
         let mut buf = BytesMut::new();
-        Packet::Connect(Box::new(connect))
+        let connect = Packet::Connect(Box::new(connect));
+        if let Some(t) = &opts.trace {
+            (t.0)("sending CONNECT");
+        }
+        connect
             .encode(v, &mut buf)
             .map_err(|e| Error::Protocol(format!("CONNECT: {e}")))?;
         stream.write_all(&buf).await.map_err(Error::Connect)?;
@@ -1144,6 +1168,9 @@ async fn establish(
         loop {
             match decode(&mut rbuf, v, max) {
                 Ok(Some(Packet::ConnAck(ack))) => {
+                    if let Some(t) = &opts.trace {
+                        (t.0)(&format!("received CONNACK ({})", ack.reason as u8));
+                    }
                     if ack.reason.is_error() {
                         return Err(Error::Refused {
                             reason: ack.reason,
@@ -1225,4 +1252,42 @@ fn build_connect(
         password: opts.password.clone(),
         properties,
     })
+}
+
+/// One line per packet, as mosquitto's clients print with `-d`.
+fn summary(p: &Packet) -> String {
+    match p {
+        Packet::Publish(p) => format!(
+            "PUBLISH (d{}, q{}, r{}, m{}, '{}', ... ({} bytes))",
+            u8::from(p.dup),
+            p.qos as u8,
+            u8::from(p.retain),
+            p.packet_id,
+            p.topic,
+            p.payload.len()
+        ),
+        Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+            format!("{} (m{}, rc{})", p.name(), a.packet_id, a.reason as u8)
+        }
+        Packet::Subscribe(s) => {
+            let topics: Vec<String> = s
+                .filters
+                .iter()
+                .map(|(f, o)| format!("Topic: {f}, QoS: {}", o.qos as u8))
+                .collect();
+            format!("SUBSCRIBE (Mid: {}, {})", s.packet_id, topics.join(", "))
+        }
+        Packet::SubAck(a) => format!("SUBACK (Mid: {})", a.packet_id),
+        Packet::Unsubscribe(u) => {
+            let topics: Vec<&str> = u.filters.iter().map(|f| f.as_str()).collect();
+            format!(
+                "UNSUBSCRIBE (Mid: {}, Topic: {})",
+                u.packet_id,
+                topics.join(", ")
+            )
+        }
+        Packet::UnsubAck(a) => format!("UNSUBACK (Mid: {})", a.packet_id),
+        Packet::Disconnect(d) => format!("DISCONNECT ({})", d.reason as u8),
+        other => other.name().to_string(),
+    }
 }

@@ -56,6 +56,8 @@ pub struct Message {
     pub retain: bool,
     /// DUP flag (received messages only).
     pub dup: bool,
+    /// Packet identifier it arrived with (received QoS 1/2 messages; 0 otherwise).
+    pub packet_id: u16,
     /// v5 properties: payload format, message expiry, content type, response topic,
     /// correlation data, user properties; received messages also carry their subscription
     /// identifiers. The topic alias is managed by the client and ignored here.
@@ -71,6 +73,7 @@ impl Message {
             qos: QoS::AtMostOnce,
             retain: false,
             dup: false,
+            packet_id: 0,
             properties: PublishProperties::default(),
         }
     }

@@ -1,5 +1,7 @@
 //! How a client connects: broker URLs, identity, session, limits and reconnect policy.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use halyard_codec::{Bytes, ProtocolVersion, QoS};
@@ -44,6 +46,10 @@ pub struct Reconnect {
     pub initial: Duration,
     /// Cap on the delay ceiling.
     pub max: Duration,
+    /// Retry when the very first connection attempt fails. Command-line tools turn this
+    /// off: a wrong address or password should end them, a broker that restarts later
+    /// should not.
+    pub retry_first_connect: bool,
 }
 
 impl Default for Reconnect {
@@ -52,7 +58,19 @@ impl Default for Reconnect {
             enabled: true,
             initial: DEFAULT_RECONNECT_INITIAL,
             max: DEFAULT_RECONNECT_MAX,
+            retry_first_connect: true,
         }
+    }
+}
+
+/// A callback that sees one line per packet sent or received, in the style of
+/// mosquitto's `-d` output (`sending PUBLISH (d0, q1, r0, m1, 't', ... (5 bytes))`).
+#[derive(Clone)]
+pub struct PacketTrace(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl fmt::Debug for PacketTrace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PacketTrace")
     }
 }
 
@@ -113,6 +131,8 @@ pub struct ClientOptions {
     /// reading from the broker until there is room (the broker then holds the messages,
     /// within its own limits), so a slow consumer never costs unbounded memory here.
     pub subscription_buffer: usize,
+    /// Packet trace for debugging (`halyard sub -d`).
+    pub trace: Option<PacketTrace>,
     /// Prefix of the response topic used by [`crate::Client::request`]; a random suffix is
     /// added. When the broker returns Response Information, that is used instead.
     pub response_topic_prefix: String,
@@ -148,6 +168,7 @@ impl ClientOptions {
             reconnect: Reconnect::default(),
             max_queued: DEFAULT_MAX_QUEUED,
             subscription_buffer: DEFAULT_SUBSCRIPTION_BUFFER,
+            trace: None,
             response_topic_prefix: "_halyard/rr".into(),
         }
     }

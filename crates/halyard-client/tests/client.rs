@@ -24,6 +24,7 @@ fn opts(url: &str, v: ProtocolVersion, id: &str) -> ClientOptions {
             enabled: true,
             initial: Duration::from_millis(50),
             max: Duration::from_millis(400),
+            retry_first_connect: true,
         })
 }
 

@@ -190,6 +190,9 @@ pub struct ClientTls {
     pub keyfile: Option<PathBuf>,
     /// The name to verify instead of the URL's host.
     pub server_name: Option<String>,
+    /// Accept a certificate issued for another host name (mosquitto's `--insecure`). The
+    /// chain is still verified against the trusted CAs; only the name check is skipped.
+    pub insecure: bool,
 }
 
 /// Where distributions keep the CA bundle.
@@ -216,8 +219,20 @@ pub fn client_config(c: &ClientTls) -> Result<Arc<ClientConfig>, String> {
     };
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
+        .map_err(|e| e.to_string())?;
+    let builder = if c.insecure {
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyName(inner)))
+    } else {
+        builder.with_root_certificates(roots)
+    };
     let cfg = match (&c.certfile, &c.keyfile) {
         (Some(cert), Some(key)) => builder
             .with_client_auth_cert(read_certs("certfile", cert)?, read_key(key)?)
@@ -226,6 +241,51 @@ pub fn client_config(c: &ClientTls) -> Result<Arc<ClientConfig>, String> {
         _ => return Err("a client certificate needs both certfile and keyfile".into()),
     };
     Ok(Arc::new(cfg))
+}
+
+/// Full WebPKI verification except the host-name check (`--insecure`).
+#[derive(Debug)]
+struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError as C;
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                C::NotValidForName | C::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// The server name to verify for `host`.
