@@ -75,6 +75,14 @@ impl BrokerProc {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
+    /// SIGKILL, then start Halyard again on the same data directory and ports.
+    pub fn restart_halyard(&mut self) {
+        self.kill9();
+        let mut new = start_halyard_in(self.dir.clone(), self.port, self.auth_port);
+        self.child = new.child.take();
+        // `new` owns nothing now; its drop must not remove our directory.
+        new.dir = PathBuf::new();
+    }
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -86,7 +94,9 @@ impl BrokerProc {
 impl Drop for BrokerProc {
     fn drop(&mut self) {
         self.kill9();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
