@@ -32,7 +32,7 @@ TOML
     sleep 0.05
   done
   t0=$(awk '{print $14+$15}' "/proc/$broker/stat")
-  out=$("${pin_l[@]}" "$BIN" bench --port "$port" --pairs 16 --qos 1 --size 64 --duration "$secs" --window 64 --persistent --json 2>/dev/null)
+  out=$("${pin_l[@]}" "$BIN" bench pubsub --port "$port" --pubs 16 --subs 16 --qos 1 --size 64 --duration "$secs" --window 64 --persistent --json 2>/dev/null)
   t1=$(awk '{print $14+$15}' "/proc/$broker/stat")
   rss=$(awk '/VmRSS/ {print $2}' "/proc/$broker/status")
   kill -TERM "$broker"; wait "$broker" || true
@@ -44,7 +44,7 @@ hz = os.sysconf("SC_CLK_TCK")
 cpu_us = (t1 - t0) / hz * 1e6
 per_msg = cpu_us / max(out["received"], 1)
 lat = out["latency_us"]
-print(f"| {mode} | {out['delivered_per_second']:,.0f} | {per_msg:.2f} | {out['lost_acknowledged']} | {out['duplicates']} "
+print(f"| {mode} | {out['delivered_per_second']:,.0f} | {per_msg:.2f} | {out['lost']} | {out['duplicates']} "
       f"| {lat['p50']} / {lat['p99']} | {rss/1024:.0f} MB | {size/1024:.0f} MB |")
 PY
   rm -rf "$work"

@@ -24,7 +24,7 @@ taskset -c 0 "$BIN" serve --config "$work/h.toml" &
 broker=$!
 wait_port "$port"
 secs=$((mins * 60))
-taskset -c 1 "$BIN" bench --port "$port" --pairs 16 --qos 1 --size 64 --duration "$secs" \
+taskset -c 1 "$BIN" bench pubsub --port "$port" --pubs 16 --subs 16 --qos 1 --size 64 --duration "$secs" \
   --window 64 --persistent --json >"$work/bench.json" 2>/dev/null &
 load=$!
 echo "| minute | data dir (MiB) | files |"
@@ -41,6 +41,6 @@ python3 - "$work/bench.json" "$max" <<'PY'
 import json, sys
 out = json.load(open(sys.argv[1]))
 print(f"\ndelivered {out['received']:,} messages ({out['delivered_per_second']:,.0f}/s), "
-      f"lost {out['lost_acknowledged']}, duplicates {out['duplicates']}; "
+      f"lost {out['lost']}, duplicates {out['duplicates']}; "
       f"largest data dir {int(sys.argv[2]) / 1024:.1f} MiB")
 PY

@@ -272,3 +272,94 @@ fn client_survives_broker_kill_minus_9() {
         });
     }
 }
+
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["bench"];
+    a.extend_from_slice(args);
+    a.push("--json");
+    let (out, err, code) = run(halyard_bin(), &a);
+    assert_eq!(code, 0, "bench {args:?}: {err}\n{out}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bench JSON: {e}: {out}"))
+}
+
+/// `halyard bench` counts exactly, against both brokers: QoS 1 pairs and QoS 2 fan-in
+/// deliver everything that was acknowledged, once; `conn` holds what it opened. (A
+/// functional check of the generator; speed is measured by bench/, never asserted here.)
+#[test]
+fn bench_counts_exactly_against_both_brokers() {
+    for b in [start_mosquitto(), start_halyard()] {
+        let port = b.port.to_string();
+        for v in ["5", "311"] {
+            let r = bench_json(&[
+                "pubsub", "-p", &port, "-V", v, "-d", "1", "--pubs", "4", "--subs", "4", "-q", "1",
+                "--window", "20",
+            ]);
+            let (exp, got) = (
+                r["expected"].as_u64().unwrap_or(0),
+                r["received"].as_u64().unwrap_or(0),
+            );
+            assert!(exp > 0, "{} v{v}: {r}", b.name);
+            assert_eq!(
+                (got, r["lost"].as_u64(), r["duplicates"].as_u64()),
+                (exp, Some(0), Some(0)),
+                "{} v{v}: {r}",
+                b.name
+            );
+            assert!(r["latency_us"]["count"].as_u64().unwrap_or(0) > 0, "{r}");
+        }
+        // Fan-in: 4 publishers, one wildcard subscriber, QoS 2.
+        let r = bench_json(&[
+            "pubsub",
+            "-p",
+            &port,
+            "-d",
+            "1",
+            "--pubs",
+            "4",
+            "--subs",
+            "1",
+            "-q",
+            "2",
+            "--filter",
+            "bench/%r/#",
+            "--window",
+            "20",
+        ]);
+        assert_eq!(r["received"], r["expected"], "{} fan-in: {r}", b.name);
+        assert_eq!(r["duplicates"].as_u64(), Some(0));
+        // Fan-out: one publisher, 8 subscribers on its topic: each message 8 times.
+        let r = bench_json(&[
+            "pubsub",
+            "-p",
+            &port,
+            "-d",
+            "1",
+            "--pubs",
+            "1",
+            "--subs",
+            "8",
+            "-q",
+            "1",
+            "--topic",
+            "bench/%r/x",
+            "--filter",
+            "bench/%r/x",
+            "--window",
+            "20",
+        ]);
+        assert_eq!(
+            r["expected"].as_u64(),
+            r["acknowledged"].as_u64().map(|a| a * 8),
+            "{r}"
+        );
+        assert_eq!(r["received"], r["expected"], "{} fan-out: {r}", b.name);
+        let r = bench_json(&["conn", "-p", &port, "-c", "200", "-d", "1"]);
+        assert_eq!(r["connected"].as_u64(), Some(200), "{} conn: {r}", b.name);
+        assert_eq!(
+            r["alive_at_end"].as_u64(),
+            Some(200),
+            "{} conn: {r}",
+            b.name
+        );
+    }
+}
