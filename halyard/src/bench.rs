@@ -688,7 +688,7 @@ async fn publisher(
         seq += 1;
         me.sent.fetch_add(1, Ordering::Relaxed);
         // Batch writes, but never hold a message back for long.
-        if c.out.len() >= 16 * 1024 || rate > 0 || (qos == QoS::AtMostOnce && seq % 64 == 0) {
+        if c.out.len() >= 16 * 1024 || rate > 0 || (qos == QoS::AtMostOnce && seq.is_multiple_of(64)) {
             c.flush().await?;
             if qos == QoS::AtMostOnce {
                 tokio::task::yield_now().await;
@@ -799,7 +799,7 @@ async fn subscriber(
             break;
         }
         // Merge samples often enough that the final report sees them (the task is aborted).
-        if since_merge > 0 && c.buf.is_empty() && since_merge % 256 == 0 {
+        if since_merge > 0 && c.buf.is_empty() && since_merge.is_multiple_of(256) {
             let _ = hist.lock().await.add(&local);
             local.reset();
             since_merge = 0;
