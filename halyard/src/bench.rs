@@ -688,7 +688,10 @@ async fn publisher(
         seq += 1;
         me.sent.fetch_add(1, Ordering::Relaxed);
         // Batch writes, but never hold a message back for long.
-        if c.out.len() >= 16 * 1024 || rate > 0 || (qos == QoS::AtMostOnce && seq.is_multiple_of(64)) {
+        if c.out.len() >= 16 * 1024
+            || rate > 0
+            || (qos == QoS::AtMostOnce && seq.is_multiple_of(64))
+        {
             c.flush().await?;
             if qos == QoS::AtMostOnce {
                 tokio::task::yield_now().await;
