@@ -411,6 +411,8 @@ struct PubState {
     delivered: AtomicU64,
     /// Subscribers whose filter matches its topic.
     fanout: u64,
+    /// Times the end-to-end window was given up on (QoS 0 losses).
+    stalls: AtomicU64,
     wake: Notify,
 }
 
@@ -455,6 +457,7 @@ async fn pubsub(a: &PubSubArgs, with_pubs: bool, with_subs: bool) -> std::io::Re
                 acked: AtomicU64::new(0),
                 delivered: AtomicU64::new(0),
                 fanout: filters.iter().filter(|f| f.matches(t.as_str())).count() as u64,
+                stalls: AtomicU64::new(0),
                 wake: Notify::new(),
             })
             .collect(),
@@ -586,6 +589,7 @@ async fn pubsub(a: &PubSubArgs, with_pubs: bool, with_subs: bool) -> std::io::Re
                 "expected": exp, "lost": lost, "duplicates": dups,
                 "gaps": totals.gaps.load(Ordering::Relaxed),
                 "foreign": totals.foreign.load(Ordering::Relaxed),
+                "window_stalls": pubs.iter().map(|p| p.stalls.load(Ordering::Relaxed)).sum::<u64>(),
                 "sent_per_second": sent as f64 / secs,
                 "delivered_per_second": received as f64 / secs,
                 "latency_us": percentiles(&h),
@@ -639,22 +643,35 @@ async fn publisher(
     let started = Instant::now();
     let fanout = me.fanout.max(1);
     while !stop.load(Ordering::Relaxed) {
-        // End-to-end window: messages sent but not yet delivered to every subscriber.
+        // End-to-end window: messages sent but not yet delivered to (or, QoS 0, skipped
+        // by) every subscriber.
         if e2e && me.fanout > 0 {
-            let undelivered = seq - me.delivered.load(Ordering::Acquire) / fanout;
-            if undelivered >= window as u64 {
+            let mut seen = me.delivered.load(Ordering::Acquire);
+            let mut progress_at = Instant::now();
+            while seq - me.delivered.load(Ordering::Acquire) / fanout >= window as u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let now = me.delivered.load(Ordering::Acquire);
+                if now != seen {
+                    (seen, progress_at) = (now, Instant::now());
+                }
+                // QoS 0 messages lost at the tail never arrive: after a second without
+                // progress, go on (and count it).
+                if qos == QoS::AtMostOnce && progress_at.elapsed() >= Duration::from_secs(1) {
+                    me.stalls.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
                 // What we wait for must be on its way.
                 c.flush().await?;
                 let notified = me.wake.notified();
-                if seq - me.delivered.load(Ordering::Acquire) / fanout >= window as u64 {
-                    // Deliveries wake us; the timeout keeps a lossy QoS 0 run moving.
-                    let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
-                    if seq - me.delivered.load(Ordering::Acquire) / fanout >= window as u64
-                        && qos != QoS::AtMostOnce
-                    {
-                        continue;
-                    }
+                if seq - me.delivered.load(Ordering::Acquire) / fanout < window as u64 {
+                    break;
                 }
+                let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+            }
+            if stop.load(Ordering::Relaxed) {
+                continue;
             }
         }
         if rate > 0 {
@@ -764,7 +781,13 @@ async fn subscriber(
                             totals.duplicates.fetch_add(1, Ordering::Relaxed);
                         } else {
                             if seq > next[idx] {
-                                totals.gaps.fetch_add(seq - next[idx], Ordering::Relaxed);
+                                let gap = seq - next[idx];
+                                totals.gaps.fetch_add(gap, Ordering::Relaxed);
+                                // Skipped messages will not come: settle them for the
+                                // publisher's window.
+                                if let Some(ps) = pubs.get(idx) {
+                                    ps.delivered.fetch_add(gap, Ordering::Release);
+                                }
                             }
                             next[idx] = seq + 1;
                             totals.received.fetch_add(1, Ordering::Relaxed);
