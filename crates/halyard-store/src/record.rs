@@ -4,6 +4,8 @@
 //! record := len: u32 LE | crc32: u32 LE (of body) | body[len]
 //! body   := version: u8 (= 1) | tag: u8 | fields
 //! ```
+//! An `apply` call of more than one op is preceded by a batch marker (tag 15, the op
+//! count): recovery applies a batch whole or not at all.
 //! Integers are LEB128 varints; strings and byte strings are varint-length-prefixed. A
 //! message is stored as the MQTT 5 PUBLISH our codec encodes (topic, properties, payload),
 //! so its properties reuse the codec's tested encoding.
@@ -167,6 +169,60 @@ pub fn encode(op: &Op, out: &mut Vec<u8>) {
     let crc = crc32fast::hash(&out[start + HEADER_LEN..]);
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Tag of the batch marker: "the next `n` records are one `apply` call".
+const TAG_BATCH: u8 = 15;
+
+/// A record: an op, or the marker that frames a batch of ops.
+#[derive(Debug)]
+pub enum Record {
+    /// One change.
+    Op(Op),
+    /// The next `n` records form one batch: recovery applies all of them or none.
+    Batch(u32),
+}
+
+/// Appends a batch marker for the `n` op records that follow. A crash can cut a group
+/// commit's `write` short (a fatal signal stops a large write between pages); without the
+/// marker, recovery would apply the front of a batch — e.g. a QoS 2 message's routing
+/// without the held packet id written with it, so the client's resend would be routed twice.
+pub fn encode_batch(n: u32, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    let mut w = W(out);
+    w.u8(RECORD_VERSION);
+    w.u8(TAG_BATCH);
+    w.uv(u64::from(n));
+    let body_len = out.len() - start - HEADER_LEN;
+    let crc = crc32fast::hash(&out[start + HEADER_LEN..]);
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Reads the record at the front of `buf`, marker or op, and its total length.
+pub fn decode_any(buf: &[u8]) -> Result<(Record, usize), RecordError> {
+    if buf.get(HEADER_LEN + 1) == Some(&TAG_BATCH) {
+        let len = u32::from_le_bytes(buf[0..4].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(buf[4..8].try_into().unwrap_or_default());
+        if len > MAX_BODY_LEN {
+            return Err(RecordError::Body("length over the maximum"));
+        }
+        let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
+            return Err(RecordError::Torn);
+        };
+        if crc32fast::hash(body) != crc {
+            return Err(RecordError::Checksum);
+        }
+        let mut r = R(body);
+        if r.u8()? != RECORD_VERSION {
+            return Err(RecordError::Body("unknown record version"));
+        }
+        r.u8()?;
+        let n = u32::try_from(r.uv()?).map_err(|_| RecordError::Body("batch length"))?;
+        return Ok((Record::Batch(n), HEADER_LEN + len));
+    }
+    decode_record(buf).map(|(op, len)| (Record::Op(op), len))
 }
 
 /// Reads the record at the front of `buf`: the op and the record's total length.

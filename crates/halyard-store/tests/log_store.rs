@@ -206,11 +206,11 @@ fn torn_or_corrupt_tail_is_reported_cut_off_and_the_rest_kept() {
             "{why}"
         );
         assert!(report.bytes_discarded > 0 && at < len as u64);
-        // Everything but the damaged last op is there: compare with the reference minus
-        // that op.
-        let mut ops: Vec<Op> = batches.concat();
-        ops.pop();
-        assert_eq!(s.recover(), reference(&[ops]));
+        // Everything but the damaged last batch is there (a batch is applied whole or not
+        // at all): compare with the reference minus that batch.
+        let mut kept = batches.clone();
+        kept.pop();
+        assert_eq!(s.recover(), reference(&[kept.concat()]));
         drop(s);
         // The tail was cut off: the next open is clean.
         let s = LogStore::open(LogConfig::new(&dir)).unwrap();
@@ -218,6 +218,91 @@ fn torn_or_corrupt_tail_is_reported_cut_off_and_the_rest_kept() {
         drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// A group commit cut short between two records of one batch (a fatal signal can stop a
+/// large `write` between pages): recovery applies none of that batch — e.g. never a QoS 2
+/// message's routing without the held packet id stored with it — and keeps the ones
+/// before it.
+#[test]
+fn a_batch_cut_at_a_record_boundary_is_dropped_whole() {
+    let dir = tmpdir("batchcut");
+    let batches = workload(2, 20);
+    let last = vec![
+        Op::MessagePut {
+            id: 999,
+            message: StoredMessage {
+                topic: "t/0/x".into(),
+                payload: Bytes::from_static(b"once"),
+                qos: QoS::ExactlyOnce,
+                properties: PublishProperties::default(),
+                expires_at: None,
+            },
+        },
+        Op::Enqueue {
+            client_id: "c0".into(),
+            delivery: StoredDelivery {
+                message_id: 999,
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                subscription_ids: vec![],
+                shared: None,
+            },
+        },
+        Op::InboundQos2 {
+            client_id: "c1".into(),
+            packet_id: 7,
+            held: true,
+        },
+    ];
+    let wal = dir.join(format!("wal-{:016x}.log", 0));
+    {
+        let s = LogStore::open(LogConfig::new(&dir)).unwrap();
+        for b in &batches {
+            s.apply(b.clone());
+        }
+        s.apply(last.clone());
+    }
+    let bytes = std::fs::read(&wal).unwrap();
+    // The last batch marker (tag 15 after the 8-byte header and the version byte) starts
+    // the last batch.
+    let mut before_last = 0;
+    let mut at = 0;
+    while at < bytes.len() {
+        if bytes[at + 9] == 15 {
+            before_last = at;
+        }
+        at += 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    }
+    // Record boundaries inside the last batch: marker, then three ops.
+    let mut bounds = vec![before_last];
+    let mut at = before_last;
+    while at < bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        at += 8 + len;
+        bounds.push(at);
+    }
+    assert_eq!(bounds.len(), 5, "marker + 3 records");
+    // Cut after the marker, after one op, after two ops: never a partial batch.
+    for cut in &bounds[1..4] {
+        let d2 = tmpdir("batchcut-copy");
+        std::fs::create_dir_all(&d2).unwrap();
+        std::fs::write(d2.join(format!("wal-{:016x}.log", 0)), &bytes[..*cut]).unwrap();
+        let s = LogStore::open(LogConfig::new(&d2)).unwrap();
+        assert_eq!(s.recover(), reference(&[batches.concat()]), "cut at {cut}");
+        let (at, why) = s.report().bad_tail.clone().expect("reported");
+        assert_eq!(at as usize, before_last, "cut back to the batch's marker");
+        assert!(why.contains("torn"), "{why}");
+        drop(s);
+        std::fs::remove_dir_all(&d2).unwrap();
+    }
+    // Whole, it is all there.
+    let s = LogStore::open(LogConfig::new(&dir)).unwrap();
+    let mut all = batches.concat();
+    all.extend(last);
+    assert_eq!(s.recover(), reference(&[all]));
+    drop(s);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
