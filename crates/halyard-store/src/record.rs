@@ -175,6 +175,9 @@ pub fn encode(op: &Op, out: &mut Vec<u8>) {
 const TAG_BATCH: u8 = 15;
 
 /// A record: an op, or the marker that frames a batch of ops.
+// Values live one at a time on the replay loop's stack; boxing the op would cost an
+// allocation per record for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Record {
     /// One change.
