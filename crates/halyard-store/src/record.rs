@@ -165,6 +165,12 @@ pub fn encode(op: &Op, out: &mut Vec<u8>) {
             w.u8(u8::from(*held));
         }
     }
+    seal(out, start);
+}
+
+/// Fills in the header (length and checksum) of the record whose body was written after
+/// `start`.
+fn seal(out: &mut [u8], start: usize) {
     let body_len = out.len() - start - HEADER_LEN;
     let crc = crc32fast::hash(&out[start + HEADER_LEN..]);
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
@@ -197,39 +203,23 @@ pub fn encode_batch(n: u32, out: &mut Vec<u8>) {
     w.u8(RECORD_VERSION);
     w.u8(TAG_BATCH);
     w.uv(u64::from(n));
-    let body_len = out.len() - start - HEADER_LEN;
-    let crc = crc32fast::hash(&out[start + HEADER_LEN..]);
-    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    seal(out, start);
 }
 
 /// Reads the record at the front of `buf`, marker or op, and its total length.
 pub fn decode_any(buf: &[u8]) -> Result<(Record, usize), RecordError> {
     if buf.get(HEADER_LEN + 1) == Some(&TAG_BATCH) {
-        let len = u32::from_le_bytes(buf[0..4].try_into().unwrap_or_default()) as usize;
-        let crc = u32::from_le_bytes(buf[4..8].try_into().unwrap_or_default());
-        if len > MAX_BODY_LEN {
-            return Err(RecordError::Body("length over the maximum"));
-        }
-        let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
-            return Err(RecordError::Torn);
-        };
-        if crc32fast::hash(body) != crc {
-            return Err(RecordError::Checksum);
-        }
-        let mut r = R(body);
-        if r.u8()? != RECORD_VERSION {
-            return Err(RecordError::Body("unknown record version"));
-        }
+        let (mut r, total) = open(buf)?;
         r.u8()?;
         let n = u32::try_from(r.uv()?).map_err(|_| RecordError::Body("batch length"))?;
-        return Ok((Record::Batch(n), HEADER_LEN + len));
+        return Ok((Record::Batch(n), total));
     }
     decode_record(buf).map(|(op, len)| (Record::Op(op), len))
 }
 
-/// Reads the record at the front of `buf`: the op and the record's total length.
-pub fn decode_record(buf: &[u8]) -> Result<(Op, usize), RecordError> {
+/// Checks the record at the front of `buf` (length, checksum, version): a reader at its
+/// tag, and the record's total length.
+fn open(buf: &[u8]) -> Result<(R<'_>, usize), RecordError> {
     if buf.len() < HEADER_LEN {
         return Err(RecordError::Torn);
     }
@@ -248,6 +238,12 @@ pub fn decode_record(buf: &[u8]) -> Result<(Op, usize), RecordError> {
     if r.u8()? != RECORD_VERSION {
         return Err(RecordError::Body("unknown record version"));
     }
+    Ok((r, HEADER_LEN + len))
+}
+
+/// Reads the record at the front of `buf`: the op and the record's total length.
+pub fn decode_record(buf: &[u8]) -> Result<(Op, usize), RecordError> {
+    let (mut r, total) = open(buf)?;
     let op = match r.u8()? {
         1 => Op::SessionUpsert(SessionRecord {
             client_id: r.string()?,
@@ -349,7 +345,7 @@ pub fn decode_record(buf: &[u8]) -> Result<(Op, usize), RecordError> {
     if !r.0.is_empty() {
         return Err(RecordError::Body("trailing bytes"));
     }
-    Ok((op, HEADER_LEN + len))
+    Ok((op, total))
 }
 
 fn options_byte(o: &SubscriptionOptions) -> u8 {

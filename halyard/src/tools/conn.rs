@@ -132,6 +132,29 @@ pub(crate) struct FromUrl {
     pub password: Option<String>,
 }
 
+/// Runs one tool invocation on a current-thread runtime.
+pub(crate) fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("Error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What `-L` contributes (nothing without it).
+pub(crate) fn url_parts(a: &ConnArgs) -> Result<FromUrl, String> {
+    a.url
+        .as_deref()
+        .map(parse_url)
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
+
 pub(crate) fn parse_url(url: &str) -> Result<FromUrl, String> {
     let (scheme, rest) = url
         .split_once("://")

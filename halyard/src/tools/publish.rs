@@ -9,7 +9,7 @@ use clap::Args;
 use halyard_client::{Bytes, Message, ProtocolVersion, QoS};
 use tokio::io::AsyncBufReadExt;
 
-use super::conn::{self, ConnArgs, FromUrl};
+use super::conn::{self, ConnArgs};
 
 /// In-flight publishes `-l` keeps before waiting for acknowledgements.
 const LINE_WINDOW: usize = 64;
@@ -52,26 +52,13 @@ pub(crate) struct PubArgs {
 }
 
 pub(crate) fn run(a: PubArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("Error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(publish(a))
+    conn::block_on(publish(a))
 }
 
 async fn publish(a: PubArgs) -> ExitCode {
-    let from_url = match &a.conn.url {
-        Some(u) => match conn::parse_url(u) {
-            Ok(f) => f,
-            Err(e) => return conn::usage_error("pub", &e),
-        },
-        None => FromUrl::default(),
+    let from_url = match conn::url_parts(&a.conn) {
+        Ok(f) => f,
+        Err(e) => return conn::usage_error("pub", &e),
     };
     let topic = a.topic.clone().or_else(|| from_url.topic.clone());
     let modes = [

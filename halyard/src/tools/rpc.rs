@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use halyard_client::{Bytes, Message, ProtocolVersion, QoS};
 use tokio::io::AsyncWriteExt;
 
-use super::conn::{self, ConnArgs, EXIT_TIMEOUT, FromUrl};
+use super::conn::{self, ConnArgs, EXIT_TIMEOUT};
 use super::format::Output;
 
 #[derive(Debug, Args)]
@@ -80,27 +80,16 @@ struct ServeArgs {
 }
 
 pub(crate) fn run(a: RpcArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("Error: {e}");
-            return ExitCode::FAILURE;
+    conn::block_on(async move {
+        match a.command {
+            Some(RpcCommand::Serve(s)) => serve(s).await,
+            None => request(a.request).await,
         }
-    };
-    match a.command {
-        Some(RpcCommand::Serve(s)) => rt.block_on(serve(s)),
-        None => rt.block_on(request(a.request)),
-    }
+    })
 }
 
 fn options(c: &ConnArgs) -> Result<halyard_client::ClientOptions, String> {
-    let from_url = match &c.url {
-        Some(u) => conn::parse_url(u)?,
-        None => FromUrl::default(),
-    };
+    let from_url = conn::url_parts(c)?;
     // Request/response is an MQTT 5 feature: the default here, unlike pub and sub.
     let mut o = conn::client_options(c, "rpc", &from_url, ProtocolVersion::V5)?;
     conn::apply_properties(c, &mut o)?;

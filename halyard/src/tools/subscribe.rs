@@ -9,7 +9,7 @@ use halyard_client::{
     ByteString, Message, ProtocolVersion, QoS, RetainHandling, SubscriptionOptions,
 };
 
-use super::conn::{self, ConnArgs, EXIT_TIMEOUT, FromUrl};
+use super::conn::{self, ConnArgs, EXIT_TIMEOUT};
 use super::format::Output;
 
 #[derive(Debug, Args)]
@@ -71,17 +71,7 @@ pub(crate) struct SubArgs {
 }
 
 pub(crate) fn run(a: SubArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("Error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(subscribe(a))
+    conn::block_on(subscribe(a))
 }
 
 fn valid_filter(f: &str) -> bool {
@@ -89,12 +79,9 @@ fn valid_filter(f: &str) -> bool {
 }
 
 async fn subscribe(a: SubArgs) -> ExitCode {
-    let from_url = match &a.conn.url {
-        Some(u) => match conn::parse_url(u) {
-            Ok(f) => f,
-            Err(e) => return conn::usage_error("sub", &e),
-        },
-        None => FromUrl::default(),
+    let from_url = match conn::url_parts(&a.conn) {
+        Ok(f) => f,
+        Err(e) => return conn::usage_error("sub", &e),
     };
     let mut topics = a.topics.clone();
     if let Some(t) = &from_url.topic {
