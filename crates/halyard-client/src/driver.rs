@@ -1114,6 +1114,24 @@ fn check_publish(s: &Session, p: &Publish) -> Result<(), Error> {
         // [MQTT-3.2.2-14]
         return Err(Error::NotSupported("retained messages"));
     }
+    // Sizing a PUBLISH exactly means encoding-length math over a copy of it; skip that
+    // when a generous upper bound is already under the limit.
+    let pp = &p.properties;
+    let bound = p.payload.len()
+        + p.topic.as_str().len()
+        + pp.user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 5)
+            .sum::<usize>()
+        + pp.content_type.as_ref().map_or(0, |c| c.len() + 3)
+        + pp.response_topic
+            .as_ref()
+            .map_or(0, |t| t.as_str().len() + 3)
+        + pp.correlation_data.as_ref().map_or(0, |c| c.len() + 3)
+        + 64;
+    if bound < s.max_packet as usize {
+        return Ok(());
+    }
     let size = Packet::Publish(p.clone()).encoded_len(s.version);
     if size > s.max_packet as usize {
         // [MQTT-3.1.2-24] never send a packet above the receiver's Maximum Packet Size.
