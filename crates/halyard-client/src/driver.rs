@@ -139,7 +139,6 @@ pub(crate) struct Driver {
     backoff: Backoff,
     url_idx: usize,
     connected_once: bool,
-    client_id: String,
     queue: VecDeque<Outgoing>,
     inflight: VecDeque<Inflight>,
     next_pid: u16,
@@ -164,7 +163,6 @@ impl Driver {
     ) -> Self {
         let backoff = Backoff::new(opts.reconnect.initial, opts.reconnect.max, random_seed());
         Driver {
-            client_id: opts.client_id.clone(),
             opts,
             registry: Registry::default(),
             cmd_rx,
@@ -199,7 +197,7 @@ impl Driver {
                 self.registry.clone(),
                 url.clone(),
                 self.opts.clone(),
-                self.client_id.clone(),
+                self.client_id_tx.borrow().clone(),
                 self.clean_start(),
             );
             tokio::pin!(attempt);
@@ -406,8 +404,8 @@ impl Driver {
     ) -> Exit {
         let p = &connack.properties;
         if let Some(id) = &p.assigned_client_identifier {
-            self.client_id = id.to_string();
-            let _ = self.client_id_tx.send(self.client_id.clone());
+            // Reconnections use the assigned id, so the session can resume.
+            let _ = self.client_id_tx.send(id.to_string());
         }
         let _ = self
             .response_info_tx
@@ -488,16 +486,7 @@ impl Driver {
                 write_packet(s, &pkt);
             }
             for f in std::mem::take(&mut self.unsub_later) {
-                let pid = self.alloc_pid();
-                self.acks.insert(pid, AckWait::Unsubscribe(None));
-                write_packet(
-                    s,
-                    &Packet::Unsubscribe(Unsubscribe {
-                        packet_id: pid,
-                        filters: vec![f],
-                        properties: Properties::default(),
-                    }),
-                );
+                self.send_unsubscribe(s, f, None);
             }
         } else {
             // A new session: the broker kept nothing. Messages it had not acknowledged are
@@ -564,6 +553,20 @@ impl Driver {
         });
         self.acks.insert(pid, AckWait::Subscribe(id));
         write_packet(s, &pkt);
+    }
+
+    /// Writes an UNSUBSCRIBE; `reply` learns of the UNSUBACK.
+    fn send_unsubscribe(&mut self, s: &mut Session, filter: TopicFilter, reply: Option<Reply<()>>) {
+        let pid = self.alloc_pid();
+        self.acks.insert(pid, AckWait::Unsubscribe(reply));
+        write_packet(
+            s,
+            &Packet::Unsubscribe(Unsubscribe {
+                packet_id: pid,
+                filters: vec![filter],
+                properties: Properties::default(),
+            }),
+        );
     }
 
     /// A packet id not in use by our in-flight messages or pending (UN)SUBSCRIBEs.
@@ -771,16 +774,7 @@ impl Driver {
             }
             Command::Unsubscribe { filter, reply } => {
                 self.remove_subs(&filter);
-                let pid = self.alloc_pid();
-                self.acks.insert(pid, AckWait::Unsubscribe(Some(reply)));
-                write_packet(
-                    s,
-                    &Packet::Unsubscribe(Unsubscribe {
-                        packet_id: pid,
-                        filters: vec![filter],
-                        properties: Properties::default(),
-                    }),
-                );
+                self.send_unsubscribe(s, filter, Some(reply));
             }
             Command::Disconnect { .. } => unreachable!("handled by the caller"),
         }
@@ -1052,16 +1046,7 @@ impl Driver {
                     if let Some(e) = self.subs.remove(&id)
                         && !self.subs.values().any(|o| o.filter == e.filter)
                     {
-                        let pid = self.alloc_pid();
-                        self.acks.insert(pid, AckWait::Unsubscribe(None));
-                        write_packet(
-                            s,
-                            &Packet::Unsubscribe(Unsubscribe {
-                                packet_id: pid,
-                                filters: vec![e.filter],
-                                properties: Properties::default(),
-                            }),
-                        );
+                        self.send_unsubscribe(s, e.filter, None);
                     }
                 }
             }
