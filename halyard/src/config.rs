@@ -18,6 +18,8 @@ pub(crate) struct Config {
     pub(crate) listen: Vec<String>,
     pub(crate) data_dir: String,
     pub(crate) log_level: String,
+    pub(crate) log_format: String,
+    pub(crate) sys_interval: u64,
     pub(crate) max_keepalive: u16,
     pub(crate) connect_timeout: u64,
     pub(crate) max_inflight_messages: u16,
@@ -50,6 +52,7 @@ pub(crate) struct Config {
     pub(crate) max_retained_bytes: usize,
     pub(crate) max_memory_bytes: usize,
     pub(crate) persistence: Persistence,
+    pub(crate) admin: Admin,
     /// `[[listener]]` tables: listeners with options.
     pub(crate) listener: Vec<ListenerTable>,
 }
@@ -114,6 +117,54 @@ fn known_scheme(c: &ListenerConfig) -> Result<(), String> {
         .map(|_| ())
 }
 
+/// The `[admin]` table: the HTTP listener for metrics, the REST API and the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Admin {
+    pub(crate) enabled: bool,
+    pub(crate) listen: String,
+    pub(crate) api_keys_file: String,
+    pub(crate) metrics_auth: bool,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            enabled: true,
+            listen: "http://127.0.0.1:18083".into(),
+            api_keys_file: String::new(),
+            metrics_auth: false,
+        }
+    }
+}
+
+impl Config {
+    /// The API keys file: `admin.api_keys_file`, or `api_keys` in the data directory.
+    pub(crate) fn api_keys_path(&self) -> std::path::PathBuf {
+        if self.admin.api_keys_file.is_empty() {
+            Path::new(&self.data_dir).join("api_keys")
+        } else {
+            self.admin.api_keys_file.clone().into()
+        }
+    }
+
+    /// The admin listener's socket address, from `admin.listen` (`http://host:port`).
+    pub(crate) fn admin_addr(&self) -> Result<std::net::SocketAddr, String> {
+        let rest = self
+            .admin
+            .listen
+            .strip_prefix("http://")
+            .ok_or("must start with http:// (serve it behind a TLS proxy for https)")?;
+        let hostport = rest.trim_end_matches('/');
+        use std::net::ToSocketAddrs;
+        hostport
+            .to_socket_addrs()
+            .map_err(|e| format!("`{hostport}`: {e}"))?
+            .next()
+            .ok_or_else(|| format!("`{hostport}`: no address"))
+    }
+}
+
 /// The `[persistence]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -155,6 +206,8 @@ impl Default for Config {
             listen: vec!["tcp://127.0.0.1:1883".into()],
             data_dir: "./halyard-data".into(),
             log_level: "info".into(),
+            log_format: "text".into(),
+            sys_interval: 10,
             max_keepalive: b.max_keepalive,
             connect_timeout: b.connect_timeout.as_secs(),
             max_inflight_messages: b.max_inflight_messages,
@@ -187,6 +240,7 @@ impl Default for Config {
             max_retained_bytes: b.max_retained_bytes,
             max_memory_bytes: b.max_memory_bytes,
             persistence: Persistence::default(),
+            admin: Admin::default(),
             listener: Vec::new(),
         }
     }
@@ -276,6 +330,14 @@ impl Config {
         }
         if !["always", "batch", "interval", "off"].contains(&self.persistence.sync.as_str()) {
             return bad("sync", "must be always, batch, interval or off");
+        }
+        if !["text", "json"].contains(&self.log_format.as_str()) {
+            return bad("log_format", "must be text or json");
+        }
+        if self.admin.enabled
+            && let Err(why) = self.admin_addr()
+        {
+            return bad("listen", &format!("[admin] {why}"));
         }
         if !["error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
             return bad("log_level", "must be error, warn, info, debug or trace");

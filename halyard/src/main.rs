@@ -7,9 +7,11 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
+mod admin;
 mod bench;
 mod config;
 mod passwd;
+mod server;
 mod store_cmd;
 mod tools;
 
@@ -53,6 +55,8 @@ enum Command {
     Rpc(Box<tools::rpc::RpcArgs>),
     /// Control a running broker: status, reload, stop.
     Ctl(tools::ctl::CtlArgs),
+    /// Manage the admin API's keys (HTTP Basic: key name and secret).
+    Apikey(admin::keys::ApikeyArgs),
     /// Inspect the broker's store (run while the broker is stopped).
     Store {
         #[command(subcommand)]
@@ -87,30 +91,18 @@ fn main() -> ExitCode {
                 print!("{DEFAULT_TOML}");
                 return ExitCode::SUCCESS;
             }
-            let mut cfg = match config {
-                Some(path) => match Config::load(&path) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("halyard: config error: {}", e.0);
-                        return ExitCode::from(2);
-                    }
-                },
-                None => Config::default(),
+            let source = server::ConfigSource {
+                path: config,
+                listen,
+                data_dir,
             };
-            if !listen.is_empty() {
-                for url in &listen {
-                    if let Err(why) = config::listener_from_url(url, cfg.connect_timeout) {
-                        eprintln!("halyard: --listen {url}: {why}");
-                        return ExitCode::from(2);
-                    }
+            match source.load() {
+                Ok(cfg) => serve(cfg, source),
+                Err(e) => {
+                    eprintln!("halyard: config error: {e}");
+                    ExitCode::from(2)
                 }
-                cfg.listen = listen;
-                cfg.listener.clear();
             }
-            if let Some(d) = data_dir {
-                cfg.data_dir = d.display().to_string();
-            }
-            serve(cfg)
         }
         Command::Store { command } => store_cmd::run(&command),
         Command::Passwd(args) => passwd::run(&args),
@@ -119,30 +111,50 @@ fn main() -> ExitCode {
         Command::Sub(args) => tools::subscribe::run(*args),
         Command::Rpc(args) => tools::rpc::run(*args),
         Command::Ctl(args) => tools::ctl::run(&args),
+        Command::Apikey(args) => admin::keys::run(&args),
     }
 }
 
-fn init_logging(level: &str) {
+/// Sets up logging (text or JSON lines on stderr) and returns how to change the level
+/// later (reload). `RUST_LOG`, when set, wins over the configured level.
+fn init_logging(level: &str, format: &str) -> server::LogReload {
     use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter: Targets = std::env::var("RUST_LOG")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| level.parse().unwrap_or_default());
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                // Colour codes only for a terminal, never into log files and journals.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(filter)
-        .init();
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    if format == "json" {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr),
+            )
+            .init();
+    } else {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colour codes only for a terminal, never into log files and journals.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init();
+    }
+    Arc::new(move |level: &str| {
+        let t: Targets = level.parse().map_err(|e| format!("log_level: {e}"))?;
+        handle.reload(t).map_err(|e| format!("log_level: {e}"))
+    })
 }
 
-fn serve(cfg: Config) -> ExitCode {
-    init_logging(&cfg.log_level);
+fn serve(cfg: Config, source: server::ConfigSource) -> ExitCode {
+    let log_reload = init_logging(&cfg.log_level, &cfg.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -153,10 +165,10 @@ fn serve(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(run(cfg))
+    rt.block_on(run(cfg, source, log_reload))
 }
 
-async fn run(cfg: Config) -> ExitCode {
+async fn run(cfg: Config, source: server::ConfigSource, log_reload: server::LogReload) -> ExitCode {
     if let Err(e) = std::fs::create_dir_all(&cfg.data_dir) {
         error!(data_dir = %cfg.data_dir, error = %e, "cannot create the data directory");
         return ExitCode::FAILURE;
@@ -214,7 +226,6 @@ async fn run(cfg: Config) -> ExitCode {
     broker.set_security(security);
     let monitor = broker.monitor().clone();
     monitor.spawn_logger();
-    spawn_security_file_watch(&cfg, &broker);
     let mut registry = halyard_transport::Registry::default();
     if cfg.max_connections_per_ip > 0 || cfg.connection_rate_per_ip > 0 {
         registry = registry.with_ip_limits(halyard_transport::IpLimits::new(
@@ -222,26 +233,30 @@ async fn run(cfg: Config) -> ExitCode {
             f64::from(cfg.connection_rate_per_ip),
         ));
     }
-    let b = broker.clone();
-    let sink: halyard_transport::ConnSink = Arc::new(move |s, peer| b.spawn_connection(s, peer));
-    let mut listeners = Vec::new();
-    for lc in listener_cfgs {
-        match halyard_transport::start_listener(
-            &registry,
-            lc,
-            monitor.clone(),
-            broker.shutdown_signal(),
-            sink.clone(),
-        )
-        .await
-        {
-            Ok(h) => listeners.push(h),
+    let server = server::Server::new(
+        broker.clone(),
+        source,
+        cfg.clone(),
+        registry,
+        Some(log_reload),
+    );
+    if let Err(e) = server.start_listeners(listener_cfgs).await {
+        error!("{e}");
+        return ExitCode::FAILURE;
+    }
+    let admin = if cfg.admin.enabled {
+        match admin::start(server.clone()).await {
+            Ok(a) => Some(a),
             Err(e) => {
                 error!("{e}");
                 return ExitCode::FAILURE;
             }
         }
-    }
+    } else {
+        None
+    };
+    admin::sys::spawn(server.clone());
+    spawn_security_file_watch(&server);
     // For `halyard ctl`: written once the listeners are up, removed on a graceful exit.
     let pid_file = PathBuf::from(&cfg.data_dir).join(tools::ctl::PID_FILE);
     if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
@@ -251,22 +266,22 @@ async fn run(cfg: Config) -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         data_dir = %cfg.data_dir,
         sync = %cfg.persistence.sync,
+        admin = admin.as_ref().map(|a| a.to_string()),
         "halyard started"
     );
+    // systemd Type=notify: ready once every listener is bound.
+    sd_notify("READY=1");
     while let Signal::Reload = signals.next().await {
-        // SIGHUP: the password file and TLS files now (the TLS file check also catches
-        // changes on its own). A broken file changes nothing and says why.
-        info!("SIGHUP: reloading the password file, the ACL file and TLS files");
-        match cfg.security() {
-            Ok(s) => broker.set_security(s),
-            Err(why) => {
-                tracing::warn!("security files refused, the previous ones stay in force: {why}")
-            }
+        // SIGHUP: the whole configuration again (passwords, ACLs, TLS files, limits, log
+        // level, listeners). A broken configuration changes nothing and says why.
+        info!("SIGHUP: reloading the configuration");
+        sd_notify("RELOADING=1");
+        if let Err(why) = server.reload().await {
+            tracing::warn!("reload refused, nothing changed: {why}");
         }
-        for l in &listeners {
-            let _ = l.reload_tls();
-        }
+        sd_notify("READY=1");
     }
+    sd_notify("STOPPING=1");
     info!("signal received: shutting down gracefully (a second signal exits at once)");
     tokio::spawn(async move {
         while let Signal::Reload = signals.next().await {}
@@ -274,12 +289,33 @@ async fn run(cfg: Config) -> ExitCode {
         std::process::exit(130);
     });
     broker.shutdown().await;
-    for l in listeners {
-        let _ = l.join().await;
-    }
+    server.join_listeners().await;
     let _ = std::fs::remove_file(&pid_file);
     info!("halyard stopped");
     ExitCode::SUCCESS
+}
+
+/// Tells systemd about our state when started as a `Type=notify` service (no-op
+/// otherwise): one datagram to `$NOTIFY_SOCKET` (a path, or `@name` for an abstract socket).
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let send = || -> std::io::Result<()> {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)?;
+        } else {
+            sock.send_to(state.as_bytes(), &path)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = send() {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
 }
 
 enum Signal {
@@ -292,8 +328,9 @@ enum Signal {
 /// Reloads the password and ACL files when they change (length, modification time or inode:
 /// in-place writes, atomic renames and symlink swaps alike), checked every 5 s, as SIGHUP
 /// does. A broken file changes nothing and says why; it is tried again when it changes.
-fn spawn_security_file_watch(cfg: &Config, broker: &halyard_broker::Broker) {
+fn spawn_security_file_watch(server: &Arc<server::Server>) {
     use std::os::unix::fs::MetadataExt;
+    let cfg = server.config();
     let files: Vec<PathBuf> = [&cfg.password_file, &cfg.acl_file]
         .into_iter()
         .flatten()
@@ -311,8 +348,8 @@ fn spawn_security_file_watch(cfg: &Config, broker: &halyard_broker::Broker) {
             })
             .collect()
     };
-    let cfg = cfg.clone();
-    let broker = broker.clone();
+    let server = server.clone();
+    let broker = server.broker.clone();
     let mut shutdown = broker.shutdown_signal();
     tokio::spawn(async move {
         let mut seen = stamp(&files);
@@ -326,7 +363,8 @@ fn spawn_security_file_watch(cfg: &Config, broker: &halyard_broker::Broker) {
                 continue;
             }
             seen = now;
-            match cfg.security() {
+            // The configuration in force (a reload may have changed other settings).
+            match server.config().security() {
                 Ok(s) => {
                     info!("password/ACL file changed: reloaded");
                     broker.set_security(s);

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use halyard_codec::{ProtocolVersion, QoS, TopicFilter, TopicName};
 use halyard_store::{Op, SessionRecord, Store, StoredMessage, SubscriptionRecord};
 use halyard_transport::{Monitor, PeerInfo};
@@ -30,7 +31,8 @@ const RETAINED_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// State shared by every connection task.
 pub(crate) struct Inner {
-    pub(crate) cfg: BrokerConfig,
+    /// Swapped whole on reload; readers take a cheap snapshot (`cfg()`).
+    cfg: ArcSwap<BrokerConfig>,
     /// Client id -> session. Locked only to find, insert or remove a session; never held
     /// while a session lock is taken.
     pub(crate) sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
@@ -56,6 +58,10 @@ pub(crate) struct Inner {
     security_generation: AtomicU64,
     /// Bytes of client messages alive (see `max_memory_bytes`).
     pub(crate) memory: Arc<crate::message::MemoryUse>,
+    /// Copies of routed messages for admin topic taps; only sent to while `taps` > 0, so
+    /// routing pays one relaxed load when nobody watches.
+    pub(crate) tap: tokio::sync::broadcast::Sender<Arc<Message>>,
+    pub(crate) taps: Arc<std::sync::atomic::AtomicUsize>,
     started: Instant,
 }
 
@@ -131,7 +137,7 @@ impl Broker {
             permits: Arc::new(Semaphore::new(
                 cfg.max_connections.min(Semaphore::MAX_PERMITS),
             )),
-            cfg,
+            cfg: ArcSwap::from_pointee(cfg),
             sessions: Mutex::new(HashMap::new()),
             subs: SubscriptionIndex::default(),
             retained: Retained::default(),
@@ -153,6 +159,8 @@ impl Broker {
             auth_failures: AuthFailures::default(),
             security_generation: AtomicU64::new(0),
             memory: Arc::default(),
+            tap: tokio::sync::broadcast::channel(crate::admin::TAP_CAPACITY).0,
+            taps: Arc::default(),
             started: Instant::now(),
         });
         inner.recover();
@@ -222,7 +230,7 @@ impl Broker {
         self.inner.shutdown.send_replace(true);
         self.drain.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut rx = self.drain_rx.lock().await;
-        let drained = tokio::time::timeout(self.inner.cfg.shutdown_timeout, rx.recv())
+        let drained = tokio::time::timeout(self.inner.cfg().shutdown_timeout, rx.recv())
             .await
             .is_ok();
         if !drained {
@@ -257,18 +265,62 @@ impl Broker {
     pub fn uptime(&self) -> Duration {
         self.inner.started.elapsed()
     }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
 }
 
 impl Inner {
+    /// The settings in force now.
+    pub(crate) fn cfg(&self) -> Arc<BrokerConfig> {
+        self.cfg.load_full()
+    }
+
+    /// Swaps the settings; `max_connections` resizes the connection permits.
+    pub(crate) fn replace_config(&self, cfg: BrokerConfig) {
+        let old = self.cfg.swap(Arc::new(cfg));
+        let new = self.cfg.load();
+        let (was, now) = (
+            old.max_connections.min(Semaphore::MAX_PERMITS),
+            new.max_connections.min(Semaphore::MAX_PERMITS),
+        );
+        if now > was {
+            self.permits.add_permits(now - was);
+        } else if was > now {
+            // Permits held by open connections come back later and are then forgotten
+            // here on the next reload at the latest; open connections are never closed.
+            self.permits.forget_permits(was - now);
+        }
+    }
+
+    /// The sessions now (a copy of the map's values; the map lock is held only to copy).
+    pub(crate) fn sessions_snapshot(&self) -> Vec<Arc<Session>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn session(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .cloned()
+    }
+
     pub(crate) fn message_id(&self) -> u64 {
         self.next_message_id.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn queue_limits(&self) -> QueueLimits {
         QueueLimits {
-            max_messages: self.cfg.max_queued_messages,
-            max_bytes: self.cfg.max_queued_bytes,
-            queue_qos0_offline: self.cfg.queue_qos0_messages,
+            max_messages: self.cfg.load().max_queued_messages,
+            max_bytes: self.cfg.load().max_queued_bytes,
+            queue_qos0_offline: self.cfg.load().queue_qos0_messages,
         }
     }
 
@@ -278,14 +330,14 @@ impl Inner {
     /// many sessions matched and the ticket to wait for before acknowledging the publisher.
     /// Whether the messages alive exceed `max_memory_bytes` (0: no budget).
     pub(crate) fn memory_over_budget(&self) -> bool {
-        self.cfg.max_memory_bytes > 0
-            && self.memory.bytes.load(Ordering::Relaxed) >= self.cfg.max_memory_bytes
+        self.cfg.load().max_memory_bytes > 0
+            && self.memory.bytes.load(Ordering::Relaxed) >= self.cfg.load().max_memory_bytes
     }
 
     /// Whether a topic name or filter exceeds `max_topic_length` or `max_topic_levels`.
     pub(crate) fn topic_over_limits(&self, topic: &str) -> bool {
-        topic.len() > self.cfg.max_topic_length
-            || topic.bytes().filter(|&b| b == b'/').count() + 1 > self.cfg.max_topic_levels
+        topic.len() > self.cfg.load().max_topic_length
+            || topic.bytes().filter(|&b| b == b'/').count() + 1 > self.cfg.load().max_topic_levels
     }
 
     pub(crate) fn security_generation(&self) -> u64 {
@@ -307,11 +359,11 @@ impl Inner {
     ) -> (usize, u64) {
         let mut ops = Vec::new();
         let retain = msg.retain
-            && self.cfg.retain_available
+            && self.cfg.load().retain_available
             && match self.retained.set(
                 msg,
-                self.cfg.max_retained_messages,
-                self.cfg.max_retained_bytes,
+                self.cfg.load().max_retained_messages,
+                self.cfg.load().max_retained_bytes,
             ) {
                 crate::retained::SetOutcome::Done => true,
                 crate::retained::SetOutcome::OverLimit => {
@@ -321,7 +373,9 @@ impl Inner {
                     false
                 }
             };
-        if retain {
+        // $SYS topics are the broker's live state: retained for new subscribers, never
+        // stored (they are republished after a restart anyway).
+        if retain && !msg.topic.as_str().starts_with("$SYS/") {
             ops.push(if msg.payload.is_empty() {
                 Op::RetainDelete {
                     topic: msg.topic.to_string(),
@@ -333,6 +387,12 @@ impl Inner {
         self.subs
             .matches(msg.topic.as_str(), msg.origin.as_deref(), scratch);
         let matched = scratch.len();
+        if matched == 0 && !msg.topic.as_str().starts_with('$') {
+            Stats::inc(&self.stats.dropped_no_subscribers);
+        }
+        if self.taps.load(Ordering::Relaxed) > 0 {
+            let _ = self.tap.send(msg.clone());
+        }
         let limits = self.queue_limits();
         for m in scratch.drain(..) {
             let out = Outgoing {

@@ -35,7 +35,7 @@ use crate::broker::{Inner, grant, stored, version_name};
 use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
 use crate::message::{self, Delivery, Message};
 use crate::router::Match;
-use crate::session::{Awaiting, ConnLink, Outgoing, PendingWill, Session, Subscription};
+use crate::session::{Awaiting, ConnInfo, ConnLink, Outgoing, PendingWill, Session, Subscription};
 use crate::stats::Stats;
 
 /// Initial read buffer; it grows to the largest packet seen (decode reserves the declared
@@ -62,10 +62,10 @@ where
     let peer: Arc<str> = info.to_string().into();
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut rbuf = BytesMut::with_capacity(READ_BUFFER_INITIAL_BYTES);
-    let max_in = inner.cfg.message_size_limit;
+    let max_in = inner.cfg().message_size_limit;
     // [MQTT-3.1.4-1]-adjacent: a connection that never sends CONNECT is not kept.
     let first = timeout(
-        inner.cfg.connect_timeout,
+        inner.cfg().connect_timeout,
         read_packet(&mut rd, &mut rbuf, ProtocolVersion::V5, max_in),
     )
     .await;
@@ -280,6 +280,10 @@ async fn refuse_bad_connect<W: AsyncWrite + Unpin>(
 
 struct Connection<S> {
     inner: Arc<Inner>,
+    /// The settings this connection was accepted under: what its CONNACK advertised
+    /// (Maximum QoS, Receive Maximum, Maximum Packet Size...) holds for its lifetime even
+    /// when a reload changes the broker's.
+    cfg: Arc<crate::config::BrokerConfig>,
     rd: ReadHalf<S>,
     wr: WriteHalf<S>,
     rbuf: BytesMut,
@@ -396,12 +400,12 @@ where
                     ));
                 }
                 let next = timeout(
-                    inner.cfg.connect_timeout,
+                    inner.cfg().connect_timeout,
                     read_packet(
                         io.rd,
                         io.rbuf,
                         ProtocolVersion::V5,
-                        inner.cfg.message_size_limit,
+                        inner.cfg().message_size_limit,
                     ),
                 )
                 .await;
@@ -557,7 +561,7 @@ where
     ) -> Option<Self> {
         let v = c.protocol;
         let v5 = v.is_v5();
-        let cfg = &inner.cfg;
+        let cfg = inner.cfg();
         let refuse = |reason: ReasonCode, why: &'static str| (reason, why);
         let mut assigned = None;
         let check = (|| {
@@ -703,6 +707,21 @@ where
         };
         let expiry = requested_expiry.min(cfg.max_session_expiry_interval);
 
+        // Keep alive: v5 gets Server Keep Alive when we override [MQTT-3.2.2-21].
+        let server_keep_alive = (v5
+            && (c.keep_alive > cfg.max_keepalive
+                || (c.keep_alive == 0 && cfg.max_keepalive < u16::MAX)))
+            .then_some(cfg.max_keepalive);
+        let keep_alive = server_keep_alive.unwrap_or(c.keep_alive);
+        let conn_info = Arc::new(ConnInfo {
+            peer: peer.clone(),
+            listener: admission.info.listener.clone(),
+            username: c.username.as_ref().map(|u| Arc::from(&u[..])),
+            protocol: v,
+            keep_alive,
+            clean_start: c.clean_start,
+            connected_at: std::time::SystemTime::now(),
+        });
         let conn_id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (kick_tx, kick_rx) = oneshot::channel();
         let (session, present) = attach_session(
@@ -713,15 +732,10 @@ where
             expiry,
             conn_id,
             kick_tx,
+            conn_info,
         );
         inner.persist_session(&session, true);
 
-        // Keep alive: v5 gets Server Keep Alive when we override [MQTT-3.2.2-21].
-        let server_keep_alive = (v5
-            && (c.keep_alive > cfg.max_keepalive
-                || (c.keep_alive == 0 && cfg.max_keepalive < u16::MAX)))
-            .then_some(cfg.max_keepalive);
-        let keep_alive = server_keep_alive.unwrap_or(c.keep_alive);
         // [MQTT-3.1.2-22]: 1.5 times the keep alive without a packet closes the connection.
         let keepalive =
             (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
@@ -764,7 +778,15 @@ where
             return None;
         }
         Stats::inc(&inner.stats.connections_total);
-        Stats::inc(&inner.stats.connections_current);
+        let open = inner
+            .stats
+            .connections_current
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        inner
+            .stats
+            .connections_maximum
+            .fetch_max(open, Ordering::Relaxed);
         info!(
             %peer, client_id = %client_id, protocol = version_name(v), clean_start = c.clean_start,
             keep_alive, session_present = present, "client connected"
@@ -796,6 +818,7 @@ where
             usize::from,
         );
         let mut conn = Connection {
+            cfg: cfg.clone(),
             rd,
             wr,
             rbuf,
@@ -833,7 +856,7 @@ where
                 generation: u64::MAX, // loaded on first use
                 ..AclCache::default()
             },
-            rate: PublishRate::new(&inner.cfg),
+            rate: PublishRate::new(&cfg),
             enhanced,
             reauth: None,
             memory_blocked: false,
@@ -881,7 +904,11 @@ where
                 r = async { self.kick.as_mut().expect("guarded by is_some").await }, if self.kick.is_some() => {
                     self.kick = None;
                     let reason = r.unwrap_or(ReasonCode::SessionTakenOver);
-                    return End::Server(reason, "session taken over [MQTT-3.1.4-3]");
+                    return End::Server(reason, if reason == ReasonCode::AdministrativeAction {
+                        "disconnected by an administrator"
+                    } else {
+                        "session taken over [MQTT-3.1.4-3]"
+                    });
                 }
                 _ = shutdown.changed() => {
                     return End::Server(ReasonCode::ServerShuttingDown, "server shutting down");
@@ -965,11 +992,7 @@ where
                 self.memory_blocked = true;
                 return None;
             }
-            match decode(
-                &mut self.rbuf,
-                self.version,
-                self.inner.cfg.message_size_limit,
-            ) {
+            match decode(&mut self.rbuf, self.version, self.cfg.message_size_limit) {
                 Ok(Some(p)) => {
                     if let Err(end) = self.handle(p) {
                         return Some(end);
@@ -1111,7 +1134,7 @@ where
 
     fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
         let v5 = self.version.is_v5();
-        let cfg = &self.inner.cfg;
+        let cfg = self.cfg.clone();
         if let Some(alias) = p.properties.topic_alias {
             if alias > cfg.topic_alias_maximum {
                 // [MQTT-3.3.2-9]: over our Topic Alias Maximum.
@@ -1165,7 +1188,7 @@ where
                 "retain not available [MQTT-3.2.2-13]",
             ));
         }
-        Stats::inc(&self.inner.stats.messages_received);
+        self.inner.stats.received(p.qos);
         let mut ticket = 0;
         if p.qos == QoS::ExactlyOnce {
             let mut st = self.session.lock();
@@ -1359,7 +1382,7 @@ where
 
     fn on_subscribe(&mut self, s: Subscribe) {
         let inner = self.inner.clone();
-        let cfg = &inner.cfg;
+        let cfg = inner.cfg();
         let now = Instant::now();
         let id = s.properties.subscription_identifier;
         let mut reasons = Vec::with_capacity(s.filters.len());
@@ -1520,8 +1543,7 @@ where
                 return Err(self
                     .protocol_error("session expiry raised from 0 on DISCONNECT [MQTT-3.14.2-2]"));
             }
-            self.session.lock().expiry_interval =
-                expiry.min(self.inner.cfg.max_session_expiry_interval);
+            self.session.lock().expiry_interval = expiry.min(self.cfg.max_session_expiry_interval);
         }
         Err(End::ClientDisconnect(d.reason))
     }
@@ -1604,7 +1626,7 @@ where
             ) {
                 Ok(()) => {
                     self.alias_sent(&out.msg.topic, alias);
-                    Stats::inc(&inner.stats.messages_sent);
+                    inner.stats.sent(out.qos);
                     if out.qos != QoS::AtMostOnce {
                         if persists {
                             ops.push(Op::Sent {
@@ -1726,7 +1748,7 @@ where
             )
             .is_ok()
             {
-                Stats::inc(&self.inner.stats.messages_sent);
+                self.inner.stats.sent(out.qos);
             }
         }
     }
@@ -1804,6 +1826,7 @@ fn attach_session(
     expiry: u32,
     conn_id: u64,
     kick: oneshot::Sender<ReasonCode>,
+    info: Arc<ConnInfo>,
 ) -> (Arc<Session>, bool) {
     let existing = inner
         .sessions
@@ -1823,6 +1846,8 @@ fn attach_session(
                 id: conn_id,
                 kick: Some(kick),
             });
+            st.info = Some(info);
+            st.disconnected_at = None;
             st.generation = conn_id;
             st.protocol = protocol;
             st.expiry_interval = expiry;
@@ -1848,6 +1873,7 @@ fn attach_session(
             id: conn_id,
             kick: Some(kick),
         });
+        st.info = Some(info);
         st.generation = conn_id;
     }
     session.online.store(true, Ordering::Relaxed);
@@ -1873,6 +1899,7 @@ fn detach(
     let still_mine = st.conn.as_ref().is_some_and(|c| c.id == conn_id);
     if still_mine {
         st.conn = None;
+        st.disconnected_at = Some(std::time::SystemTime::now());
         session.online.store(false, Ordering::Relaxed);
     }
     let ends_now = st.ended || (still_mine && st.expiry_interval == 0);

@@ -3,6 +3,7 @@
 //! crate never opens a socket, so it is tested over in-memory pipes as well as TCP.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 mod broker;
 pub mod config;

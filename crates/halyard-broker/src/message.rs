@@ -48,6 +48,8 @@ pub(crate) struct Message {
 #[derive(Debug, Default)]
 pub(crate) struct MemoryUse {
     pub(crate) bytes: std::sync::atomic::AtomicUsize,
+    /// Messages alive (for `$SYS/broker/store/messages/count` and the metrics).
+    pub(crate) messages: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Message {
@@ -55,6 +57,8 @@ impl Drop for Message {
         if let Some(a) = &self.account {
             a.bytes
                 .fetch_sub(self.cost(), std::sync::atomic::Ordering::Relaxed);
+            a.messages
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -114,6 +118,9 @@ impl Message {
         account
             .bytes
             .fetch_add(self.cost(), std::sync::atomic::Ordering::Relaxed);
+        account
+            .messages
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.account = Some(account.clone());
         self
     }

@@ -108,6 +108,24 @@ impl Retained {
         expired
     }
 
+    /// Removes a topic's message; false if there was none.
+    pub(crate) fn remove(&self, topic: &str) -> bool {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        match map.remove(topic) {
+            Some(old) => {
+                self.bytes
+                    .fetch_sub(old.payload.len(), std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Payload bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.map.read().unwrap_or_else(|e| e.into_inner()).len()
     }

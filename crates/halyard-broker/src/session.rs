@@ -68,6 +68,25 @@ pub(crate) struct ConnLink {
     pub(crate) kick: Option<oneshot::Sender<ReasonCode>>,
 }
 
+/// Who is (or was last) connected to a session, for the admin API and `$SYS`.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address (or transport name).
+    pub peer: Arc<str>,
+    /// The listener's URL.
+    pub listener: Arc<str>,
+    /// The authenticated user name, if any.
+    pub username: Option<Arc<str>>,
+    /// The protocol level spoken.
+    pub protocol: ProtocolVersion,
+    /// The keep alive in force (seconds; 0: none).
+    pub keep_alive: u16,
+    /// Clean start / clean session flag of the CONNECT.
+    pub clean_start: bool,
+    /// When the CONNACK was sent.
+    pub connected_at: std::time::SystemTime,
+}
+
 /// A will waiting for its delay (or for the session to end).
 #[derive(Debug)]
 pub(crate) struct PendingWill {
@@ -77,6 +96,10 @@ pub(crate) struct PendingWill {
 #[derive(Debug)]
 pub(crate) struct SessionState {
     pub(crate) conn: Option<ConnLink>,
+    /// The current or last connection; kept after it closes (admin API).
+    pub(crate) info: Option<Arc<ConnInfo>>,
+    /// When the last connection closed (None while connected or never connected).
+    pub(crate) disconnected_at: Option<std::time::SystemTime>,
     /// Id of the last connection attached; timers carry it to ignore stale events.
     pub(crate) generation: u64,
     pub(crate) protocol: ProtocolVersion,
@@ -140,6 +163,8 @@ impl Session {
             client_id,
             state: Mutex::new(SessionState {
                 conn: None,
+                info: None,
+                disconnected_at: None,
                 generation: 0,
                 protocol,
                 subscriptions: HashMap::new(),

@@ -26,6 +26,14 @@ counters! {
     connections_refused: "CONNECTs answered with a refusal.",
     messages_received: "PUBLISH packets received from clients.",
     messages_sent: "PUBLISH packets sent to clients.",
+    messages_received_qos0: "QoS 0 PUBLISH packets received.",
+    messages_received_qos1: "QoS 1 PUBLISH packets received.",
+    messages_received_qos2: "QoS 2 PUBLISH packets received.",
+    messages_sent_qos0: "QoS 0 PUBLISH packets sent.",
+    messages_sent_qos1: "QoS 1 PUBLISH packets sent.",
+    messages_sent_qos2: "QoS 2 PUBLISH packets sent.",
+    dropped_no_subscribers: "Messages routed to no subscriber.",
+    connections_maximum: "The most connections open at once since start; a gauge.",
     bytes_received: "Bytes read from clients.",
     bytes_sent: "Bytes written to clients.",
     dropped_queue_full: "Messages not queued because a session queue was full.",
@@ -48,6 +56,22 @@ counters! {
 }
 
 impl Stats {
+    pub(crate) fn received(&self, qos: halyard_codec::QoS) {
+        Self::inc(&self.messages_received);
+        Self::inc(match qos {
+            halyard_codec::QoS::AtMostOnce => &self.messages_received_qos0,
+            halyard_codec::QoS::AtLeastOnce => &self.messages_received_qos1,
+            halyard_codec::QoS::ExactlyOnce => &self.messages_received_qos2,
+        });
+    }
+    pub(crate) fn sent(&self, qos: halyard_codec::QoS) {
+        Self::inc(&self.messages_sent);
+        Self::inc(match qos {
+            halyard_codec::QoS::AtMostOnce => &self.messages_sent_qos0,
+            halyard_codec::QoS::AtLeastOnce => &self.messages_sent_qos1,
+            halyard_codec::QoS::ExactlyOnce => &self.messages_sent_qos2,
+        });
+    }
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }

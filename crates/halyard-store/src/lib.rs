@@ -280,6 +280,40 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Makes everything applied so far durable and stops background work (shutdown).
     fn flush(&self) {}
+    /// Writer counters for `$SYS` and the metrics (None: nothing is written).
+    fn metrics(&self) -> Option<StoreMetrics> {
+        None
+    }
+}
+
+/// Upper bounds (microseconds) of the fsync latency histogram's buckets; the last bucket
+/// (+Inf) is implicit.
+pub const SYNC_BUCKETS_MICROS: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// A snapshot of a store's writer counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreMetrics {
+    /// Group commits written.
+    pub commits: u64,
+    /// Ops written.
+    pub ops: u64,
+    /// Bytes appended to logs.
+    pub bytes_written: u64,
+    /// fsyncs done.
+    pub syncs: u64,
+    /// Total time in fsync, microseconds.
+    pub sync_micros: u64,
+    /// fsyncs per latency bucket (cumulative counts are built by the exporter), one more
+    /// entry than [`SYNC_BUCKETS_MICROS`] for +Inf.
+    pub sync_buckets: Vec<u64>,
+    /// Compactions done.
+    pub compactions: u64,
+    /// Bytes on disk now (log and snapshot).
+    pub disk_bytes: u64,
+    /// Batches waiting for the writer.
+    pub pending_batches: u64,
 }
 
 /// Keeps no state at all (`persistence = "off"` with nothing to recover).

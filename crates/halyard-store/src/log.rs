@@ -107,6 +107,12 @@ pub struct LogStats {
     pub sync_micros: AtomicU64,
     /// Compactions done.
     pub compactions: AtomicU64,
+    /// fsyncs done.
+    pub syncs: AtomicU64,
+    /// fsyncs per latency bucket (see `SYNC_BUCKETS_MICROS`; the last is +Inf).
+    pub sync_buckets: [AtomicU64; crate::SYNC_BUCKETS_MICROS.len() + 1],
+    /// Log and snapshot bytes on disk.
+    pub disk_bytes: AtomicU64,
 }
 
 struct Pending {
@@ -299,6 +305,10 @@ impl LogStore {
             durable,
             stats: LogStats::default(),
         });
+        shared
+            .stats
+            .disk_bytes
+            .store(wal_len + snapshot_len, Ordering::Relaxed);
         let mode = cfg.sync;
         let dir = cfg.dir.clone();
         let mut writer = Writer {
@@ -361,6 +371,28 @@ impl Store for LogStore {
             SyncMode::Interval(_) => 0, // acknowledged at once by design
             _ => seq,
         }
+    }
+
+    fn metrics(&self) -> Option<crate::StoreMetrics> {
+        let s = &self.shared.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Some(crate::StoreMetrics {
+            commits: l(&s.commits),
+            ops: l(&s.ops),
+            bytes_written: l(&s.bytes),
+            syncs: l(&s.syncs),
+            sync_micros: l(&s.sync_micros),
+            sync_buckets: s.sync_buckets.iter().map(l).collect(),
+            compactions: l(&s.compactions),
+            disk_bytes: l(&s.disk_bytes),
+            pending_batches: self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .batches
+                .len() as u64,
+        })
     }
 
     fn recover(&self) -> Recovered {
@@ -504,6 +536,10 @@ impl Writer {
         }
         self.wal.write_all(&self.buf)?;
         self.wal_len += self.buf.len() as u64;
+        self.shared
+            .stats
+            .disk_bytes
+            .store(self.wal_len + self.snapshot_len, Ordering::Relaxed);
         self.dirty = true;
         if !matches!(self.cfg.sync, SyncMode::Interval(_)) {
             self.sync()?;
@@ -523,10 +559,15 @@ impl Writer {
     fn sync(&mut self) -> io::Result<()> {
         let t = Instant::now();
         self.wal.sync_data()?;
-        self.shared
-            .stats
-            .sync_micros
-            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let micros = t.elapsed().as_micros() as u64;
+        let stats = &self.shared.stats;
+        stats.sync_micros.fetch_add(micros, Ordering::Relaxed);
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        let bucket = crate::SYNC_BUCKETS_MICROS
+            .iter()
+            .position(|&b| micros <= b)
+            .unwrap_or(crate::SYNC_BUCKETS_MICROS.len());
+        stats.sync_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         self.last_sync = Instant::now();
         self.dirty = false;
         Ok(())
@@ -567,6 +608,10 @@ impl Writer {
         self.generation = next;
         self.wal_len = 0;
         self.snapshot_len = written;
+        self.shared
+            .stats
+            .disk_bytes
+            .store(written, Ordering::Relaxed);
         let _ = fs::remove_file(wal_path(&dir, old));
         let _ = fs::remove_file(snapshot_path(&dir, old));
         let _ = sync_dir(&dir);

@@ -1,0 +1,444 @@
+//! The admin HTTP listener: Prometheus metrics (`/metrics`), the REST API (`/api/v1`, JSON,
+//! API keys over HTTP Basic), Server-Sent Events (monitor events, topic tap) and the web
+//! dashboard (`/`, one static page, no build step).
+//!
+//! HTTP/1.1 by hyper (a well-kept server made for the job; HTTP is not our core
+//! competence). One task per admin connection; handlers only take the broker's short
+//! introspection locks (see `halyard_broker::admin`), so the admin API cannot stall
+//! message flow. Request bodies are limited to [`MAX_BODY_BYTES`], header reading to
+//! [`HEADER_TIMEOUT`], admin connections to [`MAX_CONNECTIONS`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode, header};
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{debug, info, warn};
+
+use crate::server::Server;
+
+mod api;
+pub(crate) mod keys;
+pub(crate) mod metrics;
+pub(crate) mod sys;
+
+/// Largest request body accepted (a publish with a big payload fits).
+pub(crate) const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Time a client has to send its request headers.
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections served at once (dashboards, scrapers, scripts).
+pub(crate) const MAX_CONNECTIONS: usize = 256;
+
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
+
+/// The admin routes: method and path pattern. `{x}` matches one path segment
+/// (percent-decoded); a trailing `{topic}` matches the rest of the path. The router
+/// dispatches from this table and a test checks it against the OpenAPI document.
+pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/api/v1/stats"),
+    ("GET", "/api/v1/clients"),
+    ("GET", "/api/v1/clients/{client_id}"),
+    ("DELETE", "/api/v1/clients/{client_id}"),
+    ("GET", "/api/v1/subscriptions"),
+    ("GET", "/api/v1/retained"),
+    ("GET", "/api/v1/retained/{topic}"),
+    ("DELETE", "/api/v1/retained/{topic}"),
+    ("GET", "/api/v1/listeners"),
+    ("POST", "/api/v1/listeners/{name}/stop"),
+    ("POST", "/api/v1/listeners/{name}/start"),
+    ("POST", "/api/v1/publish"),
+    ("POST", "/api/v1/reload"),
+    ("GET", "/api/v1/events"),
+    ("GET", "/api/v1/tap"),
+    ("GET", "/api/v1/openapi.json"),
+];
+
+/// The OpenAPI document served at `/api/v1/openapi.json`.
+pub(crate) const OPENAPI: &str = include_str!("openapi.json");
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Where the admin listener runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdminAddr(pub(crate) SocketAddr);
+
+impl std::fmt::Display for AdminAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}", self.0)
+    }
+}
+
+pub(crate) struct State {
+    pub(crate) server: Arc<Server>,
+    pub(crate) keys: keys::KeyCache,
+}
+
+/// Binds the admin listener and serves it until broker shutdown.
+pub(crate) async fn start(server: Arc<Server>) -> Result<AdminAddr, String> {
+    let cfg = server.config();
+    let addr = cfg.admin_addr()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on admin {}: {e}", cfg.admin.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let state = Arc::new(State {
+        keys: keys::KeyCache::new(cfg.api_keys_path()),
+        server,
+    });
+    if state.keys.is_empty() {
+        warn!(
+            file = %cfg.api_keys_path().display(),
+            "no admin API keys: /api/v1 refuses every request until one is made with `halyard apikey create NAME`"
+        );
+    }
+    let mut shutdown = state.server.broker.shutdown_signal();
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown_begins(&mut shutdown) => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: pause instead of spinning.
+                        debug!(error = %e, "admin accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                debug!(%peer, "admin connection limit reached");
+                continue; // dropped: closes the socket
+            };
+            let _ = stream.set_nodelay(true);
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(state, req, peer).await) }
+                });
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(64 * 1024);
+                if let Err(e) = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await
+                {
+                    debug!(%peer, error = %e, "admin connection ended");
+                }
+                drop(permit);
+            });
+        }
+    });
+    info!(url = %AdminAddr(local), "admin API, metrics and dashboard listening");
+    Ok(AdminAddr(local))
+}
+
+/// Resolves once graceful shutdown has begun (the guard `wait_for` returns is not `Send`).
+pub(crate) async fn shutdown_begins(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|&v| v).await;
+}
+
+/// An API error: HTTP status, a stable code, a message for people.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+    }
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+    }
+}
+
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+fn error_response(e: &ApiError, ui: bool) -> Response<Body> {
+    let mut r = json_response(e.status, &json!({"code": e.code, "message": e.message}));
+    // Browsers prompt for credentials on this header; the dashboard has its own form.
+    if e.status == StatusCode::UNAUTHORIZED && !ui {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"halyard\""),
+        );
+    }
+    r
+}
+
+fn text_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Full::new(body.into()).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let ui = req.headers().contains_key("x-halyard-ui");
+    let method = req.method().clone();
+    let r = match (method.as_str(), path.as_str()) {
+        ("GET", "/" | "/index.html") => Ok(text_response(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            DASHBOARD,
+        )),
+        ("GET", "/healthz") => Ok(text_response(StatusCode::OK, "text/plain", "ok\n")),
+        ("GET", "/metrics") => {
+            if state.server.config().admin.metrics_auth {
+                if let Err(e) = state.keys.check(req.headers()).await {
+                    return error_response(&e, ui);
+                }
+            }
+            Ok(text_response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(&state.server).await,
+            ))
+        }
+        (_, p) if p.starts_with("/api/v1/") => route(&state, req, peer).await,
+        _ => Err(ApiError::not_found(format!("no such page: {path}"))),
+    };
+    r.unwrap_or_else(|e| {
+        if e.status.is_server_error() {
+            warn!(%peer, %method, path, code = e.code, message = %e.message, "admin request failed");
+        }
+        error_response(&e, ui)
+    })
+}
+
+/// Matches `path` against a route pattern; returns the decoded parameters.
+pub(crate) fn match_route(pattern: &str, path: &str) -> Option<Vec<String>> {
+    let pat: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut params = Vec::new();
+    for (i, p) in pat.iter().enumerate() {
+        if *p == "{topic}" && i == pat.len() - 1 {
+            // The rest of the path: a topic's levels.
+            let rest = segs.get(i..)?;
+            let decoded: Option<Vec<String>> = rest.iter().map(|s| percent_decode(s)).collect();
+            params.push(decoded?.join("/"));
+            return Some(params);
+        }
+        let s = segs.get(i)?;
+        if p.starts_with('{') {
+            if s.is_empty() {
+                return None;
+            }
+            params.push(percent_decode(s)?);
+        } else if p != s {
+            return None;
+        }
+    }
+    (segs.len() == pat.len()).then_some(params)
+}
+
+/// `%XX` decoding; None for bad escapes or non-UTF-8 results.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Query string parameters (`+` is a space, `%XX` decoded).
+pub(crate) fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Some((
+                percent_decode(&k.replace('+', " "))?,
+                percent_decode(&v.replace('+', " "))?,
+            ))
+        })
+        .collect()
+}
+
+async fn route(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let mut allowed = Vec::new();
+    for (m, pattern) in ROUTES {
+        let Some(params) = match_route(pattern, &path) else {
+            continue;
+        };
+        if *m != method.as_str() {
+            allowed.push(*m);
+            continue;
+        }
+        if *pattern != "/api/v1/openapi.json" {
+            let key = state.keys.check(req.headers()).await?;
+            if method != Method::GET {
+                info!(%peer, key, %method, path, "admin API call");
+            }
+        }
+        return api::dispatch(state, pattern, params, req).await;
+    }
+    if allowed.is_empty() {
+        Err(ApiError::not_found(format!("no such endpoint: {path}")))
+    } else {
+        Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            format!("{path} allows {}", allowed.join(", ")),
+        ))
+    }
+}
+
+/// Reads a JSON request body (at most [`MAX_BODY_BYTES`]).
+pub(crate) async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "BAD_REQUEST",
+                format!("request body: {e} (limit {MAX_BODY_BYTES} bytes)"),
+            )
+        })?
+        .to_bytes();
+    if body.is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))
+}
+
+/// A streamed body fed by a channel (Server-Sent Events).
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A `text/event-stream` response and the sender that feeds it. The stream ends when the
+/// sender is dropped; a send fails once the client has gone.
+pub(crate) fn sse() -> (mpsc::Sender<Bytes>, Response<Body>) {
+    let (tx, rx) = mpsc::channel(64);
+    let resp = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(BodyExt::boxed(ChannelBody { rx }))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()));
+    (tx, resp)
+}
+
+/// One SSE event.
+pub(crate) fn sse_event(event: &str, data: &Value) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_with_decoded_params() {
+        assert_eq!(
+            match_route("/api/v1/clients/{client_id}", "/api/v1/clients/a%2Fb"),
+            Some(vec!["a/b".to_string()])
+        );
+        assert_eq!(
+            match_route("/api/v1/retained/{topic}", "/api/v1/retained/a/b/%23x"),
+            Some(vec!["a/b/#x".to_string()])
+        );
+        assert_eq!(
+            match_route("/api/v1/clients/{client_id}", "/api/v1/clients/"),
+            None
+        );
+        assert_eq!(match_route("/api/v1/stats", "/api/v1/stats/x"), None);
+        assert_eq!(
+            match_route(
+                "/api/v1/listeners/{name}/stop",
+                "/api/v1/listeners/tcp%3A%2F%2F127.0.0.1%3A1883/stop"
+            ),
+            Some(vec!["tcp://127.0.0.1:1883".to_string()])
+        );
+        assert_eq!(percent_decode("%zz"), None);
+    }
+
+    /// The OpenAPI document lists exactly the routes the router serves.
+    #[test]
+    fn openapi_document_matches_the_routes() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+        let mut documented = Vec::new();
+        for (path, ops) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in ops.as_object().expect("operations") {
+                assert!(op["responses"].is_object(), "{method} {path} has responses");
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        let mut routed: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        routed.sort();
+        assert_eq!(documented, routed);
+    }
+}
