@@ -245,11 +245,12 @@ async fn run(cfg: Config, source: server::ConfigSource, log_reload: server::LogR
         return ExitCode::FAILURE;
     }
     let admin = if cfg.admin.enabled {
+        // The admin listener is secondary: MQTT service goes on without it (loudly).
         match admin::start(server.clone()).await {
             Ok(a) => Some(a),
             Err(e) => {
-                error!("{e}");
-                return ExitCode::FAILURE;
+                error!("admin API, metrics and dashboard are off: {e}");
+                None
             }
         }
     } else {

@@ -113,7 +113,7 @@ pub struct Gauges {
     pub sessions_connected: usize,
     /// Subscriptions in the index.
     pub subscriptions: usize,
-    /// Retained messages held.
+    /// Retained messages held, not counting the broker's own `$SYS` ones.
     pub retained: usize,
     /// Payload bytes of retained messages.
     pub retained_bytes: usize,
@@ -137,7 +137,7 @@ pub struct Tap {
 #[derive(Debug)]
 pub enum Tapped {
     /// A message.
-    Message(MessageInfo),
+    Message(Box<MessageInfo>),
     /// The tap fell behind and this many messages were skipped.
     Skipped(u64),
     /// The broker stopped.
@@ -150,7 +150,7 @@ impl Tap {
         loop {
             match self.rx.recv().await {
                 Ok(m) if filter.matches(m.topic.as_str()) => {
-                    return Tapped::Message(MessageInfo::of(&m, Instant::now()));
+                    return Tapped::Message(Box::new(MessageInfo::of(&m, Instant::now())));
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => return Tapped::Skipped(n),
@@ -377,7 +377,10 @@ impl Broker {
         let inner = self.inner();
         let mut g = Gauges {
             subscriptions: inner.subs.len(),
-            retained: inner.retained.len(),
+            retained: inner
+                .retained
+                .len()
+                .saturating_sub(inner.retained.dollar_len()),
             retained_bytes: inner.retained.bytes(),
             messages_alive: inner.memory.messages.load(Ordering::Relaxed),
             ..Gauges::default()

@@ -185,11 +185,21 @@ impl Broker {
             return; // shutting down: drop the stream
         };
         let inner = self.inner.clone();
-        let peer = peer.into();
-        tokio::spawn(async move {
-            crate::connection::serve(inner, stream, peer).await;
-            drop(guard);
-        });
+        let peer: PeerInfo = peer.into();
+        // Every log line of this connection carries its peer and, once CONNECT is
+        // accepted, its client id (JSON logs show them as span fields).
+        let span = tracing::info_span!(
+            "conn",
+            peer = %peer,
+            client_id = tracing::field::Empty
+        );
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                crate::connection::serve(inner, stream, peer).await;
+                drop(guard);
+            },
+            span,
+        ));
     }
 
     /// Replaces the authentication and authorization settings (a reload). Connections

@@ -697,6 +697,7 @@ where
         } else {
             c.client_id.as_str().into()
         };
+        tracing::Span::current().record("client_id", &*client_id);
         let requested_expiry = if v5 {
             c.properties.session_expiry_interval.unwrap_or(0)
         } else if c.clean_start {
@@ -731,8 +732,7 @@ where
             v,
             expiry,
             conn_id,
-            kick_tx,
-            conn_info,
+            (kick_tx, conn_info),
         );
         inner.persist_session(&session, true);
 
@@ -1825,8 +1825,7 @@ fn attach_session(
     protocol: ProtocolVersion,
     expiry: u32,
     conn_id: u64,
-    kick: oneshot::Sender<ReasonCode>,
-    info: Arc<ConnInfo>,
+    (kick, info): (oneshot::Sender<ReasonCode>, Arc<ConnInfo>),
 ) -> (Arc<Session>, bool) {
     let existing = inner
         .sessions

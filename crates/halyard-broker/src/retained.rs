@@ -18,6 +18,9 @@ pub(crate) struct Retained {
     map: RwLock<HashMap<Box<str>, Arc<Message>>>,
     /// Payload bytes held (under the map's lock; read without it for limits).
     bytes: std::sync::atomic::AtomicUsize,
+    /// How many of the topics start with `$` (the broker's `$SYS` state), so operators
+    /// can be shown their own count.
+    dollar: std::sync::atomic::AtomicUsize,
 }
 
 /// What `Retained::set` did.
@@ -44,6 +47,7 @@ impl Retained {
         if msg.payload.is_empty() {
             if let Some(old) = map.remove(msg.topic.as_str()) {
                 self.bytes.fetch_sub(old.payload.len(), Relaxed);
+                self.count_dollar(msg.topic.as_str(), false);
             }
             return SetOutcome::Done;
         }
@@ -57,7 +61,9 @@ impl Retained {
         {
             return SetOutcome::OverLimit;
         }
-        map.insert(msg.topic.as_str().into(), msg.clone());
+        if map.insert(msg.topic.as_str().into(), msg.clone()).is_none() {
+            self.count_dollar(msg.topic.as_str(), true);
+        }
         self.bytes.store(bytes_after, Relaxed);
         SetOutcome::Done
     }
@@ -66,9 +72,12 @@ impl Retained {
     pub(crate) fn restore(&self, msg: Arc<Message>) {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         let len = msg.payload.len();
+        let topic = msg.topic.clone();
         if let Some(old) = map.insert(msg.topic.as_str().into(), msg) {
             self.bytes
                 .fetch_sub(old.payload.len(), std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.count_dollar(topic.as_str(), true);
         }
         self.bytes
             .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
@@ -103,6 +112,7 @@ impl Retained {
             if let Some(old) = map.remove(t.as_str()) {
                 self.bytes
                     .fetch_sub(old.payload.len(), std::sync::atomic::Ordering::Relaxed);
+                self.count_dollar(t, false);
             }
         }
         expired
@@ -115,10 +125,27 @@ impl Retained {
             Some(old) => {
                 self.bytes
                     .fetch_sub(old.payload.len(), std::sync::atomic::Ordering::Relaxed);
+                self.count_dollar(topic, false);
                 true
             }
             None => false,
         }
+    }
+
+    fn count_dollar(&self, topic: &str, added: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if topic.starts_with('$') {
+            if added {
+                self.dollar.fetch_add(1, Relaxed);
+            } else {
+                self.dollar.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
+    /// Topics held whose names start with `$`.
+    pub(crate) fn dollar_len(&self) -> usize {
+        self.dollar.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Payload bytes held.

@@ -142,10 +142,13 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// A file's length and modification time: it changed when they did.
+type Stamp = Option<(u64, SystemTime)>;
+
 /// The keys file, re-read when it changes (checked on each request by its stamp).
 pub(crate) struct KeyCache {
     path: PathBuf,
-    state: Mutex<(Option<(u64, SystemTime)>, Option<PasswordFile>)>,
+    state: Mutex<(Stamp, Option<PasswordFile>)>,
 }
 
 impl KeyCache {

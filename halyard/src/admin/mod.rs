@@ -220,10 +220,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> 
         )),
         ("GET", "/healthz") => Ok(text_response(StatusCode::OK, "text/plain", "ok\n")),
         ("GET", "/metrics") => {
-            if state.server.config().admin.metrics_auth {
-                if let Err(e) = state.keys.check(req.headers()).await {
-                    return error_response(&e, ui);
-                }
+            if state.server.config().admin.metrics_auth
+                && let Err(e) = state.keys.check(req.headers()).await
+            {
+                return error_response(&e, ui);
             }
             Ok(text_response(
                 StatusCode::OK,

@@ -177,7 +177,7 @@ pub fn start_halyard_in(dir: PathBuf, port: u16, auth_port: u16) -> BrokerProc {
     std::fs::write(
         &conf,
         format!(
-            "listen = []\ndata_dir = \"{}\"\npassword_file = \"{}\"\nlog_level = \"warn\"\n\n[[listener]]\nurl = \"tcp://127.0.0.1:{port}\"\nallow_anonymous = true\n\n[[listener]]\nurl = \"tcp://127.0.0.1:{auth_port}\"\nallow_anonymous = false\n",
+            "listen = []\ndata_dir = \"{}\"\npassword_file = \"{}\"\nlog_level = \"warn\"\n\n[[listener]]\nurl = \"tcp://127.0.0.1:{port}\"\nallow_anonymous = true\n\n[[listener]]\nurl = \"tcp://127.0.0.1:{auth_port}\"\nallow_anonymous = false\n\n[admin]\nenabled = false\n",
             dir.join("data").display(),
             pw.display()
         ),
