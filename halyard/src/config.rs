@@ -462,6 +462,18 @@ fn key_at(text: &str, at: usize) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// The configuration shipped in the Docker image loads.
+    #[test]
+    fn docker_config_parses() {
+        let c = Config::parse(
+            include_str!("../../contrib/halyard-docker.toml"),
+            "halyard-docker.toml",
+        )
+        .unwrap();
+        assert_eq!(c.admin_addr().unwrap().port(), 18083);
+        assert_eq!(c.log_format, "json");
+    }
+
     #[test]
     fn default_file_matches_built_in_defaults() {
         assert_eq!(
