@@ -758,3 +758,46 @@ fn sd_notify_readiness_and_json_logs_with_connection_spans() {
             .starts_with("127.0.0.1:")
     );
 }
+
+/// Lowering `max_connections` by reload closes nobody, refuses new clients while more than
+/// the new limit are open, and admits them again once enough have left.
+#[test]
+fn reload_lowering_max_connections_refuses_new_clients_until_below() {
+    let h = start("admin-maxconn", "", &[]);
+    let (a, k) = (h.admin, h.key.as_str());
+    let mut subs: Vec<Child> = (0..2)
+        .map(|i| mosquitto_sub(h.mqtt, &format!("held-{i}"), "h/#", i == 1))
+        .collect();
+    wait_until("two subscribers", || {
+        json(a, "GET", "/api/v1/clients?connected=true", k, None).1["meta"]["count"] == 2
+    });
+    std::fs::write(
+        &h.conf,
+        config(&h.dir, &[h.mqtt], a, "max_connections = 1\n"),
+    )
+    .unwrap();
+    let (st, r) = json(a, "POST", "/api/v1/reload", k, None);
+    assert_eq!(st, 200, "{r}");
+    let port = h.mqtt.to_string();
+    let (_, err, code) = run(
+        "mosquitto_pub",
+        &["-p", &port, "-t", "h/x", "-m", "refused"],
+    );
+    assert_ne!(code, 0, "over the lowered limit: {err}");
+    assert_eq!(
+        json(a, "GET", "/api/v1/clients?connected=true", k, None).1["meta"]["count"],
+        2,
+        "nobody was disconnected"
+    );
+    for mut s in subs.drain(..) {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    wait_until("a client admitted again", || {
+        run(
+            "mosquitto_pub",
+            &["-p", &port, "-t", "h/x", "-m", "admitted"],
+        )
+        .2 == 0
+    });
+}

@@ -298,9 +298,20 @@ impl Inner {
         if now > was {
             self.permits.add_permits(now - was);
         } else if was > now {
-            // Permits held by open connections come back later and are then forgotten
-            // here on the next reload at the latest; open connections are never closed.
-            self.permits.forget_permits(was - now);
+            // Open connections are never closed by a lower limit. Free permits are dropped
+            // now; the rest are taken (and dropped) as connections close: until then the
+            // waiting acquire is served first, so new connections are refused while more
+            // than the new limit are open.
+            let rest = (was - now) - self.permits.forget_permits(was - now);
+            if rest > 0 {
+                let permits = self.permits.clone();
+                tokio::spawn(async move {
+                    let n = u32::try_from(rest).unwrap_or(u32::MAX);
+                    if let Ok(p) = permits.acquire_many_owned(n).await {
+                        p.forget();
+                    }
+                });
+            }
         }
     }
 

@@ -14,7 +14,11 @@ macro_rules! counters {
 
         impl Stats {
             pub(crate) fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $($name: self.$name.load(Relaxed),)* }
+                let mut s = StatsSnapshot { $($name: self.$name.load(Relaxed),)* };
+                s.messages_received =
+                    s.messages_received_qos0 + s.messages_received_qos1 + s.messages_received_qos2;
+                s.messages_sent = s.messages_sent_qos0 + s.messages_sent_qos1 + s.messages_sent_qos2;
+                s
             }
         }
     };
@@ -24,8 +28,8 @@ counters! {
     connections_current: "Connections past CONNECT and not yet closed.",
     connections_total: "Connections accepted (CONNACK success) since start.",
     connections_refused: "CONNECTs answered with a refusal.",
-    messages_received: "PUBLISH packets received from clients.",
-    messages_sent: "PUBLISH packets sent to clients.",
+    messages_received: "PUBLISH packets received from clients (the sum of the QoS counters).",
+    messages_sent: "PUBLISH packets sent to clients (the sum of the QoS counters).",
     messages_received_qos0: "QoS 0 PUBLISH packets received.",
     messages_received_qos1: "QoS 1 PUBLISH packets received.",
     messages_received_qos2: "QoS 2 PUBLISH packets received.",
@@ -56,8 +60,9 @@ counters! {
 }
 
 impl Stats {
+    // One shared counter per message and direction (the totals are summed when read): each
+    // is a contended cache line between cores.
     pub(crate) fn received(&self, qos: halyard_codec::QoS) {
-        Self::inc(&self.messages_received);
         Self::inc(match qos {
             halyard_codec::QoS::AtMostOnce => &self.messages_received_qos0,
             halyard_codec::QoS::AtLeastOnce => &self.messages_received_qos1,
@@ -65,7 +70,6 @@ impl Stats {
         });
     }
     pub(crate) fn sent(&self, qos: halyard_codec::QoS) {
-        Self::inc(&self.messages_sent);
         Self::inc(match qos {
             halyard_codec::QoS::AtMostOnce => &self.messages_sent_qos0,
             halyard_codec::QoS::AtLeastOnce => &self.messages_sent_qos1,
