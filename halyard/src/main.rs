@@ -17,6 +17,12 @@ mod tools;
 
 use config::{Config, DEFAULT_TOML};
 
+/// mimalloc instead of glibc malloc: the per-message path allocates from several threads
+/// (connection tasks, the store writer), and glibc's arena locks and consolidation showed up
+/// as ~20% of broker CPU in `perf` (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "halyard", version, about = "Halyard MQTT broker and tools")]
 struct Cli {
