@@ -153,7 +153,7 @@ def run_one(kind, scenario, halyard, secs):
         # the limit.
         g0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         args = [halyard, "bench"] + SCENARIOS[scenario][1] + [
-            "-p", str(port), "-V", "311", "-d", str(secs), "--json"]
+            "-p", str(port), "-V", "311", "-d", str(secs), "-k", "60", "--json"]
         if scenario == "conn":
             # Sample RSS while the connections are held.
             b = subprocess.Popen(["taskset", "-c", "1"] + args, stdout=subprocess.PIPE,

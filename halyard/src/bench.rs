@@ -95,6 +95,9 @@ struct ConnArgs {
 struct PubSubArgs {
     #[command(flatten)]
     common: Common,
+    /// Keep alive in seconds sent in CONNECT (0: none; some brokers, e.g. rumqttd, refuse 0).
+    #[arg(long, short = 'k', default_value_t = 0)]
+    keepalive: u16,
     /// Publishers.
     #[arg(long, default_value_t = 16)]
     pubs: usize,
@@ -469,7 +472,13 @@ async fn pubsub(a: &PubSubArgs, with_pubs: bool, with_subs: bool) -> std::io::Re
     // Subscribers first, each subscribed before anything is published.
     let mut sub_tasks = Vec::new();
     for (j, f) in filters.iter().enumerate() {
-        let mut conn = Conn::open(c, &format!("bench-{tag}-sub-{j}"), a.persistent, 0).await?;
+        let mut conn = Conn::open(
+            c,
+            &format!("bench-{tag}-sub-{j}"),
+            a.persistent,
+            a.keepalive,
+        )
+        .await?;
         conn.send(&Packet::Subscribe(Subscribe {
             packet_id: 1,
             filters: vec![(
@@ -512,7 +521,7 @@ async fn pubsub(a: &PubSubArgs, with_pubs: bool, with_subs: bool) -> std::io::Re
     });
     let mut pub_tasks = Vec::new();
     for (i, topic) in topics.iter().enumerate().take(npubs) {
-        let conn = Conn::open(c, &format!("bench-{tag}-pub-{i}"), false, 0).await?;
+        let conn = Conn::open(c, &format!("bench-{tag}-pub-{i}"), false, a.keepalive).await?;
         let (pubs, stop, topic) = (pubs.clone(), stop.clone(), topic.clone());
         let (size, window, rate, e2e) = (a.size, a.window.max(1), a.rate, with_subs);
         pub_tasks.push(tokio::spawn(async move {
@@ -633,7 +642,15 @@ async fn publisher(
 ) -> std::io::Result<()> {
     let me = &pubs[i];
     // Never more unacknowledged than the broker allows [MQTT-3.3.4-9].
-    let ack_window = window.min(usize::from(c.receive_maximum.unwrap_or(u16::MAX)));
+    // MQTT 3.x has no Receive Maximum: stay within what brokers allow by default
+    // (Mosquitto's and our max_inflight_messages, 20), as client libraries do; past it a
+    // broker may refuse or drop QoS 2 messages.
+    let v3_limit = halyard_client::DEFAULT_V3_MAX_INFLIGHT;
+    let ack_window = window.min(usize::from(c.receive_maximum.unwrap_or(if c.v.is_v5() {
+        u16::MAX
+    } else {
+        v3_limit
+    })));
     let mut payload = vec![0u8; size];
     payload[..2].copy_from_slice(&MAGIC);
     payload[2..6].copy_from_slice(&(i as u32).to_be_bytes());
