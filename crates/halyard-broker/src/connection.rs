@@ -316,13 +316,6 @@ struct Connection<S> {
     pending_acks: VecDeque<(u64, Packet)>,
     /// The queue's head is a recorded delivery whose store batch is not durable yet.
     blocked_on_durable: bool,
-    /// `(n, ticket)`: only the first `n` bytes of `wbuf` may be written until `ticket` is
-    /// durable. Set when a QoS 2 PUBLISH to a stored session is buffered: its packet id
-    /// (the `Sent` record) must survive a crash before the client can see it, or a restart
-    /// would resend the message under a new packet id and the client, which dedupes QoS 2
-    /// by packet id [MQTT-4.3.3-9], would deliver it twice. Everything buffered after it
-    /// waits too, so order is kept.
-    hold: Option<(usize, u64)>,
     /// `finish` ran; if not, the task is unwinding from a panic (see `Drop`).
     finished: bool,
     /// Who this client is, for topic access checks.
@@ -854,7 +847,6 @@ where
             durable: inner.store.durable(),
             pending_acks: VecDeque::new(),
             blocked_on_durable: false,
-            hold: None,
             finished: false,
             identity: Identity {
                 client_id,
@@ -900,8 +892,7 @@ where
                 self.last_rx = now;
             }
             let deadline = self.keepalive.map(|k| self.last_rx + k);
-            let writable = self.writable_len();
-            let want_write = writable > 0;
+            let want_write = !self.wbuf.is_empty();
             // Stop reading while our replies to this client pile up unread: its own
             // input is then paused instead of our buffer growing.
             let can_read = self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES
@@ -922,16 +913,12 @@ where
                 _ = shutdown.changed() => {
                     return End::Server(ReasonCode::ServerShuttingDown, "server shutting down");
                 }
-                r = self.wr.write(&self.wbuf[..writable]), if want_write => {
+                r = self.wr.write_buf(&mut self.wbuf), if want_write => {
                     match r {
                         Ok(0) | Err(_) => return End::Closed("write failed"),
                         Ok(n) => {
-                            bytes::Buf::advance(&mut self.wbuf, n);
-                            if let Some((held_from, _)) = &mut self.hold {
-                                *held_from -= n;
-                            }
                             Stats::add(&self.inner.stats.bytes_sent, n as u64);
-                            if n == writable && self.wr.flush().await.is_err() {
+                            if self.wbuf.is_empty() && self.wr.flush().await.is_err() {
                                 return End::Closed("flush failed");
                             }
                         }
@@ -952,12 +939,11 @@ where
                 }
                 r = async { self.durable.as_mut().expect("guarded").changed().await },
                     if self.durable.is_some()
-                        && (!self.pending_acks.is_empty() || self.blocked_on_durable || self.hold.is_some()) => {
+                        && (!self.pending_acks.is_empty() || self.blocked_on_durable) => {
                     if r.is_err() {
                         // The store stopped (shutdown): nothing more becomes durable.
                         self.durable = None;
                         self.pending_acks.clear();
-                        // Nothing held may go out now: the close path drops it.
                     } else {
                         self.release_acks();
                     }
@@ -1575,8 +1561,6 @@ where
         // Read once per fill: the watch borrow is not free, and a ticket that becomes
         // durable meanwhile wakes the loop again.
         let durable = inner.durable_now(self.durable.as_ref());
-        // Where the first QoS 2 PUBLISH to a stored session starts in `wbuf` (see `hold`).
-        let mut hold_from = None;
         while self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
             let Some(front) = st.queue.front() else { break };
             // [MQTT-3.3.2-5]: expired before onward delivery started. Read rights are
@@ -1624,7 +1608,6 @@ where
                 st.alloc_packet_id()
             };
             let alias = self.outbound_alias(&out.msg.topic);
-            let start = self.wbuf.len();
             let d = Delivery {
                 qos: out.qos,
                 retain: out.retain,
@@ -1651,9 +1634,6 @@ where
                                 message_id: out.msg.id,
                                 packet_id,
                             });
-                            if out.qos == QoS::ExactlyOnce && self.durable.is_some() {
-                                hold_from.get_or_insert(start);
-                            }
                         }
                         let state = if out.qos == QoS::AtLeastOnce {
                             Awaiting::Ack
@@ -1679,26 +1659,7 @@ where
             }
         }
         if !ops.is_empty() {
-            let ticket = inner.store.apply(ops);
-            if let Some(from) = hold_from {
-                self.hold = Some(match self.hold {
-                    Some((held_from, t)) => (held_from, t.max(ticket)),
-                    None => (from, ticket),
-                });
-            }
-        }
-    }
-
-    /// How much of `wbuf` may be written now (see `hold`).
-    fn writable_len(&mut self) -> usize {
-        match self.hold {
-            Some((held_from, ticket)) if self.inner.durable_now(self.durable.as_ref()) < ticket => {
-                held_from
-            }
-            _ => {
-                self.hold = None;
-                self.wbuf.len()
-            }
+            inner.store.apply(ops);
         }
     }
 
@@ -1794,12 +1755,6 @@ where
 
     async fn finish(mut self, end: End) {
         let v5 = self.version.is_v5();
-        // QoS 2 PUBLISHes whose packet ids are not durable are not sent: the session keeps
-        // them in flight and resends them (same ids, DUP) on the next connection.
-        if self.hold.is_some() {
-            let writable = self.writable_len();
-            self.wbuf.truncate(writable);
-        }
         // Tell a v5 client why we close [MQTT-4.13.2-1]; 3.x just gets the close.
         if let End::Server(reason, why) = &end
             && v5
