@@ -193,22 +193,7 @@ impl Broker {
             .inner()
             .sessions_snapshot()
             .into_iter()
-            .map(|s| {
-                let st = s.lock();
-                ClientInfo {
-                    client_id: s.client_id.clone(),
-                    connected: st.conn.is_some(),
-                    conn: st.info.clone(),
-                    disconnected_at: st.disconnected_at,
-                    protocol: st.protocol,
-                    expiry_interval: st.expiry_interval,
-                    subscriptions: st.subscriptions.len(),
-                    queued: st.queue.len(),
-                    inflight: st.inflight.len(),
-                    inbound_qos2: st.inbound_qos2.len(),
-                    will_pending: st.pending_will.is_some(),
-                }
-            })
+            .map(|s| client_info(&s.client_id, &s.lock()))
             .collect();
         out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         out
@@ -218,19 +203,7 @@ impl Broker {
     pub fn client(&self, client_id: &str) -> Option<(ClientInfo, Vec<SubscriptionInfo>)> {
         let s = self.inner().session(client_id)?;
         let st = s.lock();
-        let info = ClientInfo {
-            client_id: s.client_id.clone(),
-            connected: st.conn.is_some(),
-            conn: st.info.clone(),
-            disconnected_at: st.disconnected_at,
-            protocol: st.protocol,
-            expiry_interval: st.expiry_interval,
-            subscriptions: st.subscriptions.len(),
-            queued: st.queue.len(),
-            inflight: st.inflight.len(),
-            inbound_qos2: st.inbound_qos2.len(),
-            will_pending: st.pending_will.is_some(),
-        };
+        let info = client_info(&s.client_id, &st);
         let mut subs = subscriptions_of(&s.client_id, &st);
         subs.sort_by(|a, b| a.filter.cmp(&b.filter));
         Some((info, subs))
@@ -406,6 +379,22 @@ impl Broker {
     /// max_connections) apply at once, new connections get everything.
     pub fn set_config(&self, cfg: BrokerConfig) {
         self.inner().replace_config(cfg);
+    }
+}
+
+fn client_info(client_id: &Arc<str>, st: &crate::session::SessionState) -> ClientInfo {
+    ClientInfo {
+        client_id: client_id.clone(),
+        connected: st.conn.is_some(),
+        conn: st.info.clone(),
+        disconnected_at: st.disconnected_at,
+        protocol: st.protocol,
+        expiry_interval: st.expiry_interval,
+        subscriptions: st.subscriptions.len(),
+        queued: st.queue.len(),
+        inflight: st.inflight.len(),
+        inbound_qos2: st.inbound_qos2.len(),
+        will_pending: st.pending_will.is_some(),
     }
 }
 
