@@ -7,8 +7,8 @@
 import { spawn, execFileSync } from "node:child_process";
 import { createServer } from "node:http";
 import { readFileSync, mkdtempSync, rmSync } from "node:fs";
-import { createConnection, createServer as netServer } from "node:net";
 import { tmpdir } from "node:os";
+import { freePort, waitPort } from "./net.mjs";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -18,28 +18,6 @@ const bin = process.argv[2] ?? join(here, "../../target/release/halyard");
 const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const WAIT = 10_000;
 
-const freePort = () =>
-  new Promise((resolve) => {
-    const s = netServer().listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-
-const waitPort = async (port) => {
-  for (let i = 0; i < 200; i++) {
-    const ok = await new Promise((resolve) => {
-      const c = createConnection({ host: "127.0.0.1", port }, () => {
-        c.end();
-        resolve(true);
-      });
-      c.on("error", () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`broker not listening on ${port}`);
-};
 
 const mqttJs = readFileSync(join(here, "node_modules/mqtt/dist/mqtt.min.js"));
 const page = (wsUrl, version) => `<!doctype html>

@@ -7,8 +7,8 @@
 // Usage: node dashboard_test.mjs [path/to/halyard]   (run `npm ci` here first)
 import { spawn, spawnSync, execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
-import { createServer as netServer, createConnection } from "node:net";
 import { tmpdir } from "node:os";
+import { freePort, waitPort } from "./net.mjs";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -19,27 +19,6 @@ const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const docs = join(here, "../../docs");
 const WAIT = 15_000;
 
-const freePort = () =>
-  new Promise((resolve) => {
-    const s = netServer().listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-const waitPort = async (port) => {
-  for (let i = 0; i < 200; i++) {
-    const ok = await new Promise((resolve) => {
-      const c = createConnection({ host: "127.0.0.1", port }, () => {
-        c.end();
-        resolve(true);
-      });
-      c.on("error", () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`nothing listening on ${port}`);
-};
 const check = (cond, what) => {
   if (!cond) throw new Error(`FAILED: ${what}`);
   console.log(`ok - ${what}`);

@@ -121,25 +121,14 @@ pub(crate) fn run(a: &ApikeyArgs) -> ExitCode {
     }
 }
 
-/// Writes the file readable by its owner only, atomically (temp file + rename).
+/// Writes the keys file (owner-only, atomically), creating its directory if needed.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::passwd::write_atomically(path, text)
 }
 
 /// A file's length and modification time: it changed when they did.
