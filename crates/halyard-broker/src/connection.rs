@@ -316,6 +316,14 @@ struct Connection<S> {
     pending_acks: VecDeque<(u64, Packet)>,
     /// The queue's head is a recorded delivery whose store batch is not durable yet.
     blocked_on_durable: bool,
+    /// `(at, ticket)`, oldest first: the bytes of `wbuf` from `at` on may not be written
+    /// until `ticket` is durable. One per fill that buffered a QoS 2 PUBLISH to a stored
+    /// session: its packet id (the `Sent` record) must survive a crash before the client
+    /// can see it, or a restart would resend the message under a new packet id and the
+    /// client, which dedupes QoS 2 by packet id [MQTT-4.3.3-9], would deliver it twice.
+    /// Everything buffered after it waits too, so order is kept. One entry per fill (not
+    /// one for all) so that later fills do not push back the release of earlier ones.
+    holds: VecDeque<(usize, u64)>,
     /// `finish` ran; if not, the task is unwinding from a panic (see `Drop`).
     finished: bool,
     /// Who this client is, for topic access checks.
@@ -847,6 +855,7 @@ where
             durable: inner.store.durable(),
             pending_acks: VecDeque::new(),
             blocked_on_durable: false,
+            holds: VecDeque::new(),
             finished: false,
             identity: Identity {
                 client_id,
@@ -892,7 +901,8 @@ where
                 self.last_rx = now;
             }
             let deadline = self.keepalive.map(|k| self.last_rx + k);
-            let want_write = !self.wbuf.is_empty();
+            let writable = self.writable_len();
+            let want_write = writable > 0;
             // Stop reading while our replies to this client pile up unread: its own
             // input is then paused instead of our buffer growing.
             let can_read = self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES
@@ -913,12 +923,16 @@ where
                 _ = shutdown.changed() => {
                     return End::Server(ReasonCode::ServerShuttingDown, "server shutting down");
                 }
-                r = self.wr.write_buf(&mut self.wbuf), if want_write => {
+                r = self.wr.write(&self.wbuf[..writable]), if want_write => {
                     match r {
                         Ok(0) | Err(_) => return End::Closed("write failed"),
                         Ok(n) => {
+                            bytes::Buf::advance(&mut self.wbuf, n);
+                            for (at, _) in &mut self.holds {
+                                *at -= n;
+                            }
                             Stats::add(&self.inner.stats.bytes_sent, n as u64);
-                            if self.wbuf.is_empty() && self.wr.flush().await.is_err() {
+                            if n == writable && self.wr.flush().await.is_err() {
                                 return End::Closed("flush failed");
                             }
                         }
@@ -939,9 +953,14 @@ where
                 }
                 r = async { self.durable.as_mut().expect("guarded").changed().await },
                     if self.durable.is_some()
-                        && (!self.pending_acks.is_empty() || self.blocked_on_durable) => {
+                        && (!self.pending_acks.is_empty() || self.blocked_on_durable || !self.holds.is_empty()) => {
                     if r.is_err() {
-                        // The store stopped (shutdown): nothing more becomes durable.
+                        // The store stopped (shutdown): nothing more becomes durable. What
+                        // is held never goes out; it stays in flight in the session, and
+                        // the client only ever sees it under an id that is on disk.
+                        let writable = self.writable_len();
+                        self.wbuf.truncate(writable);
+                        self.holds.clear();
                         self.durable = None;
                         self.pending_acks.clear();
                     } else {
@@ -1561,6 +1580,8 @@ where
         // Read once per fill: the watch borrow is not free, and a ticket that becomes
         // durable meanwhile wakes the loop again.
         let durable = inner.durable_now(self.durable.as_ref());
+        // Where the first QoS 2 PUBLISH to a stored session starts in `wbuf` (see `holds`).
+        let mut hold_from = None;
         while self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
             let Some(front) = st.queue.front() else { break };
             // [MQTT-3.3.2-5]: expired before onward delivery started. Read rights are
@@ -1608,6 +1629,7 @@ where
                 st.alloc_packet_id()
             };
             let alias = self.outbound_alias(&out.msg.topic);
+            let start = self.wbuf.len();
             let d = Delivery {
                 qos: out.qos,
                 retain: out.retain,
@@ -1634,6 +1656,9 @@ where
                                 message_id: out.msg.id,
                                 packet_id,
                             });
+                            if out.qos == QoS::ExactlyOnce && self.durable.is_some() {
+                                hold_from.get_or_insert(start);
+                            }
                         }
                         let state = if out.qos == QoS::AtLeastOnce {
                             Awaiting::Ack
@@ -1659,8 +1684,20 @@ where
             }
         }
         if !ops.is_empty() {
-            inner.store.apply(ops);
+            let ticket = inner.store.apply(ops);
+            if let Some(at) = hold_from {
+                self.holds.push_back((at, ticket));
+            }
         }
+    }
+
+    /// How much of `wbuf` may be written now (see `holds`).
+    fn writable_len(&mut self) -> usize {
+        let durable = self.inner.durable_now(self.durable.as_ref());
+        while self.holds.front().is_some_and(|&(_, t)| t <= durable) {
+            self.holds.pop_front();
+        }
+        self.holds.front().map_or(self.wbuf.len(), |&(at, _)| at)
     }
 
     /// Outbound topic alias for `topic`, when both sides allow them: `(alias, send the
@@ -1755,6 +1792,12 @@ where
 
     async fn finish(mut self, end: End) {
         let v5 = self.version.is_v5();
+        // QoS 2 PUBLISHes whose packet ids are not durable are not sent: the session keeps
+        // them in flight and resends them (same ids, DUP) on the next connection.
+        if !self.holds.is_empty() {
+            let writable = self.writable_len();
+            self.wbuf.truncate(writable);
+        }
         // Tell a v5 client why we close [MQTT-4.13.2-1]; 3.x just gets the close.
         if let End::Server(reason, why) = &end
             && v5

@@ -1363,6 +1363,77 @@ async fn acknowledgements_wait_until_the_store_made_the_change_durable() {
     );
 }
 
+/// [MQTT-4.3.3-9] across a crash: a QoS 2 PUBLISH to a stored session reaches the client
+/// only once its packet id (the `Sent` record) is durable. Otherwise a crash could lose the
+/// id while the client holds the message and its PUBREC state, and the restarted broker
+/// would resend the message under a new id, which the client must treat as a new message.
+#[tokio::test]
+async fn qos2_publish_to_a_stored_session_waits_until_its_packet_id_is_durable() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let gated = std::sync::Arc::new(GatedStore {
+        inner: MemoryStore::new(),
+        next: std::sync::atomic::AtomicU64::new(0),
+        durable: tokio::sync::watch::channel(0).0,
+    });
+    let applied = |g: &GatedStore| g.next.load(SeqCst);
+    // Waits until the store has seen more than `n` batches.
+    async fn applied_beyond(g: &GatedStore, n: u64) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while g.next.load(SeqCst) <= n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the broker applied its store ops");
+    }
+    let broker = Broker::new(BrokerConfig::default(), gated.clone());
+    for (v, id) in [(V5, "h2-v5"), (V3_1_1, "h2-311")] {
+        let mut s = raw_duplex(&broker);
+        let c = if v == V5 {
+            connect_with(V5, id, false, |c| {
+                c.properties.session_expiry_interval = Some(60)
+            })
+        } else {
+            connect(V3_1_1, id, false, 60)
+        };
+        // CONNACK and SUBACK of a stored session wait for the store: make all durable.
+        let n = applied(&gated);
+        s.version = v;
+        s.send(&c).await;
+        applied_beyond(&gated, n).await;
+        gated.durable.send_replace(applied(&gated));
+        assert!(matches!(s.recv().await, Packet::ConnAck(_)));
+        let n = applied(&gated);
+        s.send(&subscribe(1, &format!("{id}/#"), QoS::ExactlyOnce))
+            .await;
+        applied_beyond(&gated, n).await;
+        gated.durable.send_replace(applied(&gated));
+        assert!(matches!(s.recv().await, Packet::SubAck(_)));
+
+        let mut p = raw_duplex(&broker);
+        online(&mut p, v, &format!("{id}-pub"), true).await;
+        let n = applied(&gated);
+        p.send(&publish(&format!("{id}/x"), QoS::ExactlyOnce, 1, b"once"))
+            .await;
+        applied_beyond(&gated, n).await;
+        // The routing is durable: PUBREC to the publisher, and the subscriber's connection
+        // takes the delivery from the queue, recording it as sent (one more batch).
+        let routed = applied(&gated);
+        gated.durable.send_replace(routed);
+        assert!(matches!(p.recv().await, Packet::PubRec(_)));
+        applied_beyond(&gated, routed).await;
+        // ...but the PUBLISH stays in the broker until that record is durable.
+        s.expect_silence(SHORT).await;
+        gated.durable.send_replace(applied(&gated));
+        let m = recv_publish(&mut s).await;
+        assert_eq!(
+            (m.qos, &m.payload[..]),
+            (QoS::ExactlyOnce, &b"once"[..]),
+            "{v:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn log_store_restart_keeps_sessions_queues_and_retained() {
     let dir = std::env::temp_dir().join(format!("halyard-broker-logstore-{}", std::process::id()));

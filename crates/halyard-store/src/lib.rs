@@ -86,6 +86,97 @@ pub struct StoredInflight {
     pub released: bool,
 }
 
+/// A session's in-flight deliveries: in the order they were sent, found by packet id.
+///
+/// Every `Sent`, `Released` and `Completed` op finds its entry by packet id, both in
+/// recovery and in the log writer's live image. A `Vec` made each of them a scan of the
+/// whole window (up to 65,535 entries for a v5 client), which made the writer and a
+/// restart quadratic in the window size.
+#[derive(Debug, Clone, Default)]
+pub struct Inflight {
+    /// Send order -> entry.
+    by_order: BTreeMap<u64, StoredInflight>,
+    /// Packet id -> send order.
+    by_packet: HashMap<u16, u64>,
+    next: u64,
+}
+
+impl Inflight {
+    /// The entries, oldest first.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &StoredInflight> {
+        self.by_order.values()
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.by_order.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_order.is_empty()
+    }
+
+    /// Adds `f` as the newest, replacing any entry with its packet id.
+    pub fn insert(&mut self, f: StoredInflight) {
+        self.remove(f.packet_id);
+        let order = self.next;
+        self.next += 1;
+        self.by_packet.insert(f.packet_id, order);
+        self.by_order.insert(order, f);
+    }
+
+    /// The entry sent with `packet_id`.
+    pub fn get_mut(&mut self, packet_id: u16) -> Option<&mut StoredInflight> {
+        let order = self.by_packet.get(&packet_id)?;
+        self.by_order.get_mut(order)
+    }
+
+    /// Removes and returns the entry sent with `packet_id`.
+    pub fn remove(&mut self, packet_id: u16) -> Option<StoredInflight> {
+        let order = self.by_packet.remove(&packet_id)?;
+        self.by_order.remove(&order)
+    }
+}
+
+/// Equal when the same entries are in the same order (send-order numbers are not compared:
+/// an image rebuilt from a snapshot numbers them afresh).
+impl PartialEq for Inflight {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Inflight {}
+
+impl IntoIterator for Inflight {
+    type Item = StoredInflight;
+    type IntoIter = std::collections::btree_map::IntoValues<u64, StoredInflight>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.by_order.into_values()
+    }
+}
+
+impl<'a> IntoIterator for &'a Inflight {
+    type Item = &'a StoredInflight;
+    type IntoIter = std::collections::btree_map::Values<'a, u64, StoredInflight>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.by_order.values()
+    }
+}
+
+impl FromIterator<StoredInflight> for Inflight {
+    fn from_iter<I: IntoIterator<Item = StoredInflight>>(iter: I) -> Self {
+        let mut set = Inflight::default();
+        for f in iter {
+            set.insert(f);
+        }
+        set
+    }
+}
+
 /// A will waiting for its delay to pass (or for its session to end).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingWill {
@@ -205,7 +296,7 @@ pub struct RecoveredSession {
     /// `Vec` made each one cost a move of the whole queue (O(n) per message).
     pub queue: VecDeque<StoredDelivery>,
     /// In-flight deliveries, in the order they were sent.
-    pub inflight: Vec<StoredInflight>,
+    pub inflight: Inflight,
     /// QoS 2 packet ids received and not yet released.
     pub inbound_qos2: Vec<u16>,
 }
@@ -356,7 +447,7 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
                     subscriptions: BTreeMap::new(),
                     will: None,
                     queue: VecDeque::new(),
-                    inflight: Vec::new(),
+                    inflight: Inflight::default(),
                     inbound_qos2: Vec::new(),
                 });
         }
@@ -431,8 +522,7 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
                 let Some(delivery) = s.queue.remove(i) else {
                     return;
                 };
-                s.inflight.retain(|f| f.packet_id != packet_id);
-                s.inflight.push(StoredInflight {
+                s.inflight.insert(StoredInflight {
                     packet_id,
                     delivery,
                     released: false,
@@ -446,7 +536,7 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
             if let Some(f) = image
                 .sessions
                 .get_mut(&client_id)
-                .and_then(|s| s.inflight.iter_mut().find(|f| f.packet_id == packet_id))
+                .and_then(|s| s.inflight.get_mut(packet_id))
             {
                 f.released = true;
             }
@@ -456,9 +546,8 @@ pub fn apply_op(image: &mut Recovered, op: Op) {
             packet_id,
         } => {
             if let Some(s) = image.sessions.get_mut(&client_id)
-                && let Some(i) = s.inflight.iter().position(|f| f.packet_id == packet_id)
+                && let Some(f) = s.inflight.remove(packet_id)
             {
-                let f = s.inflight.remove(i);
                 image.release(f.delivery.message_id);
             }
         }
@@ -528,6 +617,36 @@ mod tests {
     }
 
     #[test]
+    fn inflight_keeps_send_order_and_finds_entries_by_packet_id() {
+        let f = |packet_id, message_id| StoredInflight {
+            packet_id,
+            delivery: StoredDelivery {
+                message_id,
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                subscription_ids: vec![],
+                shared: None,
+            },
+            released: false,
+        };
+        let mut set: Inflight = [f(5, 1), f(3, 2), f(9, 3)].into_iter().collect();
+        let ids = |s: &Inflight| s.iter().map(|f| f.packet_id).collect::<Vec<_>>();
+        assert_eq!(ids(&set), [5, 3, 9], "send order, not packet id order");
+        assert_eq!(set.remove(3).map(|f| f.delivery.message_id), Some(2));
+        assert!(set.remove(3).is_none());
+        set.get_mut(9).expect("present").released = true;
+        // A packet id sent again replaces its old entry and becomes the newest.
+        set.insert(f(5, 4));
+        assert_eq!(ids(&set), [9, 5]);
+        assert!(set.iter().next().is_some_and(|f| f.released));
+        // Equality is by content and order, not by the internal send-order numbers.
+        let rebuilt: Inflight = set.iter().cloned().collect();
+        assert_eq!(rebuilt, set);
+        let reordered: Inflight = set.iter().rev().cloned().collect();
+        assert_ne!(reordered, set);
+    }
+
+    #[test]
     fn queue_and_inflight_follow_the_delivery_lifecycle() {
         let s = MemoryStore::new();
         let msg = StoredMessage {
@@ -582,7 +701,8 @@ mod tests {
         let a = &r.sessions["a"];
         assert_eq!(a.queue, VecDeque::from([d(2)]));
         assert_eq!(a.inflight.len(), 1);
-        assert!(a.inflight[0].released && a.inflight[0].packet_id == 7);
+        let f = a.inflight.iter().next().expect("one in flight");
+        assert!(f.released && f.packet_id == 7);
         assert_eq!(a.inbound_qos2, vec![9]);
         s.apply(vec![
             Op::Completed {
