@@ -120,7 +120,7 @@ impl fmt::Debug for Inner {
 /// [`Broker::spawn_connection`]; stop it with [`Broker::shutdown`].
 #[derive(Debug, Clone)]
 pub struct Broker {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     /// Every connection task holds a clone of the sender; shutdown drops ours and waits
     /// until the receiver sees the last one go (mini-redis' drain pattern).
     drain: Arc<Mutex<Option<mpsc::Sender<()>>>>,
@@ -194,10 +194,7 @@ impl Broker {
             client_id = tracing::field::Empty
         );
         tokio::spawn(tracing::Instrument::instrument(
-            async move {
-                crate::connection::serve(inner, stream, peer).await;
-                drop(guard);
-            },
+            crate::connection::serve(inner, stream, peer, guard),
             span,
         ));
     }
@@ -338,27 +335,25 @@ impl Inner {
     }
 
     pub(crate) fn queue_limits(&self) -> QueueLimits {
+        let cfg = self.cfg.load();
         QueueLimits {
-            max_messages: self.cfg.load().max_queued_messages,
-            max_bytes: self.cfg.load().max_queued_bytes,
-            queue_qos0_offline: self.cfg.load().queue_qos0_messages,
+            max_messages: cfg.max_queued_messages,
+            max_bytes: cfg.max_queued_bytes,
+            queue_qos0_offline: cfg.queue_qos0_messages,
         }
     }
 
-    /// Routes one message: retains it if asked, then queues a delivery to every matching
-    /// session. Runs on the publisher's task. Every store op this causes, plus `extra`,
-    /// goes to the store in **one** batch, so a crash keeps all or none of it. Returns how
-    /// many sessions matched and the ticket to wait for before acknowledging the publisher.
     /// Whether the messages alive exceed `max_memory_bytes` (0: no budget).
     pub(crate) fn memory_over_budget(&self) -> bool {
-        self.cfg.load().max_memory_bytes > 0
-            && self.memory.bytes.load(Ordering::Relaxed) >= self.cfg.load().max_memory_bytes
+        let max = self.cfg.load().max_memory_bytes;
+        max > 0 && self.memory.bytes.load(Ordering::Relaxed) >= max
     }
 
     /// Whether a topic name or filter exceeds `max_topic_length` or `max_topic_levels`.
     pub(crate) fn topic_over_limits(&self, topic: &str) -> bool {
-        topic.len() > self.cfg.load().max_topic_length
-            || topic.bytes().filter(|&b| b == b'/').count() + 1 > self.cfg.load().max_topic_levels
+        let cfg = self.cfg.load();
+        topic.len() > cfg.max_topic_length
+            || topic.bytes().filter(|&b| b == b'/').count() + 1 > cfg.max_topic_levels
     }
 
     pub(crate) fn security_generation(&self) -> u64 {
@@ -372,6 +367,10 @@ impl Inner {
             .clone()
     }
 
+    /// Routes one message: retains it if asked, then queues a delivery to every matching
+    /// session. Runs on the publisher's task. Every store op this causes, plus `extra`,
+    /// goes to the store in **one** batch, so a crash keeps all or none of it. Returns how
+    /// many sessions matched and the ticket to wait for before acknowledging the publisher.
     pub(crate) fn publish(
         &self,
         msg: &Arc<Message>,

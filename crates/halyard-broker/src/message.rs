@@ -112,6 +112,11 @@ impl Message {
         self.expires_at.is_some_and(|e| e <= now)
     }
 
+    /// [`Self::is_expired`], reading the clock only for a message that can expire.
+    pub(crate) fn is_expired_lazy(&self, now: &mut LazyNow) -> bool {
+        self.expires_at.is_some_and(|e| e <= now.get())
+    }
+
     /// Payload bytes plus topic: what a queued copy costs, for queue limits.
     /// Charges this message's bytes to `account` until it is dropped.
     pub(crate) fn charged_to(mut self, account: &Arc<MemoryUse>) -> Self {
@@ -189,13 +194,24 @@ pub(crate) enum WriteError {
     TooLarge,
 }
 
+/// The current time, read at most once and only if asked for. Most messages carry no
+/// expiry, and on virtual machines without a usable TSC every clock read is a system call.
+#[derive(Default)]
+pub(crate) struct LazyNow(Option<Instant>);
+
+impl LazyNow {
+    pub(crate) fn get(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
+}
+
 /// Appends the PUBLISH for one delivery of `msg` to `out`.
 pub(crate) fn write(
     msg: &Message,
     d: Delivery<'_>,
     version: ProtocolVersion,
     max_packet_size: u32,
-    now: Instant,
+    now: &mut LazyNow,
     out: &mut BytesMut,
 ) -> Result<(), WriteError> {
     let v5 = version.is_v5();
@@ -222,7 +238,8 @@ pub(crate) fn write(
     if let Some(expires) = msg.expires_at {
         // [MQTT-3.3.2-6]: forward the remaining lifetime.
         props.message_expiry_interval = Some(
-            u32::try_from(expires.saturating_duration_since(now).as_secs()).unwrap_or(u32::MAX),
+            u32::try_from(expires.saturating_duration_since(now.get()).as_secs())
+                .unwrap_or(u32::MAX),
         );
     }
     let mut p = msg.build(d.qos, props);

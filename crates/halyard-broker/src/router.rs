@@ -5,7 +5,7 @@
 //! lock is held: matching only clones `Arc<Session>`s and reads an atomic "online" flag.
 //! The caller enqueues after the lock is released.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 

@@ -6,7 +6,9 @@
 //! sections (enqueue from a publisher's task; fill/ack from the owning connection's task)
 //! and never while any other lock is taken; see ARCHITECTURE.md for the order.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -167,13 +169,13 @@ impl Session {
                 disconnected_at: None,
                 generation: 0,
                 protocol,
-                subscriptions: HashMap::new(),
+                subscriptions: HashMap::default(),
                 queue: VecDeque::new(),
                 queued_bytes: 0,
-                inflight: HashMap::new(),
+                inflight: HashMap::default(),
                 inflight_seq: 0,
                 next_packet_id: 1,
-                inbound_qos2: HashSet::new(),
+                inbound_qos2: HashSet::default(),
                 expiry_interval,
                 pending_will: None,
                 ended: false,
