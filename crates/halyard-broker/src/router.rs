@@ -139,12 +139,19 @@ impl SubscriptionIndex {
         let dollar = topic.starts_with('$');
         walk(&root, &levels, 0, dollar, &mut direct, &mut shared);
 
+        // One session's overlapping subscriptions become adjacent: merging them is then a
+        // look at the last match instead of a search of all (which made a 100-subscriber
+        // fan-out quadratic: 10% of its CPU).
+        direct.sort_by_key(|e| Arc::as_ptr(&e.session)); // stable: ids keep walk order
         for e in direct {
             if e.options.no_local && origin.is_some_and(|o| *o == *e.session.client_id) {
                 continue; // [MQTT-3.8.3-3]
             }
             let id = e.id;
-            match out.iter_mut().find(|m| Arc::ptr_eq(&m.session, &e.session)) {
+            match out
+                .last_mut()
+                .filter(|m| Arc::ptr_eq(&m.session, &e.session))
+            {
                 Some(m) => {
                     m.qos = m.qos.max(e.options.qos);
                     m.retain_as_published |= e.options.retain_as_published;
