@@ -65,33 +65,37 @@ def rss_kb(pid):
     return 0
 
 
+def write_conf(work, name, text):
+    path = os.path.join(work, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def start_broker(kind, halyard, work):
     port = free_port()
     pin = ["taskset", "-c", "0"]
     if kind == "halyard":
-        conf = os.path.join(work, "halyard.toml")
-        with open(conf, "w") as f:
-            f.write(
-                f'listen = ["tcp://127.0.0.1:{port}"]\ndata_dir = "{work}/data"\nlog_level = "warn"\n'
-                "max_connections = 1000000\nsys_interval = 0\n[admin]\nenabled = false\n"
-            )
+        conf = write_conf(
+            work, "halyard.toml",
+            f'listen = ["tcp://127.0.0.1:{port}"]\ndata_dir = "{work}/data"\nlog_level = "warn"\n'
+            "max_connections = 1000000\nsys_interval = 0\n[admin]\nenabled = false\n",
+        )
         # bench/ab.py runs two builds of the broker under one generator.
         cmd = pin + [os.environ.get("HALYARD_BROKER", halyard), "serve", "-c", conf]
     elif kind == "mosquitto":
-        conf = os.path.join(work, "mosquitto.conf")
-        with open(conf, "w") as f:
-            f.write(
-                f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n"
-                "max_queued_messages 10000\nmax_inflight_messages 100\npersistence false\n"
-            )
+        conf = write_conf(
+            work, "mosquitto.conf",
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n"
+            "max_queued_messages 10000\nmax_inflight_messages 100\npersistence false\n",
+        )
         cmd = pin + [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", conf]
     elif kind == "rumqttd":
-        conf = os.path.join(work, "rumqttd.toml")
-        with open(conf, "w") as f:
-            # Generous limits, so it is not throttled (its defaults cap payloads and
-            # in-flight messages low).
-            f.write(
-                f"""id = 0
+        # Generous limits, so it is not throttled (its defaults cap payloads and in-flight
+        # messages low).
+        conf = write_conf(
+            work, "rumqttd.toml",
+            f"""id = 0
 [router]
 id = 0
 max_connections = 200000
@@ -109,16 +113,15 @@ next_connection_delay_ms = 0
     max_payload_size = 1048576
     max_inflight_count = 500
     dynamic_filters = true
-"""
-            )
+""",
+        )
         cmd = pin + [os.environ.get("RUMQTTD", "rumqttd"), "-c", conf, "-q"]
     elif kind == "nats":
-        conf = os.path.join(work, "nats.conf")
-        with open(conf, "w") as f:
-            f.write(
-                f'server_name: bench\nlisten: "127.0.0.1:{free_port()}"\n'
-                f'jetstream {{ store_dir: "{work}/js" }}\nmqtt {{ listen: "127.0.0.1:{port}" }}\n'
-            )
+        conf = write_conf(
+            work, "nats.conf",
+            f'server_name: bench\nlisten: "127.0.0.1:{free_port()}"\n'
+            f'jetstream {{ store_dir: "{work}/js" }}\nmqtt {{ listen: "127.0.0.1:{port}" }}\n',
+        )
         cmd = pin + [shutil.which("nats-server") or "nats-server", "-c", conf]
     else:
         raise ValueError(kind)

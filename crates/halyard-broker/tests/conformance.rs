@@ -1308,6 +1308,16 @@ struct GatedStore {
     durable: tokio::sync::watch::Sender<u64>,
 }
 
+impl GatedStore {
+    fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(GatedStore {
+            inner: MemoryStore::new(),
+            next: std::sync::atomic::AtomicU64::new(0),
+            durable: tokio::sync::watch::channel(0).0,
+        })
+    }
+}
+
 impl halyard_store::Store for GatedStore {
     fn apply(&self, ops: Vec<halyard_store::Op>) -> u64 {
         self.inner.apply(ops);
@@ -1323,11 +1333,7 @@ impl halyard_store::Store for GatedStore {
 
 #[tokio::test]
 async fn acknowledgements_wait_until_the_store_made_the_change_durable() {
-    let gated = std::sync::Arc::new(GatedStore {
-        inner: MemoryStore::new(),
-        next: std::sync::atomic::AtomicU64::new(0),
-        durable: tokio::sync::watch::channel(0).0,
-    });
+    let gated = GatedStore::new();
     let broker = Broker::new(BrokerConfig::default(), gated.clone());
     let pers = |id: &str| {
         connect_with(V5, id, false, |c| {
@@ -1370,11 +1376,7 @@ async fn acknowledgements_wait_until_the_store_made_the_change_durable() {
 #[tokio::test]
 async fn qos2_publish_to_a_stored_session_waits_until_its_packet_id_is_durable() {
     use std::sync::atomic::Ordering::SeqCst;
-    let gated = std::sync::Arc::new(GatedStore {
-        inner: MemoryStore::new(),
-        next: std::sync::atomic::AtomicU64::new(0),
-        durable: tokio::sync::watch::channel(0).0,
-    });
+    let gated = GatedStore::new();
     let applied = |g: &GatedStore| g.next.load(SeqCst);
     // Waits until the store has seen more than `n` batches.
     async fn applied_beyond(g: &GatedStore, n: u64) {
