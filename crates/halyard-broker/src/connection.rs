@@ -984,6 +984,11 @@ where
                 r = async { self.kick.as_mut().expect("guarded by is_some").await }, if self.kick.is_some() => {
                     self.kick = None;
                     let reason = r.unwrap_or(ReasonCode::SessionTakenOver);
+                    if reason == ReasonCode::SessionTakenOver
+                        && let Some(d) = self.unread_disconnect()
+                    {
+                        return End::ClientDisconnect(d);
+                    }
                     return End::Server(reason, if reason == ReasonCode::AdministrativeAction {
                         "disconnected by an administrator"
                     } else {
@@ -1082,6 +1087,29 @@ where
     }
 
     /// Decodes and handles every complete packet in the read buffer.
+    /// On a takeover: whether the client had already sent DISCONNECT on this connection,
+    /// still unread (it disconnected and reconnected at once, and the new connection was
+    /// read first). Its will must then not be published [MQTT-3.1.2-10]. Looks only at
+    /// what can be read without waiting; the session now belongs to the new connection,
+    /// so nothing else read here is acted on.
+    fn unread_disconnect(&mut self) -> Option<ReasonCode> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let read = std::pin::pin!(self.rd.read_buf(&mut self.rbuf));
+        if !matches!(
+            std::future::Future::poll(read, &mut cx),
+            std::task::Poll::Ready(Ok(1..))
+        ) {
+            return None;
+        }
+        let mut rest = self.rbuf.split();
+        while let Ok(Some(p)) = decode(&mut rest, self.version, self.cfg.message_size_limit) {
+            if let Packet::Disconnect(d) = p {
+                return Some(d.reason);
+            }
+        }
+        None
+    }
+
     fn process_input(&mut self) -> Option<End> {
         loop {
             // Packets already read wait too while the publish budget is spent.
@@ -1974,12 +2002,18 @@ fn attach_session(
         .cloned();
     if let Some(old) = existing {
         let mut st = old.lock();
-        if let Some(link) = st.conn.take()
-            && let Some(k) = link.kick
-        {
-            let _ = k.send(ReasonCode::SessionTakenOver);
+        // Taking over closes the old connection, which ends a session that lasts only as
+        // long as its connection (v5 expiry 0, 3.x clean session) [MQTT-3.1.2-11]: it is
+        // not resumed. (Its DISCONNECT may also still be unread on the old socket; the
+        // client then expects no session either.)
+        let mut ends_with_old_connection = false;
+        if let Some(link) = st.conn.take() {
+            ends_with_old_connection = st.expiry_interval == 0;
+            if let Some(k) = link.kick {
+                let _ = k.send(ReasonCode::SessionTakenOver);
+            }
         }
-        if !clean_start && !st.ended {
+        if !clean_start && !st.ended && !ends_with_old_connection {
             st.conn = Some(ConnLink {
                 id: conn_id,
                 kick: Some(kick),

@@ -93,6 +93,90 @@ async fn session_takeover_mqtt_3_1_4_3(v: ProtocolVersion) {
     assert_eq!(second.recv().await, Packet::PingResp);
 }
 
+/// A takeover closes the old connection, so a session that lasts only as long as its
+/// connection (v5 expiry 0, 3.1.1 clean session) ends with it and is not resumed, even by a
+/// new connection asking to resume [MQTT-3.1.2-11] [MQTT-3.1.2-6] (as Mosquitto). A client
+/// that sends DISCONNECT and reconnects at once must see session present 0 whichever of the
+/// two connections the broker happens to read first.
+async fn takeover_of_a_connection_scoped_session_does_not_resume_it_mqtt_3_1_2_11(
+    v: ProtocolVersion,
+) {
+    let tb = TestBroker::start().await;
+    let mut first = tb.raw().await;
+    online(&mut first, v, "brief", true).await; // v5: no expiry property, so 0
+    sub(&mut first, "brief/t", QoS::AtLeastOnce).await;
+    let mut second = tb.raw().await;
+    let ack = handshake(&mut second, connect(v, "brief", false, 60)).await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+    assert!(
+        !ack.session_present,
+        "the old session ended with its connection"
+    );
+    expect_disconnect(&mut first, ReasonCode::SessionTakenOver).await;
+    // Its subscription ended with it.
+    let mut p = tb.raw().await;
+    online(&mut p, v, "pub", true).await;
+    p.send(&publish("brief/t", QoS::AtMostOnce, 0, b"x")).await;
+    second.expect_silence(SHORT).await;
+
+    // A session that outlives its connection is resumed by the takeover [MQTT-3.1.4-3].
+    let persistent = || {
+        connect_with(v, "lasting", false, |c| {
+            c.properties.session_expiry_interval = Some(300);
+        })
+    };
+    let mut a = tb.raw().await;
+    assert!(!handshake(&mut a, persistent()).await.session_present);
+    sub(&mut a, "lasting/t", QoS::AtLeastOnce).await;
+    let mut b = tb.raw().await;
+    assert!(handshake(&mut b, persistent()).await.session_present);
+    expect_disconnect(&mut a, ReasonCode::SessionTakenOver).await;
+    p.send(&publish("lasting/t", QoS::AtMostOnce, 0, b"y"))
+        .await;
+    assert_eq!(&recv_publish(&mut b).await.payload[..], b"y");
+}
+
+/// A client that sends DISCONNECT and reconnects at once: when the broker reads the new
+/// CONNECT first, the takeover still finds the DISCONNECT waiting on the old connection
+/// and honors it, so the will is not published [MQTT-3.1.2-10]. (In-memory connections,
+/// with the new CONNECT written before the old DISCONNECT, so the takeover comes first.)
+async fn disconnect_unread_at_takeover_still_drops_the_will_mqtt_3_1_2_10(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    online(&mut s, v, "watcher", true).await;
+    sub(&mut s, "will/#", QoS::AtLeastOnce).await;
+    let with_will = || {
+        connect_with(v, "quick", true, |c| {
+            c.will = Some(Will {
+                topic: topic("will/quick"),
+                payload: Bytes::from_static(b"gone"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                delay_interval: None,
+                properties: PublishProperties::default(),
+            })
+        })
+    };
+    let mut a = raw_duplex(&tb.broker);
+    handshake(&mut a, with_will()).await;
+    let mut b = raw_duplex(&tb.broker);
+    b.version = v;
+    b.send(&connect(v, "quick", false, 60)).await;
+    a.send_hex("E0 00").await;
+    match b.recv().await {
+        Packet::ConnAck(ack) => {
+            assert_eq!(ack.reason, ReasonCode::Success);
+            assert!(
+                !ack.session_present,
+                "a clean session does not outlive DISCONNECT"
+            );
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    a.expect_close().await;
+    s.expect_silence(SHORT).await;
+}
+
 async fn max_connections_refused_with_connack(v: ProtocolVersion) {
     let tb = TestBroker::with_config(BrokerConfig {
         max_connections: 1,
@@ -1171,6 +1255,8 @@ both_versions!(
     empty_client_id_mqtt_3_1_3_6_and_3_1_3_8,
     session_present_and_clean_start_mqtt_3_2_2_2,
     session_takeover_mqtt_3_1_4_3,
+    takeover_of_a_connection_scoped_session_does_not_resume_it_mqtt_3_1_2_11,
+    disconnect_unread_at_takeover_still_drops_the_will_mqtt_3_1_2_10,
     max_connections_refused_with_connack,
     keep_alive_above_max_keepalive_mqtt_3_2_2_21,
     qos1_and_qos2_flows_mqtt_4_3,
