@@ -249,7 +249,7 @@ impl Found<'_, '_> {
 
 /// `rest` is the part of the topic below `node` (`None` past its last level), split one
 /// level per call, as `topic.split('/')` would.
-fn walk(node: &Node, rest: Option<&str>, first: bool, dollar: bool, found: &mut Found) {
+fn walk(node: &Node, rest: Option<&str>, first: bool, dollar: bool, found: &mut Found<'_, '_>) {
     let wild_ok = !(first && dollar);
     let Some(rest) = rest else {
         found.node(node);
