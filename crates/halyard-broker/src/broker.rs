@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use halyard_codec::{ProtocolVersion, QoS, TopicFilter, TopicName};
+use halyard_codec::{ProtocolVersion, QoS, ReasonCode, TopicFilter, TopicName};
 use halyard_store::{Op, SessionRecord, Store, StoredMessage, SubscriptionRecord};
 use halyard_transport::{Monitor, PeerInfo};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -235,6 +235,14 @@ impl Broker {
     pub async fn shutdown(&self) -> bool {
         info!("shutting down: disconnecting clients");
         self.inner.shutdown.send_replace(true);
+        // Running connections learn it through their kick channel; any attached after
+        // this sweep sees the flag when it starts (`Connection::run`).
+        for s in self.inner.sessions_snapshot() {
+            let mut st = s.lock();
+            if let Some(k) = st.conn.as_mut().and_then(|c| c.kick.take()) {
+                let _ = k.send(ReasonCode::ServerShuttingDown);
+            }
+        }
         self.drain.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut rx = self.drain_rx.lock().await;
         let drained = tokio::time::timeout(self.inner.cfg().shutdown_timeout, rx.recv())

@@ -2,7 +2,7 @@
 //! keeps time for that client.
 //!
 //! The task owns the socket halves, a read buffer and a write buffer. Its loop waits on, in
-//! priority order: a kick (session takeover), broker shutdown, the socket becoming writable
+//! priority order: a kick (session takeover, admin kick, broker shutdown), the socket becoming writable
 //! (when there is something to write), readable input, the session's wake-up (something
 //! was queued), and the keep-alive deadline. Reading, writing and waking are all
 //! cancel-safe, so one `select!` serves both directions without a second task: a client
@@ -330,15 +330,17 @@ struct Connection<S> {
     /// then, not on every read. Re-arming a timer per loop turn (a timer-wheel insert and
     /// removal, and a clock read) cost ~5% of the CPU of a QoS 0 fan-in.
     keepalive_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Wakes a connection paused by its publish rate or the memory budget; made on the
+    /// first pause (a `Sleep` is ~110 bytes, and most connections never pause).
+    pause_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     last_rx: Instant,
     /// The client's Receive Maximum: QoS 1/2 messages we may have in flight to it.
     client_receive_max: usize,
     /// The client's Maximum Packet Size.
     client_max_packet: u32,
-    /// Inbound topic aliases [MQTT-3.3.2-10]: they live as long as the connection.
-    aliases_in: HashMap<u16, TopicName>,
-    /// Outbound topic aliases we assigned, and the next free one.
-    aliases_out: HashMap<TopicName, u16>,
+    /// Topic aliases both ways, made on first use (most clients never use them, and every
+    /// byte here is memory per connection).
+    aliases: Option<Box<Aliases>>,
     alias_out_max: u16,
     will: Option<Arc<Message>>,
     will_delay: u32,
@@ -365,16 +367,26 @@ struct Connection<S> {
     /// Who this client is, for topic access checks.
     identity: Identity,
     acl: AclCache,
-    rate: PublishRate,
-    /// The enhanced authentication method of CONNECT, for re-authentication.
-    enhanced: Option<(ByteString, Arc<dyn EnhancedAuth>)>,
-    /// A re-authentication in progress.
+    /// Only when publish rate limits are configured.
+    rate: Option<Box<PublishRate>>,
+    /// The enhanced authentication method of CONNECT, for re-authentication, and a
+    /// re-authentication in progress.
+    enhanced: Option<Box<(ByteString, Arc<dyn EnhancedAuth>)>>,
     reauth: Option<Box<dyn AuthExchange>>,
     /// A PUBLISH waits for the memory budget.
     memory_blocked: bool,
     /// Bytes to have room for before the next read (0: whatever the buffer has; see
     /// `size_reads`).
     read_chunk: usize,
+}
+
+/// Topic aliases of one connection.
+#[derive(Default)]
+struct Aliases {
+    /// Inbound [MQTT-3.3.2-10]: they live as long as the connection.
+    inbound: HashMap<u16, TopicName>,
+    /// Outbound, the ones we assigned.
+    outbound: HashMap<TopicName, u16>,
 }
 
 /// Read sizes `size_reads` moves between.
@@ -499,17 +511,19 @@ struct PublishRate {
 }
 
 impl PublishRate {
-    fn new(cfg: &crate::config::BrokerConfig) -> Self {
+    /// `None` when no rate is configured.
+    fn new(cfg: &crate::config::BrokerConfig) -> Option<Self> {
         let m = f64::from(cfg.publish_rate_messages);
         let b = cfg.publish_rate_bytes as f64;
-        PublishRate {
+        let r = PublishRate {
             msgs_per_sec: m,
             bytes_per_sec: b,
             msgs: m,
             bytes: b,
             last: Instant::now(),
             throttled: false,
-        }
+        };
+        r.enabled().then_some(r)
     }
 
     fn enabled(&self) -> bool {
@@ -569,8 +583,8 @@ impl PublishRate {
 struct AclCache {
     generation: u64,
     authorizer: Option<Arc<dyn Authorizer>>,
-    /// One map per `Access` (write, subscribe, read).
-    decisions: [HashMap<Box<str>, bool>; 3],
+    /// One map per `Access` (write, subscribe, read); made on the first check.
+    decisions: Option<Box<[HashMap<Box<str>, bool>; 3]>>,
 }
 
 /// Most cached decisions per connection and access kind; beyond it the cache starts over.
@@ -889,14 +903,14 @@ where
             kick: Some(kick_rx),
             keepalive,
             keepalive_timer: keepalive.map(|k| Box::pin(tokio::time::sleep(k))),
+            pause_timer: None,
             last_rx: Instant::now(),
             client_receive_max,
             client_max_packet: c
                 .properties
                 .maximum_packet_size
                 .unwrap_or(halyard_codec::MAX_PACKET_SIZE),
-            aliases_in: HashMap::new(),
-            aliases_out: HashMap::new(),
+            aliases: None,
             alias_out_max: cfg
                 .topic_alias_maximum_outbound
                 .min(c.properties.topic_alias_maximum.unwrap_or(0)),
@@ -917,8 +931,8 @@ where
                 generation: u64::MAX, // loaded on first use
                 ..AclCache::default()
             },
-            rate: PublishRate::new(&cfg),
-            enhanced,
+            rate: PublishRate::new(&cfg).map(Box::new),
+            enhanced: enhanced.map(Box::new),
             reauth: None,
             memory_blocked: false,
             read_chunk: 0,
@@ -931,16 +945,18 @@ where
     }
 
     async fn run(&mut self) {
-        let mut shutdown = self.inner.shutdown.subscribe();
-        let end = if *shutdown.borrow_and_update() {
+        // Shutdown reaches a running connection through its kick (`Broker::shutdown` kicks
+        // every attached one after raising the flag; a watch here would be 120 bytes of
+        // every connection's task). One attached after that sweep sees the flag here.
+        let end = if *self.inner.shutdown.borrow() {
             End::Server(ReasonCode::ServerShuttingDown, "shutting down")
         } else {
-            self.main_loop(&mut shutdown).await
+            self.main_loop().await
         };
         self.finish(end).await;
     }
 
-    async fn main_loop(&mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> End {
+    async fn main_loop(&mut self) -> End {
         loop {
             if self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
                 self.fill();
@@ -948,16 +964,15 @@ where
             // Over its publish rate, a client is not read until its budget refills: it
             // slows down instead of us buffering or dropping. Keep alive does not run out
             // while we are the ones not reading. (No clock read unless one of them is on.)
-            let now = (self.rate.enabled() || self.memory_blocked).then(Instant::now);
+            let now = (self.rate.is_some() || self.memory_blocked).then(Instant::now);
             let throttled_until =
-                now.and_then(|now| self.rate.blocked_until(now, &self.inner.stats));
+                now.and_then(|now| self.rate.as_mut()?.blocked_until(now, &self.inner.stats));
             if let Some(now) = now
                 && (throttled_until.is_some() || self.memory_blocked)
             {
                 self.last_rx = now;
             }
-            // One timer for both pauses (each timer in this `select!` is ~110 bytes of
-            // every connection's task); over the memory budget, look again every
+            // One timer for both pauses; over the memory budget, look again every
             // MEMORY_RECHECK.
             let memory_recheck = now
                 .filter(|_| self.memory_blocked)
@@ -966,6 +981,13 @@ where
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            if let Some(at) = paused_until {
+                match &mut self.pause_timer {
+                    Some(t) if t.deadline() == at => {}
+                    Some(t) => t.as_mut().reset(at),
+                    None => self.pause_timer = Some(Box::pin(sleep_until(at))),
+                }
+            }
             if self.read_chunk > 0 && self.rbuf.capacity() - self.rbuf.len() < self.read_chunk / 2 {
                 self.rbuf.reserve(self.read_chunk);
             }
@@ -989,14 +1011,11 @@ where
                     {
                         return End::ClientDisconnect(d);
                     }
-                    return End::Server(reason, if reason == ReasonCode::AdministrativeAction {
-                        "disconnected by an administrator"
-                    } else {
-                        "session taken over [MQTT-3.1.4-3]"
+                    return End::Server(reason, match reason {
+                        ReasonCode::AdministrativeAction => "disconnected by an administrator",
+                        ReasonCode::ServerShuttingDown => "server shutting down",
+                        _ => "session taken over [MQTT-3.1.4-3]",
                     });
-                }
-                _ = shutdown.changed() => {
-                    return End::Server(ReasonCode::ServerShuttingDown, "server shutting down");
                 }
                 r = self.wr.write(&self.wbuf[..writable]), if want_write => {
                     match r {
@@ -1044,7 +1063,8 @@ where
                     }
                 }
                 _ = self.session.wake.notified(), if can_fill => {}
-                _ = sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
+                _ = async { self.pause_timer.as_mut().expect("set when paused").as_mut().await },
+                    if paused_until.is_some() => {
                     if self.memory_blocked && !self.inner.memory_over_budget() {
                         self.memory_blocked = false;
                     }
@@ -1113,11 +1133,8 @@ where
     fn process_input(&mut self) -> Option<End> {
         loop {
             // Packets already read wait too while the publish budget is spent.
-            if self.rate.enabled()
-                && self
-                    .rate
-                    .blocked_until(Instant::now(), &self.inner.stats)
-                    .is_some()
+            if let Some(r) = &mut self.rate
+                && r.blocked_until(Instant::now(), &self.inner.stats).is_some()
             {
                 return None;
             }
@@ -1222,7 +1239,7 @@ where
     /// AUTH 0x19 and the method of its CONNECT [MQTT-4.12.1-1]; success is AUTH 0x00, failure
     /// a DISCONNECT [MQTT-4.12.1-2]. Publications continue meanwhile.
     fn on_auth(&mut self, a: &halyard_codec::Auth) -> Result<(), End> {
-        let Some((name, method)) = self.enhanced.clone() else {
+        let Some((name, method)) = self.enhanced.as_deref().cloned() else {
             return Err(self.protocol_error("AUTH without enhanced authentication [MQTT-4.12.0-2]"));
         };
         if a.properties.authentication_method.as_ref() != Some(&name) {
@@ -1284,12 +1301,15 @@ where
                 ));
             }
             if p.topic.is_empty() {
-                match self.aliases_in.get(&alias) {
+                match self.aliases.as_ref().and_then(|a| a.inbound.get(&alias)) {
                     Some(t) => p.topic = t.clone(),
                     None => return Err(self.protocol_error("unknown topic alias [MQTT-3.3.2-12]")),
                 }
             } else {
-                self.aliases_in.insert(alias, p.topic.clone());
+                self.aliases
+                    .get_or_insert_default()
+                    .inbound
+                    .insert(alias, p.topic.clone());
             }
         }
         if !p.properties.subscription_identifiers.is_empty() {
@@ -1314,7 +1334,9 @@ where
             }
             return Ok(());
         }
-        self.rate.spend(p.payload.len());
+        if let Some(r) = &mut self.rate {
+            r.spend(p.payload.len());
+        }
         if p.qos > cfg.max_qos {
             return Err(End::Server(
                 ReasonCode::QoSNotSupported,
@@ -1831,14 +1853,12 @@ where
         if generation != self.acl.generation {
             self.acl.generation = generation;
             self.acl.authorizer = self.inner.security().authorizer.clone();
-            for m in &mut self.acl.decisions {
-                m.clear();
-            }
+            self.acl.decisions = None;
         }
         let Some(authz) = &self.acl.authorizer else {
             return true;
         };
-        let map = &mut self.acl.decisions[access as usize];
+        let map = &mut self.acl.decisions.get_or_insert_default()[access as usize];
         if let Some(&d) = map.get(topic) {
             return d;
         }
@@ -1857,10 +1877,11 @@ where
         if self.alias_out_max == 0 {
             return None;
         }
-        if let Some(&a) = self.aliases_out.get(topic) {
+        let assigned = self.aliases.as_ref().map(|a| &a.outbound);
+        if let Some(&a) = assigned.and_then(|m| m.get(topic)) {
             return Some((a, false));
         }
-        let next = u16::try_from(self.aliases_out.len() + 1).ok()?;
+        let next = u16::try_from(assigned.map_or(0, HashMap::len) + 1).ok()?;
         // All aliases in use: send the full topic (no reassignment, so no client ever sees
         // an alias change meaning under it).
         (next <= self.alias_out_max).then_some((next, true))
@@ -1868,7 +1889,10 @@ where
 
     fn alias_sent(&mut self, topic: &TopicName, alias: Option<(u16, bool)>) {
         if let Some((a, true)) = alias {
-            self.aliases_out.insert(topic.clone(), a);
+            self.aliases
+                .get_or_insert_default()
+                .outbound
+                .insert(topic.clone(), a);
         }
     }
 
@@ -2153,7 +2177,9 @@ mod tests {
     /// `Connection` for its whole life, so their sizes are memory per connection. The
     /// future was 4,496 bytes with the handshake inline and the connection stored up to
     /// three times in it (as `run`'s and `finish`'s `self`, and as the handshake's result);
-    /// 744 + 744 after.
+    /// 744 + 744 after. Then 512 + 448: rarely used parts (topic aliases, the ACL decision
+    /// cache, rate limiting, re-authentication, the pause timer) made on first use, and
+    /// shutdown delivered through the kick channel instead of a watch per connection.
     #[tokio::test]
     async fn a_connection_task_stays_small() {
         let broker = crate::Broker::new(
@@ -2164,9 +2190,9 @@ mod tests {
         let stream: Box<dyn halyard_transport::AsyncStream> = Box::new(a);
         let task = super::serve(broker.inner, stream, "test".into(), ());
         let size = std::mem::size_of_val(&task);
-        assert!(size <= 1024, "connection task future is {size} bytes");
+        assert!(size <= 576, "connection task future is {size} bytes");
         let conn =
             std::mem::size_of::<super::Connection<Box<dyn halyard_transport::AsyncStream>>>();
-        assert!(conn <= 1024, "Connection is {conn} bytes");
+        assert!(conn <= 512, "Connection is {conn} bytes");
     }
 }
