@@ -584,8 +584,11 @@ struct AclCache {
     generation: u64,
     authorizer: Option<Arc<dyn Authorizer>>,
     /// One map per `Access` (write, subscribe, read); made on the first check.
-    decisions: Option<Box<[HashMap<Box<str>, bool>; 3]>>,
+    decisions: Option<Box<[Decisions; 3]>>,
 }
+
+/// Cached decisions of one access kind, by topic.
+type Decisions = HashMap<Box<str>, bool>;
 
 /// Most cached decisions per connection and access kind; beyond it the cache starts over.
 const ACL_CACHE_ENTRIES: usize = 1024;
