@@ -12,6 +12,8 @@ Halyard/peer ratios as a Markdown table; every run is also written as a JSON lin
 Usage: bench/compare.py HALYARD_BIN [--runs 3] [--secs 5] [--brokers halyard,mosquitto,rumqttd,nats]
        [--scenarios fanin,pairs1,pairs2,fanout,latency,conn] [--out FILE.jsonl]
 bench/compare.sh installs the peers and calls this.
+BROKER_CPUS / GEN_CPUS (taskset lists, default 0 and 1) move them, e.g. BROKER_CPUS=0,1 for
+the both-cores scaling run.
 """
 
 import argparse
@@ -28,6 +30,8 @@ import tempfile
 import time
 
 TICK = os.sysconf("SC_CLK_TCK")
+BROKER_CPUS = os.environ.get("BROKER_CPUS", "0")
+GEN_CPUS = os.environ.get("GEN_CPUS", "1")
 
 
 def free_port():
@@ -74,7 +78,7 @@ def write_conf(work, name, text):
 
 def start_broker(kind, halyard, work):
     port = free_port()
-    pin = ["taskset", "-c", "0"]
+    pin = ["taskset", "-c", BROKER_CPUS]
     if kind == "halyard":
         conf = write_conf(
             work, "halyard.toml",
@@ -82,7 +86,9 @@ def start_broker(kind, halyard, work):
             "max_connections = 1000000\nsys_interval = 0\n[admin]\nenabled = false\n",
         )
         # bench/ab.py runs two builds of the broker under one generator.
-        cmd = pin + [os.environ.get("HALYARD_BROKER", halyard), "serve", "-c", conf]
+        # Absolute: the broker runs in its work directory (a relative path from
+        # bench/compare.sh failed there with exit 127).
+        cmd = pin + [os.path.abspath(os.environ.get("HALYARD_BROKER", halyard)), "serve", "-c", conf]
     elif kind == "mosquitto":
         conf = write_conf(
             work, "mosquitto.conf",
@@ -160,13 +166,13 @@ def run_one(kind, scenario, halyard, secs):
             "-p", str(port), "-V", "311", "-d", str(secs), "-k", "60", "--json"]
         if scenario == "conn":
             # Sample RSS while the connections are held.
-            b = subprocess.Popen(["taskset", "-c", "1"] + args, stdout=subprocess.PIPE,
+            b = subprocess.Popen(["taskset", "-c", GEN_CPUS] + args, stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, text=True)
             time.sleep(max(2.0, secs - 1.5))
             rss_held = rss_kb(proc.pid)
             out, _ = b.communicate(timeout=secs + 120)
         else:
-            out = subprocess.run(["taskset", "-c", "1"] + args, capture_output=True, text=True,
+            out = subprocess.run(["taskset", "-c", GEN_CPUS] + args, capture_output=True, text=True,
                                  timeout=secs + 120).stdout
             rss_held = None
         t1 = cpu_ticks(proc.pid)
