@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod pki;
+pub mod procs;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -3,30 +3,16 @@
 //! admits anonymous clients and one that needs a password (alice / secret).
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use halyard_testkit::procs::{free_port, free_ports, mosquitto_path};
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
 pub fn halyard_bin() -> &'static str {
     env!("CARGO_BIN_EXE_halyard")
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// `n` distinct free ports (all bound at once, so no two are the same).
-pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().expect("addr").port())
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
@@ -35,28 +21,12 @@ pub fn temp_dir(tag: &str) -> PathBuf {
         std::process::id(),
         free_port()
     ));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    // Mosquitto started as root drops to its own user; let it read and write here.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    }
+    halyard_testkit::procs::shared_dir(&d);
     d
 }
 
 fn wait_port(port: u16, child: &mut Child, what: &str, log_hint: &Path) {
-    let deadline = Instant::now() + WAIT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            let log = std::fs::read_to_string(log_hint).unwrap_or_default();
-            panic!("{what} exited before listening on {port}: {status}\n{log}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not listen on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    halyard_testkit::procs::wait_port(port, child, what, log_hint, WAIT);
 }
 
 /// A broker process, killed on drop.
@@ -98,17 +68,6 @@ impl Drop for BrokerProc {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-pub fn mosquitto_path() -> &'static str {
-    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
-        if Path::new(p).exists() {
-            return p;
-        }
-    }
-    panic!(
-        "these tests need the Mosquitto broker and clients (Debian `mosquitto`, `mosquitto-clients`; .ci/run installs them)"
-    );
 }
 
 pub fn start_mosquitto() -> BrokerProc {

@@ -3,22 +3,14 @@
 //! did not write.
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use halyard_testkit::TestBroker;
+pub use halyard_testkit::procs::{free_port, mosquitto_path};
 
 pub const WAIT: Duration = Duration::from_secs(10);
-
-/// A free loopback port (bound and released; good enough for a test that binds it next).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// A Mosquitto broker process on 127.0.0.1:port, killed on drop.
 #[derive(Debug)]
@@ -26,21 +18,6 @@ pub struct Mosquitto {
     pub port: u16,
     child: Option<Child>,
     dir: PathBuf,
-}
-
-pub fn mosquitto_path() -> PathBuf {
-    for p in [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ] {
-        if std::path::Path::new(p).exists() {
-            return p.into();
-        }
-    }
-    panic!(
-        "these tests need the Mosquitto broker (Debian package `mosquitto`; .ci/run installs it)"
-    );
 }
 
 impl Mosquitto {
@@ -53,12 +30,7 @@ impl Mosquitto {
     pub fn start_with(port: u16, extra: &str) -> Mosquitto {
         let dir =
             std::env::temp_dir().join(format!("halyard-client-mosq-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        // Started as root, Mosquitto drops to its own user; let it write its database.
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        }
+        halyard_testkit::procs::shared_dir(&dir);
         let mut m = Mosquitto {
             port,
             child: None,
@@ -86,16 +58,15 @@ impl Mosquitto {
             .stderr(Stdio::null())
             .spawn()
             .expect("start mosquitto");
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not start on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // Owned by `self` before waiting, so a failed start still kills it on drop.
+        let child = self.child.insert(child);
+        halyard_testkit::procs::wait_port(
+            self.port,
+            child,
+            "mosquitto",
+            std::path::Path::new(""),
+            WAIT,
+        );
     }
 
     /// Stops it with SIGTERM (Mosquitto saves its persistence file) and waits.
