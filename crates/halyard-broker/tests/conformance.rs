@@ -136,6 +136,20 @@ async fn takeover_of_a_connection_scoped_session_does_not_resume_it_mqtt_3_1_2_1
     assert_eq!(&recv_publish(&mut b).await.payload[..], b"y");
 }
 
+/// A clean-start CONNECT with a QoS 1 will "gone" on `will/{id}`.
+fn connect_with_will(v: ProtocolVersion, id: &str) -> Packet {
+    connect_with(v, id, true, |c| {
+        c.will = Some(Will {
+            topic: topic(&format!("will/{id}")),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            delay_interval: None,
+            properties: PublishProperties::default(),
+        })
+    })
+}
+
 /// A client that sends DISCONNECT and reconnects at once: when the broker reads the new
 /// CONNECT first, the takeover still finds the DISCONNECT waiting on the old connection
 /// and honors it, so the will is not published [MQTT-3.1.2-10]. (In-memory connections,
@@ -145,20 +159,8 @@ async fn disconnect_unread_at_takeover_still_drops_the_will_mqtt_3_1_2_10(v: Pro
     let mut s = tb.raw().await;
     online(&mut s, v, "watcher", true).await;
     sub(&mut s, "will/#", QoS::AtLeastOnce).await;
-    let with_will = || {
-        connect_with(v, "quick", true, |c| {
-            c.will = Some(Will {
-                topic: topic("will/quick"),
-                payload: Bytes::from_static(b"gone"),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                delay_interval: None,
-                properties: PublishProperties::default(),
-            })
-        })
-    };
     let mut a = raw_duplex(&tb.broker);
-    handshake(&mut a, with_will()).await;
+    handshake(&mut a, connect_with_will(v, "quick")).await;
     let mut b = raw_duplex(&tb.broker);
     b.version = v;
     b.send(&connect(v, "quick", false, 60)).await;
@@ -1035,18 +1037,7 @@ async fn will_published_on_abnormal_close_not_on_disconnect_mqtt_3_1_2_8_and_10(
     let mut s = tb.raw().await;
     online(&mut s, v, "watcher", true).await;
     sub(&mut s, "will/#", QoS::AtLeastOnce).await;
-    let with_will = |id: &str| {
-        connect_with(v, id, true, |c| {
-            c.will = Some(Will {
-                topic: topic(&format!("will/{id}")),
-                payload: Bytes::from_static(b"gone"),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                delay_interval: None,
-                properties: PublishProperties::default(),
-            })
-        })
-    };
+    let with_will = |id: &str| connect_with_will(v, id);
     let mut a = tb.raw().await;
     handshake(&mut a, with_will("abrupt")).await;
     drop(a); // network close without DISCONNECT
