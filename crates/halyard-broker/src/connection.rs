@@ -499,7 +499,8 @@ where
 
 /// A client's publish budget: token buckets of messages and payload bytes, refilled
 /// continuously at the configured rates with one second of burst. Spending may go below
-/// zero (a packet is never split); reads pause until the budget is positive again.
+/// zero (a packet is never split); reads pause until the budget is positive again. Exists
+/// only for connections with a rate configured (`PublishRate::new`).
 #[derive(Debug)]
 struct PublishRate {
     msgs_per_sec: f64,
@@ -538,9 +539,6 @@ impl PublishRate {
     }
 
     fn spend(&mut self, payload: usize) {
-        if !self.enabled() {
-            return;
-        }
         self.refill(Instant::now());
         if self.msgs_per_sec > 0.0 {
             self.msgs -= 1.0;
@@ -553,9 +551,6 @@ impl PublishRate {
     /// When reading may resume, if the budget is spent.
     /// Counts each new pause in `stats.publish_throttled`.
     fn blocked_until(&mut self, now: Instant, stats: &Stats) -> Option<Instant> {
-        if !self.enabled() {
-            return None;
-        }
         self.refill(now);
         let wait = |have: f64, rate: f64| {
             if rate > 0.0 && have < 0.0 {
