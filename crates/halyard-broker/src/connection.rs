@@ -1469,6 +1469,10 @@ where
         let persistent = st.persistent();
         let client_id = || self.session.client_id.to_string();
         let packet_id = a.packet_id;
+        // PUBREL waits until "PUBREC received" is durable: once the client has PUBREL it
+        // may complete and forget the packet id, so a restart that still saw the message as
+        // unacknowledged would resend the PUBLISH and the client would deliver it twice.
+        let mut ticket = 0;
         let reply = match st.inflight.get_mut(&packet_id) {
             Some(f) if f.state == Awaiting::Rec && a.reason.is_error() => {
                 // v5: a PUBREC with an error code ends the exchange; PUBREL is only sent for
@@ -1484,7 +1488,7 @@ where
             }
             Some(f) if matches!(f.state, Awaiting::Rec | Awaiting::Comp) => {
                 if f.state == Awaiting::Rec && persistent {
-                    self.inner.store.apply(vec![Op::Released {
+                    ticket = self.inner.store.apply(vec![Op::Released {
                         client_id: client_id(),
                         packet_id,
                     }]);
@@ -1501,10 +1505,13 @@ where
             } else {
                 ReasonCode::Success
             };
-            self.send(&Packet::PubRel(Ack {
-                reason,
-                ..Ack::new(a.packet_id)
-            }));
+            self.ack(
+                ticket,
+                Packet::PubRel(Ack {
+                    reason,
+                    ..Ack::new(a.packet_id)
+                }),
+            );
         }
     }
 

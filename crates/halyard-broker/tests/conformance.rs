@@ -1510,6 +1510,16 @@ async fn qos2_publish_to_a_stored_session_waits_until_its_packet_id_is_durable()
             (QoS::ExactlyOnce, &b"once"[..]),
             "{v:?}"
         );
+        // PUBREL likewise waits until "PUBREC received" is durable: a client that got
+        // PUBREL may complete and forget the id, so a restart that still saw the message as
+        // unacknowledged would resend it and the client would deliver it twice
+        // [MQTT-4.3.3-9].
+        let n = applied(&gated);
+        s.send(&Packet::PubRec(Ack::new(m.packet_id))).await;
+        applied_beyond(&gated, n).await;
+        s.expect_silence(SHORT).await;
+        gated.durable.send_replace(applied(&gated));
+        assert_eq!(s.recv().await, Packet::PubRel(Ack::new(m.packet_id)), "{v:?}");
     }
 }
 
