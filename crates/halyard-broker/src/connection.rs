@@ -948,6 +948,11 @@ where
         // every connection's task). One attached after that sweep sees the flag here.
         let end = if *self.inner.shutdown.borrow() {
             End::Server(ReasonCode::ServerShuttingDown, "shutting down")
+        } else if let Some(end) = self.process_input() {
+            // Packets the client sent right behind CONNECT, read with it: handled now,
+            // not when its next bytes happen to arrive (a `connect(); subscribe()` client
+            // would wait for a SUBACK forever).
+            end
         } else {
             self.main_loop().await
         };

@@ -179,6 +179,35 @@ async fn disconnect_unread_at_takeover_still_drops_the_will_mqtt_3_1_2_10(v: Pro
     s.expect_silence(SHORT).await;
 }
 
+/// Clients may send packets right after CONNECT without waiting for CONNACK (3.1.4,
+/// non-normative; paho's `connect(); subscribe()` does). When they arrive in the same read
+/// as CONNECT they are handled at once, not left in the buffer until the client happens to
+/// send more. (In-memory connection: one write is one read.)
+async fn packets_pipelined_behind_connect_are_handled_3_1_4(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut c = raw_duplex(&tb.broker);
+    c.version = v;
+    let mut bytes = bytes::BytesMut::new();
+    connect_with(v, "eager", true, |c| {
+        if v.is_v5() {
+            c.properties.session_expiry_interval = Some(300);
+        }
+    })
+    .encode(v, &mut bytes)
+    .unwrap();
+    subscribe(1, "eager/t", QoS::ExactlyOnce)
+        .encode(v, &mut bytes)
+        .unwrap();
+    Packet::PingReq.encode(v, &mut bytes).unwrap();
+    c.send_bytes(&bytes).await;
+    assert!(matches!(c.recv().await, Packet::ConnAck(a) if a.reason == ReasonCode::Success));
+    match c.recv().await {
+        Packet::SubAck(a) => assert_eq!(a.packet_id, 1),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    assert_eq!(c.recv().await, Packet::PingResp);
+}
+
 async fn max_connections_refused_with_connack(v: ProtocolVersion) {
     let tb = TestBroker::with_config(BrokerConfig {
         max_connections: 1,
@@ -1248,6 +1277,7 @@ both_versions!(
     session_takeover_mqtt_3_1_4_3,
     takeover_of_a_connection_scoped_session_does_not_resume_it_mqtt_3_1_2_11,
     disconnect_unread_at_takeover_still_drops_the_will_mqtt_3_1_2_10,
+    packets_pipelined_behind_connect_are_handled_3_1_4,
     max_connections_refused_with_connack,
     keep_alive_above_max_keepalive_mqtt_3_2_2_21,
     qos1_and_qos2_flows_mqtt_4_3,
