@@ -615,7 +615,10 @@ impl Inner {
             );
             msg.expires_at = m.expires_at.map(to_instant);
             msg.set_ticket(0);
-            self.retained.restore(Arc::new(msg));
+            // Restored messages count against `max_memory_bytes` like received ones: a
+            // large backlog holds publishers back until it drains.
+            self.retained
+                .restore(Arc::new(msg.charged_to(&self.memory)));
         }
         // Message bodies shared by the recovered deliveries: one `Arc` per id.
         let mut bodies: HashMap<u64, Arc<Message>> = HashMap::new();
@@ -641,7 +644,7 @@ impl Inner {
             msg.expires_at = m.expires_at.map(to_instant);
             msg.persisted.store(true, Ordering::Relaxed);
             msg.set_ticket(0);
-            bodies.insert(id, Arc::new(msg));
+            bodies.insert(id, Arc::new(msg.charged_to(&self.memory)));
         }
         let outgoing = |d: &halyard_store::StoredDelivery| {
             bodies.get(&d.message_id).map(|msg| Outgoing {

@@ -277,8 +277,90 @@ async fn memory_budget_holds_back_publishers(v: ProtocolVersion) {
     .await;
 }
 
+/// Messages restored from the store at start-up are charged to `max_memory_bytes` like
+/// received ones: a backlog bigger than the budget holds new publishers back until the
+/// subscriber drains it, and draining it frees the charge.
+async fn restored_messages_count_against_the_memory_budget(v: ProtocolVersion) {
+    let store = std::sync::Arc::new(halyard_store::MemoryStore::new());
+    let sub_connect = |clean| {
+        connect_with(v, "mem-sub", clean, |c| {
+            if v.is_v5() {
+                c.properties.session_expiry_interval = Some(600);
+            } else {
+                c.clean_start = false;
+            }
+        })
+    };
+    let tb = TestBroker::with_store(BrokerConfig::default(), store.clone()).await;
+    let mut s = tb.raw().await;
+    assert_eq!(
+        handshake(&mut s, sub_connect(true)).await.reason,
+        ReasonCode::Success
+    );
+    sub(&mut s, "mem/t", QoS::AtLeastOnce).await;
+    s.send_hex("E0 00").await;
+    let _ = s.expect_close().await;
+    let mut p = tb.raw().await;
+    online(&mut p, v, "mem-pub", true).await;
+    let payload = vec![7u8; 4096];
+    for i in 1..=20u16 {
+        p.send(&publish("mem/t", QoS::AtLeastOnce, i, &payload))
+            .await;
+        assert!(matches!(p.recv().await, Packet::PubAck(_)));
+    }
+    tb.broker.shutdown().await;
+
+    // Restarted with a budget the 20 queued messages (~80 KiB) already exceed.
+    let tb = TestBroker::with_store(
+        BrokerConfig {
+            max_memory_bytes: 64 * 1024,
+            ..BrokerConfig::default()
+        },
+        store,
+    )
+    .await;
+    let restored = tb.broker.stats().message_bytes_alive;
+    assert!(
+        restored >= 20 * 4096,
+        "restored backlog charged: {restored}"
+    );
+    let mut p = tb.raw().await;
+    online(&mut p, v, "mem-pub", true).await;
+    p.send(&publish("mem/t", QoS::AtLeastOnce, 1, &payload))
+        .await;
+    assert!(
+        matches!(
+            p.recv_within(Duration::from_millis(300)).await,
+            halyard_testkit::Recv::Timeout
+        ),
+        "a publisher is held back while the restored backlog is over the budget"
+    );
+    let mut s = tb.raw().await;
+    assert!(handshake(&mut s, sub_connect(false)).await.session_present);
+    for _ in 0..21 {
+        let m = recv_publish(&mut s).await;
+        s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+    }
+    assert!(
+        matches!(p.recv().await, Packet::PubAck(_)),
+        "released once drained"
+    );
+    halyard_testkit::eventually("the restored messages' charge is freed", || {
+        tb.broker.stats().message_bytes_alive == 0
+    })
+    .await;
+}
+
 mod memory {
     use super::*;
+    #[tokio::test]
+    async fn restored_messages_count_against_the_memory_budget_v3_1_1() {
+        restored_messages_count_against_the_memory_budget(V3_1_1).await
+    }
+    #[tokio::test]
+    async fn restored_messages_count_against_the_memory_budget_v5() {
+        restored_messages_count_against_the_memory_budget(V5).await
+    }
     #[tokio::test]
     async fn memory_budget_v3_1_1() {
         memory_budget_holds_back_publishers(V3_1_1).await
