@@ -96,7 +96,7 @@ impl MessageInfo {
             qos: m.qos,
             retain: m.retain,
             origin: m.origin.clone(),
-            properties: m.properties.clone(),
+            properties: m.properties().clone(),
             expires_in: m
                 .expires_at
                 .map(|at| at.saturating_duration_since(now).as_secs()),

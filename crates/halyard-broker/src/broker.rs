@@ -753,7 +753,7 @@ pub(crate) fn stored(msg: &Message) -> StoredMessage {
         topic: msg.topic.to_string(),
         payload: msg.payload.clone(),
         qos: msg.qos,
-        properties: msg.properties.clone(),
+        properties: msg.properties().clone(),
         expires_at: msg
             .expires_at
             .map(|e| SystemTime::now() + e.saturating_duration_since(now)),
