@@ -861,13 +861,16 @@ where
         });
 
         let will = c.will.as_ref().map(|w| {
+            // Copied out of the CONNECT's read buffer (the will lives as long as the
+            // session; see `TopicName::copy_with`).
+            let (topic, payload) = w.topic.copy_with(&w.payload);
             Arc::new(Message::new(
                 inner.message_id(),
-                w.topic.clone(),
-                w.payload.clone(),
+                topic,
+                payload,
                 w.qos,
                 w.retain,
-                w.properties.clone(),
+                crate::message::owned_properties(w.properties.clone()),
                 Some(client_id.clone()),
                 Instant::now(),
             ))
@@ -1309,10 +1312,12 @@ where
                     None => return Err(self.protocol_error("unknown topic alias [MQTT-3.3.2-12]")),
                 }
             } else {
+                // A copy: the alias lives as long as the connection, and a slice would
+                // pin the read buffer it came in.
                 self.aliases
                     .get_or_insert_default()
                     .inbound
-                    .insert(alias, p.topic.clone());
+                    .insert(alias, p.topic.copy_with(&[]).0);
             }
         }
         if !p.properties.subscription_identifiers.is_empty() {
@@ -1395,14 +1400,17 @@ where
                 self.release_inbound(p.packet_id);
             }
         } else {
+            // Topic, payload and properties are copied out of the read buffer: slices of
+            // it would pin up to 64 KiB per message kept queued or retained.
+            let (topic, payload) = p.topic.copy_with(&p.payload);
             let msg = Arc::new(
                 Message::new(
                     self.inner.message_id(),
-                    p.topic,
-                    p.payload,
+                    topic,
+                    payload,
                     p.qos,
                     p.retain,
-                    p.properties,
+                    crate::message::owned_properties(p.properties),
                     Some(self.session.client_id.clone()),
                     // When it was read: its expiry counts from then, and it saves a clock
                     // read per message.
@@ -1604,6 +1612,8 @@ where
             }
             let qos = grant(opts.qos, cfg.max_qos);
             let options = SubscriptionOptions { qos, ..opts };
+            // Kept for the session's life: not a slice pinning the read buffer.
+            let filter = filter.copied();
             let sub = Subscription {
                 filter: filter.clone(),
                 options,

@@ -26,6 +26,12 @@ static NO_PROPERTIES: PublishProperties = PublishProperties {
     user_properties: Vec::new(),
 };
 
+/// Properties as decoded, copied out of the read buffer when there are any (see
+/// [`TopicName::copy_with`]).
+pub(crate) fn owned_properties(p: PublishProperties) -> PublishProperties {
+    if p == NO_PROPERTIES { p } else { p.copied() }
+}
+
 /// One application message as routed by the broker.
 #[derive(Debug)]
 pub(crate) struct Message {

@@ -309,6 +309,30 @@ pub struct PublishProperties {
 }
 
 impl PublishProperties {
+    /// The same properties with every string and binary value copied into buffers of its
+    /// own (see [`crate::TopicName::copy_with`]: decoded values are slices of the read
+    /// buffer).
+    pub fn copied(&self) -> PublishProperties {
+        let s = |v: &ByteString| ByteString::from(&**v);
+        PublishProperties {
+            payload_format_indicator: self.payload_format_indicator,
+            message_expiry_interval: self.message_expiry_interval,
+            topic_alias: self.topic_alias,
+            response_topic: self.response_topic.as_ref().map(|t| t.copy_with(&[]).0),
+            correlation_data: self
+                .correlation_data
+                .as_ref()
+                .map(|d| Bytes::copy_from_slice(d)),
+            subscription_identifiers: self.subscription_identifiers.clone(),
+            content_type: self.content_type.as_ref().map(s),
+            user_properties: self
+                .user_properties
+                .iter()
+                .map(|(k, v)| (s(k), s(v)))
+                .collect(),
+        }
+    }
+
     /// Read a PUBLISH's (or, with `will_delay`, a will's) property block.
     pub(crate) fn read(
         r: &mut Reader,
@@ -756,4 +780,34 @@ pub(crate) fn write_block(
 /// Wire length of a property block including its length prefix.
 pub(crate) fn block_len(len: usize) -> usize {
     varint_len(u32::try_from(len).unwrap_or(u32::MAX)) + len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copied_properties_do_not_share_the_decoded_buffer() {
+        let wire = Bytes::from_static(b"reply/tocorrtext/plainkv");
+        let s = |r: std::ops::Range<usize>| ByteString::try_from(wire.slice(r)).unwrap();
+        let p = PublishProperties {
+            payload_format_indicator: Some(true),
+            message_expiry_interval: Some(9),
+            response_topic: Some(TopicName::new(s(0..8)).unwrap()),
+            correlation_data: Some(wire.slice(8..12)),
+            content_type: Some(s(12..22)),
+            user_properties: vec![(s(22..23), s(23..24))],
+            ..PublishProperties::default()
+        };
+        let c = p.copied();
+        assert_eq!(c, p);
+        let outside = |b: &[u8]| !wire.as_ptr_range().contains(&b.as_ptr());
+        assert!(outside(
+            c.response_topic.as_ref().unwrap().as_str().as_bytes()
+        ));
+        assert!(outside(c.correlation_data.as_ref().unwrap()));
+        assert!(outside(c.content_type.as_ref().unwrap().as_bytes()));
+        assert!(outside(c.user_properties[0].0.as_bytes()));
+        assert!(outside(c.user_properties[0].1.as_bytes()));
+    }
 }

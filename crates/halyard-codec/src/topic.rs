@@ -104,6 +104,21 @@ impl TopicName {
         }
         Ok(TopicName(s))
     }
+    /// This topic and `payload`, copied together into one new buffer. What the decoder
+    /// returns are slices of the read buffer: a message kept for long (queued for an
+    /// offline client, retained, in flight) would pin the whole buffer, up to its 64 KiB,
+    /// for a few bytes of its own.
+    pub fn copy_with(&self, payload: &[u8]) -> (TopicName, bytes::Bytes) {
+        let topic = self.0.as_bytes();
+        let mut buf = bytes::BytesMut::with_capacity(topic.len() + payload.len());
+        buf.extend_from_slice(topic);
+        buf.extend_from_slice(payload);
+        let payload = buf.split_off(topic.len()).freeze();
+        // The bytes are those of a valid topic, so this cannot fail; keep the original
+        // rather than panic if it ever did.
+        let topic = ByteString::try_from(buf.freeze()).map_or_else(|_| self.clone(), TopicName);
+        (topic, payload)
+    }
     /// The zero-length topic of a PUBLISH that uses a Topic Alias.
     pub const fn empty() -> Self {
         TopicName(ByteString::from_static(""))
@@ -158,6 +173,15 @@ pub struct TopicFilter {
 const SHARE_PREFIX: &str = "$share/";
 
 impl TopicFilter {
+    /// The same filter in a buffer of its own: a decoded filter is a slice of the read
+    /// buffer, which a subscription kept for the session's life would pin.
+    pub fn copied(&self) -> TopicFilter {
+        TopicFilter {
+            full: ByteString::from(&*self.full),
+            filter_start: self.filter_start,
+        }
+    }
+
     /// Validates a topic filter.
     pub fn new(s: impl Into<ByteString>) -> Result<Self, TopicError> {
         let full = s.into();
@@ -262,6 +286,27 @@ impl TryFrom<&str> for TopicFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `part` lies inside `whole`'s memory.
+    fn inside(part: &[u8], whole: &[u8]) -> bool {
+        let r = whole.as_ptr_range();
+        r.contains(&part.as_ptr())
+    }
+
+    #[test]
+    fn copies_do_not_share_the_decoded_buffer() {
+        let wire = bytes::Bytes::from_static(b"$share/g/a/+xyz/t/payload");
+        let filter = TopicFilter::new(ByteString::try_from(wire.slice(..12)).unwrap()).unwrap();
+        let copy = filter.copied();
+        assert_eq!(copy, filter);
+        assert_eq!(copy.filter(), "a/+");
+        assert!(!inside(copy.as_str().as_bytes(), &wire));
+
+        let topic = TopicName::new(ByteString::try_from(wire.slice(14..17)).unwrap()).unwrap();
+        let (t, payload) = topic.copy_with(&wire[18..]);
+        assert_eq!((t.as_str(), &payload[..]), ("z/t", &b"payload"[..]));
+        assert!(!inside(t.as_str().as_bytes(), &wire) && !inside(&payload, &wire));
+    }
 
     #[test]
     fn filter_grammar_mqtt_4_7_1() {
