@@ -100,7 +100,7 @@ fn message(m: &StoredMessage) -> Value {
         "qos": m.qos as u8,
         "payload": payload,
         "expires_at_ms": time_ms(m.expires_at),
-        "user_properties": m.properties.user_properties.iter()
+        "user_properties": m.publish_properties().user_properties.iter()
             .map(|(k, v)| json!([k.to_string(), v.to_string()])).collect::<Vec<_>>(),
     })
 }

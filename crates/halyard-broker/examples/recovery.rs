@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use halyard_broker::{Broker, BrokerConfig};
-use halyard_codec::{Bytes, ProtocolVersion, PublishProperties, QoS, SubscriptionOptions};
+use halyard_codec::{Bytes, ProtocolVersion, QoS, SubscriptionOptions};
 use halyard_store::*;
 
 fn dir_size(d: &std::path::Path) -> u64 {
@@ -57,7 +57,7 @@ fn main() {
                     topic: format!("sensors/{}", id % 1000),
                     payload: payload.clone(),
                     qos: QoS::AtLeastOnce,
-                    properties: PublishProperties::default(),
+                    properties: None,
                     expires_at: None,
                 },
             });

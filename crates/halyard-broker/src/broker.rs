@@ -609,7 +609,7 @@ impl Inner {
                 m.payload,
                 m.qos,
                 true,
-                m.properties,
+                m.properties.map(|p| *p).unwrap_or_default(),
                 None,
                 now,
             );
@@ -637,7 +637,7 @@ impl Inner {
                 m.payload.clone(),
                 m.qos,
                 false,
-                m.properties.clone(),
+                m.publish_properties(),
                 None,
                 now,
             );
@@ -714,7 +714,7 @@ impl Inner {
                         w.message.payload.clone(),
                         w.message.qos,
                         w.retain,
-                        w.message.properties.clone(),
+                        w.message.publish_properties(),
                         Some(client_id.clone()),
                         now,
                     );
@@ -753,7 +753,7 @@ pub(crate) fn stored(msg: &Message) -> StoredMessage {
         topic: msg.topic.to_string(),
         payload: msg.payload.clone(),
         qos: msg.qos,
-        properties: msg.properties().clone(),
+        properties: StoredMessage::boxed(msg.properties().clone()),
         expires_at: msg
             .expires_at
             .map(|e| SystemTime::now() + e.saturating_duration_since(now)),

@@ -30,10 +30,23 @@ pub struct StoredMessage {
     pub payload: Bytes,
     /// QoS it was published with.
     pub qos: QoS,
-    /// Properties to forward (no topic alias, no subscription identifiers).
-    pub properties: PublishProperties,
+    /// Properties to forward (no topic alias, no subscription identifiers); boxed and
+    /// only when there are any (see [`StoredMessage::boxed`]): the store's image keeps
+    /// every pending message, and most have none.
+    pub properties: Option<Box<PublishProperties>>,
     /// Wall-clock expiry, if the message has a Message Expiry Interval.
     pub expires_at: Option<SystemTime>,
+}
+
+impl StoredMessage {
+    /// Properties as [`StoredMessage::properties`] keeps them.
+    pub fn boxed(p: PublishProperties) -> Option<Box<PublishProperties>> {
+        (p != PublishProperties::default()).then(|| Box::new(p))
+    }
+    /// The properties, empty when there are none.
+    pub fn publish_properties(&self) -> PublishProperties {
+        self.properties.as_deref().cloned().unwrap_or_default()
+    }
 }
 
 /// A session's persistent header.
@@ -653,7 +666,7 @@ mod tests {
             topic: "t".into(),
             payload: Bytes::from_static(b"p"),
             qos: QoS::ExactlyOnce,
-            properties: PublishProperties::default(),
+            properties: None,
             expires_at: None,
         };
         let d = |id| StoredDelivery {

@@ -407,7 +407,7 @@ impl W<'_> {
         let p = Packet::Publish(Publish {
             qos: m.qos,
             packet_id: if m.qos == QoS::AtMostOnce { 0 } else { 1 },
-            properties: m.properties.clone(),
+            properties: m.publish_properties(),
             ..Publish::new(topic, m.payload.clone())
         });
         let mut buf = BytesMut::with_capacity(p.encoded_len(ProtocolVersion::V5));
@@ -470,7 +470,7 @@ impl R<'_> {
                 topic: p.topic.to_string(),
                 payload: Bytes::copy_from_slice(&p.payload),
                 qos: p.qos,
-                properties: p.properties,
+                properties: StoredMessage::boxed(p.properties),
                 expires_at,
             }),
             _ => Err(RecordError::Body("stored message")),
@@ -488,11 +488,11 @@ mod tests {
             topic: "a/b".into(),
             payload: Bytes::from_static(b"payload"),
             qos: QoS::ExactlyOnce,
-            properties: PublishProperties {
+            properties: StoredMessage::boxed(PublishProperties {
                 content_type: Some("text".into()),
                 user_properties: vec![("k".into(), "v".into())],
                 ..Default::default()
-            },
+            }),
             expires_at: Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
         }
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
-use halyard_codec::{Bytes, ProtocolVersion, PublishProperties, QoS, SubscriptionOptions};
+use halyard_codec::{Bytes, ProtocolVersion, QoS, SubscriptionOptions};
 use halyard_store::*;
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -50,7 +50,7 @@ fn workload(clients: usize, messages: u64) -> Vec<Vec<Op>> {
                 topic: format!("t/{}/x", m % clients as u64),
                 payload: Bytes::from(vec![m as u8; 64]),
                 qos: QoS::AtLeastOnce,
-                properties: PublishProperties::default(),
+                properties: None,
                 expires_at: None,
             },
         }];
@@ -84,7 +84,7 @@ fn workload(clients: usize, messages: u64) -> Vec<Vec<Op>> {
                 topic: format!("r/{}", m % 7),
                 payload: Bytes::from(format!("v{m}")),
                 qos: QoS::AtMostOnce,
-                properties: PublishProperties::default(),
+                properties: None,
                 expires_at: None,
             }));
             ops.push(Op::InboundQos2 {
@@ -235,7 +235,7 @@ fn a_batch_cut_at_a_record_boundary_is_dropped_whole() {
                 topic: "t/0/x".into(),
                 payload: Bytes::from_static(b"once"),
                 qos: QoS::ExactlyOnce,
-                properties: PublishProperties::default(),
+                properties: None,
                 expires_at: None,
             },
         },
