@@ -57,11 +57,20 @@ def start():
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", PORT), 0.2).close()
-            broker_up.set()
-            return
+            probe = socket.create_connection(("127.0.0.1", PORT), 0.2)
         except OSError:
             time.sleep(0.02)
+            continue
+        # PORT is in the ephemeral range: a probe can connect to itself (TCP simultaneous
+        # open) while nothing listens. That looked like a running broker, and the socket
+        # then kept the broker from binding its port (seen once in a 200-kill run).
+        self_connected = probe.getsockname() == probe.getpeername()
+        probe.close()
+        if self_connected:
+            time.sleep(0.02)
+            continue
+        broker_up.set()
+        return
     raise RuntimeError("broker did not start")
 
 

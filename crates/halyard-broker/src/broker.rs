@@ -13,7 +13,7 @@ use halyard_transport::{Monitor, PeerInfo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::auth::{Anonymous, Security};
 use crate::config::{BrokerConfig, defaults};
@@ -646,8 +646,15 @@ impl Inner {
             msg.set_ticket(0);
             bodies.insert(id, Arc::new(msg.charged_to(&self.memory)));
         }
+        // A delivery whose body is missing cannot be sent; the store's recovery should
+        // never produce one, so it is counted and reported, not silently skipped.
+        let missing = std::cell::Cell::new(0u64);
         let outgoing = |d: &halyard_store::StoredDelivery| {
-            bodies.get(&d.message_id).map(|msg| Outgoing {
+            let body = bodies.get(&d.message_id);
+            if body.is_none() {
+                missing.set(missing.get() + 1);
+            }
+            body.map(|msg| Outgoing {
                 msg: msg.clone(),
                 qos: d.qos,
                 retain: d.retain,
@@ -737,6 +744,12 @@ impl Inner {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(client_id, session);
             restored += 1;
+        }
+        if missing.get() > 0 {
+            error!(
+                deliveries = missing.get(),
+                "stored deliveries refer to message bodies the store does not have; skipped"
+            );
         }
         info!(
             sessions = restored,
