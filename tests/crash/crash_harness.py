@@ -33,16 +33,40 @@ SEED = int(sys.argv[3]) if len(sys.argv) > 3 else int(time.time())
 RATE = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 rng = random.Random(SEED)
 work = tempfile.mkdtemp(prefix="halyard-crash-")
-sock = socket.socket()
-sock.bind(("127.0.0.1", 0))
-PORT = sock.getsockname()[1]
-sock.close()
+
+
+def pick_port():
+    """A free port below the ephemeral range. While the broker is down between a kill and
+    its restart, its port is free; a port the kernel hands out for `bind(0)` could then be
+    taken by another program's listener (a test suite's broker, seen once) or by a client
+    socket, and the publishers would talk to that instead."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError):
+        low = 32768
+    for _ in range(1000):
+        port = random.randrange(10000, max(10001, low))  # not `rng`: kill times stay per seed
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+PORT = pick_port()
 config = os.path.join(work, "halyard.toml")
 with open(config, "w") as f:
     f.write(
         f'listen = ["tcp://127.0.0.1:{PORT}"]\n'
         f'data_dir = "{work}/data"\n'
         "max_queued_messages = 10000000\nmax_queued_bytes = 0\nmax_inflight_messages = 100\n"
+        # Not needed here, and its fixed port would clash with anything else running.
+        "[admin]\nenabled = false\n"
     )
 log = open(os.path.join(work, "broker.log"), "ab")
 broker = None
