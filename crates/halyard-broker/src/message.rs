@@ -29,7 +29,7 @@ static NO_PROPERTIES: PublishProperties = PublishProperties {
 /// Properties as decoded, copied out of the read buffer when there are any (see
 /// [`TopicName::copy_with`]).
 pub(crate) fn owned_properties(p: PublishProperties) -> PublishProperties {
-    if p == NO_PROPERTIES { p } else { p.copied() }
+    if p.is_empty() { p } else { p.copied() }
 }
 
 /// One application message as routed by the broker.
@@ -107,7 +107,7 @@ impl Message {
             payload,
             qos,
             retain,
-            properties: (properties != NO_PROPERTIES).then(|| Box::new(properties)),
+            properties: (!properties.is_empty()).then(|| Box::new(properties)),
             expires_at,
             origin,
             cache: Default::default(),

@@ -309,6 +309,18 @@ pub struct PublishProperties {
 }
 
 impl PublishProperties {
+    /// No property at all (field checks: cheaper than comparing with the default).
+    pub fn is_empty(&self) -> bool {
+        self.payload_format_indicator.is_none()
+            && self.message_expiry_interval.is_none()
+            && self.topic_alias.is_none()
+            && self.response_topic.is_none()
+            && self.correlation_data.is_none()
+            && self.subscription_identifiers.is_empty()
+            && self.content_type.is_none()
+            && self.user_properties.is_empty()
+    }
+
     /// The same properties with every string and binary value copied into buffers of its
     /// own (see [`crate::TopicName::copy_with`]: decoded values are slices of the read
     /// buffer).

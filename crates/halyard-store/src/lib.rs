@@ -41,7 +41,7 @@ pub struct StoredMessage {
 impl StoredMessage {
     /// Properties as [`StoredMessage::properties`] keeps them.
     pub fn boxed(p: PublishProperties) -> Option<Box<PublishProperties>> {
-        (p != PublishProperties::default()).then(|| Box::new(p))
+        (!p.is_empty()).then(|| Box::new(p))
     }
     /// The properties, empty when there are none.
     pub fn publish_properties(&self) -> PublishProperties {
