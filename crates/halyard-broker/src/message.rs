@@ -1,17 +1,21 @@
 //! An application message inside the broker, and how it is encoded for subscribers.
 //!
 //! A message is received once, wrapped in an `Arc`, and shared by every session it is
-//! delivered to: payload and properties are never copied. Its PUBLISH bytes are encoded at
-//! most once per wire shape (3.x or 5, with or without a packet identifier) and cached; each
-//! delivery copies those bytes into the connection's write buffer and patches the first
-//! byte (DUP/QoS/RETAIN) and the packet identifier in place. Only deliveries that change the
-//! properties (subscription identifiers, a remaining expiry, a topic alias) encode afresh.
+//! delivered to: payload and properties are never copied. A message without properties
+//! (most of them) is encoded straight into each connection's write buffer: header, topic,
+//! packet id, payload, which costs what copying cached bytes would. A message with
+//! properties has its PUBLISH bytes encoded at most once per wire shape (3.x or 5, with or
+//! without a packet identifier) and cached; each delivery copies those bytes into the
+//! write buffer and patches the first byte (DUP/QoS/RETAIN) and the packet identifier in
+//! place. Only deliveries that change the properties (subscription identifiers, a
+//! remaining expiry, a topic alias) encode afresh.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use halyard_codec::{
-    Bytes, BytesMut, Packet, ProtocolVersion, Publish, PublishProperties, QoS, TopicName,
+    Bytes, BytesMut, Packet, PlainPublish, ProtocolVersion, Publish, PublishProperties, QoS,
+    TopicName, encode_plain_publish,
 };
 use tokio::time::Instant;
 
@@ -241,6 +245,23 @@ pub(crate) fn write(
     let v5 = version.is_v5();
     let plain =
         !v5 || (d.subscription_ids.is_empty() && msg.expires_at.is_none() && d.alias.is_none());
+    if plain && msg.properties.is_none() {
+        // No properties: encoding is a header, the topic, the packet id and the payload,
+        // as cheap as copying cached bytes, and it needs no allocation for the cache (which
+        // in fan-in, one delivery per message, was pure overhead).
+        let p = PlainPublish {
+            dup: d.dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic: msg.topic.as_str(),
+            packet_id: d.packet_id,
+            payload: &msg.payload,
+        };
+        if p.encoded_len(version) > max_packet_size as usize {
+            return Err(WriteError::TooLarge);
+        }
+        return encode_plain_publish(&p, version, out).map_err(|_| WriteError::TooLarge);
+    }
     if plain {
         let with_id = d.qos != QoS::AtMostOnce;
         let bytes = msg.cached(v5, with_id);

@@ -326,6 +326,74 @@ fn write_publish(
     Ok(())
 }
 
+/// The parts of a PUBLISH without properties, for [`encode_plain_publish`]: what a broker
+/// forwards for most messages, written straight into a connection's buffer without
+/// building a [`Publish`] (no reference-count traffic, no allocation).
+#[derive(Debug, Clone, Copy)]
+pub struct PlainPublish<'a> {
+    /// DUP flag (QoS 1/2 only).
+    pub dup: bool,
+    /// Delivery QoS.
+    pub qos: QoS,
+    /// RETAIN flag.
+    pub retain: bool,
+    /// Must not be empty: without properties there is no topic alias to stand for it.
+    pub topic: &'a str,
+    /// Ignored for QoS 0.
+    pub packet_id: u16,
+    /// Application message.
+    pub payload: &'a [u8],
+}
+
+impl PlainPublish<'_> {
+    fn remaining_len(&self, v: ProtocolVersion) -> usize {
+        binary_len(self.topic.as_bytes())
+            + if self.qos == QoS::AtMostOnce { 0 } else { 2 }
+            + usize::from(v.is_v5())
+            + self.payload.len()
+    }
+
+    /// Exact number of bytes [`encode_plain_publish`] writes.
+    pub fn encoded_len(&self, v: ProtocolVersion) -> usize {
+        total_len(self.remaining_len(v))
+    }
+}
+
+/// Encodes `p` for `v`; byte for byte what [`Packet::encode`] writes for the same PUBLISH
+/// with empty properties (v5: an empty property block).
+pub fn encode_plain_publish(
+    p: &PlainPublish<'_>,
+    v: ProtocolVersion,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    if p.topic.is_empty() {
+        return Err(EncodeError::Invalid(
+            "empty topic name without a topic alias",
+        ));
+    }
+    if p.dup && p.qos == QoS::AtMostOnce {
+        return Err(EncodeError::Invalid("DUP on QoS 0 [MQTT-3.3.1-2]"));
+    }
+    if p.topic.len() > usize::from(u16::MAX) {
+        return Err(EncodeError::FieldTooLong("topic name"));
+    }
+    // Checked before anything is written, so an error leaves `buf` as it was.
+    if p.qos != QoS::AtMostOnce && p.packet_id == 0 {
+        return Err(EncodeError::Invalid("packet identifier 0 [MQTT-2.2.1-3]"));
+    }
+    let first = 0x30 | u8::from(p.dup) << 3 | (p.qos as u8) << 1 | u8::from(p.retain);
+    header(buf, first, p.remaining_len(v))?;
+    put_binary(buf, p.topic.as_bytes(), "topic name")?;
+    if p.qos != QoS::AtMostOnce {
+        buf.put_u16(p.packet_id);
+    }
+    if v.is_v5() {
+        buf.put_u8(0);
+    }
+    buf.put_slice(p.payload);
+    Ok(())
+}
+
 /// Encodes a v5 PUBLISH with its property block taken verbatim from
 /// [`Publish::raw_properties`] (as received), for forwarding without re-encoding properties.
 pub fn encode_publish_raw_properties(p: &Publish, buf: &mut BytesMut) -> Result<(), EncodeError> {

@@ -23,7 +23,9 @@ mod topic;
 pub use bytes::{Bytes, BytesMut};
 pub use bytestring::ByteString;
 pub use decode::decode;
-pub use encode::{encode_publish_raw_properties, publish_raw_properties_len};
+pub use encode::{
+    PlainPublish, encode_plain_publish, encode_publish_raw_properties, publish_raw_properties_len,
+};
 pub use error::{DecodeError, EncodeError, ErrorKind};
 pub use packet::*;
 pub use primitives::{MAX_VARINT, varint_len};

@@ -601,3 +601,61 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    /// The broker's fast path for PUBLISH without properties writes what the general
+    /// encoder writes, byte for byte, for every version, QoS and flag combination.
+    #[test]
+    fn plain_publish_matches_the_general_encoder(
+        topic in topic_name(),
+        payload in bytes(300),
+        qos in qos(),
+        dup in any::<bool>(),
+        retain in any::<bool>(),
+        packet_id in 1u16..,
+        v in prop_oneof![Just(V3_1), Just(V3_1_1), Just(V5)],
+    ) {
+        let dup = dup && qos != QoS::AtMostOnce;
+        let general = Packet::Publish(Publish {
+            dup,
+            qos,
+            retain,
+            topic: topic.clone(),
+            packet_id: if qos == QoS::AtMostOnce { 0 } else { packet_id },
+            properties: PublishProperties::default(),
+            raw_properties: Bytes::new(),
+            payload: payload.clone(),
+        });
+        let mut want = BytesMut::new();
+        general.encode(v, &mut want).unwrap();
+        let plain = PlainPublish {
+            dup,
+            qos,
+            retain,
+            topic: topic.as_str(),
+            packet_id,
+            payload: &payload,
+        };
+        let mut got = BytesMut::from(&b"prefix"[..]);
+        encode_plain_publish(&plain, v, &mut got).unwrap();
+        prop_assert_eq!(&got[6..], &want[..]);
+        prop_assert_eq!(plain.encoded_len(v), want.len());
+    }
+}
+
+/// An invalid plain PUBLISH is refused before anything is written.
+#[test]
+fn plain_publish_errors_leave_the_buffer_alone() {
+    for (topic, qos, dup, id) in [
+        ("", QoS::AtMostOnce, false, 0),
+        ("a", QoS::AtMostOnce, true, 0),
+        ("a", QoS::AtLeastOnce, false, 0),
+    ] {
+        let p = PlainPublish { dup, qos, retain: false, topic, packet_id: id, payload: b"x" };
+        let mut buf = BytesMut::from(&b"keep"[..]);
+        assert!(encode_plain_publish(&p, V5, &mut buf).is_err(), "{topic:?} {qos:?} {dup} {id}");
+        assert_eq!(&buf[..], b"keep");
+    }
+}
