@@ -14,7 +14,7 @@ use halyard_store::Op;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Inner};
 use crate::config::BrokerConfig;
 use crate::message::Message;
 pub use crate::session::ConnInfo;
@@ -280,7 +280,7 @@ impl Broker {
                 "topics starting with $ are the broker's".into(),
             ));
         }
-        if inner.topic_over_limits(topic) {
+        if Inner::topic_over_limits(&cfg, topic) {
             return Err(PublishError::BadTopic(
                 "over max_topic_levels or max_topic_length".into(),
             ));
@@ -305,7 +305,7 @@ impl Broker {
             .charged_to(&inner.memory),
         );
         inner.stats.received(qos);
-        let (matched, ticket) = inner.publish(&msg, &mut Vec::new(), Vec::new());
+        let (matched, ticket) = inner.publish(&msg, &mut Vec::new(), Vec::new(), &cfg);
         if let Some(mut rx) = inner.store.durable() {
             let _ = rx.wait_for(|&d| d >= ticket).await;
         }
@@ -332,7 +332,7 @@ impl Broker {
             None,
             Instant::now(),
         ));
-        inner.publish(&msg, &mut Vec::new(), Vec::new());
+        inner.publish(&msg, &mut Vec::new(), Vec::new(), &inner.cfg());
     }
 
     /// A live copy of the messages routed from now on.

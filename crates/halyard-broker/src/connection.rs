@@ -316,6 +316,9 @@ struct Connection<S> {
     /// (Maximum QoS, Receive Maximum, Maximum Packet Size...) holds for its lifetime even
     /// when a reload changes the broker's.
     cfg: Arc<crate::config::BrokerConfig>,
+    /// The broker's settings now (limits a reload changes for everyone), read once per
+    /// batch of packets in `process_input` rather than once per check.
+    live: Arc<crate::config::BrokerConfig>,
     rd: ReadHalf<S>,
     wr: WriteHalf<S>,
     rbuf: BytesMut,
@@ -893,6 +896,7 @@ where
         };
         let mut conn = Connection {
             cfg: cfg.clone(),
+            live: cfg.clone(),
             rd,
             wr,
             rbuf,
@@ -1071,7 +1075,7 @@ where
                 _ = self.session.wake.notified(), if can_fill => {}
                 _ = async { self.pause_timer.as_mut().expect("set when paused").as_mut().await },
                     if paused_until.is_some() => {
-                    if self.memory_blocked && !self.inner.memory_over_budget() {
+                    if self.memory_blocked && !self.inner.memory_over_budget(&self.inner.cfg()) {
                         self.memory_blocked = false;
                     }
                     // Budget refilled or memory freed: handle what was already read, then
@@ -1137,6 +1141,7 @@ where
     }
 
     fn process_input(&mut self) -> Option<End> {
+        self.live = self.inner.cfg();
         loop {
             // Packets already read wait too while the publish budget is spent.
             if let Some(r) = &mut self.rate
@@ -1147,7 +1152,9 @@ where
             // Over the broker's memory budget, a PUBLISH waits (and the client is not read
             // from) until deliveries free memory; acknowledgements and everything else
             // still flow, so subscribers keep draining.
-            if self.rbuf.first().is_some_and(|b| b >> 4 == 3) && self.inner.memory_over_budget() {
+            if self.rbuf.first().is_some_and(|b| b >> 4 == 3)
+                && self.inner.memory_over_budget(&self.live)
+            {
                 if !self.memory_blocked {
                     Stats::inc(&self.inner.stats.publish_paused_memory);
                 }
@@ -1296,9 +1303,16 @@ where
 
     fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
         let v5 = self.version.is_v5();
-        let cfg = self.cfg.clone();
+        // What this connection's CONNACK promised (copied: an `Arc` clone per message is
+        // two atomic operations for four numbers).
+        let (topic_alias_maximum, max_qos, retain_available, max_inflight) = (
+            self.cfg.topic_alias_maximum,
+            self.cfg.max_qos,
+            self.cfg.retain_available,
+            self.cfg.max_inflight_messages,
+        );
         if let Some(alias) = p.properties.topic_alias {
-            if alias > cfg.topic_alias_maximum {
+            if alias > topic_alias_maximum {
                 // [MQTT-3.3.2-9]: over our Topic Alias Maximum.
                 Stats::inc(&self.inner.stats.protocol_errors);
                 return Err(End::Server(
@@ -1323,7 +1337,7 @@ where
         if !p.properties.subscription_identifiers.is_empty() {
             return Err(self.protocol_error("subscription identifier from a client [MQTT-3.3.4-6]"));
         }
-        if self.inner.topic_over_limits(p.topic.as_str()) {
+        if Inner::topic_over_limits(&self.live, p.topic.as_str()) {
             // Valid MQTT, over our limits: v5 is told 0x90; 3.1.1 can only be given a
             // positive acknowledgement, and the message goes nowhere [MQTT-3.3.5-2].
             Stats::inc(&self.inner.stats.topic_refused);
@@ -1345,13 +1359,13 @@ where
         if let Some(r) = &mut self.rate {
             r.spend(p.payload.len());
         }
-        if p.qos > cfg.max_qos {
+        if p.qos > max_qos {
             return Err(End::Server(
                 ReasonCode::QoSNotSupported,
                 "QoS above maximum QoS [MQTT-3.2.2-12]",
             ));
         }
-        if p.retain && !cfg.retain_available {
+        if p.retain && !retain_available {
             return Err(End::Server(
                 ReasonCode::RetainNotSupported,
                 "retain not available [MQTT-3.2.2-13]",
@@ -1368,7 +1382,7 @@ where
                 self.ack(0, Packet::PubRec(Ack::new(p.packet_id)));
                 return Ok(());
             }
-            if st.inbound_qos2.len() >= usize::from(cfg.max_inflight_messages.max(1)) {
+            if st.inbound_qos2.len() >= usize::from(max_inflight.max(1)) {
                 drop(st);
                 Stats::inc(&self.inner.stats.protocol_errors);
                 return Err(End::Server(
@@ -1429,7 +1443,9 @@ where
                     held: true,
                 });
             }
-            let (matched, t) = self.inner.publish(&msg, &mut self.scratch, extra);
+            let (matched, t) = self
+                .inner
+                .publish(&msg, &mut self.scratch, extra, &self.live);
             ticket = ticket.max(t);
             if v5 && matched == 0 {
                 reason = ReasonCode::NoMatchingSubscribers;
@@ -1580,7 +1596,7 @@ where
                 reasons.push(ReasonCode::SharedSubscriptionsNotSupported);
                 continue;
             }
-            if inner.topic_over_limits(filter.filter()) {
+            if Inner::topic_over_limits(&cfg, filter.filter()) {
                 Stats::inc(&inner.stats.topic_refused);
                 reasons.push(if self.version.is_v5() {
                     ReasonCode::TopicFilterInvalid
@@ -1671,7 +1687,7 @@ where
                 properties: AckProperties::default(),
             }),
         );
-        let limits = self.inner.queue_limits();
+        let limits = Inner::queue_limits(&self.inner.cfg());
         let mut ops = Vec::new();
         let msgs: Vec<Arc<Message>> = retained.iter().map(|o| o.msg.clone()).collect();
         for out in retained {
