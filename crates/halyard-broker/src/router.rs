@@ -32,14 +32,58 @@ struct SharedGroup {
 
 #[derive(Debug, Default)]
 struct Node {
+    /// Children for literal levels.
     children: HashMap<Box<str>, Node>,
+    /// The `+` and `#` children, outside the map: a match tries both at every level, and
+    /// two hash lookups per level were most of the walk's cost.
+    plus: Option<Box<Node>>,
+    hash: Option<Box<Node>>,
     subscribers: Vec<Entry>,
     shared: Vec<SharedGroup>,
 }
 
 impl Node {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.hash.is_none()
+            && self.subscribers.is_empty()
+            && self.shared.is_empty()
+    }
+
+    /// The child for one filter level (`+` and `#` are the wildcard children).
+    fn child(&self, level: &str) -> Option<&Node> {
+        match level {
+            "+" => self.plus.as_deref(),
+            "#" => self.hash.as_deref(),
+            _ => self.children.get(level),
+        }
+    }
+
+    fn child_mut(&mut self, level: &str) -> Option<&mut Node> {
+        match level {
+            "+" => self.plus.as_deref_mut(),
+            "#" => self.hash.as_deref_mut(),
+            _ => self.children.get_mut(level),
+        }
+    }
+
+    fn child_or_default(&mut self, level: &str) -> &mut Node {
+        match level {
+            "+" => self.plus.get_or_insert_default(),
+            "#" => self.hash.get_or_insert_default(),
+            _ => self.children.entry(level.into()).or_default(),
+        }
+    }
+
+    fn remove_child(&mut self, level: &str) {
+        match level {
+            "+" => self.plus = None,
+            "#" => self.hash = None,
+            _ => {
+                self.children.remove(level);
+            }
+        }
     }
 }
 
@@ -80,7 +124,7 @@ impl SubscriptionIndex {
         let mut root = self.root.write().unwrap_or_else(|e| e.into_inner());
         let mut node = &mut *root;
         for level in filter.filter().split('/') {
-            node = node.children.entry(level.into()).or_default();
+            node = node.child_or_default(level);
         }
         let list = match filter.share_name() {
             None => &mut node.subscribers,
@@ -171,7 +215,7 @@ impl SubscriptionIndex {
         let root = self.root.read().unwrap_or_else(|e| e.into_inner());
         let mut node = &*root;
         for level in filter.filter().split('/') {
-            node = node.children.get(level)?;
+            node = node.child(level)?;
         }
         let g = node
             .shared
@@ -254,7 +298,7 @@ fn walk(node: &Node, rest: Option<&str>, first: bool, dollar: bool, found: &mut 
     let Some(rest) = rest else {
         found.node(node);
         // "sport/#" also matches "sport" (the parent level) [MQTT-4.7.1-2 note].
-        if let Some(h) = node.children.get("#") {
+        if let Some(h) = &node.hash {
             found.node(h);
         }
         return;
@@ -263,14 +307,18 @@ fn walk(node: &Node, rest: Option<&str>, first: bool, dollar: bool, found: &mut 
         Some((l, b)) => (l, Some(b)),
         None => (rest, None),
     };
-    if let Some(child) = node.children.get(level) {
+    // A topic level is never "+" or "#" (no wildcards in names), so the map holds only
+    // literal children and cannot match a wildcard child by accident.
+    if !node.children.is_empty()
+        && let Some(child) = node.children.get(level)
+    {
         walk(child, below, false, dollar, found);
     }
     if wild_ok {
-        if let Some(plus) = node.children.get("+") {
+        if let Some(plus) = &node.plus {
             walk(plus, below, false, dollar, found);
         }
-        if let Some(h) = node.children.get("#") {
+        if let Some(h) = &node.hash {
             found.node(h);
         }
     }
@@ -300,12 +348,12 @@ fn remove(node: &mut Node, levels: &[&str], share: Option<&str>, session: &Arc<S
             }
         };
     };
-    let Some(child) = node.children.get_mut(*first) else {
+    let Some(child) = node.child_mut(first) else {
         return false;
     };
     let removed = remove(child, rest, share, session);
     if child.is_empty() {
-        node.children.remove(*first);
+        node.remove_child(first);
     }
     removed
 }
@@ -425,6 +473,12 @@ mod tests {
         assert!(!idx.unsubscribe(&f("sport/#"), &a));
         assert!(idx.root.read().unwrap().is_empty());
         assert_eq!(idx.len(), 0);
+        // The wildcard children live outside the literal map; they are pruned too.
+        idx.subscribe(&f("+/x/+/#"), &a, opts(QoS::AtMostOnce), None);
+        idx.matches("a/x/b", None, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(idx.unsubscribe(&f("+/x/+/#"), &a));
+        assert!(idx.root.read().unwrap().is_empty());
     }
 
     #[test]
