@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use halyard_codec::{
     Ack, AckProperties, BytesMut, ConnAck, Connect, DecodeError, Disconnect, ErrorKind, Packet,
-    Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions,
-    TopicName, UnsubAck, Unsubscribe, decode,
+    PlainDecode, Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck, Subscribe,
+    SubscriptionOptions, TopicName, UnsubAck, Unsubscribe, decode, decode_plain_publish,
 };
 use halyard_store::{Op, PendingWill as StoredWill};
 use halyard_transport::{Event, PeerInfo};
@@ -1161,8 +1161,32 @@ where
                 self.memory_blocked = true;
                 return None;
             }
+            // Most PUBLISH packets have no properties: read them in place and copy out only
+            // topic and payload (see `decode_plain_publish`).
+            if let PlainDecode::Plain(p, len) =
+                decode_plain_publish(&self.rbuf, self.version, self.cfg.message_size_limit)
+            {
+                let p = p.to_publish();
+                bytes::Buf::advance(&mut self.rbuf, len);
+                if let Err(end) = self.on_publish(p) {
+                    return Some(end);
+                }
+                continue;
+            }
             match decode(&mut self.rbuf, self.version, self.cfg.message_size_limit) {
                 Ok(Some(p)) => {
+                    let p = match p {
+                        // Topic, payload and properties are copied out of the read buffer:
+                        // slices of it would pin up to 64 KiB per message kept queued or
+                        // retained.
+                        Packet::Publish(mut p) => {
+                            (p.topic, p.payload) = p.topic.copy_with(&p.payload);
+                            p.properties = crate::message::owned_properties(p.properties);
+                            p.raw_properties = Bytes::new();
+                            Packet::Publish(p)
+                        }
+                        other => other,
+                    };
                     if let Err(end) = self.handle(p) {
                         return Some(end);
                     }
@@ -1301,6 +1325,7 @@ where
         End::Server(ReasonCode::ProtocolError, why)
     }
 
+    /// `p`'s topic, payload and properties must not be slices of the read buffer.
     fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
         let v5 = self.version.is_v5();
         // What this connection's CONNACK promised (copied: an `Arc` clone per message is
@@ -1414,17 +1439,15 @@ where
                 self.release_inbound(p.packet_id);
             }
         } else {
-            // Topic, payload and properties are copied out of the read buffer: slices of
-            // it would pin up to 64 KiB per message kept queued or retained.
-            let (topic, payload) = p.topic.copy_with(&p.payload);
+            // `p` owns its bytes: `process_input` copied them out of the read buffer.
             let msg = Arc::new(
                 Message::new(
                     self.inner.message_id(),
-                    topic,
-                    payload,
+                    p.topic,
+                    p.payload,
                     p.qos,
                     p.retain,
-                    crate::message::owned_properties(p.properties),
+                    p.properties,
                     Some(self.session.client_id.clone()),
                     // When it was read: its expiry counts from then, and it saves a clock
                     // read per message.

@@ -7,7 +7,8 @@ use crate::packet::*;
 use crate::primitives::{Reader, VARINT_TOO_LONG, VarInt, decode_varint};
 use crate::properties::{AckProperties, Properties, PropertyContext, PublishProperties};
 use crate::reason::ReasonContext;
-use crate::{ReasonCode, TopicError, TopicFilter, TopicName};
+use crate::encode::PlainPublish;
+use crate::{QoS, ReasonCode, TopicError, TopicFilter, TopicName};
 
 /// Decodes one packet from the front of `buf`.
 ///
@@ -63,6 +64,99 @@ pub fn decode(
     decode_body(kind, flags, &mut r, version)
         .map(Some)
         .map_err(with_version)
+}
+
+/// What [`decode_plain_publish`] found at the front of a buffer.
+#[derive(Debug)]
+pub enum PlainDecode<'a> {
+    /// A complete, valid PUBLISH without properties, this many bytes long, borrowed from
+    /// the buffer.
+    Plain(PlainPublish<'a>, usize),
+    /// Anything else: another packet, an incomplete one, a PUBLISH with properties, or an
+    /// invalid one. [`decode`] handles it (and names the error, if any).
+    Other,
+}
+
+/// The receive fast path: a PUBLISH without properties (all of 3.x, most of 5), read in
+/// place. [`decode`] hands out slices of the read buffer, which cost reference-count
+/// operations on one shared counter for the packet, its topic and its payload, only for
+/// a broker to copy them out; this returns borrowed fields instead, and the caller
+/// advances the buffer by the length once done. It accepts exactly the packets that
+/// `decode` decodes to the same PUBLISH with empty properties, and nothing invalid:
+/// anything it is not sure of is [`PlainDecode::Other`].
+pub fn decode_plain_publish(
+    buf: &[u8],
+    version: ProtocolVersion,
+    max_packet_size: u32,
+) -> PlainDecode<'_> {
+    use PlainDecode::Other;
+    let Some(&first) = buf.first() else {
+        return Other;
+    };
+    if first >> 4 != 3 {
+        return Other;
+    }
+    let dup = first & 0x08 != 0;
+    let retain = first & 0x01 != 0;
+    let Some(qos) = QoS::from_u8((first >> 1) & 0x03) else {
+        return Other;
+    };
+    if dup && qos == QoS::AtMostOnce {
+        return Other;
+    }
+    let VarInt::Value(remaining, len_bytes) = decode_varint(&buf[1..]) else {
+        return Other;
+    };
+    let total = 1 + len_bytes + remaining as usize;
+    if total > max_packet_size as usize || buf.len() < total {
+        return Other;
+    }
+    let body = &buf[1 + len_bytes..total];
+    let Some((len, rest)) = body.split_first_chunk::<2>() else {
+        return Other;
+    };
+    let topic_len = usize::from(u16::from_be_bytes(*len));
+    if topic_len == 0 || rest.len() < topic_len {
+        return Other;
+    }
+    let (topic, mut rest) = rest.split_at(topic_len);
+    // [MQTT-1.5.4-2] no U+0000, [MQTT-3.3.2-2] no wildcards in a topic name.
+    if topic.iter().any(|&b| matches!(b, 0 | b'+' | b'#')) {
+        return Other;
+    }
+    // [MQTT-1.5.4-1]
+    let Ok(topic) = std::str::from_utf8(topic) else {
+        return Other;
+    };
+    let mut packet_id = 0;
+    if qos != QoS::AtMostOnce {
+        let Some((id, after)) = rest.split_first_chunk::<2>() else {
+            return Other;
+        };
+        packet_id = u16::from_be_bytes(*id);
+        if packet_id == 0 {
+            return Other;
+        }
+        rest = after;
+    }
+    if version.is_v5() {
+        // An empty property block is the single byte 0.
+        match rest.split_first() {
+            Some((0, after)) => rest = after,
+            _ => return Other,
+        }
+    }
+    PlainDecode::Plain(
+        PlainPublish {
+            dup,
+            qos,
+            retain,
+            topic,
+            packet_id,
+            payload: rest,
+        },
+        total,
+    )
 }
 
 /// [MQTT-2.1.3-1]: reserved flag bits must hold the listed values; PUBLISH's flags are

@@ -8,7 +8,7 @@ use crate::error::EncodeError;
 use crate::packet::*;
 use crate::primitives::{MAX_VARINT, binary_len, put_binary, put_varint, varint_len};
 use crate::properties::{AckProperties, block_len, write_block};
-use crate::{QoS, ReasonCode};
+use crate::{PublishProperties, QoS, ReasonCode, TopicName};
 
 /// Size of a whole packet (fixed header included) with this remaining length.
 const fn total_len(remaining: usize) -> usize {
@@ -346,6 +346,27 @@ pub struct PlainPublish<'a> {
 }
 
 impl PlainPublish<'_> {
+    /// An owned [`Publish`] with copies of the topic and payload (and empty properties):
+    /// nothing in it refers to the buffer this was decoded from, so keeping the message
+    /// (queued, retained, in flight) does not pin that buffer.
+    pub fn to_publish(&self) -> Publish {
+        Publish {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            // Two exact-size allocations; the string was validated when it was decoded.
+            topic: TopicName::from_valid(self.topic),
+            packet_id: if self.qos == QoS::AtMostOnce {
+                0
+            } else {
+                self.packet_id
+            },
+            properties: PublishProperties::default(),
+            raw_properties: bytes::Bytes::new(),
+            payload: bytes::Bytes::copy_from_slice(self.payload),
+        }
+    }
+
     fn remaining_len(&self, v: ProtocolVersion) -> usize {
         binary_len(self.topic.as_bytes())
             + if self.qos == QoS::AtMostOnce { 0 } else { 2 }

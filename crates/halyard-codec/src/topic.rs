@@ -119,6 +119,10 @@ impl TopicName {
         let topic = ByteString::try_from(buf.freeze()).map_or_else(|_| self.clone(), TopicName);
         (topic, payload)
     }
+    /// An owned copy of a topic the decoder has already validated.
+    pub(crate) fn from_valid(s: &str) -> Self {
+        TopicName(ByteString::from(s.to_owned()))
+    }
     /// The zero-length topic of a PUBLISH that uses a Topic Alias.
     pub const fn empty() -> Self {
         TopicName(ByteString::from_static(""))

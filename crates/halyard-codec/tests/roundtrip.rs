@@ -659,3 +659,98 @@ fn plain_publish_errors_leave_the_buffer_alone() {
         assert_eq!(&buf[..], b"keep");
     }
 }
+
+/// What the general decoder makes of `wire`, with the raw property block cleared (the
+/// fast path has none to keep), and how many bytes it consumed.
+fn general_decode(wire: &[u8], v: ProtocolVersion) -> Option<(Packet, usize)> {
+    let mut buf = BytesMut::from(wire);
+    let p = decode(&mut buf, v, MAX_PACKET_SIZE).ok()??;
+    let used = wire.len() - buf.len();
+    Some((
+        match p {
+            Packet::Publish(mut x) => {
+                x.raw_properties = Bytes::new();
+                Packet::Publish(x)
+            }
+            other => other,
+        },
+        used,
+    ))
+}
+
+/// The fast path either declines or agrees with the general decoder exactly.
+fn check_plain_decode(wire: &[u8], v: ProtocolVersion) -> Result<bool, TestCaseError> {
+    match decode_plain_publish(wire, v, MAX_PACKET_SIZE) {
+        PlainDecode::Other => Ok(false),
+        PlainDecode::Plain(p, len) => {
+            let general = general_decode(wire, v);
+            prop_assert!(general.is_some(), "fast path accepted what decode refuses: {:?}", wire);
+            let (g, used) = general.unwrap();
+            prop_assert_eq!(used, len);
+            prop_assert_eq!(Packet::Publish(p.to_publish()), g);
+            Ok(true)
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// [MQTT-3.3.1-4, MQTT-3.3.2-2, MQTT-1.5.4-1/2, MQTT-2.2.1-3]: the broker's in-place
+    /// PUBLISH reader takes every valid PUBLISH without properties, decodes it exactly as
+    /// `decode` does, declines everything else, and never reads a packet's prefix as a
+    /// packet.
+    #[test]
+    fn plain_decode_agrees_with_decode(p in prop_oneof![packet(V3_1_1), packet(V5)], v5 in any::<bool>(), cut in any::<usize>()) {
+        let v = if v5 { V5 } else { V3_1_1 };
+        let mut wire = BytesMut::new();
+        if p.encode(v, &mut wire).is_err() {
+            return Ok(());
+        }
+        let taken = check_plain_decode(&wire, v)?;
+        if let Packet::Publish(x) = &p {
+            // 3.x has no properties: any PUBLISH it can carry is plain.
+            let plain = (!v.is_v5() || x.properties == PublishProperties::default())
+                && !x.topic.is_empty();
+            prop_assert_eq!(taken, plain, "{:?}", x);
+        } else {
+            prop_assert!(!taken);
+        }
+        let cut = cut % wire.len();
+        prop_assert!(matches!(decode_plain_publish(&wire[..cut], v, MAX_PACKET_SIZE), PlainDecode::Other));
+        // Followed by more bytes, it still takes only its own.
+        wire.extend_from_slice(&[0xC0, 0x00]);
+        check_plain_decode(&wire, v)?;
+    }
+
+    /// Arbitrary bytes behind a PUBLISH header: never a panic, never accepted unless
+    /// `decode` accepts the same PUBLISH.
+    #[test]
+    fn plain_decode_of_arbitrary_bytes(
+        first in 0x30u8..0x40,
+        topic in prop::collection::vec(prop_oneof![Just(0u8), Just(b'+'), Just(b'#'), Just(b'/'), Just(0xC3), Just(0xA9), 0x20u8..0x7F, any::<u8>()], 0..6),
+        data in prop::collection::vec(any::<u8>(), 0..40),
+        v5 in any::<bool>(),
+    ) {
+        // A plausible topic length, so the topic checks (NUL, wildcards, UTF-8) are what
+        // is exercised rather than the length check.
+        let v = if v5 { V5 } else { V3_1_1 };
+        let body_len = 2 + topic.len() + data.len();
+        let mut wire = vec![first, u8::try_from(body_len).unwrap(), 0, u8::try_from(topic.len()).unwrap()];
+        wire.extend_from_slice(&topic);
+        wire.extend_from_slice(&data);
+        check_plain_decode(&wire, v)?;
+    }
+}
+
+/// The fast path honours the size limit: a PUBLISH over it is left to `decode`, which
+/// refuses it [MQTT-3.2.2.3.6 / MQTT-3.1.2-24].
+#[test]
+fn plain_decode_leaves_oversized_packets_to_decode() {
+    let p = PlainPublish { dup: false, qos: QoS::AtMostOnce, retain: false, topic: "a/b", packet_id: 0, payload: &[7; 100] };
+    let mut wire = BytesMut::new();
+    encode_plain_publish(&p, V3_1_1, &mut wire).unwrap();
+    assert!(matches!(decode_plain_publish(&wire, V3_1_1, 50), PlainDecode::Other));
+    assert!(decode(&mut wire.clone(), V3_1_1, 50).is_err());
+    assert!(matches!(decode_plain_publish(&wire, V3_1_1, 1000), PlainDecode::Plain(_, n) if n == wire.len()));
+}
