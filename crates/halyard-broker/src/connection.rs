@@ -319,6 +319,8 @@ struct Connection<S> {
     /// The broker's settings now (limits a reload changes for everyone), read once per
     /// batch of packets in `process_input` rather than once per check.
     live: Arc<crate::config::BrokerConfig>,
+    /// PUBLISH packets received in this batch by QoS, added to the stats once per batch.
+    received: [u32; 3],
     rd: ReadHalf<S>,
     wr: WriteHalf<S>,
     rbuf: BytesMut,
@@ -897,6 +899,7 @@ where
         let mut conn = Connection {
             cfg: cfg.clone(),
             live: cfg.clone(),
+            received: [0; 3],
             rd,
             wr,
             rbuf,
@@ -1142,6 +1145,12 @@ where
 
     fn process_input(&mut self) -> Option<End> {
         self.live = self.inner.cfg();
+        let end = self.process_packets();
+        self.inner.stats.add_received(&mut self.received);
+        end
+    }
+
+    fn process_packets(&mut self) -> Option<End> {
         loop {
             // Packets already read wait too while the publish budget is spent.
             if let Some(r) = &mut self.rate
@@ -1396,7 +1405,8 @@ where
                 "retain not available [MQTT-3.2.2-13]",
             ));
         }
-        self.inner.stats.received(p.qos);
+        // Counted per batch (see `process_input`).
+        self.received[p.qos as usize] += 1;
         let mut ticket = 0;
         if p.qos == QoS::ExactlyOnce {
             let mut st = self.session.lock();
@@ -1779,6 +1789,8 @@ where
         // Store ops of this fill, applied once at the end while the lock is still held.
         let mut ops = Vec::new();
         let cid = || session.client_id.to_string();
+        // Deliveries by QoS, added to the stats once at the end.
+        let mut sent = [0u32; 3];
         self.blocked_on_durable = false;
         // Read once per fill: the watch borrow is not free, and a ticket that becomes
         // durable meanwhile wakes the loop again.
@@ -1851,7 +1863,7 @@ where
             ) {
                 Ok(()) => {
                     self.alias_sent(&out.msg.topic, alias);
-                    inner.stats.sent(out.qos);
+                    sent[out.qos as usize] += 1;
                     if out.qos != QoS::AtMostOnce {
                         if persists {
                             ops.push(Op::Sent {
@@ -1886,6 +1898,7 @@ where
                 }
             }
         }
+        inner.stats.add_sent(&mut sent);
         if !ops.is_empty() {
             let ticket = inner.store.apply(ops);
             if let Some(at) = hold_from {
