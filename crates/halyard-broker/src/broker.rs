@@ -425,7 +425,7 @@ impl Inner {
                 // [MQTT-3.3.1-12]/[MQTT-3.3.1-13] (3.1.1: MQTT-3.3.1-9): RETAIN is cleared
                 // on forwarding unless the subscription has Retain As Published.
                 retain: msg.retain && m.retain_as_published,
-                subscription_ids: m.subscription_ids,
+                subscription_ids: m.subscription_ids.into_boxed_slice(),
                 shared: m.shared,
                 recorded: false,
                 msg: msg.clone(),
@@ -460,7 +460,7 @@ impl Inner {
                     Outgoing {
                         qos: m.qos.min(out.msg.qos),
                         retain: out.msg.retain && m.retain_as_published,
-                        subscription_ids: m.subscription_ids,
+                        subscription_ids: m.subscription_ids.into_boxed_slice(),
                         shared: m.shared,
                         recorded: false,
                         msg: out.msg,
@@ -655,11 +655,12 @@ impl Inner {
                 msg: msg.clone(),
                 qos: d.qos,
                 retain: d.retain,
-                subscription_ids: d.subscription_ids.clone(),
+                subscription_ids: d.subscription_ids.clone().into_boxed_slice(),
                 shared: d
                     .shared
                     .as_deref()
-                    .and_then(|f| TopicFilter::try_from(f).ok()),
+                    .and_then(|f| TopicFilter::try_from(f).ok())
+                    .map(Box::new),
                 recorded: true,
             })
         };

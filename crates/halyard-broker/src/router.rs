@@ -97,7 +97,7 @@ pub(crate) struct Match {
     pub(crate) retain_as_published: bool,
     pub(crate) subscription_ids: Vec<u32>,
     /// The shared subscription this delivery was chosen for, if any.
-    pub(crate) shared: Option<TopicFilter>,
+    pub(crate) shared: Option<Box<TopicFilter>>,
 }
 
 #[derive(Debug, Default)]
@@ -239,7 +239,7 @@ fn shared_match(g: &SharedGroup, e: &Entry) -> Match {
         qos: e.options.qos,
         retain_as_published: e.options.retain_as_published,
         subscription_ids: e.id.into_iter().collect(),
-        shared: Some(g.filter.clone()),
+        shared: Some(Box::new(g.filter.clone())),
     }
 }
 

@@ -26,11 +26,13 @@ pub(crate) struct Outgoing {
     pub(crate) qos: QoS,
     /// RETAIN flag to send (retained-on-subscribe or Retain As Published).
     pub(crate) retain: bool,
-    /// Identifiers of all matching subscriptions [MQTT-3.3.4-3].
-    pub(crate) subscription_ids: Vec<u32>,
+    /// Identifiers of all matching subscriptions [MQTT-3.3.4-3]. A boxed slice and a
+    /// boxed filter below: a queued delivery is 40 bytes instead of 80, which is memory
+    /// per queued message and bytes written per delivery in a fan-out.
+    pub(crate) subscription_ids: Box<[u32]>,
     /// Set when this copy was chosen for a shared subscription: if this session goes
     /// away before sending it, another member of the group gets it.
-    pub(crate) shared: Option<TopicFilter>,
+    pub(crate) shared: Option<Box<TopicFilter>>,
     /// Recorded in the store: it may only be sent once the message's ticket is durable.
     pub(crate) recorded: bool,
 }
@@ -265,7 +267,7 @@ pub(crate) fn delivery_record(out: &Outgoing) -> StoredDelivery {
         message_id: out.msg.id,
         qos: out.qos,
         retain: out.retain,
-        subscription_ids: out.subscription_ids.clone(),
+        subscription_ids: out.subscription_ids.to_vec(),
         shared: out.shared.as_ref().map(|f| f.as_str().to_string()),
     }
 }
@@ -358,5 +360,16 @@ impl SessionState {
         self.queued_bytes = 0;
         self.inflight.clear();
         self.inbound_qos2.clear();
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// A queued delivery is memory per queued message and bytes written per delivery in a
+    /// fan-out: keep what only some deliveries need (identifiers, a shared group) boxed.
+    #[test]
+    fn a_queued_delivery_stays_small() {
+        let size = std::mem::size_of::<super::Outgoing>();
+        assert!(size <= 40, "Outgoing is {size} bytes");
     }
 }
