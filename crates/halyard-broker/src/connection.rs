@@ -321,6 +321,9 @@ struct Connection<S> {
     live: Arc<crate::config::BrokerConfig>,
     /// PUBLISH packets received in this batch by QoS, added to the stats once per batch.
     received: [u32; 3],
+    /// QoS 0 deliveries of this batch, queued when it ends (see `Deferred`); boxed and
+    /// only once the client publishes, to keep idle connections small.
+    deferred: Option<Box<crate::broker::Deferred>>,
     rd: ReadHalf<S>,
     wr: WriteHalf<S>,
     rbuf: BytesMut,
@@ -900,6 +903,7 @@ where
             cfg: cfg.clone(),
             live: cfg.clone(),
             received: [0; 3],
+            deferred: None,
             rd,
             wr,
             rbuf,
@@ -1146,8 +1150,18 @@ where
     fn process_input(&mut self) -> Option<End> {
         self.live = self.inner.cfg();
         let end = self.process_packets();
+        self.flush_deferred();
         self.inner.stats.add_received(&mut self.received);
         end
+    }
+
+    fn flush_deferred(&mut self) {
+        if let Some(d) = &mut self.deferred
+            && !d.is_empty()
+        {
+            self.inner
+                .flush_deferred(d, Inner::queue_limits(&self.live));
+        }
     }
 
     fn process_packets(&mut self) -> Option<End> {
@@ -1194,7 +1208,13 @@ where
                             p.raw_properties = Bytes::new();
                             Packet::Publish(p)
                         }
-                        other => other,
+                        // Deliveries deferred so far go first: nothing this packet does
+                        // (a SUBSCRIBE's retained messages, a session change) may
+                        // overtake them.
+                        other => {
+                            self.flush_deferred();
+                            other
+                        }
                     };
                     if let Err(end) = self.handle(p) {
                         return Some(end);
@@ -1476,9 +1496,13 @@ where
                     held: true,
                 });
             }
-            let (matched, t) = self
-                .inner
-                .publish(&msg, &mut self.scratch, extra, &self.live);
+            let (matched, t) = self.inner.publish(
+                &msg,
+                &mut self.scratch,
+                extra,
+                &self.live,
+                Some(self.deferred.get_or_insert_default()),
+            );
             ticket = ticket.max(t);
             if v5 && matched == 0 {
                 reason = ReasonCode::NoMatchingSubscribers;

@@ -206,38 +206,77 @@ impl Session {
     /// and the store ticket to wait for (0: nothing to wait for).
     pub(crate) fn enqueue(
         &self,
-        mut out: Outgoing,
+        out: Outgoing,
         limits: QueueLimits,
         ops: &mut Vec<Op>,
     ) -> (Enqueued, u64) {
-        let cost = out.msg.cost();
         let mut st = self.lock();
+        let r = self.enqueue_locked(&mut st, out, limits, ops);
+        let online = st.conn.is_some();
+        drop(st);
+        if online && matches!(r, Enqueued::Queued | Enqueued::QueuedEvictedQos0) {
+            self.wake.notify_one();
+        }
+        (r, 0)
+    }
+
+    /// [`Self::enqueue`] for several deliveries, in order, under one lock and with one
+    /// wake-up: a publisher's batch of QoS 0 messages costs each subscriber one lock and
+    /// one wake-up, not one per message. `counted` sees each outcome.
+    pub(crate) fn enqueue_many(
+        &self,
+        outs: impl IntoIterator<Item = Outgoing>,
+        limits: QueueLimits,
+        ops: &mut Vec<Op>,
+        mut counted: impl FnMut(Enqueued),
+    ) {
+        let mut st = self.lock();
+        let mut queued = false;
+        for out in outs {
+            let r = self.enqueue_locked(&mut st, out, limits, ops);
+            queued |= matches!(r, Enqueued::Queued | Enqueued::QueuedEvictedQos0);
+            counted(r);
+        }
+        let online = st.conn.is_some();
+        drop(st);
+        if online && queued {
+            self.wake.notify_one();
+        }
+    }
+
+    fn enqueue_locked(
+        &self,
+        st: &mut SessionState,
+        mut out: Outgoing,
+        limits: QueueLimits,
+        ops: &mut Vec<Op>,
+    ) -> Enqueued {
+        let cost = out.msg.cost();
         if st.ended {
-            return (Enqueued::DroppedEnded, 0);
+            return Enqueued::DroppedEnded;
         }
         let online = st.conn.is_some();
         if out.qos == QoS::AtMostOnce && !online && !limits.queue_qos0_offline {
-            return (Enqueued::DroppedOfflineQos0, 0);
+            return Enqueued::DroppedOfflineQos0;
         }
         let full = |st: &SessionState| {
             st.queue.len() >= limits.max_messages
                 || (limits.max_bytes > 0 && st.queued_bytes + cost > limits.max_bytes)
         };
         let mut result = Enqueued::Queued;
-        if full(&st) {
+        if full(st) {
             // Drop-oldest for QoS 0: it is the one class the sender accepted losing.
             let Some(victim) = st.queue.iter().position(|o| o.qos == QoS::AtMostOnce) else {
-                return (Enqueued::DroppedFull, 0);
+                return Enqueued::DroppedFull;
             };
             if let Some(v) = st.queue.remove(victim) {
                 st.queued_bytes -= v.msg.cost();
             }
             result = Enqueued::QueuedEvictedQos0;
-            if full(&st) {
-                return (Enqueued::DroppedFull, 0);
+            if full(st) {
+                return Enqueued::DroppedFull;
             }
         }
-        let ticket = 0;
         if st.persists(&out) {
             out.recorded = true;
             if !out.msg.persisted.swap(true, Ordering::Relaxed) {
@@ -253,11 +292,7 @@ impl Session {
         }
         st.queued_bytes += cost;
         st.queue.push_back(out);
-        drop(st);
-        if online {
-            self.wake.notify_one();
-        }
-        (result, ticket)
+        result
     }
 }
 

@@ -208,6 +208,55 @@ async fn packets_pipelined_behind_connect_are_handled_3_1_4(v: ProtocolVersion) 
     assert_eq!(c.recv().await, Packet::PingResp);
 }
 
+/// [MQTT-4.6.0-6]: a subscriber receives one publisher's messages in the order they were
+/// published. QoS 0 deliveries of a batch are queued per subscriber at the batch's end
+/// (`Deferred`); a QoS 1 message in the middle of the batch, a second subscriber and the
+/// publisher's own later SUBSCRIBE must not reorder anything. One write is one read
+/// here (in-memory connection), so all of it is one batch.
+async fn a_batch_of_mixed_qos_keeps_publish_order_mqtt_4_6_0_6(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut s1 = tb.raw().await;
+    online(&mut s1, v, "ord-s1", true).await;
+    sub(&mut s1, "ord/#", QoS::AtLeastOnce).await;
+    let mut s2 = tb.raw().await;
+    online(&mut s2, v, "ord-s2", true).await;
+    sub(&mut s2, "ord/x", QoS::AtMostOnce).await;
+    let mut p = raw_duplex(&tb.broker);
+    p.version = v;
+    online(&mut p, v, "ord-p", true).await;
+    let qos = [0u8, 0, 1, 0, 1, 1, 0, 0];
+    let mut bytes = bytes::BytesMut::new();
+    for (i, q) in qos.iter().enumerate() {
+        let q = QoS::from_u8(*q).unwrap();
+        let id = if q == QoS::AtMostOnce { 0 } else { i as u16 + 1 };
+        publish("ord/x", q, id, &[i as u8]).encode(v, &mut bytes).unwrap();
+    }
+    // The publisher subscribes behind its messages, then publishes once more: its own
+    // copy of the last message comes after the SUBACK, and the others' stay in order.
+    subscribe(100, "ord/#", QoS::AtMostOnce).encode(v, &mut bytes).unwrap();
+    publish("ord/x", QoS::AtMostOnce, 0, &[8]).encode(v, &mut bytes).unwrap();
+    p.send_bytes(&bytes).await;
+    for s in [&mut s1, &mut s2] {
+        for i in 0..=8u8 {
+            let m = recv_publish(s).await;
+            assert_eq!(&m.payload[..], &[i], "out of order [MQTT-4.6.0-6]");
+            if m.qos == QoS::AtLeastOnce {
+                s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+            }
+        }
+    }
+    let mut acks = 0;
+    loop {
+        match p.recv().await {
+            Packet::PubAck(_) => acks += 1,
+            Packet::SubAck(_) => break,
+            other => panic!("expected PUBACK or SUBACK, got {other:?}"),
+        }
+    }
+    assert_eq!(acks, 3);
+    assert_eq!(&recv_publish(&mut p).await.payload[..], &[8]);
+}
+
 async fn max_connections_refused_with_connack(v: ProtocolVersion) {
     let tb = TestBroker::with_config(BrokerConfig {
         max_connections: 1,
@@ -1278,6 +1327,7 @@ both_versions!(
     takeover_of_a_connection_scoped_session_does_not_resume_it_mqtt_3_1_2_11,
     disconnect_unread_at_takeover_still_drops_the_will_mqtt_3_1_2_10,
     packets_pipelined_behind_connect_are_handled_3_1_4,
+    a_batch_of_mixed_qos_keeps_publish_order_mqtt_4_6_0_6,
     max_connections_refused_with_connack,
     keep_alive_above_max_keepalive_mqtt_3_2_2_21,
     qos1_and_qos2_flows_mqtt_4_3,
