@@ -18,6 +18,9 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mqttwire import connect_v311, lp, rss_kib, subscribe, varint  # noqa: E402
+
 BIN = sys.argv[1]
 SECS = float(sys.argv[2]) if len(sys.argv) > 2 else 30.0
 SESSION_MODE = len(sys.argv) > 3 and sys.argv[3] == "session"
@@ -46,43 +49,20 @@ for _ in range(200):
 
 
 def rss_mb():
-    with open(f"/proc/{broker.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def varint(n):
-    out = b""
-    while True:
-        b, n = n % 128, n // 128
-        out += bytes([b | (0x80 if n else 0)])
-        if not n:
-            return out
-
-
-def st(b):
-    return struct.pack(">H", len(b)) + b
-
-
-def connect(cid):
-    body = st(b"MQTT") + b"\x04\x02" + struct.pack(">H", 0) + st(cid)
-    return b"\x10" + varint(len(body)) + body
+    return rss_kib(broker.pid) / 1024
 
 
 baseline = rss_mb()
 # The stalled subscriber: subscribes at QoS 1, then never reads again.
 sub = socket.create_connection(("127.0.0.1", PORT))
 sub.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-sub.sendall(connect(b"stalled"))
+sub.sendall(connect_v311(b"stalled"))
 sub.recv(4)
-body = struct.pack(">H", 1) + st(b"big/t") + b"\x01"
-sub.sendall(b"\x82" + varint(len(body)) + body)
+sub.sendall(subscribe(b"big/t", 1, False))
 sub.recv(5)
 
 pub = socket.create_connection(("127.0.0.1", PORT))
-pub.sendall(connect(b"pusher"))
+pub.sendall(connect_v311(b"pusher"))
 pub.recv(4)
 acked = [0]
 sent = [0]
@@ -121,7 +101,7 @@ while time.time() - t0 < SECS and sent[0] * SIZE < TOTAL:
     if sent[0] - acked[0] >= 64:
         time.sleep(0.005)
         continue
-    vh = st(b"big/t") + struct.pack(">H", pid)
+    vh = lp(b"big/t") + struct.pack(">H", pid)
     pkt = b"\x32" + varint(len(vh) + SIZE) + vh + payload
     try:
         pub.sendall(pkt)

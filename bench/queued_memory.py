@@ -13,49 +13,15 @@ the plain cost of a queued message. SYNC is the persistence mode (`off`: memory 
 Usage: python3 bench/queued_memory.py BINARY [N=1000] [SYNC=off] [BUSY=600]
 """
 
+import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 
-
-def varint(n):
-    out = b""
-    while True:
-        b, n = n % 128, n // 128
-        out += bytes([b | (0x80 if n else 0)])
-        if not n:
-            return out
-
-
-def lp(x):
-    return struct.pack(">H", len(x)) + x
-
-
-def connect(cid, expiry):
-    props = b"\x11" + struct.pack(">I", expiry) if expiry else b""
-    body = lp(b"MQTT") + bytes([5, 0x00 if expiry else 0x02]) + struct.pack(">H", 60)
-    body += varint(len(props)) + props + lp(cid)
-    return b"\x10" + varint(len(body)) + body
-
-
-def publish(topic, payload, qos=0, pid=1):
-    body = lp(topic) + (struct.pack(">H", pid) if qos else b"") + b"\x00" + payload
-    return bytes([0x30 | qos << 1]) + varint(len(body)) + body
-
-
-def subscribe(f):
-    body = struct.pack(">H", 1) + b"\x00" + lp(f) + b"\x01"
-    return b"\x82" + varint(len(body)) + body
-
-
-def rss_kib(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mqttwire import connect_v5, publish_v5, rss_kib, subscribe  # noqa: E402
 
 
 def recv_exactly(sock, n):
@@ -97,24 +63,24 @@ try:
         except OSError:
             time.sleep(0.025)
     sub = socket.create_connection(("127.0.0.1", port))
-    sub.sendall(connect(b"qmem-sub", 3600))
+    sub.sendall(connect_v5(b"qmem-sub", 3600))
     sub.recv(100)  # CONNACK
-    sub.sendall(subscribe(b"rare/#"))
+    sub.sendall(subscribe(b"rare/#", 1, True))
     sub.recv(100)  # SUBACK
     sub.sendall(b"\xe0\x00")  # DISCONNECT: the session stays, offline
     sub.close()
 
     pub = socket.create_connection(("127.0.0.1", port))
-    pub.sendall(connect(b"qmem-pub", 0))
+    pub.sendall(connect_v5(b"qmem-pub", 0))
     pub.recv(100)  # CONNACK
-    busy = b"".join(publish(b"busy/t", b"x" * 100) for _ in range(BUSY))
+    busy = b"".join(publish_v5(b"busy/t", b"x" * 100) for _ in range(BUSY))
     time.sleep(0.5)
     before = rss_kib(broker.pid)
     # Writes interleaved with non-blocking reads of the PUBACKs (4 bytes each), so
     # neither side's socket buffer fills.
     acks = 0
     for i in range(N):
-        pub.sendall(busy + publish(b"rare/t", b"r" * 100, 1, i % 65535 + 1))
+        pub.sendall(busy + publish_v5(b"rare/t", b"r" * 100, 1, i % 65535 + 1))
         pub.setblocking(False)
         try:
             while r := pub.recv(65536):
