@@ -440,7 +440,10 @@ impl Inner {
         let mut ops = Vec::new();
         let retain = msg.retain
             && cfg.retain_available
-            && match self.retained.set(msg, cfg.max_retained_messages, cfg.max_retained_bytes) {
+            && match self
+                .retained
+                .set(msg, cfg.max_retained_messages, cfg.max_retained_bytes)
+            {
                 crate::retained::SetOutcome::Done => true,
                 crate::retained::SetOutcome::OverLimit => {
                     // Delivered as usual, just not kept: the limit bounds memory and disk.

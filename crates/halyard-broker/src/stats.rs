@@ -77,25 +77,28 @@ impl Stats {
         });
     }
     /// Adds per-QoS counts gathered over a batch (a connection's read or fill): one
-    /// atomic operation per batch instead of one per message.
+    /// atomic operation per batch instead of one per message. Resets `by_qos`.
     pub(crate) fn add_received(&self, by_qos: &mut [u32; 3]) {
-        let counters = [
-            &self.messages_received_qos0,
-            &self.messages_received_qos1,
-            &self.messages_received_qos2,
-        ];
-        for (c, n) in counters.into_iter().zip(by_qos.iter_mut()) {
-            if *n > 0 {
-                c.fetch_add(u64::from(std::mem::take(n)), Relaxed);
-            }
-        }
+        Self::add_by_qos(
+            [
+                &self.messages_received_qos0,
+                &self.messages_received_qos1,
+                &self.messages_received_qos2,
+            ],
+            by_qos,
+        );
     }
     pub(crate) fn add_sent(&self, by_qos: &mut [u32; 3]) {
-        let counters = [
-            &self.messages_sent_qos0,
-            &self.messages_sent_qos1,
-            &self.messages_sent_qos2,
-        ];
+        Self::add_by_qos(
+            [
+                &self.messages_sent_qos0,
+                &self.messages_sent_qos1,
+                &self.messages_sent_qos2,
+            ],
+            by_qos,
+        );
+    }
+    fn add_by_qos(counters: [&AtomicU64; 3], by_qos: &mut [u32; 3]) {
         for (c, n) in counters.into_iter().zip(by_qos.iter_mut()) {
             if *n > 0 {
                 c.fetch_add(u64::from(std::mem::take(n)), Relaxed);

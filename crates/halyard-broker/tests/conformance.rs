@@ -228,13 +228,23 @@ async fn a_batch_of_mixed_qos_keeps_publish_order_mqtt_4_6_0_6(v: ProtocolVersio
     let mut bytes = bytes::BytesMut::new();
     for (i, q) in qos.iter().enumerate() {
         let q = QoS::from_u8(*q).unwrap();
-        let id = if q == QoS::AtMostOnce { 0 } else { i as u16 + 1 };
-        publish("ord/x", q, id, &[i as u8]).encode(v, &mut bytes).unwrap();
+        let id = if q == QoS::AtMostOnce {
+            0
+        } else {
+            i as u16 + 1
+        };
+        publish("ord/x", q, id, &[i as u8])
+            .encode(v, &mut bytes)
+            .unwrap();
     }
     // The publisher subscribes behind its messages, then publishes once more: its own
     // copy of the last message comes after the SUBACK, and the others' stay in order.
-    subscribe(100, "ord/#", QoS::AtMostOnce).encode(v, &mut bytes).unwrap();
-    publish("ord/x", QoS::AtMostOnce, 0, &[8]).encode(v, &mut bytes).unwrap();
+    subscribe(100, "ord/#", QoS::AtMostOnce)
+        .encode(v, &mut bytes)
+        .unwrap();
+    publish("ord/x", QoS::AtMostOnce, 0, &[8])
+        .encode(v, &mut bytes)
+        .unwrap();
     p.send_bytes(&bytes).await;
     for s in [&mut s1, &mut s2] {
         for i in 0..=8u8 {

@@ -2,12 +2,12 @@
 
 use bytes::{Buf, BytesMut};
 
+use crate::encode::PlainPublish;
 use crate::error::{DecodeError, ErrorKind};
 use crate::packet::*;
 use crate::primitives::{Reader, VARINT_TOO_LONG, VarInt, decode_varint};
 use crate::properties::{AckProperties, Properties, PropertyContext, PublishProperties};
 use crate::reason::ReasonContext;
-use crate::encode::PlainPublish;
 use crate::{QoS, ReasonCode, TopicError, TopicFilter, TopicName};
 
 /// Decodes one packet from the front of `buf`.

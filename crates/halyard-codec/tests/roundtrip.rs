@@ -653,9 +653,19 @@ fn plain_publish_errors_leave_the_buffer_alone() {
         ("a", QoS::AtMostOnce, true, 0),
         ("a", QoS::AtLeastOnce, false, 0),
     ] {
-        let p = PlainPublish { dup, qos, retain: false, topic, packet_id: id, payload: b"x" };
+        let p = PlainPublish {
+            dup,
+            qos,
+            retain: false,
+            topic,
+            packet_id: id,
+            payload: b"x",
+        };
         let mut buf = BytesMut::from(&b"keep"[..]);
-        assert!(encode_plain_publish(&p, V5, &mut buf).is_err(), "{topic:?} {qos:?} {dup} {id}");
+        assert!(
+            encode_plain_publish(&p, V5, &mut buf).is_err(),
+            "{topic:?} {qos:?} {dup} {id}"
+        );
         assert_eq!(&buf[..], b"keep");
     }
 }
@@ -684,7 +694,11 @@ fn check_plain_decode(wire: &[u8], v: ProtocolVersion) -> Result<bool, TestCaseE
         PlainDecode::Other => Ok(false),
         PlainDecode::Plain(p, len) => {
             let general = general_decode(wire, v);
-            prop_assert!(general.is_some(), "fast path accepted what decode refuses: {:?}", wire);
+            prop_assert!(
+                general.is_some(),
+                "fast path accepted what decode refuses: {:?}",
+                wire
+            );
             let (g, used) = general.unwrap();
             prop_assert_eq!(used, len);
             prop_assert_eq!(Packet::Publish(p.to_publish()), g);
@@ -747,10 +761,22 @@ proptest! {
 /// refuses it [MQTT-3.2.2.3.6 / MQTT-3.1.2-24].
 #[test]
 fn plain_decode_leaves_oversized_packets_to_decode() {
-    let p = PlainPublish { dup: false, qos: QoS::AtMostOnce, retain: false, topic: "a/b", packet_id: 0, payload: &[7; 100] };
+    let p = PlainPublish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: "a/b",
+        packet_id: 0,
+        payload: &[7; 100],
+    };
     let mut wire = BytesMut::new();
     encode_plain_publish(&p, V3_1_1, &mut wire).unwrap();
-    assert!(matches!(decode_plain_publish(&wire, V3_1_1, 50), PlainDecode::Other));
+    assert!(matches!(
+        decode_plain_publish(&wire, V3_1_1, 50),
+        PlainDecode::Other
+    ));
     assert!(decode(&mut wire.clone(), V3_1_1, 50).is_err());
-    assert!(matches!(decode_plain_publish(&wire, V3_1_1, 1000), PlainDecode::Plain(_, n) if n == wire.len()));
+    assert!(
+        matches!(decode_plain_publish(&wire, V3_1_1, 1000), PlainDecode::Plain(_, n) if n == wire.len())
+    );
 }
