@@ -29,6 +29,21 @@ impl Drop for Halyard {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Kept after a failure: its halyard.log says what happened.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A test's scratch directory, removed when the test passes (kept when it fails).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -519,6 +534,7 @@ fn sys_topics_cover_mosquittos_names() {
             .collect()
     };
     let dir = temp_dir("sys-mosq");
+    let _scratch = Scratch(dir.clone());
     let [mport] = free_ports();
     let conf = dir.join("m.conf");
     std::fs::write(
@@ -686,6 +702,7 @@ fn reload_adds_and_removes_listeners_and_applies_limits() {
 #[test]
 fn sd_notify_readiness_and_json_logs_with_connection_spans() {
     let sock_dir = temp_dir("notify");
+    let _scratch = Scratch(sock_dir.clone());
     let sock_path = sock_dir.join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
     sock.set_read_timeout(Some(WAIT)).unwrap();
