@@ -306,27 +306,20 @@ impl Deferred {
 
     fn push(&mut self, m: Match, msg: &Arc<Message>) {
         self.len += 1;
-        let out = Outgoing {
-            qos: QoS::AtMostOnce,
-            retain: msg.retain && m.retain_as_published,
-            subscription_ids: m.subscription_ids.into_boxed_slice(),
-            shared: m.shared,
-            recorded: false,
-            msg: msg.clone(),
-        };
+        let (session, out) = m.into_delivery(msg.clone());
         // Fan-in: usually the same session as the last delivery.
         if let Some((s, outs)) = self.groups.last_mut()
-            && Arc::ptr_eq(s, &m.session)
+            && Arc::ptr_eq(s, &session)
         {
             outs.push(out);
             return;
         }
-        let key = Arc::as_ptr(&m.session) as usize;
+        let key = Arc::as_ptr(&session) as usize;
         match self.index.get(&key) {
             Some(&i) => self.groups[i].1.push(out),
             None => {
                 self.index.insert(key, self.groups.len());
-                self.groups.push((m.session, vec![out]));
+                self.groups.push((session, vec![out]));
             }
         }
     }
@@ -494,17 +487,8 @@ impl Inner {
             self.flush_deferred(d, limits);
         }
         for m in scratch.drain(..) {
-            let out = Outgoing {
-                qos: m.qos.min(msg.qos),
-                // [MQTT-3.3.1-12]/[MQTT-3.3.1-13] (3.1.1: MQTT-3.3.1-9): RETAIN is cleared
-                // on forwarding unless the subscription has Retain As Published.
-                retain: msg.retain && m.retain_as_published,
-                subscription_ids: m.subscription_ids.into_boxed_slice(),
-                shared: m.shared,
-                recorded: false,
-                msg: msg.clone(),
-            };
-            let (r, _) = m.session.enqueue(out, limits, &mut ops);
+            let (session, out) = m.into_delivery(msg.clone());
+            let (r, _) = session.enqueue(out, limits, &mut ops);
             self.count_enqueue(r);
         }
         ops.extend(extra);
@@ -548,18 +532,10 @@ impl Inner {
                 continue;
             };
             let r = match self.subs.pick_other_member(&filter, leaving) {
-                Some(m) => m.session.enqueue(
-                    Outgoing {
-                        qos: m.qos.min(out.msg.qos),
-                        retain: out.msg.retain && m.retain_as_published,
-                        subscription_ids: m.subscription_ids.into_boxed_slice(),
-                        shared: m.shared,
-                        recorded: false,
-                        msg: out.msg,
-                    },
-                    limits,
-                    &mut ops,
-                ),
+                Some(m) => {
+                    let (session, out) = m.into_delivery(out.msg);
+                    session.enqueue(out, limits, &mut ops)
+                }
                 None => leaving.enqueue(
                     Outgoing {
                         recorded: false,

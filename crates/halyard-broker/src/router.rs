@@ -11,7 +11,8 @@ use std::sync::{Arc, RwLock};
 
 use halyard_codec::{QoS, SubscriptionOptions, TopicFilter};
 
-use crate::session::Session;
+use crate::message::Message;
+use crate::session::{Outgoing, Session};
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -98,6 +99,23 @@ pub(crate) struct Match {
     pub(crate) subscription_ids: Vec<u32>,
     /// The shared subscription this delivery was chosen for, if any.
     pub(crate) shared: Option<Box<TopicFilter>>,
+}
+
+impl Match {
+    /// The session and the queued delivery of `msg` this match stands for.
+    pub(crate) fn into_delivery(self, msg: Arc<Message>) -> (Arc<Session>, Outgoing) {
+        let out = Outgoing {
+            qos: self.qos.min(msg.qos),
+            // [MQTT-3.3.1-12]/[MQTT-3.3.1-13] (3.1.1: MQTT-3.3.1-9): RETAIN is cleared on
+            // forwarding unless the subscription has Retain As Published.
+            retain: msg.retain && self.retain_as_published,
+            subscription_ids: self.subscription_ids.into_boxed_slice(),
+            shared: self.shared,
+            recorded: false,
+            msg,
+        };
+        (self.session, out)
+    }
 }
 
 #[derive(Debug, Default)]
