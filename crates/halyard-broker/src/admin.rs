@@ -302,10 +302,10 @@ impl Broker {
                 None,
                 Instant::now(),
             )
-            .charged_to(&inner.memory),
+            .charged_to(inner.memory),
         );
         inner.stats.received(qos);
-        let (matched, ticket) = inner.publish(&msg, &mut Vec::new(), Vec::new(), &cfg, None);
+        let (matched, ticket) = inner.publish(&msg, None, &mut Vec::new(), Vec::new(), &cfg, None);
         if let Some(mut rx) = inner.store.durable() {
             let _ = rx.wait_for(|&d| d >= ticket).await;
         }
@@ -332,7 +332,7 @@ impl Broker {
             None,
             Instant::now(),
         ));
-        inner.publish(&msg, &mut Vec::new(), Vec::new(), &inner.cfg(), None);
+        inner.publish(&msg, None, &mut Vec::new(), Vec::new(), &inner.cfg(), None);
     }
 
     /// A live copy of the messages routed from now on.

@@ -57,7 +57,7 @@ pub(crate) struct Inner {
     /// Moves on every `set_security`: connections drop their cached access decisions.
     security_generation: AtomicU64,
     /// Bytes of client messages alive (see `max_memory_bytes`).
-    pub(crate) memory: Arc<crate::message::MemoryUse>,
+    pub(crate) memory: &'static crate::message::MemoryUse,
     /// Copies of routed messages for admin topic taps; only sent to while `taps` > 0, so
     /// routing pays one relaxed load when nobody watches.
     pub(crate) tap: tokio::sync::broadcast::Sender<Arc<Message>>,
@@ -158,7 +158,7 @@ impl Broker {
             })),
             auth_failures: AuthFailures::default(),
             security_generation: AtomicU64::new(0),
-            memory: Arc::default(),
+            memory: crate::message::MemoryUse::new_static(),
             tap: tokio::sync::broadcast::channel(crate::admin::TAP_CAPACITY).0,
             taps: Arc::default(),
             started: Instant::now(),
@@ -385,6 +385,13 @@ impl Inner {
         self.next_message_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// `n` message ids at once, for a connection to hand out itself: the counter is shared
+    /// by every core. Ids need only be unique; unused ones are skipped.
+    pub(crate) fn message_ids(&self, n: u64) -> std::ops::Range<u64> {
+        let start = self.next_message_id.fetch_add(n, Ordering::Relaxed);
+        start..start + n
+    }
+
     pub(crate) fn queue_limits(cfg: &BrokerConfig) -> QueueLimits {
         QueueLimits {
             max_messages: cfg.max_queued_messages,
@@ -419,12 +426,13 @@ impl Inner {
     }
 
     /// Routes one message: retains it if asked, then queues a delivery to every matching
-    /// session. Runs on the publisher's task. Every store op this causes, plus `extra`,
+    /// session. `origin` is the publishing client, for No Local. Runs on the publisher's task. Every store op this causes, plus `extra`,
     /// goes to the store in **one** batch, so a crash keeps all or none of it. Returns how
     /// many sessions matched and the ticket to wait for before acknowledging the publisher.
     pub(crate) fn publish(
         &self,
         msg: &Arc<Message>,
+        origin: Option<&str>,
         scratch: &mut Vec<Match>,
         extra: Vec<Op>,
         cfg: &BrokerConfig,
@@ -456,8 +464,7 @@ impl Inner {
                 Op::RetainSet(stored(msg))
             });
         }
-        self.subs
-            .matches(msg.topic.as_str(), msg.origin.as_deref(), scratch);
+        self.subs.matches(msg.topic.as_str(), origin, scratch);
         let matched = scratch.len();
         if matched == 0 && !msg.topic.as_str().starts_with('$') {
             Stats::inc(&self.stats.dropped_no_subscribers);
@@ -570,7 +577,15 @@ impl Inner {
     pub(crate) fn publish_will(&self, client_id: &str, msg: &Arc<Message>) {
         debug!(client_id, topic = %msg.topic, "publishing will");
         Stats::inc(&self.stats.wills_published);
-        self.publish(msg, &mut Vec::new(), Vec::new(), &self.cfg.load(), None);
+        let origin = msg.origin.as_deref();
+        self.publish(
+            msg,
+            origin,
+            &mut Vec::new(),
+            Vec::new(),
+            &self.cfg.load(),
+            None,
+        );
     }
 
     /// The highest ticket the store has made durable (`u64::MAX` when it does not track).
@@ -682,8 +697,7 @@ impl Inner {
             msg.set_ticket(0);
             // Restored messages count against `max_memory_bytes` like received ones: a
             // large backlog holds publishers back until it drains.
-            self.retained
-                .restore(Arc::new(msg.charged_to(&self.memory)));
+            self.retained.restore(Arc::new(msg.charged_to(self.memory)));
         }
         // Message bodies shared by the recovered deliveries: one `Arc` per id.
         let mut bodies: HashMap<u64, Arc<Message>> = HashMap::new();
@@ -709,7 +723,7 @@ impl Inner {
             msg.expires_at = m.expires_at.map(to_instant);
             msg.persisted.store(true, Ordering::Relaxed);
             msg.set_ticket(0);
-            bodies.insert(id, Arc::new(msg.charged_to(&self.memory)));
+            bodies.insert(id, Arc::new(msg.charged_to(self.memory)));
         }
         // A delivery whose body is missing cannot be sent; the store's recovery should
         // never produce one, so it is counted and reported, not silently skipped.

@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::broker::{Inner, grant, stored, version_name};
 use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
-use crate::message::{self, Delivery, Message};
+use crate::message::{self, Delivery, Message, Props};
 use crate::router::Match;
 use crate::session::{Awaiting, ConnInfo, ConnLink, Outgoing, PendingWill, Session, Subscription};
 use crate::stats::Stats;
@@ -342,6 +342,8 @@ struct Connection<S> {
     /// first pause (a `Sleep` is ~110 bytes, and most connections never pause).
     pause_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     last_rx: Instant,
+    /// Message ids taken from the broker's counter in blocks (see `Inner::message_ids`).
+    ids: std::ops::Range<u64>,
     /// The client's Receive Maximum: QoS 1/2 messages we may have in flight to it.
     client_receive_max: usize,
     /// The client's Maximum Packet Size.
@@ -400,6 +402,17 @@ struct Aliases {
 /// Read sizes `size_reads` moves between.
 const READ_CHUNK_MIN: usize = 512;
 const READ_CHUNK_MAX: usize = 64 * 1024;
+
+/// A received PUBLISH once its topic is known, without its properties (see
+/// `Connection::accept_publish`). Topic and payload are owned, never slices of the read
+/// buffer.
+struct Incoming {
+    topic: TopicName,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    packet_id: u16,
+}
 
 /// How often a client held back by the memory budget looks again.
 const MEMORY_RECHECK: Duration = Duration::from_millis(10);
@@ -917,6 +930,7 @@ where
             keepalive_timer: keepalive.map(|k| Box::pin(tokio::time::sleep(k))),
             pause_timer: None,
             last_rx: Instant::now(),
+            ids: 0..0,
             client_receive_max,
             client_max_packet: c
                 .properties
@@ -1189,9 +1203,15 @@ where
             if let PlainDecode::Plain(p, len) =
                 decode_plain_publish(&self.rbuf, self.version, self.cfg.message_size_limit)
             {
-                let p = p.to_publish();
+                let p = Incoming {
+                    topic: p.owned_topic(),
+                    payload: Bytes::copy_from_slice(p.payload),
+                    qos: p.qos,
+                    retain: p.retain,
+                    packet_id: p.packet_id,
+                };
                 bytes::Buf::advance(&mut self.rbuf, len);
-                if let Err(end) = self.on_publish(p) {
+                if let Err(end) = self.accept_publish(p, Props::NONE) {
                     return Some(end);
                 }
                 continue;
@@ -1356,15 +1376,7 @@ where
 
     /// `p`'s topic, payload and properties must not be slices of the read buffer.
     fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
-        let v5 = self.version.is_v5();
-        // What this connection's CONNACK promised (copied: an `Arc` clone per message is
-        // two atomic operations for four numbers).
-        let (topic_alias_maximum, max_qos, retain_available, max_inflight) = (
-            self.cfg.topic_alias_maximum,
-            self.cfg.max_qos,
-            self.cfg.retain_available,
-            self.cfg.max_inflight_messages,
-        );
+        let topic_alias_maximum = self.cfg.topic_alias_maximum;
         if let Some(alias) = p.properties.topic_alias {
             if alias > topic_alias_maximum {
                 // [MQTT-3.3.2-9]: over our Topic Alias Maximum.
@@ -1391,6 +1403,39 @@ where
         if !p.properties.subscription_identifiers.is_empty() {
             return Err(self.protocol_error("subscription identifier from a client [MQTT-3.3.4-6]"));
         }
+        let Publish {
+            topic,
+            payload,
+            qos,
+            retain,
+            packet_id,
+            properties,
+            ..
+        } = p;
+        self.accept_publish(
+            Incoming {
+                topic,
+                payload,
+                qos,
+                retain,
+                packet_id,
+            },
+            Props::new(properties),
+        )
+    }
+
+    /// The checks and routing every PUBLISH goes through once its topic is known. Its
+    /// properties come apart: most messages have none, and the fast path in
+    /// `process_packets` never builds them.
+    fn accept_publish(&mut self, p: Incoming, properties: Props) -> Result<(), End> {
+        let v5 = self.version.is_v5();
+        // What this connection's CONNACK promised (copied: an `Arc` clone per message is
+        // two atomic operations for a few numbers).
+        let (max_qos, retain_available, max_inflight) = (
+            self.cfg.max_qos,
+            self.cfg.retain_available,
+            self.cfg.max_inflight_messages,
+        );
         if Inner::topic_over_limits(&self.live, p.topic.as_str()) {
             // Valid MQTT, over our limits: v5 is told 0x90; 3.1.1 can only be given a
             // positive acknowledgement, and the message goes nowhere [MQTT-3.3.5-2].
@@ -1448,7 +1493,9 @@ where
             st.inbound_qos2.insert(p.packet_id);
         }
         let invalid_payload = v5
-            && p.properties.payload_format_indicator == Some(true)
+            && properties
+                .get()
+                .is_some_and(|p| p.payload_format_indicator == Some(true))
             && std::str::from_utf8(&p.payload).is_err();
         let denied = !invalid_payload && !self.allowed(Access::Write, p.topic.as_str());
         let mut reason = ReasonCode::Success;
@@ -1470,21 +1517,28 @@ where
             }
         } else {
             // `p` owns its bytes: `process_input` copied them out of the read buffer.
-            let msg = Arc::new(
-                Message::new(
-                    self.inner.message_id(),
-                    p.topic,
-                    p.payload,
-                    p.qos,
-                    p.retain,
-                    p.properties,
-                    Some(self.session.client_id.clone()),
-                    // When it was read: its expiry counts from then, and it saves a clock
-                    // read per message.
-                    self.last_rx,
-                )
-                .charged_to(&self.inner.memory),
-            );
+            if self.ids.is_empty() {
+                self.ids = self.inner.message_ids(64);
+            }
+            let id = self.ids.start;
+            self.ids.start += 1;
+            let msg = Arc::new(Message::from_parts(
+                id,
+                p.topic,
+                p.payload,
+                p.qos,
+                p.retain,
+                properties,
+                // Only the admin API shows who published (retained messages, taps); No
+                // Local is decided from the client id given to routing. An `Arc` clone
+                // per message otherwise.
+                (p.retain || self.inner.taps.load(std::sync::atomic::Ordering::Relaxed) > 0)
+                    .then(|| self.session.client_id.clone()),
+                // When it was read: its expiry counts from then, and it saves a clock read
+                // per message.
+                self.last_rx,
+                Some(self.inner.memory),
+            ));
             let mut extra = Vec::new();
             if p.qos == QoS::ExactlyOnce && self.session.lock().persistent() {
                 // In the same batch as the routing: a crash keeps both or neither, so a held
@@ -1498,6 +1552,7 @@ where
             }
             let (matched, t) = self.inner.publish(
                 &msg,
+                Some(&self.session.client_id),
                 &mut self.scratch,
                 extra,
                 &self.live,

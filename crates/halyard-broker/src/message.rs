@@ -66,10 +66,15 @@ pub(crate) struct Message {
     properties: Option<Box<WithProperties>>,
     /// When the Message Expiry Interval runs out.
     pub(crate) expires_at: Option<Instant>,
-    /// The publishing client, for No Local.
+    /// The publishing client, for No Local of a will and for the admin API (who published a
+    /// retained message, or one seen by a tap). A client's other messages leave it out:
+    /// their routing is given the client id, and the clone was an atomic operation per
+    /// message, and another where it is dropped.
     pub(crate) origin: Option<Arc<str>>,
-    /// The broker-wide count this message's bytes are charged to while it lives.
-    account: Option<Arc<MemoryUse>>,
+    /// The broker-wide count this message's bytes are charged to while it lives (one per
+    /// broker, never freed: a reference here saves two atomic operations per message
+    /// that an `Arc` cost).
+    account: Option<&'static MemoryUse>,
 }
 
 /// Bytes of messages alive in the broker (queued, in flight, retained): what the global
@@ -80,6 +85,19 @@ pub(crate) struct MemoryUse {
     pub(crate) bytes: std::sync::atomic::AtomicUsize,
     /// Messages alive (for `$SYS/broker/store/messages/count` and the metrics).
     pub(crate) messages: std::sync::atomic::AtomicUsize,
+}
+
+impl MemoryUse {
+    /// One per broker for the life of the process: messages refer to it without
+    /// reference counting (a few bytes per broker started, which only tests do often).
+    pub(crate) fn new_static() -> &'static MemoryUse {
+        Box::leak(Box::default())
+    }
+
+    fn charge(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.messages.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Message {
@@ -93,6 +111,31 @@ impl Drop for Message {
     }
 }
 
+/// The properties a received message keeps (never a topic alias or subscription
+/// identifiers), boxed with its encode cache; nothing at all for most messages.
+#[derive(Debug)]
+pub(crate) struct Props(Option<Box<WithProperties>>);
+
+impl Props {
+    /// A message without properties.
+    pub(crate) const NONE: Props = Props(None);
+
+    pub(crate) fn new(mut properties: PublishProperties) -> Props {
+        properties.topic_alias = None;
+        properties.subscription_identifiers.clear();
+        Props((!properties.is_empty()).then(|| {
+            Box::new(WithProperties {
+                properties,
+                cache: Default::default(),
+            })
+        }))
+    }
+
+    pub(crate) fn get(&self) -> Option<&PublishProperties> {
+        self.0.as_deref().map(|w| &w.properties)
+    }
+}
+
 impl Message {
     #[allow(clippy::too_many_arguments)] // a plain constructor of a plain record
     pub(crate) fn new(
@@ -101,15 +144,45 @@ impl Message {
         payload: Bytes,
         qos: QoS,
         retain: bool,
-        mut properties: PublishProperties,
+        properties: PublishProperties,
         origin: Option<Arc<str>>,
         now: Instant,
     ) -> Self {
-        properties.topic_alias = None;
-        properties.subscription_identifiers.clear();
+        Self::from_parts(
+            id,
+            topic,
+            payload,
+            qos,
+            retain,
+            Props::new(properties),
+            origin,
+            now,
+            None,
+        )
+    }
+
+    /// A message from its parts, charged to `account` (if any) until it is dropped. The
+    /// receive path builds it straight into its `Arc` with this: a PUBLISH decoded to a
+    /// `Publish` (264 bytes) and then to a `Message` was about a kilobyte of copies.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        id: u64,
+        topic: TopicName,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        properties: Props,
+        origin: Option<Arc<str>>,
+        now: Instant,
+        account: Option<&'static MemoryUse>,
+    ) -> Self {
         let expires_at = properties
-            .message_expiry_interval
+            .get()
+            .and_then(|p| p.message_expiry_interval)
             .map(|s| now + std::time::Duration::from_secs(u64::from(s)));
+        if let Some(a) = account {
+            a.charge(topic.as_str().len() + payload.len());
+        }
         Message {
             id,
             persisted: AtomicBool::new(false),
@@ -118,15 +191,10 @@ impl Message {
             payload,
             qos,
             retain,
-            properties: (!properties.is_empty()).then(|| {
-                Box::new(WithProperties {
-                    properties,
-                    cache: Default::default(),
-                })
-            }),
+            properties: properties.0,
             expires_at,
             origin,
-            account: None,
+            account,
         }
     }
 
@@ -160,14 +228,9 @@ impl Message {
 
     /// Payload bytes plus topic: what a queued copy costs, for queue limits.
     /// Charges this message's bytes to `account` until it is dropped.
-    pub(crate) fn charged_to(mut self, account: &Arc<MemoryUse>) -> Self {
-        account
-            .bytes
-            .fetch_add(self.cost(), std::sync::atomic::Ordering::Relaxed);
-        account
-            .messages
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.account = Some(account.clone());
+    pub(crate) fn charged_to(mut self, account: &'static MemoryUse) -> Self {
+        account.charge(self.cost());
+        self.account = Some(account);
         self
     }
 

@@ -346,6 +346,12 @@ pub struct PlainPublish<'a> {
 }
 
 impl PlainPublish<'_> {
+    /// The topic, copied out (the receive path keeps it; the string was validated when it
+    /// was decoded).
+    pub fn owned_topic(&self) -> TopicName {
+        TopicName::from_valid(self.topic)
+    }
+
     /// An owned [`Publish`] with copies of the topic and payload (and empty properties):
     /// nothing in it refers to the buffer this was decoded from, so keeping the message
     /// (queued, retained, in flight) does not pin that buffer.
