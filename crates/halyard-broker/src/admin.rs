@@ -305,7 +305,8 @@ impl Broker {
             .charged_to(inner.memory),
         );
         inner.stats.received(qos);
-        let (matched, ticket) = inner.publish(&msg, None, &mut Vec::new(), Vec::new(), &cfg, None);
+        let (matched, ticket) =
+            inner.publish(&msg, None, &mut Default::default(), Vec::new(), &cfg, None);
         if let Some(mut rx) = inner.store.durable() {
             let _ = rx.wait_for(|&d| d >= ticket).await;
         }
@@ -332,7 +333,14 @@ impl Broker {
             None,
             Instant::now(),
         ));
-        inner.publish(&msg, None, &mut Vec::new(), Vec::new(), &inner.cfg(), None);
+        inner.publish(
+            &msg,
+            None,
+            &mut Default::default(),
+            Vec::new(),
+            &inner.cfg(),
+            None,
+        );
     }
 
     /// A live copy of the messages routed from now on.

@@ -19,7 +19,7 @@ use crate::auth::{Anonymous, Security};
 use crate::config::{BrokerConfig, defaults};
 use crate::message::Message;
 use crate::retained::Retained;
-use crate::router::{Match, SubscriptionIndex};
+use crate::router::{Match, Routes, SubscriptionIndex};
 use crate::session::{
     Awaiting, Enqueued, Inflight, Outgoing, PendingWill, QueueLimits, Session, Subscription,
 };
@@ -304,22 +304,23 @@ pub(crate) struct Deferred {
 impl Deferred {
     const MAX: usize = 1024;
 
-    fn push(&mut self, m: Match, msg: &Arc<Message>) {
+    fn push(&mut self, m: &mut Match, msg: &Arc<Message>) {
         self.len += 1;
-        let (session, out) = m.into_delivery(msg.clone());
+        let out = m.delivery(msg.clone());
         // Fan-in: usually the same session as the last delivery.
         if let Some((s, outs)) = self.groups.last_mut()
-            && Arc::ptr_eq(s, &session)
+            && Arc::ptr_eq(s, &m.session)
         {
             outs.push(out);
             return;
         }
-        let key = Arc::as_ptr(&session) as usize;
+        let key = Arc::as_ptr(&m.session) as usize;
         match self.index.get(&key) {
             Some(&i) => self.groups[i].1.push(out),
             None => {
+                // The session's reference is taken once per batch, not per delivery.
                 self.index.insert(key, self.groups.len());
-                self.groups.push((session, vec![out]));
+                self.groups.push((m.session.clone(), vec![out]));
             }
         }
     }
@@ -433,7 +434,7 @@ impl Inner {
         &self,
         msg: &Arc<Message>,
         origin: Option<&str>,
-        scratch: &mut Vec<Match>,
+        routes: &mut Routes,
         extra: Vec<Op>,
         cfg: &BrokerConfig,
         deferred: Option<&mut Deferred>,
@@ -464,8 +465,8 @@ impl Inner {
                 Op::RetainSet(stored(msg))
             });
         }
-        self.subs.matches(msg.topic.as_str(), origin, scratch);
-        let matched = scratch.len();
+        let matches = self.subs.matches_cached(msg.topic.as_str(), origin, routes);
+        let matched = matches.len();
         if matched == 0 && !msg.topic.as_str().starts_with('$') {
             Stats::inc(&self.stats.dropped_no_subscribers);
         }
@@ -479,7 +480,7 @@ impl Inner {
         // in publish order.
         let deferred = match deferred {
             Some(d) if msg.qos == QoS::AtMostOnce && extra.is_empty() && ops.is_empty() => {
-                for m in scratch.drain(..) {
+                for m in matches {
                     d.push(m, msg);
                 }
                 msg.set_ticket(0);
@@ -493,9 +494,9 @@ impl Inner {
         if let Some(d) = deferred {
             self.flush_deferred(d, limits);
         }
-        for m in scratch.drain(..) {
-            let (session, out) = m.into_delivery(msg.clone());
-            let (r, _) = session.enqueue(out, limits, &mut ops);
+        for m in matches {
+            let out = m.delivery(msg.clone());
+            let (r, _) = m.session.enqueue(out, limits, &mut ops);
             self.count_enqueue(r);
         }
         ops.extend(extra);
@@ -581,7 +582,7 @@ impl Inner {
         self.publish(
             msg,
             origin,
-            &mut Vec::new(),
+            &mut Routes::default(),
             Vec::new(),
             &self.cfg.load(),
             None,

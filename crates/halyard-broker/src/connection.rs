@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use crate::broker::{Inner, grant, stored, version_name};
 use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
 use crate::message::{self, Delivery, Message, Props};
-use crate::router::Match;
+use crate::router::Routes;
 use crate::session::{Awaiting, ConnInfo, ConnLink, Outgoing, PendingWill, Session, Subscription};
 use crate::stats::Stats;
 
@@ -356,7 +356,9 @@ struct Connection<S> {
     will_delay: u32,
     /// Session expiry requested in CONNECT (a DISCONNECT may not raise it from 0).
     connect_expiry: u32,
-    scratch: Vec<Match>,
+    /// The last topic this client published to and its subscribers (see `Routes`); made
+    /// on the first PUBLISH and dropped when the connection goes idle.
+    routes: Option<Box<Routes>>,
     /// The store's durable ticket (None: every change is durable at once).
     durable: Option<tokio::sync::watch::Receiver<u64>>,
     /// Acknowledgements waiting until their store ticket is durable, in the order they
@@ -943,7 +945,7 @@ where
             will,
             will_delay: c.will.as_ref().and_then(|w| w.delay_interval).unwrap_or(0),
             connect_expiry: requested_expiry,
-            scratch: Vec::new(),
+            routes: None,
             durable: inner.store.durable(),
             pending_acks: VecDeque::new(),
             blocked_on_durable: false,
@@ -1133,6 +1135,8 @@ where
                 if self.rbuf.is_empty() && self.rbuf.capacity() > READ_CHUNK_MIN {
                     self.rbuf = BytesMut::new();
                 }
+                // Idle: its cached matches would keep their sessions alive.
+                self.routes = None;
             }
         }
     }
@@ -1553,7 +1557,7 @@ where
             let (matched, t) = self.inner.publish(
                 &msg,
                 Some(&self.session.client_id),
-                &mut self.scratch,
+                self.routes.get_or_insert_default(),
                 extra,
                 &self.live,
                 Some(self.deferred.get_or_insert_default()),
