@@ -1226,6 +1226,24 @@ where
                 }
                 continue;
             }
+            // Acknowledgements without reason or properties (all of 3.x, most of 5) are
+            // four bytes: read in place too (the decoder's split of the buffer cost two
+            // reference-count operations per packet). Packet id 0 and wrong flags are left
+            // to `decode`, which names the error.
+            if let Some(&[first, 2, hi, lo]) = self.rbuf.first_chunk::<4>()
+                && matches!(first, 0x40 | 0x50 | 0x62 | 0x70)
+                && (hi, lo) != (0, 0)
+            {
+                let packet_id = u16::from_be_bytes([hi, lo]);
+                bytes::Buf::advance(&mut self.rbuf, 4);
+                match first {
+                    0x40 => self.on_ack(packet_id, Awaiting::Ack),
+                    0x50 => self.on_pubrec(&Ack::new(packet_id)),
+                    0x62 => self.on_pubrel(packet_id),
+                    _ => self.on_ack(packet_id, Awaiting::Comp),
+                }
+                continue;
+            }
             match decode(&mut self.rbuf, self.version, self.cfg.message_size_limit) {
                 Ok(Some(p)) => {
                     let p = match p {

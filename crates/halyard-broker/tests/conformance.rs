@@ -1275,6 +1275,28 @@ async fn malformed_packet_disconnects_only_that_client_mqtt_4_13(v: ProtocolVers
     assert_eq!(&recv_publish(&mut good).await.payload[..], b"still fine");
 }
 
+/// Acknowledgements are read in place when they are four bytes; that path must refuse what
+/// the decoder refuses: PUBREL flags other than 0010 [MQTT-3.6.1-1], other reserved flags
+/// [MQTT-2.2.2-2] (malformed), packet id 0 [MQTT-2.2.1-3] (protocol error).
+async fn acks_with_bad_flags_or_packet_id_0_disconnect_mqtt_3_6_1_1(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    for (i, (hex, reason)) in [
+        ("60 02 00 01", ReasonCode::MalformedPacket),
+        ("42 02 00 01", ReasonCode::MalformedPacket),
+        ("72 02 00 01", ReasonCode::MalformedPacket),
+        ("40 02 00 00", ReasonCode::ProtocolError),
+        ("62 02 00 00", ReasonCode::ProtocolError),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = tb.raw().await;
+        online(&mut c, v, &format!("bad-ack-{i}"), true).await;
+        c.send_hex(hex).await;
+        expect_disconnect(&mut c, reason).await;
+    }
+}
+
 async fn graceful_shutdown_sends_0x8b(v: ProtocolVersion) {
     let tb = TestBroker::start().await;
     let mut c = tb.raw().await;
@@ -1352,6 +1374,7 @@ both_versions!(
     retained_set_replace_delete_mqtt_3_3_1_5_to_7,
     will_published_on_abnormal_close_not_on_disconnect_mqtt_3_1_2_8_and_10,
     malformed_packet_disconnects_only_that_client_mqtt_4_13,
+    acks_with_bad_flags_or_packet_id_0_disconnect_mqtt_3_6_1_1,
     graceful_shutdown_sends_0x8b,
 );
 both_versions_paused!(
