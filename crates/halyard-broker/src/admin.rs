@@ -363,7 +363,7 @@ impl Broker {
                 .len()
                 .saturating_sub(inner.retained.dollar_len()),
             retained_bytes: inner.retained.bytes(),
-            messages_alive: inner.memory.messages.load(Ordering::Relaxed),
+            messages_alive: inner.memory.messages(),
             ..Gauges::default()
         };
         for s in inner.sessions_snapshot() {

@@ -260,7 +260,7 @@ impl Broker {
     /// Current counters.
     pub fn stats(&self) -> StatsSnapshot {
         let mut s = self.inner.stats.snapshot();
-        s.message_bytes_alive = self.inner.memory.bytes.load(Ordering::Relaxed) as u64;
+        s.message_bytes_alive = self.inner.memory.bytes() as u64;
         s.connections_current = self.inner.stats.connections_current.load(Ordering::Relaxed);
         s
     }
@@ -406,7 +406,7 @@ impl Inner {
     /// an `ArcSwap` load per check was ~4% of the CPU per message.
     pub(crate) fn memory_over_budget(&self, cfg: &BrokerConfig) -> bool {
         let max = cfg.max_memory_bytes;
-        max > 0 && self.memory.bytes.load(Ordering::Relaxed) >= max
+        max > 0 && self.memory.bytes() >= max
     }
 
     /// Whether a topic name or filter exceeds `max_topic_length` or `max_topic_levels`.
@@ -483,7 +483,8 @@ impl Inner {
                 for m in matches {
                     d.push(m, msg);
                 }
-                msg.set_ticket(0);
+                // No `set_ticket`: only recorded (QoS 1/2) deliveries read the ticket, and
+                // a QoS 0 message never has one; the compare-exchange was 2.6% of a fan-in.
                 if d.len >= Deferred::MAX {
                     self.flush_deferred(d, limits);
                 }

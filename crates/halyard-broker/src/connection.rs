@@ -321,6 +321,9 @@ struct Connection<S> {
     live: Arc<crate::config::BrokerConfig>,
     /// PUBLISH packets received in this batch by QoS, added to the stats once per batch.
     received: [u32; 3],
+    /// Bytes and count of the messages this batch routed, charged to the memory budget
+    /// once per batch (see `MemoryUse`).
+    charged: (usize, u32),
     /// QoS 0 deliveries of this batch, queued when it ends (see `Deferred`); boxed and
     /// only once the client publishes, to keep idle connections small.
     deferred: Option<Box<crate::broker::Deferred>>,
@@ -918,6 +921,7 @@ where
             cfg: cfg.clone(),
             live: cfg.clone(),
             received: [0; 3],
+            charged: (0, 0),
             deferred: None,
             rd,
             wr,
@@ -1176,6 +1180,8 @@ where
         let end = self.process_packets();
         self.flush_deferred();
         self.inner.stats.add_received(&mut self.received);
+        let (bytes, messages) = std::mem::take(&mut self.charged);
+        self.inner.memory.charge(bytes, messages as usize);
         end
     }
 
@@ -1550,6 +1556,8 @@ where
             }
             let id = self.ids.start;
             self.ids.start += 1;
+            self.charged.0 += p.topic.as_str().len() + p.payload.len();
+            self.charged.1 += 1;
             let msg = Arc::new(Message::from_parts(
                 id,
                 p.topic,

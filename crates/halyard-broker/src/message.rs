@@ -53,7 +53,8 @@ pub(crate) struct Message {
     pub(crate) persisted: AtomicBool,
     /// Store ticket of the batch that recorded this message's deliveries: a recorded
     /// delivery is sent only once it is durable, so a subscriber's acknowledgement can never
-    /// reach the store before the enqueue it refers to. `u64::MAX` until routing finished.
+    /// reach the store before the enqueue it refers to. `u64::MAX` until routing finished
+    /// (and for good on a client's QoS 0 message, whose deliveries are never recorded).
     pub(crate) ticket: AtomicU64,
     pub(crate) topic: TopicName,
     pub(crate) payload: Bytes,
@@ -80,11 +81,16 @@ pub(crate) struct Message {
 /// Bytes of messages alive in the broker (queued, in flight, retained): what the global
 /// memory budget is checked against. Charged when a client's message is routed, refunded
 /// when the last reference to it goes.
+///
+/// Signed: a publishing connection charges its messages once per batch of packets (two
+/// atomic operations per batch instead of per message), so a message delivered and dropped
+/// on another core before its batch ends is refunded first and the counts dip below their
+/// true value for that moment. Readers clamp at zero.
 #[derive(Debug, Default)]
 pub(crate) struct MemoryUse {
-    pub(crate) bytes: std::sync::atomic::AtomicUsize,
+    bytes: std::sync::atomic::AtomicIsize,
     /// Messages alive (for `$SYS/broker/store/messages/count` and the metrics).
-    pub(crate) messages: std::sync::atomic::AtomicUsize,
+    messages: std::sync::atomic::AtomicIsize,
 }
 
 impl MemoryUse {
@@ -94,19 +100,29 @@ impl MemoryUse {
         Box::leak(Box::default())
     }
 
-    fn charge(&self, bytes: usize) {
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.messages.fetch_add(1, Ordering::Relaxed);
+    /// Charges `messages` messages of `bytes` bytes in all.
+    pub(crate) fn charge(&self, bytes: usize, messages: usize) {
+        if messages > 0 {
+            self.bytes.fetch_add(bytes as isize, Ordering::Relaxed);
+            self.messages
+                .fetch_add(messages as isize, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    pub(crate) fn messages(&self) -> usize {
+        self.messages.load(Ordering::Relaxed).max(0) as usize
     }
 }
 
 impl Drop for Message {
     fn drop(&mut self) {
         if let Some(a) = &self.account {
-            a.bytes
-                .fetch_sub(self.cost(), std::sync::atomic::Ordering::Relaxed);
-            a.messages
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            a.bytes.fetch_sub(self.cost() as isize, Ordering::Relaxed);
+            a.messages.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -161,8 +177,9 @@ impl Message {
         )
     }
 
-    /// A message from its parts, charged to `account` (if any) until it is dropped. The
-    /// receive path builds it straight into its `Arc` with this: a PUBLISH decoded to a
+    /// A message from its parts, refunded to `account` (if any) when it is dropped; the
+    /// caller charges it ([`MemoryUse::charge`], once per batch). The receive path builds
+    /// it straight into its `Arc` with this: a PUBLISH decoded to a
     /// `Publish` (264 bytes) and then to a `Message` was about a kilobyte of copies.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_parts(
@@ -180,9 +197,6 @@ impl Message {
             .get()
             .and_then(|p| p.message_expiry_interval)
             .map(|s| now + std::time::Duration::from_secs(u64::from(s)));
-        if let Some(a) = account {
-            a.charge(topic.as_str().len() + payload.len());
-        }
         Message {
             id,
             persisted: AtomicBool::new(false),
@@ -229,7 +243,7 @@ impl Message {
     /// Payload bytes plus topic: what a queued copy costs, for queue limits.
     /// Charges this message's bytes to `account` until it is dropped.
     pub(crate) fn charged_to(mut self, account: &'static MemoryUse) -> Self {
-        account.charge(self.cost());
+        account.charge(self.cost(), 1);
         self.account = Some(account);
         self
     }
