@@ -979,3 +979,66 @@ pub(crate) fn version_name(v: ProtocolVersion) -> &'static str {
 pub(crate) fn grant(requested: QoS, max: QoS) -> QoS {
     requested.min(max)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halyard_codec::{Bytes, ProtocolVersion, SubscriptionOptions, TopicFilter};
+
+    /// A publisher's batch holds at most `Deferred::MAX` QoS 0 deliveries outside the
+    /// session queues (a 64 KiB read of tiny messages to many subscribers would otherwise
+    /// hold millions), and every one of them reaches its queue, in order.
+    #[tokio::test]
+    async fn deferred_deliveries_stay_bounded_and_all_arrive() {
+        let cfg = BrokerConfig {
+            queue_qos0_messages: true,
+            ..BrokerConfig::default()
+        };
+        let broker = Broker::new(cfg, Arc::new(halyard_store::MemoryStore::new()));
+        let inner = &broker.inner;
+        let filter = TopicFilter::try_from("t").expect("valid filter");
+        let subs: Vec<Arc<Session>> = (0..10)
+            .map(|i| Arc::new(Session::new(format!("s{i}").into(), ProtocolVersion::V5, 0)))
+            .collect();
+        for s in &subs {
+            inner
+                .subs
+                .subscribe(&filter, s, SubscriptionOptions::default(), None);
+        }
+        let cfg = inner.cfg();
+        let (mut deferred, mut routes) = (Deferred::default(), Routes::default());
+        let mut most = 0;
+        for id in 0..500u64 {
+            let msg = Arc::new(Message::new(
+                id,
+                TopicName::new("t").expect("valid topic"),
+                Bytes::from_static(b"x"),
+                QoS::AtMostOnce,
+                false,
+                Default::default(),
+                None,
+                Instant::now(),
+            ));
+            inner.publish(
+                &msg,
+                Some("p"),
+                &mut routes,
+                Vec::new(),
+                &cfg,
+                Some(&mut deferred),
+            );
+            most = most.max(deferred.len);
+        }
+        // 10 deliveries per message: the bound is reached, never passed.
+        assert!(
+            (Deferred::MAX - 10..=Deferred::MAX).contains(&most),
+            "most deferred at once: {most}"
+        );
+        inner.flush_deferred(&mut deferred, Inner::queue_limits(&cfg));
+        assert_eq!(deferred.len, 0);
+        for s in &subs {
+            let ids: Vec<u64> = s.lock().queue.iter().map(|o| o.msg.id).collect();
+            assert_eq!(ids, (0..500).collect::<Vec<u64>>(), "{}", s.client_id);
+        }
+    }
+}
