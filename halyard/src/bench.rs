@@ -21,9 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Buf;
 use clap::{Args, Subcommand};
 use halyard_codec::{
-    Ack, Bytes, BytesMut, ClientId, Connect, MAX_PACKET_SIZE, Packet, PlainDecode, Properties,
-    ProtocolVersion, Publish, QoS, Subscribe, SubscriptionOptions, TopicFilter, TopicName, decode,
-    decode_plain_publish,
+    Ack, Bytes, BytesMut, ClientId, Connect, MAX_PACKET_SIZE, Packet, PlainAck, PlainDecode,
+    Properties, ProtocolVersion, Publish, QoS, Subscribe, SubscriptionOptions, TopicFilter,
+    TopicName, decode, decode_plain_ack, decode_plain_publish,
 };
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -855,20 +855,17 @@ fn fixed_header_len(packet: &[u8]) -> usize {
 fn settle_acks(c: &mut Conn, outstanding: &mut usize, me: &PubState) -> std::io::Result<()> {
     let mut settled = 0u64;
     loop {
-        match c.buf.first().map(|b| b >> 4) {
-            // PUBACK, PUBREC, PUBCOMP: 4 bytes in 3.1.1; in 5 longer only with a reason.
-            Some(4 | 5 | 7) if c.buf.len() >= 4 && c.buf[1] == 2 => {
-                if c.buf[0] >> 4 == 5 {
-                    c.out.extend_from_slice(&[0x62, 2, c.buf[2], c.buf[3]]);
-                } else {
-                    settled += 1;
-                }
-                c.buf.advance(4);
+        if let Some((kind, id)) = decode_plain_ack(&c.buf) {
+            c.buf.advance(4);
+            match kind {
+                PlainAck::PubRec => c.push(&Packet::PubRel(Ack::new(id))),
+                PlainAck::PubAck | PlainAck::PubComp => settled += 1,
+                PlainAck::PubRel => {}
             }
-            Some(_) => match c.try_recv()? {
-                Some(p) => ack(c, p, &mut settled),
-                None => break,
-            },
+            continue;
+        }
+        match c.try_recv()? {
+            Some(p) => ack(c, p, &mut settled),
             None => break,
         }
     }

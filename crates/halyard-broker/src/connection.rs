@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use halyard_codec::{
     Ack, AckProperties, BytesMut, ConnAck, Connect, DecodeError, Disconnect, ErrorKind, Packet,
-    PlainDecode, Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck, Subscribe,
-    SubscriptionOptions, TopicName, UnsubAck, Unsubscribe, decode, decode_plain_publish,
+    PlainAck, PlainDecode, Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck,
+    Subscribe, SubscriptionOptions, TopicName, UnsubAck, Unsubscribe, decode, decode_plain_ack,
+    decode_plain_publish,
 };
 use halyard_store::{Op, PendingWill as StoredWill};
 use halyard_transport::{Event, PeerInfo};
@@ -1232,21 +1233,14 @@ where
                 }
                 continue;
             }
-            // Acknowledgements without reason or properties (all of 3.x, most of 5) are
-            // four bytes: read in place too (the decoder's split of the buffer cost two
-            // reference-count operations per packet). Packet id 0 and wrong flags are left
-            // to `decode`, which names the error.
-            if let Some(&[first, 2, hi, lo]) = self.rbuf.first_chunk::<4>()
-                && matches!(first, 0x40 | 0x50 | 0x62 | 0x70)
-                && (hi, lo) != (0, 0)
-            {
-                let packet_id = u16::from_be_bytes([hi, lo]);
+            // Four-byte acknowledgements (most of them) are read in place too.
+            if let Some((kind, packet_id)) = decode_plain_ack(&self.rbuf) {
                 bytes::Buf::advance(&mut self.rbuf, 4);
-                match first {
-                    0x40 => self.on_ack(packet_id, Awaiting::Ack),
-                    0x50 => self.on_pubrec(&Ack::new(packet_id)),
-                    0x62 => self.on_pubrel(packet_id),
-                    _ => self.on_ack(packet_id, Awaiting::Comp),
+                match kind {
+                    PlainAck::PubAck => self.on_ack(packet_id, Awaiting::Ack),
+                    PlainAck::PubRec => self.on_pubrec(&Ack::new(packet_id)),
+                    PlainAck::PubRel => self.on_pubrel(packet_id),
+                    PlainAck::PubComp => self.on_ack(packet_id, Awaiting::Comp),
                 }
                 continue;
             }

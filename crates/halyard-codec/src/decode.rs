@@ -66,6 +66,40 @@ pub fn decode(
         .map_err(with_version)
 }
 
+/// Which acknowledgement [`decode_plain_ack`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainAck {
+    /// PUBACK.
+    PubAck,
+    /// PUBREC.
+    PubRec,
+    /// PUBREL.
+    PubRel,
+    /// PUBCOMP.
+    PubComp,
+}
+
+/// The acknowledgement fast path: a four-byte PUBACK, PUBREC, PUBREL or PUBCOMP (no reason
+/// code, no properties: all of 3.x, most of 5, and reason Success there) at the front of
+/// `buf`, and its packet identifier; the caller advances the buffer by 4. Anything else,
+/// wrong flags [MQTT-3.6.1-1] and packet identifier 0 [MQTT-2.2.1-3] included, is `None`:
+/// [`decode`] handles it (and names the error). `decode` splits the buffer for every
+/// packet, two reference-count operations that are most of an acknowledgement's cost.
+pub fn decode_plain_ack(buf: &[u8]) -> Option<(PlainAck, u16)> {
+    let &[first, 2, hi, lo] = buf.first_chunk::<4>()? else {
+        return None;
+    };
+    let kind = match first {
+        0x40 => PlainAck::PubAck,
+        0x50 => PlainAck::PubRec,
+        0x62 => PlainAck::PubRel,
+        0x70 => PlainAck::PubComp,
+        _ => return None,
+    };
+    let id = u16::from_be_bytes([hi, lo]);
+    (id != 0).then_some((kind, id))
+}
+
 /// What [`decode_plain_publish`] found at the front of a buffer.
 #[derive(Debug)]
 pub enum PlainDecode<'a> {

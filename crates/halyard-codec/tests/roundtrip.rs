@@ -780,3 +780,38 @@ fn plain_decode_leaves_oversized_packets_to_decode() {
         matches!(decode_plain_publish(&wire, V3_1_1, 1000), PlainDecode::Plain(_, n) if n == wire.len())
     );
 }
+
+/// `decode_plain_ack` takes exactly the four-byte acknowledgements `decode` reads as a
+/// PUBACK/PUBREC/PUBREL/PUBCOMP with reason Success, and agrees on kind and packet id;
+/// every other first byte, packet id 0 [MQTT-2.2.1-3] and wrong flags [MQTT-3.6.1-1] are
+/// left to `decode`. Exhaustive over the first byte, in 3.1.1 and 5.
+#[test]
+fn plain_ack_agrees_with_decode() {
+    let mut taken = 0;
+    for first in 0..=255u8 {
+        for id in [0u16, 1, 0x1234, u16::MAX] {
+            let [hi, lo] = id.to_be_bytes();
+            let bytes = [first, 2, hi, lo];
+            for v in [V3_1_1, V5] {
+                let decoded = decode(&mut BytesMut::from(&bytes[..]), v, MAX_PACKET_SIZE);
+                let want = match decoded {
+                    Ok(Some(Packet::PubAck(a))) => Some((PlainAck::PubAck, a)),
+                    Ok(Some(Packet::PubRec(a))) => Some((PlainAck::PubRec, a)),
+                    Ok(Some(Packet::PubRel(a))) => Some((PlainAck::PubRel, a)),
+                    Ok(Some(Packet::PubComp(a))) => Some((PlainAck::PubComp, a)),
+                    _ => None,
+                }
+                .map(|(k, a)| {
+                    assert_eq!(a.reason, ReasonCode::Success);
+                    (k, a.packet_id)
+                });
+                assert_eq!(decode_plain_ack(&bytes), want, "{bytes:02x?} {v:?}");
+                taken += usize::from(want.is_some());
+            }
+        }
+    }
+    // Four kinds x three non-zero ids x two versions.
+    assert_eq!(taken, 24);
+    // A prefix is never an acknowledgement.
+    assert_eq!(decode_plain_ack(&[0x40, 2, 0]), None);
+}
