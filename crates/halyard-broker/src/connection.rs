@@ -1288,7 +1288,11 @@ where
     /// Sends an acknowledgement once the store has made `ticket` durable: the client must
     /// not hear "received" for something a crash could lose. Acknowledgements stay in order.
     fn ack(&mut self, ticket: u64, p: Packet) {
-        if self.pending_acks.is_empty() && ticket <= self.inner.durable_now(self.durable.as_ref()) {
+        // Ticket 0: nothing was stored (a session that is not persisted), so no need to
+        // read the store's durable ticket (a lock on its watch) per acknowledgement.
+        if self.pending_acks.is_empty()
+            && (ticket == 0 || ticket <= self.inner.durable_now(self.durable.as_ref()))
+        {
             self.send(&p);
         } else {
             self.pending_acks.push_back((ticket, p));
@@ -1901,9 +1905,9 @@ where
         // Deliveries by QoS, added to the stats once at the end.
         let mut sent = [0u32; 3];
         self.blocked_on_durable = false;
-        // Read once per fill: the watch borrow is not free, and a ticket that becomes
-        // durable meanwhile wakes the loop again.
-        let durable = inner.durable_now(self.durable.as_ref());
+        // Read at most once per fill, and only for a recorded delivery: the watch borrow
+        // is not free, and a ticket that becomes durable meanwhile wakes the loop again.
+        let mut durable = None;
         // Where the first QoS 2 PUBLISH to a stored session starts in `wbuf` (see `holds`).
         let mut hold_from = None;
         while self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
@@ -1932,7 +1936,8 @@ where
             }
             // A recorded delivery waits until its enqueue is durable (see Message::ticket).
             if front.recorded
-                && front.msg.ticket.load(std::sync::atomic::Ordering::Acquire) > durable
+                && front.msg.ticket.load(std::sync::atomic::Ordering::Acquire)
+                    > *durable.get_or_insert_with(|| inner.durable_now(self.durable.as_ref()))
             {
                 self.blocked_on_durable = true;
                 break;
@@ -2018,6 +2023,9 @@ where
 
     /// How much of `wbuf` may be written now (see `holds`).
     fn writable_len(&mut self) -> usize {
+        if self.holds.is_empty() {
+            return self.wbuf.len();
+        }
         let durable = self.inner.durable_now(self.durable.as_ref());
         while self.holds.front().is_some_and(|&(_, t)| t <= durable) {
             self.holds.pop_front();
