@@ -395,7 +395,7 @@ fn client_info(client_id: &Arc<str>, st: &crate::session::SessionState) -> Clien
         client_id: client_id.clone(),
         connected: st.conn.is_some(),
         conn: st.info.clone(),
-        disconnected_at: st.disconnected_at,
+        disconnected_at: st.disconnected_at(),
         protocol: st.protocol,
         expiry_interval: st.expiry_interval,
         subscriptions: st.subscriptions.len(),

@@ -62,6 +62,9 @@ pub(crate) struct Inner {
     /// routing pays one relaxed load when nobody watches.
     pub(crate) tap: tokio::sync::broadcast::Sender<Arc<Message>>,
     pub(crate) taps: Arc<std::sync::atomic::AtomicUsize>,
+    /// Sessions whose connection waits for the store to make a ticket durable (see
+    /// `notify_durable`); each at most once (`Session::durable_waiting`).
+    durable_waiters: Mutex<Vec<Arc<Session>>>,
     started: Instant,
 }
 
@@ -161,10 +164,14 @@ impl Broker {
             memory: crate::message::MemoryUse::new_static(),
             tap: tokio::sync::broadcast::channel(crate::admin::TAP_CAPACITY).0,
             taps: Arc::default(),
+            durable_waiters: Mutex::default(),
             started: Instant::now(),
         });
         inner.recover();
         tokio::spawn(housekeeping(inner.clone()));
+        if let Some(rx) = inner.store.durable() {
+            tokio::spawn(notify_durable(Arc::downgrade(&inner), rx));
+        }
         let (tx, rx) = mpsc::channel(1);
         Broker {
             inner,
@@ -590,6 +597,18 @@ impl Inner {
         );
     }
 
+    /// Asks `notify_durable` to wake `session`'s connection the next time the store's
+    /// durable ticket moves. The caller reads the ticket again after this: one that moved
+    /// just before could not wake it.
+    pub(crate) fn wait_durable(&self, session: &Arc<Session>) {
+        if !session.durable_waiting.swap(true, Ordering::AcqRel) {
+            self.durable_waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(session.clone());
+        }
+    }
+
     /// The highest ticket the store has made durable (`u64::MAX` when it does not track).
     pub(crate) fn durable_now(&self, rx: Option<&tokio::sync::watch::Receiver<u64>>) -> u64 {
         rx.map_or(u64::MAX, |r| *r.borrow())
@@ -893,6 +912,31 @@ impl Timers {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let later = q.split_off(&(now, u64::MAX));
         std::mem::replace(&mut *q, later).into_values().collect()
+    }
+}
+
+/// One task per broker: each time the store makes more of its log durable, wakes the
+/// connections waiting for it (held acknowledgements and deliveries, see
+/// `Inner::wait_durable`). One watcher for all of them instead of a `changed()` future in
+/// every connection's task, which was 136 bytes of each connection, idle ones included.
+/// When the store stops, wakes them all a last time (they then see it closed).
+async fn notify_durable(inner: std::sync::Weak<Inner>, mut rx: watch::Receiver<u64>) {
+    loop {
+        let stopped = rx.changed().await.is_err();
+        let Some(inner) = inner.upgrade() else { return };
+        let waiters = std::mem::take(
+            &mut *inner
+                .durable_waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for s in waiters {
+            s.durable_waiting.store(false, Ordering::Release);
+            s.wake.notify_one();
+        }
+        if stopped {
+            return;
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //! that stops reading never blocks our reading of its acks, and vice versa.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,7 +29,7 @@ use crate::auth::{
     Identity, Security,
 };
 use halyard_codec::{ByteString, Bytes};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
@@ -98,13 +99,16 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let peer: Arc<str> = info.to_string().into();
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    // One stream, not `tokio::io::split` halves: the task that owns it polls both
+    // directions itself (`Connection::main_loop`), and split's shared half costs an
+    // allocation per connection and a lock per read and write.
+    let mut io = stream;
     let mut rbuf = BytesMut::with_capacity(READ_BUFFER_INITIAL_BYTES);
     let max_in = inner.cfg().message_size_limit;
     // [MQTT-3.1.4-1]-adjacent: a connection that never sends CONNECT is not kept.
     let first = timeout(
         inner.cfg().connect_timeout,
-        read_packet(&mut rd, &mut rbuf, ProtocolVersion::V5, max_in),
+        read_packet(&mut io, &mut rbuf, ProtocolVersion::V5, max_in),
     )
     .await;
     let connect = match first {
@@ -114,7 +118,7 @@ where
         }
         Ok(Err(ReadError::Closed)) => return None,
         Ok(Err(ReadError::Decode(e))) => {
-            refuse_bad_connect(&inner, &mut wr, &peer, &e).await;
+            refuse_bad_connect(&inner, &mut io, &peer, &e).await;
             return None;
         }
         Ok(Ok(Packet::Connect(c))) => c,
@@ -151,7 +155,7 @@ where
         security,
         info,
     };
-    let conn = Connection::accept(inner.clone(), connect, peer, rd, wr, rbuf, admission).await?;
+    let conn = Connection::accept(inner.clone(), connect, peer, io, rbuf, admission).await?;
     Some((Box::new(conn), permit))
 }
 
@@ -311,6 +315,32 @@ async fn refuse_bad_connect<W: AsyncWrite + Unpin>(
     write_now(wr, &ack, v).await;
 }
 
+/// What `poll_io` found ready.
+enum Io {
+    Wrote(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+}
+
+/// Polls the stream for writing `out` (when `write`), then for reading into `rbuf` (when
+/// `read`): one `select!` branch for both directions of the one stream, writing first.
+fn poll_io<S: AsyncRead + AsyncWrite + Unpin>(
+    cx: &mut std::task::Context<'_>,
+    io: &mut S,
+    out: &[u8],
+    rbuf: &mut BytesMut,
+    write: bool,
+    read: bool,
+) -> std::task::Poll<Io> {
+    use std::task::Poll;
+    if write && let Poll::Ready(r) = Pin::new(&mut *io).poll_write(cx, out) {
+        return Poll::Ready(Io::Wrote(r));
+    }
+    if read && let Poll::Ready(r) = std::pin::pin!(io.read_buf(rbuf)).poll(cx) {
+        return Poll::Ready(Io::Read(r));
+    }
+    Poll::Pending
+}
+
 struct Connection<S> {
     inner: Arc<Inner>,
     /// The settings this connection was accepted under: what its CONNACK advertised
@@ -328,8 +358,7 @@ struct Connection<S> {
     /// QoS 0 deliveries of this batch, queued when it ends (see `Deferred`); boxed and
     /// only once the client publishes, to keep idle connections small.
     deferred: Option<Box<crate::broker::Deferred>>,
-    rd: ReadHalf<S>,
-    wr: WriteHalf<S>,
+    io: S,
     rbuf: BytesMut,
     wbuf: BytesMut,
     peer: Arc<str>,
@@ -365,19 +394,12 @@ struct Connection<S> {
     routes: Option<Box<Routes>>,
     /// The store's durable ticket (None: every change is durable at once).
     durable: Option<tokio::sync::watch::Receiver<u64>>,
-    /// Acknowledgements waiting until their store ticket is durable, in the order they
-    /// must be sent [MQTT-4.6.0-2] (PUBACK/PUBREC/PUBCOMP in the order of the packets).
-    pending_acks: VecDeque<(u64, Packet)>,
+    /// The highest durable ticket read in this turn of `main_loop` (0: none read).
+    durable_seen: std::cell::Cell<u64>,
+    /// Acknowledgements and writes waiting for the store (see `Held`).
+    held: Option<Box<Held>>,
     /// The queue's head is a recorded delivery whose store batch is not durable yet.
     blocked_on_durable: bool,
-    /// `(at, ticket)`, oldest first: the bytes of `wbuf` from `at` on may not be written
-    /// until `ticket` is durable. One per fill that buffered a QoS 2 PUBLISH to a stored
-    /// session: its packet id (the `Sent` record) must survive a crash before the client
-    /// can see it, or a restart would resend the message under a new packet id and the
-    /// client, which dedupes QoS 2 by packet id [MQTT-4.3.3-9], would deliver it twice.
-    /// Everything buffered after it waits too, so order is kept. One entry per fill (not
-    /// one for all) so that later fills do not push back the release of earlier ones.
-    holds: VecDeque<(usize, u64)>,
     /// `finish` ran; if not, the task is unwinding from a panic (see `Drop`).
     finished: bool,
     /// Who this client is, for topic access checks.
@@ -394,6 +416,24 @@ struct Connection<S> {
     /// Bytes to have room for before the next read (0: whatever the buffer has; see
     /// `size_reads`).
     read_chunk: usize,
+}
+
+/// What waits until the store has made a ticket durable. Made on first use: a session
+/// that is not persisted never needs it, and every byte of `Connection` is memory per
+/// connection.
+#[derive(Default)]
+struct Held {
+    /// Acknowledgements waiting until their store ticket is durable, in the order they
+    /// must be sent [MQTT-4.6.0-2] (PUBACK/PUBREC/PUBCOMP in the order of the packets).
+    acks: VecDeque<(u64, Packet)>,
+    /// `(at, ticket)`, oldest first: the bytes of `wbuf` from `at` on may not be written
+    /// until `ticket` is durable. One per fill that buffered a QoS 2 PUBLISH to a stored
+    /// session: its packet id (the `Sent` record) must survive a crash before the client
+    /// can see it, or a restart would resend the message under a new packet id and the
+    /// client, which dedupes QoS 2 by packet id [MQTT-4.3.3-9], would deliver it twice.
+    /// Everything buffered after it waits too, so order is kept. One entry per fill (not
+    /// one for all) so that later fills do not push back the release of earlier ones.
+    writes: VecDeque<(usize, u64)>,
 }
 
 /// Topic aliases of one connection.
@@ -423,11 +463,10 @@ struct Incoming {
 /// How often a client held back by the memory budget looks again.
 const MEMORY_RECHECK: Duration = Duration::from_millis(10);
 
-/// The halves of a connection an authentication exchange talks over before the session
+/// The stream and read buffer an authentication exchange talks over before the session
 /// exists.
-struct AuthIo<'a, R, W> {
-    rd: &'a mut R,
-    wr: &'a mut W,
+struct AuthIo<'a, S> {
+    io: &'a mut S,
     rbuf: &'a mut BytesMut,
 }
 
@@ -456,16 +495,15 @@ fn auth_refusal(inner: &Inner, v: AuthVerdict, peer: &PeerInfo) -> (ReasonCode, 
 
 /// Runs an enhanced authentication exchange at CONNECT time (section 4.12): AUTH 0x18 out,
 /// AUTH 0x18 back, each within the CONNECT timeout, until the method decides.
-async fn exchange<R, W>(
+async fn exchange<S>(
     inner: &Inner,
     name: &ByteString,
     mut step: AuthStep,
-    io: &mut AuthIo<'_, R, W>,
+    io: &mut AuthIo<'_, S>,
     peer: &PeerInfo,
 ) -> Result<(String, Option<Vec<u8>>), (ReasonCode, &'static str)>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     if let halyard_transport::Remote::Ip(a) = &peer.remote
         && inner.auth_failures.blocked(a.ip())
@@ -483,7 +521,7 @@ where
                 let mut buf = BytesMut::new();
                 let _ = auth_packet(ReasonCode::ContinueAuthentication, name, Some(data))
                     .encode(ProtocolVersion::V5, &mut buf);
-                if io.wr.write_all(&buf).await.is_err() || io.wr.flush().await.is_err() {
+                if io.io.write_all(&buf).await.is_err() || io.io.flush().await.is_err() {
                     return Err((
                         ReasonCode::UnspecifiedError,
                         "connection lost during authentication",
@@ -492,7 +530,7 @@ where
                 let next = timeout(
                     inner.cfg().connect_timeout,
                     read_packet(
-                        io.rd,
+                        io.io,
                         io.rbuf,
                         ProtocolVersion::V5,
                         inner.cfg().message_size_limit,
@@ -644,8 +682,7 @@ where
         inner: Arc<Inner>,
         mut c: Connect,
         peer: Arc<str>,
-        mut rd: ReadHalf<S>,
-        mut wr: WriteHalf<S>,
+        mut io: S,
         mut rbuf: BytesMut,
         admission: Admission,
     ) -> Option<Self> {
@@ -739,12 +776,11 @@ where
                     )),
                     Some(method) => {
                         let first = method.start(c.properties.authentication_data.as_deref());
-                        let mut io = AuthIo {
-                            rd: &mut rd,
-                            wr: &mut wr,
+                        let mut auth_io = AuthIo {
+                            io: &mut io,
                             rbuf: &mut rbuf,
                         };
-                        match exchange(&inner, &name, first, &mut io, &admission.info).await {
+                        match exchange(&inner, &name, first, &mut auth_io, &admission.info).await {
                             Ok((user, data)) => {
                                 c.username = Some(user.as_str().into());
                                 auth_reply = data;
@@ -776,7 +812,7 @@ where
                     ..Properties::default()
                 },
             });
-            write_now(&mut wr, &ack, v).await;
+            write_now(&mut io, &ack, v).await;
             return None;
         }
 
@@ -924,8 +960,7 @@ where
             received: [0; 3],
             charged: (0, 0),
             deferred: None,
-            rd,
-            wr,
+            io,
             rbuf,
             wbuf,
             peer,
@@ -952,9 +987,9 @@ where
             connect_expiry: requested_expiry,
             routes: None,
             durable: inner.store.durable(),
-            pending_acks: VecDeque::new(),
+            durable_seen: std::cell::Cell::new(0),
+            held: None,
             blocked_on_durable: false,
-            holds: VecDeque::new(),
             finished: false,
             identity: Identity {
                 client_id,
@@ -996,6 +1031,10 @@ where
 
     async fn main_loop(&mut self) -> End {
         loop {
+            self.durable_seen.set(0);
+            if self.has_pending_acks() {
+                self.release_acks();
+            }
             if self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
                 self.fill();
             }
@@ -1039,9 +1078,35 @@ where
                 && throttled_until.is_none()
                 && !self.memory_blocked;
             let can_fill = self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES;
+            // Held acknowledgements or deliveries wait for the store (see `Held`):
+            // `notify_durable` wakes us through the session's wake-up.
+            let waiting_durable = self.durable.is_some()
+                && (self.has_pending_acks() || self.blocked_on_durable || self.has_holds());
+            if waiting_durable {
+                if self
+                    .durable
+                    .as_ref()
+                    .is_some_and(|rx| rx.has_changed().is_err())
+                {
+                    // The store stopped (shutdown): nothing more becomes durable. What
+                    // is held never goes out; it stays in flight in the session, and
+                    // the client only ever sees it under an id that is on disk.
+                    self.wbuf.truncate(writable);
+                    self.held = None;
+                    self.durable = None;
+                    continue;
+                }
+                let seen = self.durable_seen.get();
+                self.inner.wait_durable(&self.session);
+                if self.durable_now() > seen {
+                    continue; // it moved before we were listed: look again now
+                }
+            }
+            // The futures below are `poll_fn`s over fields, not `async` blocks: every
+            // byte of this `select!` is in every connection's task for its whole life.
             tokio::select! {
                 biased;
-                r = async { self.kick.as_mut().expect("guarded by is_some").await }, if self.kick.is_some() => {
+                r = poll_fn(|cx| Pin::new(self.kick.as_mut().expect("guarded by is_some")).poll(cx)), if self.kick.is_some() => {
                     self.kick = None;
                     let reason = r.unwrap_or(ReasonCode::SessionTakenOver);
                     if reason == ReasonCode::SessionTakenOver
@@ -1055,59 +1120,42 @@ where
                         _ => "session taken over [MQTT-3.1.4-3]",
                     });
                 }
-                r = self.wr.write(&self.wbuf[..writable]), if want_write => {
-                    match r {
-                        Ok(0) | Err(_) => return End::Closed("write failed"),
-                        Ok(n) => {
-                            bytes::Buf::advance(&mut self.wbuf, n);
-                            for (at, _) in &mut self.holds {
+                r = poll_fn(|cx| poll_io(cx, &mut self.io, &self.wbuf[..writable], &mut self.rbuf, want_write, can_read)),
+                    if want_write || can_read => match r {
+                    Io::Wrote(Ok(0) | Err(_)) => return End::Closed("write failed"),
+                    Io::Wrote(Ok(n)) => {
+                        bytes::Buf::advance(&mut self.wbuf, n);
+                        if let Some(h) = &mut self.held {
+                            for (at, _) in &mut h.writes {
                                 *at -= n;
                             }
-                            Stats::add(&self.inner.stats.bytes_sent, n as u64);
-                            if n == writable && self.wr.flush().await.is_err() {
-                                return End::Closed("flush failed");
-                            }
+                        }
+                        Stats::add(&self.inner.stats.bytes_sent, n as u64);
+                        if n == writable && self.io.flush().await.is_err() {
+                            return End::Closed("flush failed");
                         }
                     }
-                }
-                r = self.rd.read_buf(&mut self.rbuf), if can_read => {
-                    match r {
-                        Ok(0) => return End::Closed("connection closed by client"),
-                        Err(_) => return End::Closed("read failed"),
-                        Ok(n) => {
-                            Stats::add(&self.inner.stats.bytes_received, n as u64);
-                            self.last_rx = Instant::now();
-                            if let Some(end) = self.process_input() {
-                                return end;
-                            }
-                            self.size_reads(n, read_room);
+                    Io::Read(Ok(0)) => return End::Closed("connection closed by client"),
+                    Io::Read(Err(_)) => return End::Closed("read failed"),
+                    Io::Read(Ok(n)) => {
+                        Stats::add(&self.inner.stats.bytes_received, n as u64);
+                        self.last_rx = Instant::now();
+                        if let Some(end) = self.process_input() {
+                            return end;
                         }
+                        self.size_reads(n, read_room);
                     }
-                }
-                r = async { self.durable.as_mut().expect("guarded").changed().await },
-                    if self.durable.is_some()
-                        && (!self.pending_acks.is_empty() || self.blocked_on_durable || !self.holds.is_empty()) => {
-                    if r.is_err() {
-                        // The store stopped (shutdown): nothing more becomes durable. What
-                        // is held never goes out; it stays in flight in the session, and
-                        // the client only ever sees it under an id that is on disk.
-                        let writable = self.writable_len();
-                        self.wbuf.truncate(writable);
-                        self.holds.clear();
-                        self.durable = None;
-                        self.pending_acks.clear();
-                    } else {
-                        self.release_acks();
-                    }
-                }
-                _ = self.session.wake.notified(), if can_fill => {
+                },
+                _ = self.session.wake.notified(), if can_fill || waiting_durable => {
                     // Woken by a publisher's batch, this task would run right after it
                     // (tokio's LIFO slot) and write that batch alone. Yielding once lets the
                     // other publishers ready now queue theirs first, so one write carries
                     // them all: a write system call was a fifth of a fan-in's CPU.
-                    tokio::task::yield_now().await;
+                    if can_fill {
+                        tokio::task::yield_now().await;
+                    }
                 }
-                _ = async { self.pause_timer.as_mut().expect("set when paused").as_mut().await },
+                _ = poll_fn(|cx| self.pause_timer.as_mut().expect("set when paused").as_mut().poll(cx)),
                     if paused_until.is_some() => {
                     if self.memory_blocked && !self.inner.memory_over_budget(&self.inner.cfg()) {
                         self.memory_blocked = false;
@@ -1118,7 +1166,7 @@ where
                         return end;
                     }
                 }
-                _ = async { self.keepalive_timer.as_mut().expect("guarded").as_mut().await },
+                _ = poll_fn(|cx| self.keepalive_timer.as_mut().expect("guarded").as_mut().poll(cx)),
                     if self.keepalive_timer.is_some() => {
                     let due = self.last_rx + self.keepalive.expect("set with its timer");
                     if Instant::now() >= due {
@@ -1160,7 +1208,7 @@ where
     /// so nothing else read here is acted on.
     fn unread_disconnect(&mut self) -> Option<ReasonCode> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let read = std::pin::pin!(self.rd.read_buf(&mut self.rbuf));
+        let read = std::pin::pin!(self.io.read_buf(&mut self.rbuf));
         if !matches!(
             std::future::Future::poll(read, &mut cx),
             std::task::Poll::Ready(Ok(1..))
@@ -1290,24 +1338,38 @@ where
     fn ack(&mut self, ticket: u64, p: Packet) {
         // Ticket 0: nothing was stored (a session that is not persisted), so no need to
         // read the store's durable ticket (a lock on its watch) per acknowledgement.
-        if self.pending_acks.is_empty()
-            && (ticket == 0 || ticket <= self.inner.durable_now(self.durable.as_ref()))
-        {
+        if !self.has_pending_acks() && (ticket == 0 || ticket <= self.durable_now()) {
             self.send(&p);
         } else {
-            self.pending_acks.push_back((ticket, p));
+            self.held
+                .get_or_insert_with(Box::default)
+                .acks
+                .push_back((ticket, p));
         }
     }
 
+    fn has_pending_acks(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| !h.acks.is_empty())
+    }
+
+    fn has_holds(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| !h.writes.is_empty())
+    }
+
+    /// The store's durable ticket, remembered in `durable_seen` for `main_loop`.
+    fn durable_now(&self) -> u64 {
+        let d = self.inner.durable_now(self.durable.as_ref());
+        self.durable_seen.set(d);
+        d
+    }
+
     fn release_acks(&mut self) {
-        let durable = self.inner.durable_now(self.durable.as_ref());
-        while self
-            .pending_acks
-            .front()
-            .is_some_and(|(t, _)| *t <= durable)
-        {
-            if let Some((_, p)) = self.pending_acks.pop_front() {
-                self.send(&p);
+        let durable = self.durable_now();
+        let Some(h) = &mut self.held else { return };
+        while h.acks.front().is_some_and(|(t, _)| *t <= durable) {
+            if let Some((_, p)) = h.acks.pop_front() {
+                // As `send`: our own packets are valid by construction.
+                let _ = p.encode(self.version, &mut self.wbuf);
             }
         }
     }
@@ -1937,7 +1999,7 @@ where
             // A recorded delivery waits until its enqueue is durable (see Message::ticket).
             if front.recorded
                 && front.msg.ticket.load(std::sync::atomic::Ordering::Acquire)
-                    > *durable.get_or_insert_with(|| inner.durable_now(self.durable.as_ref()))
+                    > *durable.get_or_insert_with(|| self.durable_now())
             {
                 self.blocked_on_durable = true;
                 break;
@@ -2016,21 +2078,27 @@ where
         if !ops.is_empty() {
             let ticket = inner.store.apply(ops);
             if let Some(at) = hold_from {
-                self.holds.push_back((at, ticket));
+                self.held
+                    .get_or_insert_with(Box::default)
+                    .writes
+                    .push_back((at, ticket));
             }
         }
     }
 
     /// How much of `wbuf` may be written now (see `holds`).
     fn writable_len(&mut self) -> usize {
-        if self.holds.is_empty() {
+        if !self.has_holds() {
             return self.wbuf.len();
         }
-        let durable = self.inner.durable_now(self.durable.as_ref());
-        while self.holds.front().is_some_and(|&(_, t)| t <= durable) {
-            self.holds.pop_front();
+        let durable = self.durable_now();
+        let Some(h) = &mut self.held else {
+            return self.wbuf.len();
+        };
+        while h.writes.front().is_some_and(|&(_, t)| t <= durable) {
+            h.writes.pop_front();
         }
-        self.holds.front().map_or(self.wbuf.len(), |&(at, _)| at)
+        h.writes.front().map_or(self.wbuf.len(), |&(at, _)| at)
     }
 
     /// Outbound topic alias for `topic`, when both sides allow them: `(alias, send the
@@ -2131,7 +2199,7 @@ where
         let v5 = self.version.is_v5();
         // QoS 2 PUBLISHes whose packet ids are not durable are not sent: the session keeps
         // them in flight and resends them (same ids, DUP) on the next connection.
-        if !self.holds.is_empty() {
+        if self.has_holds() {
             let writable = self.writable_len();
             self.wbuf.truncate(writable);
         }
@@ -2150,11 +2218,11 @@ where
         }
         let _ = timeout(CLOSE_FLUSH_TIMEOUT, async {
             while !self.wbuf.is_empty() {
-                if self.wr.write_buf(&mut self.wbuf).await.unwrap_or(0) == 0 {
+                if self.io.write_buf(&mut self.wbuf).await.unwrap_or(0) == 0 {
                     break;
                 }
             }
-            let _ = self.wr.shutdown().await;
+            let _ = self.io.shutdown().await;
         })
         .await;
         Stats::dec(&self.inner.stats.connections_current);
@@ -2232,7 +2300,7 @@ fn attach_session(
                 kick: Some(kick),
             });
             st.info = Some(info);
-            st.disconnected_at = None;
+            st.set_disconnected_at(None);
             st.generation = conn_id;
             st.protocol = protocol;
             st.expiry_interval = expiry;
@@ -2284,7 +2352,7 @@ fn detach(
     let still_mine = st.conn.as_ref().is_some_and(|c| c.id == conn_id);
     if still_mine {
         st.conn = None;
-        st.disconnected_at = Some(std::time::SystemTime::now());
+        st.set_disconnected_at(Some(std::time::SystemTime::now()));
         session.online.store(false, Ordering::Relaxed);
     }
     let ends_now = st.ended || (still_mine && st.expiry_interval == 0);
@@ -2362,13 +2430,23 @@ fn assign_client_id(inner: &Inner) -> String {
 mod tests {
     use std::sync::Arc;
 
-    /// Every connection, idle ones included, holds its task's future and its boxed
-    /// `Connection` for its whole life, so their sizes are memory per connection. The
-    /// future was 4,496 bytes with the handshake inline and the connection stored up to
-    /// three times in it (as `run`'s and `finish`'s `self`, and as the handshake's result);
-    /// 744 + 744 after. Then 512 + 448: rarely used parts (topic aliases, the ACL decision
-    /// cache, rate limiting, re-authentication, the pause timer) made on first use, and
-    /// shutdown delivered through the kick channel instead of a watch per connection.
+    /// Every connection, idle ones included, holds its task's future, its boxed
+    /// `Connection` and its session for its whole life, so their sizes are memory per
+    /// connection. The future was 4,496 bytes with the handshake inline and the connection
+    /// stored up to three times in it (as `run`'s and `finish`'s `self`, and as the
+    /// handshake's result); 744 + 744 after. Then 512 + 448: rarely used parts (topic
+    /// aliases, the ACL decision cache, rate limiting, re-authentication, the pause timer)
+    /// made on first use, and shutdown delivered through the kick channel instead of a
+    /// watch per connection. Then 336 + 440: one stream instead of split halves, one
+    /// broker task watching the store's durable ticket instead of a `changed()` future per
+    /// connection, `poll_fn`s instead of `async` blocks in the `select!`, and what waits
+    /// for durability boxed on first use.
+    ///
+    /// The bounds are allocator size classes: tokio allocates a task as a 32-byte header,
+    /// the future with its tracing span and scheduler handle, and a 48-byte trailer,
+    /// rounded up to 128 bytes (768 bytes per task at a 520-byte future, 512 now);
+    /// mimalloc serves 448- and 320-byte blocks, so `Connection` and the session's
+    /// `ArcInner` must fit those.
     #[tokio::test]
     async fn a_connection_task_stays_small() {
         let broker = crate::Broker::new(
@@ -2379,9 +2457,11 @@ mod tests {
         let stream: Box<dyn halyard_transport::AsyncStream> = Box::new(a);
         let task = super::serve(broker.inner, stream, "test".into(), ());
         let size = std::mem::size_of_val(&task);
-        assert!(size <= 576, "connection task future is {size} bytes");
+        assert!(size <= 352, "connection task future is {size} bytes");
         let conn =
             std::mem::size_of::<super::Connection<Box<dyn halyard_transport::AsyncStream>>>();
-        assert!(conn <= 512, "Connection is {conn} bytes");
+        assert!(conn <= 448, "Connection is {conn} bytes");
+        let session = std::mem::size_of::<crate::session::Session>();
+        assert!(session + 16 <= 320, "Session is {session} bytes");
     }
 }

@@ -102,8 +102,10 @@ pub(crate) struct SessionState {
     pub(crate) conn: Option<ConnLink>,
     /// The current or last connection; kept after it closes (admin API).
     pub(crate) info: Option<Arc<ConnInfo>>,
-    /// When the last connection closed (None while connected or never connected).
-    pub(crate) disconnected_at: Option<std::time::SystemTime>,
+    /// When the last connection closed, in milliseconds since the Unix epoch (0 while
+    /// connected or never connected; see `disconnected_at`). Not an `Option<SystemTime>`:
+    /// its 8 more bytes took every session into the allocator's next size class.
+    disconnected_ms: u64,
     /// Id of the last connection attached; timers carry it to ignore stale events.
     pub(crate) generation: u64,
     pub(crate) protocol: ProtocolVersion,
@@ -155,6 +157,24 @@ pub(crate) struct Session {
     /// Mirrors `state.conn.is_some()` so routing can prefer online shared-group members
     /// without taking the session lock.
     pub(crate) online: AtomicBool,
+    /// Listed in `Inner::durable_waiters` (see `Inner::wait_durable`).
+    pub(crate) durable_waiting: AtomicBool,
+}
+
+impl SessionState {
+    /// When the last connection closed (None while connected or never connected).
+    pub(crate) fn disconnected_at(&self) -> Option<std::time::SystemTime> {
+        (self.disconnected_ms > 0)
+            .then(|| std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.disconnected_ms))
+    }
+
+    pub(crate) fn set_disconnected_at(&mut self, at: Option<std::time::SystemTime>) {
+        self.disconnected_ms = at
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+            });
+    }
 }
 
 impl Session {
@@ -168,7 +188,7 @@ impl Session {
             state: Mutex::new(SessionState {
                 conn: None,
                 info: None,
-                disconnected_at: None,
+                disconnected_ms: 0,
                 generation: 0,
                 protocol,
                 subscriptions: HashMap::default(),
@@ -185,6 +205,7 @@ impl Session {
             }),
             wake: Notify::new(),
             online: AtomicBool::new(false),
+            durable_waiting: AtomicBool::new(false),
         }
     }
 
