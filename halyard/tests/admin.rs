@@ -698,7 +698,8 @@ fn reload_adds_and_removes_listeners_and_applies_limits() {
 }
 
 /// systemd `Type=notify`: READY=1 once listening, RELOADING=1/READY=1 around a SIGHUP,
-/// STOPPING=1 on SIGTERM. JSON logs carry the per-connection span with the client id.
+/// STOPPING=1 on SIGTERM. JSON logs carry the per-connection span with the client id (at
+/// debug level; connection lines at info name the peer and client id themselves).
 #[test]
 fn sd_notify_readiness_and_json_logs_with_connection_spans() {
     let sock_dir = temp_dir("notify");
@@ -708,7 +709,7 @@ fn sd_notify_readiness_and_json_logs_with_connection_spans() {
     sock.set_read_timeout(Some(WAIT)).unwrap();
     let mut h = start(
         "admin-notify",
-        "log_format = \"json\"\n",
+        "log_format = \"json\"\nlog_level = \"debug\"\n",
         &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
     );
     let recv = || {
@@ -774,6 +775,7 @@ fn sd_notify_readiness_and_json_logs_with_connection_spans() {
             .unwrap()
             .starts_with("127.0.0.1:")
     );
+    assert_eq!(disconnect["fields"]["client_id"], "span-me");
 }
 
 /// Lowering `max_connections` by reload closes nobody, refuses new clients while more than
