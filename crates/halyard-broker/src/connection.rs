@@ -76,12 +76,14 @@ where
 {
     let handshake = Box::pin(handshake(inner, stream, info));
     async move {
-        if let Some((mut conn, permit)) = handshake.await {
-            // Boxed and borrowed by `run`: the connection is stored once, not again in
-            // this future's state for the awaited result, the binding and `run`'s future.
-            conn.run().await;
-            drop(permit);
-        }
+        let Some((mut conn, permit)) = handshake.await else {
+            drop(guard);
+            return;
+        };
+        // Boxed and borrowed by `run`: the connection is stored once, not again in
+        // this future's state for the awaited result, the binding and `run`'s future.
+        conn.run().await;
+        drop(permit);
         drop(guard);
     }
 }
@@ -335,10 +337,24 @@ fn poll_io<S: AsyncRead + AsyncWrite + Unpin>(
     if write && let Poll::Ready(r) = Pin::new(&mut *io).poll_write(cx, out) {
         return Poll::Ready(Io::Wrote(r));
     }
-    if read && let Poll::Ready(r) = std::pin::pin!(io.read_buf(rbuf)).poll(cx) {
-        return Poll::Ready(Io::Read(r));
+    if !read {
+        return Poll::Pending;
     }
-    Poll::Pending
+    if rbuf.capacity() == 0 {
+        // No buffer (an idle connection, see `size_reads`): wait on a stack buffer, so
+        // an idle connection holds none, and keep what arrives. As large as the 64 bytes
+        // `read_buf` would reserve, so the adaptive read size behaves the same.
+        let mut tmp = [0u8; 64];
+        let mut rb = tokio::io::ReadBuf::new(&mut tmp);
+        return match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+            Poll::Ready(r) => {
+                rbuf.extend_from_slice(rb.filled());
+                Poll::Ready(Io::Read(r.map(|()| rb.filled().len())))
+            }
+            Poll::Pending => Poll::Pending,
+        };
+    }
+    std::pin::pin!(io.read_buf(rbuf)).poll(cx).map(Io::Read)
 }
 
 struct Connection<S> {
@@ -947,8 +963,8 @@ where
             usize::from,
         );
         // The CONNECT buffer goes unless a pipelined packet is still in it: an idle
-        // connection then holds only the 64 bytes a first read reserves, and a busy one
-        // grows its buffer as its reads fill it.
+        // connection then holds no read buffer until bytes arrive (see `poll_io`), and a
+        // busy one grows its buffer as its reads fill it.
         let rbuf = if rbuf.is_empty() {
             BytesMut::new()
         } else {
@@ -1026,7 +1042,9 @@ where
         } else {
             self.main_loop().await
         };
-        self.finish(end).await;
+        // Boxed: its timeout and close writes would otherwise size every connection's
+        // task for its whole life, though they run once, at the end.
+        Box::pin(self.finish(end)).await;
     }
 
     async fn main_loop(&mut self) -> End {
@@ -1041,41 +1059,47 @@ where
             // Over its publish rate, a client is not read until its budget refills: it
             // slows down instead of us buffering or dropping. Keep alive does not run out
             // while we are the ones not reading. (No clock read unless one of them is on.)
-            let now = (self.rate.is_some() || self.memory_blocked).then(Instant::now);
-            let throttled_until =
-                now.and_then(|now| self.rate.as_mut()?.blocked_until(now, &self.inner.stats));
-            if let Some(now) = now
-                && (throttled_until.is_some() || self.memory_blocked)
-            {
-                self.last_rx = now;
-            }
-            // One timer for both pauses; over the memory budget, look again every
-            // MEMORY_RECHECK.
-            let memory_recheck = now
-                .filter(|_| self.memory_blocked)
-                .map(|n| n + MEMORY_RECHECK);
-            let paused_until = match (throttled_until, memory_recheck) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            if let Some(at) = paused_until {
-                match &mut self.pause_timer {
-                    Some(t) if t.deadline() == at => {}
-                    Some(t) => t.as_mut().reset(at),
-                    None => self.pause_timer = Some(Box::pin(sleep_until(at))),
+            // The deadlines stay inside this block, so they are not part of the task's
+            // state across the `select!` (every byte of it is memory per connection).
+            let (throttled, paused) = {
+                let now = (self.rate.is_some() || self.memory_blocked).then(Instant::now);
+                let throttled_until =
+                    now.and_then(|now| self.rate.as_mut()?.blocked_until(now, &self.inner.stats));
+                if let Some(now) = now
+                    && (throttled_until.is_some() || self.memory_blocked)
+                {
+                    self.last_rx = now;
                 }
-            }
+                // One timer for both pauses; over the memory budget, look again every
+                // MEMORY_RECHECK.
+                let memory_recheck = now
+                    .filter(|_| self.memory_blocked)
+                    .map(|n| n + MEMORY_RECHECK);
+                let paused_until = match (throttled_until, memory_recheck) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let Some(at) = paused_until {
+                    match &mut self.pause_timer {
+                        Some(t) if t.deadline() == at => {}
+                        Some(t) => t.as_mut().reset(at),
+                        None => self.pause_timer = Some(Box::pin(sleep_until(at))),
+                    }
+                }
+                (throttled_until.is_some(), paused_until.is_some())
+            };
             if self.read_chunk > 0 && self.rbuf.capacity() - self.rbuf.len() < self.read_chunk / 2 {
                 self.rbuf.reserve(self.read_chunk);
             }
-            // (An empty buffer reads 64 bytes: `BytesMut` reserves that much.)
+            // (A buffer without room reads up to 64 bytes first: `poll_io` reads 64 on the
+            // stack for one without capacity; `BytesMut` reserves 64 for a full one.)
             let read_room = (self.rbuf.capacity() - self.rbuf.len()).max(64);
             let writable = self.writable_len();
             let want_write = writable > 0;
             // Stop reading while our replies to this client pile up unread: its own
             // input is then paused instead of our buffer growing.
             let can_read = self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES
-                && throttled_until.is_none()
+                && !throttled
                 && !self.memory_blocked;
             let can_fill = self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES;
             // Held acknowledgements or deliveries wait for the store (see `Held`):
@@ -1120,7 +1144,10 @@ where
                         _ => "session taken over [MQTT-3.1.4-3]",
                     });
                 }
-                r = poll_fn(|cx| poll_io(cx, &mut self.io, &self.wbuf[..writable], &mut self.rbuf, want_write, can_read)),
+                r = {
+                    let (io, rbuf, out) = (&mut self.io, &mut self.rbuf, &self.wbuf[..writable]);
+                    poll_fn(move |cx| poll_io(cx, io, out, rbuf, want_write, can_read))
+                },
                     if want_write || can_read => match r {
                     Io::Wrote(Ok(0) | Err(_)) => return End::Closed("write failed"),
                     Io::Wrote(Ok(n)) => {
@@ -1131,7 +1158,10 @@ where
                             }
                         }
                         Stats::add(&self.inner.stats.bytes_sent, n as u64);
-                        if n == writable && self.io.flush().await.is_err() {
+                        // All that may be written now is written: flush (TLS). Asked of
+                        // `writable_len` again rather than kept from before the `select!`,
+                        // which would be 8 more bytes of every connection's task.
+                        if self.writable_len() == 0 && self.io.flush().await.is_err() {
                             return End::Closed("flush failed");
                         }
                     }
@@ -1156,7 +1186,7 @@ where
                     }
                 }
                 _ = poll_fn(|cx| self.pause_timer.as_mut().expect("set when paused").as_mut().poll(cx)),
-                    if paused_until.is_some() => {
+                    if paused => {
                     if self.memory_blocked && !self.inner.memory_over_budget(&self.inner.cfg()) {
                         self.memory_blocked = false;
                     }
@@ -2440,11 +2470,16 @@ mod tests {
     /// watch per connection. Then 336 + 440: one stream instead of split halves, one
     /// broker task watching the store's durable ticket instead of a `changed()` future per
     /// connection, `poll_fn`s instead of `async` blocks in the `select!`, and what waits
-    /// for durability boxed on first use.
+    /// for durability boxed on first use. Then 264: `finish` boxed (it runs once, at the
+    /// end), the pause deadlines and the writable length kept out of the `select!`'s
+    /// state, and no tracing wrapper when the connection span is disabled
+    /// (`Broker::spawn_connection`).
     ///
     /// The bounds are allocator size classes: tokio allocates a task as a 32-byte header,
-    /// the future with its tracing span and scheduler handle, and a 48-byte trailer,
-    /// rounded up to 128 bytes (768 bytes per task at a 520-byte future, 512 now);
+    /// the future (with its tracing span, if enabled) after the scheduler handle and task
+    /// id, and a 48-byte trailer, rounded up to 128 bytes: 768 bytes per task at a
+    /// 520-byte future, 512 at 336, 384 up to 272 (32 + 8 + 8 + 8 + 272 + 48; tokio's
+    /// stage adds 8 bytes to the future: 392 at 280 was measured as a 512-byte task);
     /// mimalloc serves 448- and 320-byte blocks, so `Connection` and the session's
     /// `ArcInner` must fit those.
     #[tokio::test]
@@ -2457,7 +2492,7 @@ mod tests {
         let stream: Box<dyn halyard_transport::AsyncStream> = Box::new(a);
         let task = super::serve(broker.inner, stream, "test".into(), ());
         let size = std::mem::size_of_val(&task);
-        assert!(size <= 352, "connection task future is {size} bytes");
+        assert!(size <= 272, "connection task future is {size} bytes");
         let conn =
             std::mem::size_of::<super::Connection<Box<dyn halyard_transport::AsyncStream>>>();
         assert!(conn <= 448, "Connection is {conn} bytes");
