@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Memory per idle connection of a Halyard build: RSS before, and while `halyard bench conn`
+holds N connections.
+
+Usage: bench/idle_memory.py BINARY [--conns 10000] [--runs 2] [--level warn]
+                            [--protocol 311|5] [--keepalive SECS]
+Broker on CPU 0, the generator (the same binary) on CPU 1, as in compare.py. The matrix's
+`conn` scenario is `--protocol 311 --keepalive 60 --level warn`; the default log level is
+info. Prints bytes per connection per run.
+"""
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402
+
+
+def once(binary, n, level, protocol, keepalive):
+    work = tempfile.mkdtemp(prefix="idle-")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with open(f"{work}/h.toml", "w") as f:
+        f.write(f'listen = ["tcp://127.0.0.1:{port}"]\ndata_dir = "{work}/data"\n'
+                f'log_level = "{level}"\nmax_connections = 1000000\nsys_interval = 0\n'
+                '[admin]\nenabled = false\n')
+    broker = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "-c", f"{work}/h.toml"],
+                              stderr=subprocess.DEVNULL)
+    try:
+        compare.wait_port(port, broker, "halyard")
+        rss0 = compare.rss_kb(broker.pid)
+        args = ["taskset", "-c", "1", binary, "bench", "conn", "-c", str(n), "-p", str(port),
+                "-V", protocol, "-d", "4", "--json"]
+        if keepalive:
+            args += ["-k", str(keepalive)]
+        gen = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        time.sleep(3)
+        rss1 = compare.rss_kb(broker.pid)
+        gen.wait()
+        return (rss1 - rss0) * 1024 / n
+    finally:
+        broker.terminate()
+        broker.wait()
+        subprocess.run(["rm", "-rf", work])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary")
+    ap.add_argument("--conns", type=int, default=10000)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--level", default="warn")
+    ap.add_argument("--protocol", default="311")
+    ap.add_argument("--keepalive", type=int, default=0)
+    a = ap.parse_args()
+    for _ in range(a.runs):
+        b = once(a.binary, a.conns, a.level, a.protocol, a.keepalive)
+        print(f"{b:,.0f} B per idle connection", flush=True)
+
+
+if __name__ == "__main__":
+    main()
