@@ -11,7 +11,6 @@ info. Prints bytes per connection per run.
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,10 +22,7 @@ import compare  # noqa: E402
 
 def once(binary, n, level, protocol, keepalive):
     work = tempfile.mkdtemp(prefix="idle-")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = compare.free_port()
     with open(f"{work}/h.toml", "w") as f:
         f.write(f'listen = ["tcp://127.0.0.1:{port}"]\ndata_dir = "{work}/data"\n'
                 f'log_level = "{level}"\nmax_connections = 1000000\nsys_interval = 0\n'
