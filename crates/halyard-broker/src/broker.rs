@@ -65,6 +65,9 @@ pub(crate) struct Inner {
     /// Sessions whose connection waits for the store to make a ticket durable (see
     /// `notify_durable`); each at most once (`Session::durable_waiting`).
     durable_waiters: Mutex<Vec<Arc<Session>>>,
+    /// The store's durable ticket (None: every change is durable at once). One receiver
+    /// for every connection, read with `borrow` (a connection's own was 16 bytes of it).
+    durable: Option<watch::Receiver<u64>>,
     started: Instant,
 }
 
@@ -141,6 +144,7 @@ impl Broker {
                 cfg.max_connections.min(Semaphore::MAX_PERMITS),
             )),
             cfg: ArcSwap::from_pointee(cfg),
+            durable: store.durable(),
             sessions: Mutex::new(HashMap::new()),
             subs: SubscriptionIndex::default(),
             retained: Retained::default(),
@@ -618,8 +622,16 @@ impl Inner {
     }
 
     /// The highest ticket the store has made durable (`u64::MAX` when it does not track).
-    pub(crate) fn durable_now(&self, rx: Option<&tokio::sync::watch::Receiver<u64>>) -> u64 {
-        rx.map_or(u64::MAX, |r| *r.borrow())
+    pub(crate) fn durable_now(&self) -> u64 {
+        self.durable.as_ref().map_or(u64::MAX, |r| *r.borrow())
+    }
+
+    /// Whether the store tracks durability and still runs (after it stopped, nothing more
+    /// becomes durable).
+    pub(crate) fn durable_tracked(&self) -> bool {
+        self.durable
+            .as_ref()
+            .is_some_and(|r| r.has_changed().is_ok())
     }
 
     /// Discards a session: its subscriptions, queue and pending will (published now, as the
