@@ -21,7 +21,8 @@ use crate::message::Message;
 use crate::retained::Retained;
 use crate::router::{Match, Routes, SubscriptionIndex};
 use crate::session::{
-    Awaiting, Enqueued, Inflight, Outgoing, PendingWill, QueueLimits, Session, Subscription,
+    Awaiting, Enqueued, Inflight, Outgoing, PendingWill, QueueLimits, Session, SessionState,
+    Subscription,
 };
 use crate::stats::{Stats, StatsSnapshot};
 
@@ -621,6 +622,119 @@ impl Inner {
         }
     }
 
+    /// Milliseconds from the broker's start to `at`: the clock of keep-alive deadlines.
+    pub(crate) fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Sets the keep-alive deadline of `session`'s attached connection `conn_id` to `due`
+    /// (see `ms_at`). With the session locked (`st`), which orders this against the
+    /// connection's end (`keepalive_cancel`).
+    pub(crate) fn keepalive_schedule(
+        &self,
+        session: &Arc<Session>,
+        st: &mut SessionState,
+        conn_id: u64,
+        due: u64,
+    ) {
+        // The low 32 bits only: 8 bytes more took every session into the next allocator
+        // size class. `keepalive_cancel` restores the rest.
+        st.keepalive_due = due as u32;
+        let mut q = self
+            .timers
+            .keepalive
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let earliest = q.keys().next().is_none_or(|k| due < k.0);
+        q.insert((due, conn_id), session.clone());
+        drop(q);
+        if earliest {
+            self.timers.changed.notify_one();
+        }
+    }
+
+    /// Starts the keep-alive clock of connection `conn_id`, just attached to `session`
+    /// (`st`, locked) with its `ConnInfo`.
+    pub(crate) fn keepalive_start(
+        &self,
+        session: &Arc<Session>,
+        st: &mut SessionState,
+        conn_id: u64,
+    ) {
+        let limit = st
+            .info
+            .as_ref()
+            .map_or(0, |i| u64::from(i.keep_alive) * 1500);
+        if limit > 0 {
+            let now = self.ms_at(Instant::now());
+            session.last_rx.store(now as u32, Ordering::Relaxed);
+            self.keepalive_schedule(session, st, conn_id, now + limit);
+        }
+    }
+
+    /// Drops the keep-alive deadline of `st`'s attached connection `conn_id` (it ends, or
+    /// another takes the session over). With the session locked.
+    pub(crate) fn keepalive_cancel(&self, st: &SessionState, conn_id: u64) {
+        if st.info.as_ref().is_none_or(|i| i.keep_alive == 0) {
+            return;
+        }
+        // A deadline is never more than 2^31 ms (24 days) from now: a keep alive is at
+        // most 65,535 s, 1.5 times that is 27 hours, and a due one is handled at once. So
+        // the value with the kept low 32 bits nearest to now is the deadline.
+        let due = restore_ms(self.ms_at(Instant::now()), st.keepalive_due);
+        self.timers
+            .keepalive
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(due, conn_id));
+    }
+
+    fn keepalive_next(&self) -> Option<Instant> {
+        let q = self
+            .timers
+            .keepalive
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        q.keys()
+            .next()
+            .map(|k| self.started + Duration::from_millis(k.0))
+    }
+
+    /// Closes the connections whose keep alive ran out by `now` [MQTT-3.1.2-22] (through
+    /// their kick, with Keep Alive timeout 0x8D) and moves the others' deadlines to 1.5
+    /// keep alives after they were last heard from.
+    fn keepalive_expire(&self, now: Instant) {
+        let now_ms = self.ms_at(now);
+        let due = {
+            let mut q = self
+                .timers
+                .keepalive
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let later = q.split_off(&(now_ms + 1, 0));
+            std::mem::replace(&mut *q, later)
+        };
+        for ((_, conn_id), session) in due {
+            let mut st = session.lock();
+            if st.conn.as_ref().is_none_or(|c| c.id != conn_id) {
+                continue; // it ended or was taken over
+            }
+            let limit = st
+                .info
+                .as_ref()
+                .map_or(0, |i| u64::from(i.keep_alive) * 1500);
+            // Wrapping: `last_rx` keeps milliseconds in 32 bits. One read just now can be
+            // ahead of `now_ms`: that is no silence at all.
+            let since = (now_ms as u32).wrapping_sub(session.last_rx.load(Ordering::Relaxed));
+            let silent = if since > 1 << 31 { 0 } else { u64::from(since) };
+            if silent < limit {
+                self.keepalive_schedule(&session, &mut st, conn_id, now_ms - silent + limit);
+            } else if let Some(k) = st.conn.as_mut().and_then(|c| c.kick.take()) {
+                let _ = k.send(ReasonCode::KeepAliveTimeout);
+            }
+        }
+    }
+
     /// The highest ticket the store has made durable (`u64::MAX` when it does not track).
     pub(crate) fn durable_now(&self) -> u64 {
         self.durable.as_ref().map_or(u64::MAX, |r| *r.borrow())
@@ -909,6 +1023,13 @@ pub(crate) struct Timers {
     queue: Mutex<BTreeMap<(Instant, u64), TimerEvent>>,
     seq: AtomicU64,
     changed: Notify,
+    /// Keep-alive deadlines [MQTT-3.1.2-22] by (milliseconds since the broker started,
+    /// connection id), one entry per connection that has a keep alive: ~40 bytes of this
+    /// map instead of a tokio `Sleep` (a 128-byte block) in every connection. An entry is
+    /// moved forward when it comes due and the client was heard from meanwhile
+    /// (`Session::last_rx`), so a connection costs one look every 1.5 keep alives, not
+    /// one timer reset per read. See `Inner::keepalive_*`.
+    pub(crate) keepalive: Mutex<BTreeMap<(u64, u64), Arc<Session>>>,
 }
 
 impl Timers {
@@ -968,13 +1089,17 @@ async fn housekeeping(inner: Arc<Inner>) {
         TimerEvent::RetainedSweep,
     );
     loop {
-        let next = inner.timers.next_deadline();
+        let next = [inner.timers.next_deadline(), inner.keepalive_next()]
+            .into_iter()
+            .flatten()
+            .min();
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = inner.timers.changed.notified() => continue,
             _ = sleep_until_opt(next) => {}
         }
         let now = Instant::now();
+        inner.keepalive_expire(now);
         for ev in inner.timers.take_due(now) {
             match ev {
                 TimerEvent::SessionExpiry(session, generation) => {
@@ -1020,6 +1145,19 @@ async fn housekeeping(inner: Arc<Inner>) {
                 }
             }
         }
+    }
+}
+
+/// The milliseconds value (see `Inner::ms_at`) with the low 32 bits `low` nearest to
+/// `now`: a keep-alive deadline from the part the session keeps.
+pub(crate) fn restore_ms(now: u64, low: u32) -> u64 {
+    let due = (now & !0xFFFF_FFFF) | u64::from(low);
+    if due > now + (1 << 31) {
+        due.saturating_sub(1 << 32)
+    } else if due + (1 << 31) < now {
+        due + (1 << 32)
+    } else {
+        due
     }
 }
 

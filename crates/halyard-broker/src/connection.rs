@@ -378,12 +378,9 @@ struct Connection<S> {
     conn_id: u64,
     /// Polled only until it yields (the connection then ends), so no `Option` around it.
     kick: oneshot::Receiver<ReasonCode>,
-    /// 1.5 times the keep alive, in milliseconds (0: none) [MQTT-3.1.2-22].
-    keepalive_ms: u32,
-    /// Fires at the earliest moment the keep alive can have run out; it is moved forward
-    /// then, not on every read. Re-arming a timer per loop turn (a timer-wheel insert and
-    /// removal, and a clock read) cost ~5% of the CPU of a QoS 0 fan-in.
-    keepalive_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The client has a keep alive: reads are noted in `Session::last_rx` for the
+    /// broker's keep-alive check (`Inner::keepalive_expire`).
+    keepalive: bool,
     /// Wakes a connection paused by its publish rate or the memory budget; made on the
     /// first pause (a `Sleep` is ~110 bytes, and most connections never pause).
     pause_timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -908,7 +905,6 @@ where
         inner.persist_session(&session, true);
 
         // [MQTT-3.1.2-22]: 1.5 times the keep alive without a packet closes the connection.
-        let keepalive_ms = u32::from(keep_alive) * 1500;
 
         let mut props = Properties::default();
         if v5 {
@@ -1007,12 +1003,7 @@ where
             session,
             conn_id,
             kick: kick_rx,
-            keepalive_ms,
-            keepalive_timer: (keepalive_ms > 0).then(|| {
-                Box::pin(tokio::time::sleep(Duration::from_millis(
-                    keepalive_ms.into(),
-                )))
-            }),
+            keepalive: keep_alive > 0,
             pause_timer: None,
             last_rx: Instant::now(),
             ids: 0..0,
@@ -1096,7 +1087,7 @@ where
                 if let Some(now) = now
                     && (throttled_until.is_some() || self.memory_blocked)
                 {
-                    self.last_rx = now;
+                    self.heard_at(now);
                 }
                 // One timer for both pauses; over the memory budget, look again every
                 // MEMORY_RECHECK.
@@ -1162,6 +1153,7 @@ where
                         return End::ClientDisconnect(d);
                     }
                     return End::Server(reason, match reason {
+                        ReasonCode::KeepAliveTimeout => "keep alive timeout [MQTT-3.1.2-22]",
                         ReasonCode::AdministrativeAction => "disconnected by an administrator",
                         ReasonCode::ServerShuttingDown => "server shutting down",
                         _ => "session taken over [MQTT-3.1.4-3]",
@@ -1192,7 +1184,7 @@ where
                     Io::Read(Err(_)) => return End::Closed("read failed"),
                     Io::Read(Ok(n)) => {
                         Stats::add(&self.inner.stats.bytes_received, n as u64);
-                        self.last_rx = Instant::now();
+                        self.heard_at(Instant::now());
                         if let Some(end) = self.process_input() {
                             return end;
                         }
@@ -1219,17 +1211,17 @@ where
                         return end;
                     }
                 }
-                _ = poll_fn(|cx| self.keepalive_timer.as_mut().expect("guarded").as_mut().poll(cx)),
-                    if self.keepalive_timer.is_some() => {
-                    let due = self.last_rx + Duration::from_millis(self.keepalive_ms.into());
-                    if Instant::now() >= due {
-                        return End::Server(ReasonCode::KeepAliveTimeout, "keep alive timeout [MQTT-3.1.2-22]");
-                    }
-                    if let Some(t) = &mut self.keepalive_timer {
-                        t.as_mut().reset(due);
-                    }
-                }
             }
+        }
+    }
+
+    /// The client was heard from (or is not read from on purpose, which must not run its
+    /// keep alive out) at `now`.
+    fn heard_at(&mut self, now: Instant) {
+        self.last_rx = now;
+        if self.keepalive {
+            let ms = self.inner.ms_at(now) as u32; // wrapping, see `Session::last_rx`
+            self.session.last_rx.store(ms, Ordering::Relaxed);
         }
     }
 
@@ -2361,6 +2353,7 @@ fn attach_session(
         // client then expects no session either.)
         let mut ends_with_old_connection = false;
         if let Some(link) = st.conn.take() {
+            inner.keepalive_cancel(&st, link.id);
             ends_with_old_connection = st.expiry_interval == 0;
             if let Some(k) = link.kick {
                 let _ = k.send(ReasonCode::SessionTakenOver);
@@ -2372,6 +2365,7 @@ fn attach_session(
                 kick: Some(kick),
             });
             st.info = Some(info);
+            inner.keepalive_start(&old, &mut st, conn_id);
             st.set_disconnected_at(None);
             st.generation = conn_id;
             st.protocol = protocol;
@@ -2399,6 +2393,7 @@ fn attach_session(
             kick: Some(kick),
         });
         st.info = Some(info);
+        inner.keepalive_start(&session, &mut st, conn_id);
         st.generation = conn_id;
     }
     session.online.store(true, Ordering::Relaxed);
@@ -2423,6 +2418,7 @@ fn detach(
     let mut st = session.lock();
     let still_mine = st.conn.as_ref().is_some_and(|c| c.id == conn_id);
     if still_mine {
+        inner.keepalive_cancel(&st, conn_id);
         st.conn = None;
         st.set_disconnected_at(Some(std::time::SystemTime::now()));
         session.online.store(false, Ordering::Relaxed);
@@ -2543,5 +2539,120 @@ mod tests {
         assert!(conn <= 320, "Connection is {conn} bytes");
         let session = std::mem::size_of::<crate::session::Session>();
         assert!(session + 16 <= 320, "Session is {session} bytes");
+    }
+}
+
+#[cfg(test)]
+mod keepalive_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use halyard_codec::{ClientId, Connect, Packet, Properties, ProtocolVersion, ReasonCode};
+    use halyard_testkit::{RawClient, Recv};
+    use tokio::io::DuplexStream;
+
+    async fn online(
+        broker: &crate::Broker,
+        id: &str,
+        clean: bool,
+        keep_alive: u16,
+    ) -> RawClient<DuplexStream> {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        broker.spawn_connection(b, "duplex");
+        let mut c = RawClient::new(a);
+        c.send(&Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: clean,
+            keep_alive,
+            client_id: ClientId::new(id).unwrap(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        })))
+        .await;
+        assert!(matches!(c.recv().await, Packet::ConnAck(_)));
+        c
+    }
+
+    fn entries(broker: &crate::Broker) -> usize {
+        broker.inner.timers.keepalive.lock().unwrap().len()
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    /// A keep-alive deadline [MQTT-3.1.2-22] leaves the broker's queue with its
+    /// connection: at DISCONNECT, at a close, and at a takeover (the old connection's),
+    /// so the queue holds one entry per live connection with a keep alive, and a taken
+    /// over connection's deadline cannot close its successor.
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_deadlines_leave_with_their_connection() {
+        let broker = crate::Broker::new(
+            crate::config::BrokerConfig::default(),
+            Arc::new(halyard_store::MemoryStore::new()),
+        );
+        let _none = online(&broker, "no-keep-alive", true, 0).await;
+        assert_eq!(entries(&broker), 0);
+        let mut a = online(&broker, "k", false, 2).await;
+        assert_eq!(entries(&broker), 1);
+        // Taken over (session resumed) by a connection with a longer keep alive: the old
+        // deadline (3 s) goes with the old connection [MQTT-3.1.4-3].
+        let mut b = online(&broker, "k", false, 4).await;
+        match a.recv().await {
+            Packet::Disconnect(d) => assert_eq!(d.reason, ReasonCode::SessionTakenOver),
+            other => panic!("expected the takeover DISCONNECT, got {other:?}"),
+        }
+        until("old deadline removed", || entries(&broker) == 1).await;
+        // Well past the old connection's 3 s, within the new one's 6 s.
+        b.expect_silence(Duration::from_millis(5900)).await;
+        match b.recv_within(Duration::from_millis(200)).await {
+            Recv::Packet(Packet::Disconnect(d)) => {
+                assert_eq!(d.reason, ReasonCode::KeepAliveTimeout)
+            }
+            other => panic!("expected Keep Alive timeout at 6 s, got {other:?}"),
+        }
+        until("expired deadline gone", || entries(&broker) == 0).await;
+        // A client that disconnects and one whose socket closes take theirs along.
+        let mut c = online(&broker, "c", true, 30).await;
+        let d = online(&broker, "d", true, 30).await;
+        assert_eq!(entries(&broker), 2);
+        c.send_hex("E0 00").await;
+        drop(d);
+        until("closed connections' deadlines removed", || {
+            entries(&broker) == 0
+        })
+        .await;
+    }
+
+    /// The deadline keeps only its low 32 bits in the session; the rest is restored as
+    /// the value nearest to now, also across a 2^32 ms boundary either way.
+    #[test]
+    fn keep_alive_deadline_restored_from_its_low_bits() {
+        let restore = crate::broker::restore_ms;
+        for now in [
+            0u64,
+            5_000,
+            1 << 32,
+            (1 << 32) + 10,
+            (3 << 32) - 10,
+            1 << 40,
+        ] {
+            for ahead in [0u64, 1, 98_302_500] {
+                let due = now + ahead;
+                assert_eq!(restore(now, due as u32), due, "now {now} due {due}");
+            }
+            if now >= 1_000 {
+                let due = now - 1_000; // came due, not yet handled
+                assert_eq!(restore(now, due as u32), due, "now {now} due {due}");
+            }
+        }
     }
 }

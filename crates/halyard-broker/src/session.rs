@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 
 use foldhash::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use halyard_codec::{ProtocolVersion, QoS, ReasonCode, SubscriptionOptions, TopicFilter};
@@ -119,6 +119,9 @@ pub(crate) struct SessionState {
     pub(crate) inbound_qos2: HashSet<u16>,
     /// Session Expiry Interval in seconds; `u32::MAX` never expires.
     pub(crate) expiry_interval: u32,
+    /// The attached connection's keep-alive deadline in `Inner::timers`, low 32 bits (see
+    /// `Inner::keepalive_schedule`).
+    pub(crate) keepalive_due: u32,
     pub(crate) pending_will: Option<PendingWill>,
     /// Set once the session is discarded; publishers then stop queueing to it.
     pub(crate) ended: bool,
@@ -159,6 +162,10 @@ pub(crate) struct Session {
     pub(crate) online: AtomicBool,
     /// Listed in `Inner::durable_waiters` (see `Inner::wait_durable`).
     pub(crate) durable_waiting: AtomicBool,
+    /// When the attached connection last read from its client, in milliseconds since the
+    /// broker started (`Inner::ms_at`), wrapping: for its keep alive. Written by the
+    /// connection without the lock; in what was padding.
+    pub(crate) last_rx: AtomicU32,
 }
 
 impl SessionState {
@@ -199,6 +206,7 @@ impl Session {
                 next_packet_id: 1,
                 inbound_qos2: HashSet::default(),
                 expiry_interval,
+                keepalive_due: 0,
                 pending_will: None,
                 ended: false,
                 stored: false,
@@ -206,6 +214,7 @@ impl Session {
             wake: Notify::new(),
             online: AtomicBool::new(false),
             durable_waiting: AtomicBool::new(false),
+            last_rx: AtomicU32::new(0),
         }
     }
 
