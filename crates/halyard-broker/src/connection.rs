@@ -1,10 +1,11 @@
 //! One client connection: CONNECT handshake, then a single task that reads, writes and
 //! keeps time for that client.
 //!
-//! The task owns the socket halves, a read buffer and a write buffer. Its loop waits on, in
-//! priority order: a kick (session takeover, admin kick, broker shutdown), the socket becoming writable
-//! (when there is something to write), readable input, the session's wake-up (something
-//! was queued), and the keep-alive deadline. Reading, writing and waking are all
+//! The task owns the socket, a read buffer and a write buffer. Its loop waits on, in
+//! priority order: a kick (session takeover, admin kick, broker shutdown, keep alive run
+//! out: the broker's housekeeping task checks keep alives, see `Inner::keepalive_expire`),
+//! the socket becoming writable (when there is something to write), readable input, the
+//! session's wake-up (something was queued), and a pause timer. Reading, writing and waking are all
 //! cancel-safe, so one `select!` serves both directions without a second task: a client
 //! that stops reading never blocks our reading of its acks, and vice versa.
 
