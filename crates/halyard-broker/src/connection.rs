@@ -59,33 +59,38 @@ enum End {
     Server(ReasonCode, &'static str),
 }
 
-/// The connection task's future; `guard` is dropped when it ends.
+/// The connection task's future; `drain` (the shutdown drain's sender) is dropped when
+/// it ends.
 ///
 /// Its size is memory per connection, idle ones included, for their whole life. So the
 /// handshake (reading CONNECT with its timeout, authentication, the session attach: ~3 KB
-/// of future that is over once the connection runs) is boxed, and it owns the stream and
-/// the peer info: captured by this future instead, they would stay in it for good.
-pub(crate) fn serve<S, G>(
+/// of future that is over once the connection runs) is boxed, and it owns the stream, the
+/// peer info and the drain sender: captured by this future instead, they would stay in it
+/// for good. The connection keeps the drain sender and its `max_connections` permit.
+pub(crate) fn serve<S>(
     inner: Arc<Inner>,
     stream: S,
     info: PeerInfo,
-    guard: G,
+    drain: tokio::sync::mpsc::Sender<()>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    G: Send + 'static,
 {
-    let handshake = Box::pin(handshake(inner, stream, info));
+    let handshake = Box::pin(handshake(inner, stream, info, drain));
     async move {
-        let Some((mut conn, permit)) = handshake.await else {
-            drop(guard);
-            return;
-        };
-        // Boxed and borrowed by `run`: the connection is stored once, not again in
-        // this future's state for the awaited result, the binding and `run`'s future.
-        conn.run().await;
-        drop(permit);
-        drop(guard);
+        // Boxed and borrowed by `main_loop`: the connection is stored once, not again in
+        // this future's state for the awaited result, the binding and the loop's future.
+        // The loop is awaited here, not inside another `async fn`, whose own state would
+        // be 24 bytes more of every connection's task.
+        if let Some(mut conn) = handshake.await {
+            let end = match conn.start() {
+                Some(end) => end,
+                None => conn.main_loop().await,
+            };
+            // Boxed: its timeout and close writes would otherwise size every
+            // connection's task for its whole life, though they run once, at the end.
+            Box::pin(conn.finish(end)).await;
+        }
     }
 }
 
@@ -94,10 +99,8 @@ async fn handshake<S>(
     inner: Arc<Inner>,
     stream: S,
     info: PeerInfo,
-) -> Option<(
-    Box<Connection<S>>,
-    Option<tokio::sync::OwnedSemaphorePermit>,
-)>
+    drain: tokio::sync::mpsc::Sender<()>,
+) -> Option<Box<Connection<S>>>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -158,8 +161,16 @@ where
         security,
         info,
     };
-    let conn = Connection::accept(inner.clone(), connect, peer, io, rbuf, admission).await?;
-    Some((Box::new(conn), permit))
+    let mut conn =
+        Box::new(Connection::accept(inner.clone(), connect, peer, io, rbuf, admission).await?);
+    // Held as a flag, given back in `Drop`: the permit itself would be 16 bytes more of
+    // every connection's task or `Connection`.
+    if let Some(p) = permit {
+        p.forget();
+        conn.holds_permit = true;
+    }
+    conn.drain = Some(drain);
+    Some(conn)
 }
 
 /// How the listener's client-certificate identity applies to a CONNECT.
@@ -424,6 +435,10 @@ struct Connection<S> {
     /// Bytes to have room for before the next read (0: whatever the buffer has; see
     /// `size_reads`).
     read_chunk: usize,
+    /// Holds one of the `max_connections` permits (see `handshake`).
+    holds_permit: bool,
+    /// A clone of the shutdown drain's sender: shutdown waits until every one is gone.
+    drain: Option<tokio::sync::mpsc::Sender<()>>,
 }
 
 /// What waits until the store has made a ticket durable. Made on first use: a session
@@ -475,6 +490,13 @@ struct Aliases {
     inbound: HashMap<u16, TopicName>,
     /// Outbound, the ones we assigned.
     outbound: HashMap<TopicName, u16>,
+}
+
+/// What `main_loop` does after its `select!` (see there).
+enum Then {
+    Loop,
+    Flush,
+    Yield,
 }
 
 /// Read sizes `size_reads` moves between.
@@ -694,6 +716,9 @@ const ACL_CACHE_ENTRIES: usize = 1024;
 
 impl<S> Drop for Connection<S> {
     fn drop(&mut self) {
+        if self.holds_permit {
+            self.inner.permits.add_permits(1);
+        }
         // Only a panic gets here without `finish`: close this connection only, as if the
         // network had failed (will included), so the session can expire or be resumed.
         // (A task cancelled by runtime teardown is not a lost connection; leave it.)
@@ -1040,6 +1065,8 @@ where
             rate: PublishRate::new(&cfg).map(Box::new),
             memory_blocked: false,
             read_chunk: 0,
+            holds_permit: false,
+            drain: None,
             inner,
         };
         if present {
@@ -1048,23 +1075,18 @@ where
         Some(conn)
     }
 
-    async fn run(&mut self) {
+    /// What runs before the loop first waits; `Some` when the connection ends already.
+    fn start(&mut self) -> Option<End> {
         // Shutdown reaches a running connection through its kick (`Broker::shutdown` kicks
         // every attached one after raising the flag; a watch here would be 120 bytes of
         // every connection's task). One attached after that sweep sees the flag here.
-        let end = if *self.inner.shutdown.borrow() {
-            End::Server(ReasonCode::ServerShuttingDown, "shutting down")
-        } else if let Some(end) = self.process_input() {
-            // Packets the client sent right behind CONNECT, read with it: handled now,
-            // not when its next bytes happen to arrive (a `connect(); subscribe()` client
-            // would wait for a SUBACK forever).
-            end
-        } else {
-            self.main_loop().await
-        };
-        // Boxed: its timeout and close writes would otherwise size every connection's
-        // task for its whole life, though they run once, at the end.
-        Box::pin(self.finish(end)).await;
+        if *self.inner.shutdown.borrow() {
+            return Some(End::Server(ReasonCode::ServerShuttingDown, "shutting down"));
+        }
+        // Packets the client sent right behind CONNECT, read with it: handled now, not
+        // when its next bytes happen to arrive (a `connect(); subscribe()` client would
+        // wait for a SUBACK forever).
+        self.process_input()
     }
 
     async fn main_loop(&mut self) -> End {
@@ -1144,7 +1166,10 @@ where
             }
             // The futures below are `poll_fn`s over fields, not `async` blocks: every
             // byte of this `select!` is in every connection's task for its whole life.
-            tokio::select! {
+            // For the same reason no branch awaits: one that must (flush, yield) says so
+            // and the await comes after, when the `select!`'s output is gone (awaited
+            // inside a branch, that output stayed in the task's state: 24 bytes).
+            let then = tokio::select! {
                 biased;
                 r = poll_fn(|cx| Pin::new(&mut self.kick).poll(cx)) => {
                     let reason = r.unwrap_or(ReasonCode::SessionTakenOver);
@@ -1177,9 +1202,7 @@ where
                         // All that may be written now is written: flush (TLS). Asked of
                         // `writable_len` again rather than kept from before the `select!`,
                         // which would be 8 more bytes of every connection's task.
-                        if self.writable_len() == 0 && self.io.flush().await.is_err() {
-                            return End::Closed("flush failed");
-                        }
+                        if self.writable_len() == 0 { Then::Flush } else { Then::Loop }
                     }
                     Io::Read(Ok(0)) => return End::Closed("connection closed by client"),
                     Io::Read(Err(_)) => return End::Closed("read failed"),
@@ -1190,16 +1213,15 @@ where
                             return end;
                         }
                         self.size_reads(n, read_room);
+                        Then::Loop
                     }
                 },
-                _ = self.session.wake.notified(), if can_fill || waiting_durable => {
+                _ = poll_fn(|cx| self.session.wake.poll_notified(cx)), if can_fill || waiting_durable => {
                     // Woken by a publisher's batch, this task would run right after it
                     // (tokio's LIFO slot) and write that batch alone. Yielding once lets the
                     // other publishers ready now queue theirs first, so one write carries
                     // them all: a write system call was a fifth of a fan-in's CPU.
-                    if can_fill {
-                        tokio::task::yield_now().await;
-                    }
+                    if can_fill { Then::Yield } else { Then::Loop }
                 }
                 _ = poll_fn(|cx| self.pause_timer.as_mut().expect("set when paused").as_mut().poll(cx)),
                     if paused => {
@@ -1211,7 +1233,17 @@ where
                     if let Some(end) = self.process_input() {
                         return end;
                     }
+                    Then::Loop
                 }
+            };
+            match then {
+                Then::Loop => {}
+                Then::Flush => {
+                    if self.io.flush().await.is_err() {
+                        return End::Closed("flush failed");
+                    }
+                }
+                Then::Yield => tokio::task::yield_now().await,
             }
         }
     }
@@ -2420,6 +2452,7 @@ fn detach(
     let still_mine = st.conn.as_ref().is_some_and(|c| c.id == conn_id);
     if still_mine {
         inner.keepalive_cancel(&st, conn_id);
+        session.wake.clear();
         st.conn = None;
         st.set_disconnected_at(Some(std::time::SystemTime::now()));
         session.online.store(false, Ordering::Relaxed);
@@ -2512,18 +2545,23 @@ mod tests {
     /// for durability boxed on first use. Then 264: `finish` boxed (it runs once, at the
     /// end), the pause deadlines and the writable length kept out of the `select!`'s
     /// state, and no tracing wrapper when the connection span is disabled
-    /// (`Broker::spawn_connection`).
+    /// (`Broker::spawn_connection`). Then 152 (a 256-byte task): the session's wake-up as
+    /// a `poll_fn` over `session::Wake` instead of tokio's 64-byte `Notified`, the
+    /// `max_connections` permit and the drain sender kept by `Connection`, `main_loop`
+    /// awaited by `serve` itself (no `run` around it), and no await inside a `select!`
+    /// branch (the branch's output stayed in the state across it).
     ///
     /// The bounds are allocator size classes: tokio allocates a task as a 32-byte header,
     /// the future (with its tracing span, if enabled) after the scheduler handle and task
     /// id, and a 48-byte trailer, rounded up to 128 bytes: 768 bytes per task at a
-    /// 520-byte future, 512 at 336, 384 up to 272 (32 + 8 + 8 + 8 + 272 + 48; tokio's
-    /// stage adds 8 bytes to the future: 392 at 280 was measured as a 512-byte task);
-    /// mimalloc serves 320-byte blocks, so `Connection` and the session's `ArcInner` must
-    /// fit those. `Connection` was 440 bytes (a 448-byte block) until the will and
-    /// enhanced authentication (`Rare`), the batch counters (`Batch`) and the access
-    /// cache (`AclChecked`) were boxed for the clients that use them, and the store's
-    /// durable ticket was read from one receiver in `Inner`: 312.
+    /// 520-byte future, 512 at 336, 384 up to 272, 256 up to 152 (32 + 8 + 8 + 8 + 152 +
+    /// 48; tokio's stage adds 8 bytes to the future: 392 at 280 was measured as a
+    /// 512-byte task). mimalloc serves 320-byte blocks, so `Connection` and the session's
+    /// `ArcInner` must fit those. `Connection` was 440 bytes (a 448-byte block) until the
+    /// will and enhanced authentication (`Rare`), the batch counters (`Batch`) and the
+    /// access cache (`AclChecked`) were boxed for the clients that use them, the store's
+    /// durable ticket was read from one receiver in `Inner` and the keep-alive timer
+    /// went to the broker's housekeeping task: 304 with the permit flag and drain sender.
     #[tokio::test]
     async fn a_connection_task_stays_small() {
         let broker = crate::Broker::new(
@@ -2532,9 +2570,14 @@ mod tests {
         );
         let (a, _b) = tokio::io::duplex(64);
         let stream: Box<dyn halyard_transport::AsyncStream> = Box::new(a);
-        let task = super::serve(broker.inner, stream, "test".into(), ());
+        let task = super::serve(
+            broker.inner,
+            stream,
+            "test".into(),
+            tokio::sync::mpsc::channel(1).0,
+        );
         let size = std::mem::size_of_val(&task);
-        assert!(size <= 272, "connection task future is {size} bytes");
+        assert!(size <= 152, "connection task future is {size} bytes");
         let conn =
             std::mem::size_of::<super::Connection<Box<dyn halyard_transport::AsyncStream>>>();
         assert!(conn <= 320, "Connection is {conn} bytes");

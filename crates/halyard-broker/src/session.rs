@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use halyard_codec::{ProtocolVersion, QoS, ReasonCode, SubscriptionOptions, TopicFilter};
 use halyard_store::{Op, Store, StoredDelivery};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
 use crate::message::Message;
 
@@ -156,7 +156,7 @@ pub(crate) struct Session {
     pub(crate) client_id: Arc<str>,
     pub(crate) state: Mutex<SessionState>,
     /// Wakes the attached connection's task when something was queued.
-    pub(crate) wake: Notify,
+    pub(crate) wake: Wake,
     /// Mirrors `state.conn.is_some()` so routing can prefer online shared-group members
     /// without taking the session lock.
     pub(crate) online: AtomicBool,
@@ -166,6 +166,66 @@ pub(crate) struct Session {
     /// broker started (`Inner::ms_at`), wrapping: for its keep alive. Written by the
     /// connection without the lock; in what was padding.
     pub(crate) last_rx: AtomicU32,
+}
+
+/// Wakes the connection attached to a session: `tokio::sync::Notify::notify_one` for one
+/// waiter. Its wait is a `poll_fn` of 8 bytes in the connection's `select!`, where tokio's
+/// `Notified` future was 64 bytes: a quarter of every connection's task, idle or not.
+///
+/// One waker slot: the attached connection's. A connection taken over never waits here
+/// again once its kick was sent (its `select!` polls the kick first), and the kick is sent
+/// before the new connection is attached, so the newer connection's waker is the one kept.
+/// `detach` clears the slot: a kept waker would keep the ended task's memory alive.
+#[derive(Debug, Default)]
+pub(crate) struct Wake {
+    /// A wake-up not yet seen (tokio's permit): set before the waker is woken, consumed
+    /// by the poll that returns ready.
+    pending: AtomicBool,
+    waker: Mutex<Option<std::task::Waker>>,
+}
+
+impl Wake {
+    pub(crate) fn notify_one(&self) {
+        // Already pending: the waiter was woken by whoever set it, or looks before it
+        // waits (`poll_notified` checks after registering).
+        if self.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let waker = self.slot().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Ready once per wake-up (several before a poll count as one).
+    pub(crate) fn poll_notified(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Ready(());
+        }
+        {
+            let mut slot = self.slot();
+            if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *slot = Some(cx.waker().clone());
+            }
+        }
+        // A notify between the first look and the registration took no waker, or an
+        // older one: look again.
+        if self.pending.swap(false, Ordering::AcqRel) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// Forgets the waiting task (its connection ended).
+    pub(crate) fn clear(&self) {
+        let waker = self.slot().take();
+        drop(waker);
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<std::task::Waker>> {
+        self.waker.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl SessionState {
@@ -211,7 +271,7 @@ impl Session {
                 ended: false,
                 stored: false,
             }),
-            wake: Notify::new(),
+            wake: Wake::default(),
             online: AtomicBool::new(false),
             durable_waiting: AtomicBool::new(false),
             last_rx: AtomicU32::new(0),
