@@ -212,7 +212,7 @@ impl Broker {
         let task = crate::connection::serve(inner, stream, peer, guard);
         if span.is_disabled() {
             // A disabled span is still 32 bytes of every task (tokio rounds a task up to
-            // 128-byte lines, so those bytes decide between 384 and 512 per connection).
+            // 128-byte lines, so those bytes decide between 256 and 384 per connection).
             tokio::spawn(task);
         } else {
             tokio::spawn(tracing::Instrument::instrument(task, span));
