@@ -2587,7 +2587,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod keepalive_tests {
+mod lifecycle_tests {
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -2601,11 +2601,22 @@ mod keepalive_tests {
         clean: bool,
         keep_alive: u16,
     ) -> RawClient<DuplexStream> {
+        online_v(broker, id, clean, keep_alive, ProtocolVersion::V5).await
+    }
+
+    async fn online_v(
+        broker: &crate::Broker,
+        id: &str,
+        clean: bool,
+        keep_alive: u16,
+        protocol: ProtocolVersion,
+    ) -> RawClient<DuplexStream> {
         let (a, b) = tokio::io::duplex(64 * 1024);
         broker.spawn_connection(b, "duplex");
         let mut c = RawClient::new(a);
+        c.version = protocol;
         c.send(&Packet::Connect(Box::new(Connect {
-            protocol: ProtocolVersion::V5,
+            protocol,
             clean_start: clean,
             keep_alive,
             client_id: ClientId::new(id).unwrap(),
@@ -2674,6 +2685,50 @@ mod keepalive_tests {
             entries(&broker) == 0
         })
         .await;
+    }
+
+    /// The session's wake-up has one waker slot (`session::Wake`): after a takeover that
+    /// resumes the session [MQTT-3.1.4-3], every message published must wake the new
+    /// connection, whatever the old one (kicked, not yet closed) does.
+    #[tokio::test]
+    async fn a_resumed_session_wakes_its_new_connection() {
+        use halyard_codec::{QoS, SubscriptionOptions, TopicFilter, TopicName};
+        let broker = crate::Broker::new(
+            crate::config::BrokerConfig::default(),
+            Arc::new(halyard_store::MemoryStore::new()),
+        );
+        let mut a = online_v(&broker, "w", false, 0, ProtocolVersion::V3_1_1).await;
+        a.send(&Packet::Subscribe(halyard_codec::Subscribe {
+            packet_id: 1,
+            filters: vec![(
+                TopicFilter::new("w/t").unwrap(),
+                SubscriptionOptions {
+                    qos: QoS::AtMostOnce,
+                    ..Default::default()
+                },
+            )],
+            properties: Default::default(),
+        }))
+        .await;
+        assert!(matches!(a.recv().await, Packet::SubAck(_)));
+        let mut p = online(&broker, "p", true, 0).await;
+        // `a` waits, its waker in the slot; `b` takes the session over while `a` has
+        // not been read from (its kick is pending, its close not yet seen).
+        let mut b = online_v(&broker, "w", false, 0, ProtocolVersion::V3_1_1).await;
+        for round in 0..20u8 {
+            p.send(&Packet::Publish(halyard_codec::Publish::new(
+                TopicName::new("w/t").unwrap(),
+                vec![round],
+            )))
+            .await;
+            match b.recv_within(Duration::from_secs(5)).await {
+                Recv::Packet(Packet::Publish(m)) => assert_eq!(&m.payload[..], &[round]),
+                other => panic!(
+                    "round {round}: expected the message on the new connection, got {other:?}"
+                ),
+            }
+        }
+        drop(a);
     }
 
     /// The deadline keeps only its low 32 bits in the session; the rest is restored as
