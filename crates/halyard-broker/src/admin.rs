@@ -217,7 +217,7 @@ impl Broker {
             return false;
         };
         let mut st = s.lock();
-        match st.conn.as_mut().and_then(|c| c.kick.take()) {
+        match st.conn_mut().and_then(|c| c.kick.take()) {
             Some(k) => k.send(ReasonCode::AdministrativeAction).is_ok(),
             None => false,
         }
@@ -393,7 +393,7 @@ impl Broker {
 fn client_info(client_id: &Arc<str>, st: &crate::session::SessionState) -> ClientInfo {
     ClientInfo {
         client_id: client_id.clone(),
-        connected: st.conn.is_some(),
+        connected: st.conn().is_some(),
         conn: st.info.clone(),
         disconnected_at: st.disconnected_at(),
         protocol: st.protocol,

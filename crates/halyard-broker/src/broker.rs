@@ -259,7 +259,7 @@ impl Broker {
         // this sweep sees the flag when it starts (`Connection::run`).
         for s in self.inner.sessions_snapshot() {
             let mut st = s.lock();
-            if let Some(k) = st.conn.as_mut().and_then(|c| c.kick.take()) {
+            if let Some(k) = st.conn_mut().and_then(|c| c.kick.take()) {
                 let _ = k.send(ReasonCode::ServerShuttingDown);
             }
         }
@@ -716,7 +716,7 @@ impl Inner {
         };
         for ((_, conn_id), session) in due {
             let mut st = session.lock();
-            if st.conn.as_ref().is_none_or(|c| c.id != conn_id) {
+            if st.conn().is_none_or(|c| c.id != conn_id) {
                 continue; // it ended or was taken over
             }
             let limit = st
@@ -729,7 +729,7 @@ impl Inner {
             let silent = if since > 1 << 31 { 0 } else { u64::from(since) };
             if silent < limit {
                 self.keepalive_schedule(&session, &mut st, conn_id, now_ms - silent + limit);
-            } else if let Some(k) = st.conn.as_mut().and_then(|c| c.kick.take()) {
+            } else if let Some(k) = st.conn_mut().and_then(|c| c.kick.take()) {
                 let _ = k.send(ReasonCode::KeepAliveTimeout);
             }
         }
@@ -1073,7 +1073,7 @@ async fn notify_durable(inner: std::sync::Weak<Inner>, mut rx: watch::Receiver<u
         );
         for s in waiters {
             s.durable_waiting.store(false, Ordering::Release);
-            s.wake.notify_one();
+            s.wake();
         }
         if stopped {
             return;
@@ -1105,7 +1105,7 @@ async fn housekeeping(inner: Arc<Inner>) {
                 TimerEvent::SessionExpiry(session, generation) => {
                     let expired = {
                         let st = session.lock();
-                        st.conn.is_none() && st.generation == generation && !st.ended
+                        st.conn().is_none() && st.generation == generation && !st.ended
                     };
                     if expired {
                         info!(client_id = %session.client_id, "session expired");
@@ -1116,7 +1116,7 @@ async fn housekeeping(inner: Arc<Inner>) {
                 TimerEvent::Will(session, generation) => {
                     let will = {
                         let mut st = session.lock();
-                        if st.conn.is_none() && st.generation == generation {
+                        if st.conn().is_none() && st.generation == generation {
                             st.pending_will.take()
                         } else {
                             None

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use foldhash::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -97,26 +97,33 @@ pub(crate) struct PendingWill {
     pub(crate) msg: Arc<Message>,
 }
 
+/// The connection attached to a session, or when the last one closed. One field for
+/// both (they never hold at once): 8 bytes less of every session, which with `SessionHash`
+/// and `Qos2Ids` brings it into the allocator's 256-byte class.
+#[derive(Debug)]
+enum Link {
+    Attached(ConnLink),
+    /// Milliseconds since the Unix epoch when the last connection closed; 0: never
+    /// connected, or ended by a takeover that did not resume it.
+    Detached(u64),
+}
+
 #[derive(Debug)]
 pub(crate) struct SessionState {
-    pub(crate) conn: Option<ConnLink>,
+    link: Link,
     /// The current or last connection; kept after it closes (admin API).
     pub(crate) info: Option<Arc<ConnInfo>>,
-    /// When the last connection closed, in milliseconds since the Unix epoch (0 while
-    /// connected or never connected; see `disconnected_at`). Not an `Option<SystemTime>`:
-    /// its 8 more bytes took every session into the allocator's next size class.
-    disconnected_ms: u64,
     /// Id of the last connection attached; timers carry it to ignore stale events.
     pub(crate) generation: u64,
     pub(crate) protocol: ProtocolVersion,
-    pub(crate) subscriptions: HashMap<Box<str>, Subscription>,
+    pub(crate) subscriptions: HashMap<Box<str>, Subscription, SessionHash>,
     pub(crate) queue: VecDeque<Outgoing>,
     pub(crate) queued_bytes: usize,
-    pub(crate) inflight: HashMap<u16, Inflight>,
+    pub(crate) inflight: HashMap<u16, Inflight, SessionHash>,
     pub(crate) inflight_seq: u64,
     next_packet_id: u16,
     /// QoS 2 packet ids received and PUBREC'd, not yet released by PUBREL (section 4.3.3).
-    pub(crate) inbound_qos2: HashSet<u16>,
+    pub(crate) inbound_qos2: Qos2Ids,
     /// Session Expiry Interval in seconds; `u32::MAX` never expires.
     pub(crate) expiry_interval: u32,
     /// The attached connection's keep-alive deadline in `Inner::timers`, low 32 bits (see
@@ -127,6 +134,59 @@ pub(crate) struct SessionState {
     pub(crate) ended: bool,
     /// Whether the store holds this session (so its end must be recorded too).
     pub(crate) stored: bool,
+}
+
+/// The hasher of a session's maps: foldhash with one random seed per process, kept in a
+/// static instead of in every map (8 bytes per map; with the boxed QoS 2 ids below, what
+/// brings a session into the allocator's 256-byte class). Per-process random, so keys a
+/// client chooses (topic filters) cannot be aimed at collisions from outside.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SessionHash;
+
+impl std::hash::BuildHasher for SessionHash {
+    type Hasher = foldhash::fast::FoldHasher<'static>;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        static STATE: std::sync::LazyLock<foldhash::fast::RandomState> =
+            std::sync::LazyLock::new(Default::default);
+        STATE.build_hasher()
+    }
+}
+
+/// QoS 2 packet ids received and not yet released: boxed on first use (most clients never
+/// publish at QoS 2, and the set was 40 bytes of every session).
+// Boxed on purpose: the box is 8 bytes of the session, an empty `HashSet` 32.
+#[allow(clippy::box_collection)]
+#[derive(Debug, Default)]
+pub(crate) struct Qos2Ids(Option<Box<HashSet<u16, SessionHash>>>);
+
+impl Qos2Ids {
+    pub(crate) fn contains(&self, id: &u16) -> bool {
+        self.0.as_ref().is_some_and(|s| s.contains(id))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |s| s.len())
+    }
+
+    pub(crate) fn insert(&mut self, id: u16) -> bool {
+        self.0.get_or_insert_default().insert(id)
+    }
+
+    pub(crate) fn remove(&mut self, id: &u16) -> bool {
+        self.0.as_mut().is_some_and(|s| s.remove(id))
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    pub(crate) fn extend(&mut self, ids: impl IntoIterator<Item = u16>) {
+        let mut ids = ids.into_iter().peekable();
+        if ids.peek().is_some() {
+            self.0.get_or_insert_default().extend(ids);
+        }
+    }
 }
 
 /// Limits applied when queueing.
@@ -155,8 +215,12 @@ pub(crate) enum Enqueued {
 pub(crate) struct Session {
     pub(crate) client_id: Arc<str>,
     pub(crate) state: Mutex<SessionState>,
-    /// Wakes the attached connection's task when something was queued.
-    pub(crate) wake: Wake,
+    /// Wakes the attached connection's task when something was queued (see `wake`).
+    wake: Wake,
+    /// A wake-up not yet seen (tokio's permit): set before the waker is woken, consumed
+    /// by the poll that returns ready. Beside the other flags, not in `Wake`: there it
+    /// took the session into the next allocator size class.
+    wake_pending: AtomicBool,
     /// Mirrors `state.conn.is_some()` so routing can prefer online shared-group members
     /// without taking the session lock.
     pub(crate) online: AtomicBool,
@@ -169,78 +233,75 @@ pub(crate) struct Session {
 }
 
 /// Wakes the connection attached to a session: `tokio::sync::Notify::notify_one` for one
-/// waiter. Its wait is a `poll_fn` of 8 bytes in the connection's `select!`, where tokio's
-/// `Notified` future was 64 bytes: a quarter of every connection's task, idle or not.
+/// waiter (with `Session::wake_pending`, see `Session::wake`). Its wait is a `poll_fn` of
+/// 8 bytes in the connection's `select!`, where tokio's `Notified` future was 64 bytes: a
+/// quarter of every connection's task, idle or not.
 ///
 /// One waker slot: the attached connection's. A connection taken over never waits here
 /// again once its kick was sent (its `select!` polls the kick first), and the kick is sent
 /// before the new connection is attached, so the newer connection's waker is the one kept.
 /// `detach` clears the slot: a kept waker would keep the ended task's memory alive.
 #[derive(Debug, Default)]
-pub(crate) struct Wake {
-    /// A wake-up not yet seen (tokio's permit): set before the waker is woken, consumed
-    /// by the poll that returns ready.
-    pending: AtomicBool,
-    waker: Mutex<Option<std::task::Waker>>,
-}
+pub(crate) struct Wake(Mutex<Option<std::task::Waker>>);
 
 impl Wake {
-    pub(crate) fn notify_one(&self) {
-        // Already pending: the waiter was woken by whoever set it, or looks before it
-        // waits (`poll_notified` checks after registering).
-        if self.pending.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let waker = self.slot().take();
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-
-    /// Ready once per wake-up (several before a poll count as one).
-    pub(crate) fn poll_notified(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.pending.swap(false, Ordering::AcqRel) {
-            return std::task::Poll::Ready(());
-        }
-        {
-            let mut slot = self.slot();
-            if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *slot = Some(cx.waker().clone());
-            }
-        }
-        // A notify between the first look and the registration took no waker, or an
-        // older one: look again.
-        if self.pending.swap(false, Ordering::AcqRel) {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    }
-
-    /// Forgets the waiting task (its connection ended).
-    pub(crate) fn clear(&self) {
-        let waker = self.slot().take();
-        drop(waker);
-    }
-
     fn slot(&self) -> MutexGuard<'_, Option<std::task::Waker>> {
-        self.waker.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl SessionState {
-    /// When the last connection closed (None while connected or never connected).
-    pub(crate) fn disconnected_at(&self) -> Option<std::time::SystemTime> {
-        (self.disconnected_ms > 0)
-            .then(|| std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.disconnected_ms))
+    /// The attached connection, if any.
+    pub(crate) fn conn(&self) -> Option<&ConnLink> {
+        match &self.link {
+            Link::Attached(c) => Some(c),
+            Link::Detached(_) => None,
+        }
     }
 
-    pub(crate) fn set_disconnected_at(&mut self, at: Option<std::time::SystemTime>) {
-        self.disconnected_ms = at
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| {
+    pub(crate) fn conn_mut(&mut self) -> Option<&mut ConnLink> {
+        match &mut self.link {
+            Link::Attached(c) => Some(c),
+            Link::Detached(_) => None,
+        }
+    }
+
+    /// Attaches a connection (no longer disconnected).
+    pub(crate) fn attach(&mut self, link: ConnLink) {
+        self.link = Link::Attached(link);
+    }
+
+    /// Detaches the attached connection, which closed at `at`.
+    pub(crate) fn detach_at(&mut self, at: std::time::SystemTime) {
+        let ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map_or(1, |d| {
                 u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
             });
+        self.link = Link::Detached(ms);
+    }
+
+    /// Takes the attached connection away (a takeover): the session is then attached to
+    /// the new one or ended.
+    pub(crate) fn take_conn(&mut self) -> Option<ConnLink> {
+        match std::mem::replace(&mut self.link, Link::Detached(0)) {
+            Link::Attached(c) => Some(c),
+            Link::Detached(ms) => {
+                self.link = Link::Detached(ms);
+                None
+            }
+        }
+    }
+
+    /// When the last connection closed (None while connected or never connected).
+    pub(crate) fn disconnected_at(&self) -> Option<std::time::SystemTime> {
+        match self.link {
+            Link::Detached(ms) if ms > 0 => {
+                Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -253,18 +314,17 @@ impl Session {
         Session {
             client_id,
             state: Mutex::new(SessionState {
-                conn: None,
+                link: Link::Detached(0),
                 info: None,
-                disconnected_ms: 0,
                 generation: 0,
                 protocol,
-                subscriptions: HashMap::default(),
+                subscriptions: Default::default(),
                 queue: VecDeque::new(),
                 queued_bytes: 0,
-                inflight: HashMap::default(),
+                inflight: Default::default(),
                 inflight_seq: 0,
                 next_packet_id: 1,
-                inbound_qos2: HashSet::default(),
+                inbound_qos2: Qos2Ids::default(),
                 expiry_interval,
                 keepalive_due: 0,
                 pending_will: None,
@@ -272,10 +332,51 @@ impl Session {
                 stored: false,
             }),
             wake: Wake::default(),
+            wake_pending: AtomicBool::new(false),
             online: AtomicBool::new(false),
             durable_waiting: AtomicBool::new(false),
             last_rx: AtomicU32::new(0),
         }
+    }
+
+    /// Wakes the attached connection (`Notify::notify_one`: a wake-up with nobody waiting
+    /// is kept for the next wait).
+    pub(crate) fn wake(&self) {
+        // Already pending: the waiter was woken by whoever set it, or looks before it
+        // waits (`poll_woken` checks after registering).
+        if self.wake_pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let waker = self.wake.slot().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Ready once per wake-up (several before a poll count as one).
+    pub(crate) fn poll_woken(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.wake_pending.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Ready(());
+        }
+        {
+            let mut slot = self.wake.slot();
+            if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *slot = Some(cx.waker().clone());
+            }
+        }
+        // A wake-up between the first look and the registration took no waker, or an
+        // older one: look again.
+        if self.wake_pending.swap(false, Ordering::AcqRel) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// Forgets the waiting task (its connection ended).
+    pub(crate) fn forget_waker(&self) {
+        let waker = self.wake.slot().take();
+        drop(waker);
     }
 
     /// Locks the state. A poisoned lock means a panic happened mid-update in some
@@ -302,10 +403,10 @@ impl Session {
     ) -> (Enqueued, u64) {
         let mut st = self.lock();
         let r = self.enqueue_locked(&mut st, out, limits, ops);
-        let online = st.conn.is_some();
+        let online = st.conn().is_some();
         drop(st);
         if online && matches!(r, Enqueued::Queued | Enqueued::QueuedEvictedQos0) {
-            self.wake.notify_one();
+            self.wake();
         }
         (r, 0)
     }
@@ -327,10 +428,10 @@ impl Session {
             queued |= matches!(r, Enqueued::Queued | Enqueued::QueuedEvictedQos0);
             counted(r);
         }
-        let online = st.conn.is_some();
+        let online = st.conn().is_some();
         drop(st);
         if online && queued {
-            self.wake.notify_one();
+            self.wake();
         }
     }
 
@@ -345,7 +446,7 @@ impl Session {
         if st.ended {
             return Enqueued::DroppedEnded;
         }
-        let online = st.conn.is_some();
+        let online = st.conn().is_some();
         if out.qos == QoS::AtMostOnce && !online && !limits.queue_qos0_offline {
             return Enqueued::DroppedOfflineQos0;
         }
