@@ -74,16 +74,41 @@ fn ctl_stop_kills_after_the_timeout() {
     // A "halyard" that ignores SIGTERM: a shell named by a symlink called halyard.
     let fake = dir.join("halyard");
     std::os::unix::fs::symlink("/bin/sh", &fake).expect("symlink");
-    let mut child = Command::new(&fake)
-        .args(["-c", "trap '' TERM; while true; do sleep 0.1; done"])
+    // It says when SIGTERM is ignored: under load, `ctl` could otherwise signal the shell
+    // before it ran `trap`, and it would stop gracefully (seen once in a full test run).
+    let ready = dir.join("trapped");
+    let script = format!(
+        "trap '' TERM; : > '{}'; while true; do sleep 0.1; done",
+        ready.display()
+    );
+    let child = Command::new(&fake)
+        .args(["-c", &script])
         .spawn()
         .expect("spawn");
-    std::fs::write(dir.join("halyard.pid"), format!("{}\n", child.id())).expect("pid");
+    // Killed if an assertion fails first: a left-over child keeps the test harness's
+    // output pipe open.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fake never set its trap"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::fs::write(dir.join("halyard.pid"), format!("{}\n", child.0.id())).expect("pid");
     let (out, err, code) = ctl(&dir, &["stop", "--timeout", "1"]);
     assert_eq!(code, 1, "not a graceful stop: {out} {err}");
     assert!(err.contains("SIGKILL"), "{err}");
     assert!(out.contains("killed"), "{out}");
-    let status = child.wait().expect("wait");
+    let status = child.0.wait().expect("wait");
     assert!(!status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2593,7 +2593,7 @@ mod lifecycle_tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use halyard_codec::{ClientId, Connect, Packet, Properties, ProtocolVersion, ReasonCode};
+    use halyard_codec::{Packet, ProtocolVersion, ReasonCode};
     use halyard_testkit::{RawClient, Recv};
     use tokio::io::DuplexStream;
 
@@ -2617,16 +2617,9 @@ mod lifecycle_tests {
         broker.spawn_connection(b, "duplex");
         let mut c = RawClient::new(a);
         c.version = protocol;
-        c.send(&Packet::Connect(Box::new(Connect {
-            protocol,
-            clean_start: clean,
-            keep_alive,
-            client_id: ClientId::new(id).unwrap(),
-            will: None,
-            username: None,
-            password: None,
-            properties: Properties::default(),
-        })))
+        c.send(&halyard_testkit::connect_packet(
+            protocol, id, clean, keep_alive,
+        ))
         .await;
         assert!(matches!(c.recv().await, Packet::ConnAck(_)));
         c
@@ -2634,16 +2627,6 @@ mod lifecycle_tests {
 
     fn entries(broker: &crate::Broker) -> usize {
         broker.inner.timers.keepalive.lock().unwrap().len()
-    }
-
-    async fn until(what: &str, mut f: impl FnMut() -> bool) {
-        for _ in 0..1000 {
-            if f() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        panic!("never: {what}");
     }
 
     /// A keep-alive deadline [MQTT-3.1.2-22] leaves the broker's queue with its
@@ -2667,7 +2650,7 @@ mod lifecycle_tests {
             Packet::Disconnect(d) => assert_eq!(d.reason, ReasonCode::SessionTakenOver),
             other => panic!("expected the takeover DISCONNECT, got {other:?}"),
         }
-        until("old deadline removed", || entries(&broker) == 1).await;
+        halyard_testkit::eventually("old deadline removed", || entries(&broker) == 1).await;
         // Well past the old connection's 3 s, within the new one's 6 s.
         b.expect_silence(Duration::from_millis(5900)).await;
         match b.recv_within(Duration::from_millis(200)).await {
@@ -2676,14 +2659,14 @@ mod lifecycle_tests {
             }
             other => panic!("expected Keep Alive timeout at 6 s, got {other:?}"),
         }
-        until("expired deadline gone", || entries(&broker) == 0).await;
+        halyard_testkit::eventually("expired deadline gone", || entries(&broker) == 0).await;
         // A client that disconnects and one whose socket closes take theirs along.
         let mut c = online(&broker, "c", true, 30).await;
         let d = online(&broker, "d", true, 30).await;
         assert_eq!(entries(&broker), 2);
         c.send_hex("E0 00").await;
         drop(d);
-        until("closed connections' deadlines removed", || {
+        halyard_testkit::eventually("closed connections' deadlines removed", || {
             entries(&broker) == 0
         })
         .await;

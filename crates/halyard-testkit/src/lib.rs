@@ -202,6 +202,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     }
 }
 
+/// A CONNECT of protocol `v` for `id`, without will, credentials or properties.
+pub fn connect_packet(v: ProtocolVersion, id: &str, clean: bool, keep_alive: u16) -> Packet {
+    Packet::Connect(Box::new(halyard_codec::Connect {
+        protocol: v,
+        clean_start: clean,
+        keep_alive,
+        client_id: halyard_codec::ClientId::new(id).expect("valid client id"),
+        will: None,
+        username: None,
+        password: None,
+        properties: halyard_codec::Properties::default(),
+    }))
+}
+
 /// Parses a hex string with optional whitespace.
 pub fn hex_bytes(s: &str) -> Vec<u8> {
     let digits: String = s.split_whitespace().collect();

@@ -8,16 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub use ProtocolVersion::{V3_1_1, V5};
 
 pub fn connect(v: ProtocolVersion, id: &str, clean: bool, keep_alive: u16) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        protocol: v,
-        clean_start: clean,
-        keep_alive,
-        client_id: ClientId::new(id).unwrap(),
-        will: None,
-        username: None,
-        password: None,
-        properties: Properties::default(),
-    }))
+    halyard_testkit::connect_packet(v, id, clean, keep_alive)
 }
 
 pub fn connect_with(
