@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::broker::{Broker, Inner};
 use crate::config::BrokerConfig;
 use crate::message::Message;
-pub use crate::session::ConnInfo;
+pub use crate::session::{ConnInfo, Peer};
 
 /// Messages a topic tap buffers before it reports a gap (it never slows publishers).
 pub const TAP_CAPACITY: usize = 1024;
@@ -217,10 +217,7 @@ impl Broker {
             return false;
         };
         let mut st = s.lock();
-        match st.conn_mut().and_then(|c| c.kick.take()) {
-            Some(k) => k.send(ReasonCode::AdministrativeAction).is_ok(),
-            None => false,
-        }
+        s.kick(&mut st, ReasonCode::AdministrativeAction)
     }
 
     /// Every subscription, sorted by client id then filter.

@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use halyard_codec::{
@@ -31,7 +31,6 @@ use crate::auth::{
 };
 use halyard_codec::{ByteString, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
@@ -39,12 +38,17 @@ use crate::broker::{Inner, grant, stored, version_name};
 use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
 use crate::message::{self, Delivery, Message, Props};
 use crate::router::Routes;
-use crate::session::{Awaiting, ConnInfo, ConnLink, Outgoing, PendingWill, Session, Subscription};
+use crate::session::{
+    Awaiting, ConnInfo, ConnLink, Outgoing, Peer, PendingWill, Session, Subscription,
+};
 use crate::stats::Stats;
 
 /// Initial read buffer; it grows to the largest packet seen (decode reserves the declared
 /// size), so idle connections stay small.
 const READ_BUFFER_INITIAL_BYTES: usize = 512;
+/// Message ids a connection takes from the broker's counter at a time: one atomic add per
+/// 64 messages instead of one per message.
+const MESSAGE_ID_BLOCK: u8 = 64;
 /// How long a closing connection may spend flushing its last packets (the DISCONNECT).
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -104,7 +108,7 @@ async fn handshake<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let peer: Arc<str> = info.to_string().into();
+    let peer = Peer::from(&info.remote);
     // One stream, not `tokio::io::split` halves: the task that owns it polls both
     // directions itself (`Connection::main_loop`), and split's shared half costs an
     // allocation per connection and a lock per read and write.
@@ -167,7 +171,7 @@ where
     // every connection's task or `Connection`.
     if let Some(p) = permit {
         p.forget();
-        conn.holds_permit = true;
+        conn.flags.set(Flags::HOLDS_PERMIT, true);
     }
     conn.drain = Some(drain);
     Some(conn)
@@ -303,12 +307,12 @@ async fn write_now<W: AsyncWrite + Unpin>(wr: &mut W, p: &Packet, v: ProtocolVer
 async fn refuse_bad_connect<W: AsyncWrite + Unpin>(
     inner: &Inner,
     wr: &mut W,
-    peer: &str,
+    peer: &Peer,
     e: &DecodeError,
 ) {
     Stats::inc(&inner.stats.connections_refused);
     if let Some(suppressed) = PEER_LOG.admit() {
-        info!(peer, error = %e, suppressed, "refused CONNECT");
+        info!(%peer, error = %e, suppressed, "refused CONNECT");
     }
     inner.monitor.emit(Event::AuthFailed {
         peer: peer.to_string(),
@@ -384,21 +388,22 @@ struct Connection<S> {
     io: S,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    peer: Arc<str>,
+    /// Peer, listener, user name and protocol, as shown by the admin API; also the
+    /// session's (one allocation for both, and every log line's peer).
+    info: Arc<ConnInfo>,
     version: ProtocolVersion,
-    session: Arc<Session>,
-    conn_id: u64,
-    /// Polled only until it yields (the connection then ends), so no `Option` around it.
-    kick: oneshot::Receiver<ReasonCode>,
-    /// The client has a keep alive: reads are noted in `Session::last_rx` for the
-    /// broker's keep-alive check (`Inner::keepalive_expire`).
-    keepalive: bool,
+    /// The session, this connection's id in it and the kicks seen (see `Attachment`).
+    at: Attachment,
     /// Wakes a connection paused by its publish rate or the memory budget; made on the
     /// first pause (a `Sleep` is ~110 bytes, and most connections never pause).
     pause_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    last_rx: Instant,
-    /// Message ids taken from the broker's counter in blocks (see `Inner::message_ids`).
-    ids: std::ops::Range<u64>,
+    /// When the last read returned, as nanoseconds since the broker started (see
+    /// `Inner::instant_at`): 8 bytes where an `Instant` takes 16.
+    rx_ns: u64,
+    /// Message ids taken from the broker's counter in blocks of `MESSAGE_ID_BLOCK` (see
+    /// `Inner::message_ids`): the next one, and how many of the block are left.
+    next_id: u64,
+    ids_left: u8,
     /// The client's Receive Maximum: QoS 1/2 messages we may have in flight to it.
     client_receive_max: u16,
     /// The client's Maximum Packet Size.
@@ -409,36 +414,80 @@ struct Connection<S> {
     alias_out_max: u16,
     /// Will, enhanced authentication: boxed, and only for a client that has one of them.
     rare: Option<Box<Rare>>,
-    /// CONNECT asked for a session expiry of 0 (a DISCONNECT may not raise it then).
-    connect_expiry_zero: bool,
     /// The last topic this client published to and its subscribers (see `Routes`); made
     /// on the first PUBLISH and dropped when the connection goes idle.
     routes: Option<Box<Routes>>,
-    /// The store tracks durability (see `Inner::durable_now`), and had not stopped when
-    /// this connection last looked.
-    durable: bool,
     /// The highest durable ticket read in this turn of `main_loop` (0: none read).
     durable_seen: std::cell::Cell<u64>,
     /// Acknowledgements and writes waiting for the store (see `Held`).
     held: Option<Box<Held>>,
-    /// The queue's head is a recorded delivery whose store batch is not durable yet.
-    blocked_on_durable: bool,
-    /// `finish` ran; if not, the task is unwinding from a panic (see `Drop`).
-    finished: bool,
-    /// The authenticated user name, for topic access checks and re-authentication.
-    username: Option<Arc<str>>,
     acl: AclCache,
     /// Only when publish rate limits are configured.
     rate: Option<Box<PublishRate>>,
-    /// A PUBLISH waits for the memory budget.
-    memory_blocked: bool,
     /// Bytes to have room for before the next read (0: whatever the buffer has; see
     /// `size_reads`).
-    read_chunk: usize,
-    /// Holds one of the `max_connections` permits (see `handshake`).
-    holds_permit: bool,
+    read_chunk: u32,
     /// A clone of the shutdown drain's sender: shutdown waits until every one is gone.
     drain: Option<tokio::sync::mpsc::Sender<()>>,
+    /// Yes/no state, one bit each (see `Flags`).
+    flags: Flags,
+}
+
+/// A connection's yes/no state in one byte: seven `bool`s put `Connection` 8 bytes past
+/// the allocator's 256-byte class.
+#[derive(Clone, Copy, Default)]
+struct Flags(u8);
+
+impl Flags {
+    /// The client has a keep alive: reads are noted in `Session::last_rx` for the
+    /// broker's keep-alive check (`Inner::keepalive_expire`).
+    const KEEPALIVE: u8 = 1;
+    /// CONNECT asked for a session expiry of 0 (a DISCONNECT may not raise it then).
+    const EXPIRY_ZERO: u8 = 1 << 1;
+    /// The store tracks durability (see `Inner::durable_now`), and had not stopped when
+    /// this connection last looked.
+    const DURABLE: u8 = 1 << 2;
+    /// The queue's head is a recorded delivery whose store batch is not durable yet.
+    const BLOCKED_ON_DURABLE: u8 = 1 << 3;
+    /// `finish` ran; if not, the task is unwinding from a panic (see `Drop`).
+    const FINISHED: u8 = 1 << 4;
+    /// A PUBLISH waits for the memory budget.
+    const MEMORY_BLOCKED: u8 = 1 << 5;
+    /// Holds one of the `max_connections` permits (see `handshake`).
+    const HOLDS_PERMIT: u8 = 1 << 6;
+
+    fn has(self, flag: u8) -> bool {
+        self.0 & flag != 0
+    }
+
+    fn set(&mut self, flag: u8, on: bool) {
+        if on {
+            self.0 |= flag;
+        } else {
+            self.0 &= !flag;
+        }
+    }
+}
+
+/// A connection's place in its session. One struct, so that each of the `select!`'s kick
+/// and wake-up branches captures one pointer: three were 24 bytes more of every task,
+/// which took it past tokio's 256-byte task size.
+struct Attachment {
+    session: Arc<Session>,
+    conn_id: u64,
+    /// The session's kick count this connection last looked at (see `Session::poll_kick`);
+    /// an atomic only to be `Sync` (the `select!` borrows it across an await).
+    kicks_seen: AtomicU32,
+}
+
+impl Attachment {
+    fn poll_kick(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<ReasonCode> {
+        self.session.poll_kick(cx, self.conn_id, &self.kicks_seen)
+    }
+
+    fn poll_woken(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.session.poll_woken(cx, &self.kicks_seen)
+    }
 }
 
 /// What waits until the store has made a ticket durable. Made on first use: a session
@@ -716,19 +765,19 @@ const ACL_CACHE_ENTRIES: usize = 1024;
 
 impl<S> Drop for Connection<S> {
     fn drop(&mut self) {
-        if self.holds_permit {
+        if self.flags.has(Flags::HOLDS_PERMIT) {
             self.inner.permits.add_permits(1);
         }
         // Only a panic gets here without `finish`: close this connection only, as if the
         // network had failed (will included), so the session can expire or be resumed.
         // (A task cancelled by runtime teardown is not a lost connection; leave it.)
-        if self.finished || !std::thread::panicking() {
+        if self.flags.has(Flags::FINISHED) || !std::thread::panicking() {
             return;
         }
-        tracing::error!(peer = %self.peer, client_id = %self.session.client_id, "connection task panicked; closing this connection only");
+        tracing::error!(peer = %self.info.peer, client_id = %self.at.session.client_id, "connection task panicked; closing this connection only");
         Stats::dec(&self.inner.stats.connections_current);
         let (will, delay) = self.take_will();
-        detach(&self.inner, &self.session, self.conn_id, will, delay);
+        detach(&self.inner, &self.at.session, self.at.conn_id, will, delay);
     }
 }
 
@@ -749,7 +798,7 @@ where
     async fn accept(
         inner: Arc<Inner>,
         mut c: Connect,
-        peer: Arc<str>,
+        peer: Peer,
         mut io: S,
         mut rbuf: BytesMut,
         admission: Admission,
@@ -908,17 +957,15 @@ where
                 || (c.keep_alive == 0 && cfg.max_keepalive < u16::MAX)))
             .then_some(cfg.max_keepalive);
         let keep_alive = server_keep_alive.unwrap_or(c.keep_alive);
-        let conn_info = Arc::new(ConnInfo {
-            peer: peer.clone(),
-            listener: admission.info.listener.clone(),
-            username: c.username.as_ref().map(|u| Arc::from(&u[..])),
-            protocol: v,
+        let conn_info = Arc::new(ConnInfo::new(
+            peer.clone(),
+            admission.info.listener.clone(),
+            c.username.as_ref().map(|u| Arc::from(&u[..])),
+            v,
             keep_alive,
-            clean_start: c.clean_start,
-            connected_at: std::time::SystemTime::now(),
-        });
+            c.clean_start,
+        ));
         let conn_id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (kick_tx, kick_rx) = oneshot::channel();
         let (session, present) = attach_session(
             &inner,
             &client_id,
@@ -926,7 +973,7 @@ where
             v,
             expiry,
             conn_id,
-            (kick_tx, conn_info),
+            conn_info.clone(),
         );
         inner.persist_session(&session, true);
 
@@ -1017,6 +1064,7 @@ where
         } else {
             rbuf
         };
+        let kicks_seen = session.kicks();
         let mut conn = Connection {
             cfg: cfg.clone(),
             live: cfg.clone(),
@@ -1024,15 +1072,17 @@ where
             io,
             rbuf,
             wbuf,
-            peer,
+            info: conn_info,
             version: v,
-            session,
-            conn_id,
-            kick: kick_rx,
-            keepalive: keep_alive > 0,
+            at: Attachment {
+                session,
+                conn_id,
+                kicks_seen: AtomicU32::new(kicks_seen),
+            },
             pause_timer: None,
-            last_rx: Instant::now(),
-            ids: 0..0,
+            rx_ns: inner.ns_at(Instant::now()),
+            next_id: 0,
+            ids_left: 0,
             client_receive_max,
             client_max_packet: c
                 .properties
@@ -1050,23 +1100,23 @@ where
                     reauth: None,
                 })
             }),
-            connect_expiry_zero: requested_expiry == 0,
             routes: None,
-            durable: inner.durable_tracked(),
             durable_seen: std::cell::Cell::new(0),
             held: None,
-            blocked_on_durable: false,
-            finished: false,
-            username: c.username.as_ref().map(|u| Arc::from(&u[..])),
             acl: AclCache {
                 generation: u64::MAX, // loaded on first use
                 checked: None,
             },
             rate: PublishRate::new(&cfg).map(Box::new),
-            memory_blocked: false,
             read_chunk: 0,
-            holds_permit: false,
             drain: None,
+            flags: {
+                let mut f = Flags::default();
+                f.set(Flags::KEEPALIVE, keep_alive > 0);
+                f.set(Flags::EXPIRY_ZERO, requested_expiry == 0);
+                f.set(Flags::DURABLE, inner.durable_tracked());
+                f
+            },
             inner,
         };
         if present {
@@ -1104,18 +1154,19 @@ where
             // The deadlines stay inside this block, so they are not part of the task's
             // state across the `select!` (every byte of it is memory per connection).
             let (throttled, paused) = {
-                let now = (self.rate.is_some() || self.memory_blocked).then(Instant::now);
+                let now = (self.rate.is_some() || self.flags.has(Flags::MEMORY_BLOCKED))
+                    .then(Instant::now);
                 let throttled_until =
                     now.and_then(|now| self.rate.as_mut()?.blocked_until(now, &self.inner.stats));
                 if let Some(now) = now
-                    && (throttled_until.is_some() || self.memory_blocked)
+                    && (throttled_until.is_some() || self.flags.has(Flags::MEMORY_BLOCKED))
                 {
                     self.heard_at(now);
                 }
                 // One timer for both pauses; over the memory budget, look again every
                 // MEMORY_RECHECK.
                 let memory_recheck = now
-                    .filter(|_| self.memory_blocked)
+                    .filter(|_| self.flags.has(Flags::MEMORY_BLOCKED))
                     .map(|n| n + MEMORY_RECHECK);
                 let paused_until = match (throttled_until, memory_recheck) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -1130,8 +1181,9 @@ where
                 }
                 (throttled_until.is_some(), paused_until.is_some())
             };
-            if self.read_chunk > 0 && self.rbuf.capacity() - self.rbuf.len() < self.read_chunk / 2 {
-                self.rbuf.reserve(self.read_chunk);
+            let chunk = self.read_chunk as usize;
+            if chunk > 0 && self.rbuf.capacity() - self.rbuf.len() < chunk / 2 {
+                self.rbuf.reserve(chunk);
             }
             // (A buffer without room reads up to 64 bytes first: `poll_io` reads 64 on the
             // stack for one without capacity; `BytesMut` reserves 64 for a full one.)
@@ -1142,12 +1194,14 @@ where
             // input is then paused instead of our buffer growing.
             let can_read = self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES
                 && !throttled
-                && !self.memory_blocked;
+                && !self.flags.has(Flags::MEMORY_BLOCKED);
             let can_fill = self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES;
             // Held acknowledgements or deliveries wait for the store (see `Held`):
             // `notify_durable` wakes us through the session's wake-up.
-            let waiting_durable = self.durable
-                && (self.has_pending_acks() || self.blocked_on_durable || self.has_holds());
+            let waiting_durable = self.flags.has(Flags::DURABLE)
+                && (self.has_pending_acks()
+                    || self.flags.has(Flags::BLOCKED_ON_DURABLE)
+                    || self.has_holds());
             if waiting_durable {
                 if !self.inner.durable_tracked() {
                     // The store stopped (shutdown): nothing more becomes durable. What
@@ -1155,11 +1209,11 @@ where
                     // the client only ever sees it under an id that is on disk.
                     self.wbuf.truncate(writable);
                     self.held = None;
-                    self.durable = false;
+                    self.flags.set(Flags::DURABLE, false);
                     continue;
                 }
                 let seen = self.durable_seen.get();
-                self.inner.wait_durable(&self.session);
+                self.inner.wait_durable(&self.at.session);
                 if self.durable_now() > seen {
                     continue; // it moved before we were listed: look again now
                 }
@@ -1171,8 +1225,7 @@ where
             // inside a branch, that output stayed in the task's state: 24 bytes).
             let then = tokio::select! {
                 biased;
-                r = poll_fn(|cx| Pin::new(&mut self.kick).poll(cx)) => {
-                    let reason = r.unwrap_or(ReasonCode::SessionTakenOver);
+                reason = poll_fn(|cx| self.at.poll_kick(cx)) => {
                     if reason == ReasonCode::SessionTakenOver
                         && let Some(d) = self.unread_disconnect()
                     {
@@ -1216,7 +1269,7 @@ where
                         Then::Loop
                     }
                 },
-                _ = poll_fn(|cx| self.session.poll_woken(cx)), if can_fill || waiting_durable => {
+                _ = poll_fn(|cx| self.at.poll_woken(cx)), if can_fill || waiting_durable => {
                     // Woken by a publisher's batch, this task would run right after it
                     // (tokio's LIFO slot) and write that batch alone. Yielding once lets the
                     // other publishers ready now queue theirs first, so one write carries
@@ -1225,8 +1278,8 @@ where
                 }
                 _ = poll_fn(|cx| self.pause_timer.as_mut().expect("set when paused").as_mut().poll(cx)),
                     if paused => {
-                    if self.memory_blocked && !self.inner.memory_over_budget(&self.inner.cfg()) {
-                        self.memory_blocked = false;
+                    if self.flags.has(Flags::MEMORY_BLOCKED) && !self.inner.memory_over_budget(&self.inner.cfg()) {
+                        self.flags.set(Flags::MEMORY_BLOCKED, false);
                     }
                     // Budget refilled or memory freed: handle what was already read, then
                     // read again (a PUBLISH still over a limit pauses again).
@@ -1251,10 +1304,11 @@ where
     /// The client was heard from (or is not read from on purpose, which must not run its
     /// keep alive out) at `now`.
     fn heard_at(&mut self, now: Instant) {
-        self.last_rx = now;
-        if self.keepalive {
-            let ms = self.inner.ms_at(now) as u32; // wrapping, see `Session::last_rx`
-            self.session.last_rx.store(ms, Ordering::Relaxed);
+        self.rx_ns = self.inner.ns_at(now);
+        if self.flags.has(Flags::KEEPALIVE) {
+            // `Inner::ms_at(now)`, wrapping (see `Session::last_rx`).
+            let ms = (self.rx_ns / 1_000_000) as u32;
+            self.at.session.last_rx.store(ms, Ordering::Relaxed);
         }
     }
 
@@ -1264,10 +1318,11 @@ where
     /// an idle connection holds almost nothing.
     fn size_reads(&mut self, n: usize, room: usize) {
         if n >= room {
-            self.read_chunk = (room * 2).clamp(READ_CHUNK_MIN, READ_CHUNK_MAX);
-        } else if n < self.read_chunk / 8 {
+            // At most READ_CHUNK_MAX: fits the u32.
+            self.read_chunk = (room * 2).clamp(READ_CHUNK_MIN, READ_CHUNK_MAX) as u32;
+        } else if n < self.read_chunk as usize / 8 {
             self.read_chunk /= 2;
-            if self.read_chunk < READ_CHUNK_MIN {
+            if (self.read_chunk as usize) < READ_CHUNK_MIN {
                 self.read_chunk = 0;
                 if self.rbuf.is_empty() && self.rbuf.capacity() > READ_CHUNK_MIN {
                     self.rbuf = BytesMut::new();
@@ -1341,10 +1396,10 @@ where
             if self.rbuf.first().is_some_and(|b| b >> 4 == 3)
                 && self.inner.memory_over_budget(&self.live)
             {
-                if !self.memory_blocked {
+                if !self.flags.has(Flags::MEMORY_BLOCKED) {
                     Stats::inc(&self.inner.stats.publish_paused_memory);
                 }
-                self.memory_blocked = true;
+                self.flags.set(Flags::MEMORY_BLOCKED, true);
                 return None;
             }
             // Most PUBLISH packets have no properties: read them in place and copy out only
@@ -1404,7 +1459,7 @@ where
                 Err(e) => {
                     Stats::inc(&self.inner.stats.protocol_errors);
                     if let Some(suppressed) = PEER_LOG.admit() {
-                        warn!(peer = %self.peer, client_id = %self.session.client_id, error = %e, suppressed, "bad packet; disconnecting");
+                        warn!(peer = %self.info.peer, client_id = %self.at.session.client_id, error = %e, suppressed, "bad packet; disconnecting");
                     }
                     return Some(End::Server(e.reason_code(), e.detail));
                 }
@@ -1442,7 +1497,7 @@ where
 
     /// The store's durable ticket, remembered in `durable_seen` for `main_loop`.
     fn durable_now(&self) -> u64 {
-        let d = if self.durable {
+        let d = if self.flags.has(Flags::DURABLE) {
             self.inner.durable_now()
         } else {
             u64::MAX
@@ -1535,7 +1590,7 @@ where
                 Ok(())
             }
             AuthStep::Success { username, data }
-                if self.username.as_deref() == Some(username.as_str()) =>
+                if self.info.username.as_deref() == Some(username.as_str()) =>
             {
                 self.send(&auth_packet(ReasonCode::Success, &name, data));
                 Ok(())
@@ -1554,7 +1609,7 @@ where
     fn protocol_error(&self, why: &'static str) -> End {
         Stats::inc(&self.inner.stats.protocol_errors);
         if let Some(suppressed) = PEER_LOG.admit() {
-            warn!(peer = %self.peer, client_id = %self.session.client_id, why, suppressed, "protocol error; disconnecting");
+            warn!(peer = %self.info.peer, client_id = %self.at.session.client_id, why, suppressed, "protocol error; disconnecting");
         }
         End::Server(ReasonCode::ProtocolError, why)
     }
@@ -1659,7 +1714,7 @@ where
         self.batch.get_or_insert_default().received[p.qos as usize] += 1;
         let mut ticket = 0;
         if p.qos == QoS::ExactlyOnce {
-            let mut st = self.session.lock();
+            let mut st = self.at.session.lock();
             if st.inbound_qos2.contains(&p.packet_id) {
                 // A resend of a message already received: acknowledge, do not deliver again
                 // [MQTT-4.3.3-10].
@@ -1702,11 +1757,13 @@ where
             }
         } else {
             // `p` owns its bytes: `process_input` copied them out of the read buffer.
-            if self.ids.is_empty() {
-                self.ids = self.inner.message_ids(64);
+            if self.ids_left == 0 {
+                self.next_id = self.inner.message_ids(MESSAGE_ID_BLOCK.into()).start;
+                self.ids_left = MESSAGE_ID_BLOCK;
             }
-            let id = self.ids.start;
-            self.ids.start += 1;
+            let id = self.next_id;
+            self.next_id += 1;
+            self.ids_left -= 1;
             let b = self.batch.get_or_insert_default();
             b.charged.0 += p.topic.as_str().len() + p.payload.len();
             b.charged.1 += 1;
@@ -1721,26 +1778,26 @@ where
                 // Local is decided from the client id given to routing. An `Arc` clone
                 // per message otherwise.
                 (p.retain || self.inner.taps.load(std::sync::atomic::Ordering::Relaxed) > 0)
-                    .then(|| self.session.client_id.clone()),
+                    .then(|| self.at.session.client_id.clone()),
                 // When it was read: its expiry counts from then, and it saves a clock read
                 // per message.
-                self.last_rx,
+                self.inner.instant_at(self.rx_ns),
                 Some(self.inner.memory),
             ));
             let mut extra = Vec::new();
-            if p.qos == QoS::ExactlyOnce && self.session.lock().persistent() {
+            if p.qos == QoS::ExactlyOnce && self.at.session.lock().persistent() {
                 // In the same batch as the routing: a crash keeps both or neither, so a held
                 // id always means its copies are stored, and a resend after a crash that
                 // lost the id routes the message for the first time.
                 extra.push(Op::InboundQos2 {
-                    client_id: self.session.client_id.to_string(),
+                    client_id: self.at.session.client_id.to_string(),
                     packet_id: p.packet_id,
                     held: true,
                 });
             }
             let (matched, t) = self.inner.publish(
                 &msg,
-                Some(&self.session.client_id),
+                Some(&self.at.session.client_id),
                 self.routes.get_or_insert_default(),
                 extra,
                 &self.live,
@@ -1772,7 +1829,7 @@ where
     }
 
     fn on_ack(&mut self, packet_id: u16, expect: Awaiting) {
-        let mut st = self.session.lock();
+        let mut st = self.at.session.lock();
         if st
             .inflight
             .get(&packet_id)
@@ -1784,19 +1841,19 @@ where
                 // The delivery is complete: the store must forget it (and, with its last
                 // delivery, the message body).
                 self.inner.store.apply(vec![Op::Completed {
-                    client_id: self.session.client_id.to_string(),
+                    client_id: self.at.session.client_id.to_string(),
                     packet_id,
                 }]);
             }
         } else {
-            debug!(client_id = %self.session.client_id, packet_id, "acknowledgement for an unknown packet id");
+            debug!(client_id = %self.at.session.client_id, packet_id, "acknowledgement for an unknown packet id");
         }
     }
 
     fn on_pubrec(&mut self, a: &Ack) {
-        let mut st = self.session.lock();
+        let mut st = self.at.session.lock();
         let persistent = st.persistent();
-        let client_id = || self.session.client_id.to_string();
+        let client_id = || self.at.session.client_id.to_string();
         let packet_id = a.packet_id;
         // PUBREL waits until "PUBREC received" is durable: once the client has PUBREL it
         // may complete and forget the packet id, so a restart that still saw the message as
@@ -1846,14 +1903,14 @@ where
 
     /// Forgets an inbound QoS 2 packet id: whether it was held, and the store ticket.
     fn release_inbound(&self, packet_id: u16) -> (bool, u64) {
-        let mut st = self.session.lock();
+        let mut st = self.at.session.lock();
         let known = st.inbound_qos2.remove(&packet_id);
         let mut ticket = 0;
         if known && st.persistent() {
             // PUBCOMP waits for this: after a crash the id must not still look held, or the
             // client's next message with that id would be taken for a resend and lost.
             ticket = self.inner.store.apply(vec![Op::InboundQos2 {
-                client_id: self.session.client_id.to_string(),
+                client_id: self.at.session.client_id.to_string(),
                 packet_id,
                 held: false,
             }]);
@@ -1906,7 +1963,7 @@ where
                 continue;
             }
             if cfg.max_subscriptions_per_client > 0 {
-                let st = self.session.lock();
+                let st = self.at.session.lock();
                 if st.subscriptions.len() >= cfg.max_subscriptions_per_client
                     && !st.subscriptions.contains_key(filter.as_str())
                 {
@@ -1936,6 +1993,7 @@ where
                 id,
             };
             let existed = self
+                .at
                 .session
                 .lock()
                 .subscriptions
@@ -1943,8 +2001,8 @@ where
                 .is_some();
             self.inner
                 .subs
-                .subscribe(&filter, &self.session, options, id);
-            ticket = ticket.max(self.inner.persist_subscription(&self.session, &sub));
+                .subscribe(&filter, &self.at.session, options, id);
+            ticket = ticket.max(self.inner.persist_subscription(&self.at.session, &sub));
             reasons.push(match qos {
                 QoS::AtMostOnce => ReasonCode::GRANTED_QOS0,
                 QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
@@ -1991,7 +2049,7 @@ where
         let mut ops = Vec::new();
         let msgs: Vec<Arc<Message>> = retained.iter().map(|o| o.msg.clone()).collect();
         for out in retained {
-            let (r, _) = self.session.enqueue(out, limits, &mut ops);
+            let (r, _) = self.at.session.enqueue(out, limits, &mut ops);
             self.inner.count_enqueue(r);
         }
         let t = if ops.is_empty() {
@@ -2009,17 +2067,17 @@ where
         let mut ticket = 0;
         for filter in u.filters {
             let existed = {
-                let mut st = self.session.lock();
+                let mut st = self.at.session.lock();
                 let existed = st.subscriptions.remove(filter.as_str()).is_some();
                 if existed && st.stored {
                     ticket = self.inner.store.apply(vec![Op::Unsubscribe {
-                        client_id: self.session.client_id.to_string(),
+                        client_id: self.at.session.client_id.to_string(),
                         filter: filter.to_string(),
                     }]);
                 }
                 existed
             };
-            self.inner.subs.unsubscribe(&filter, &self.session);
+            self.inner.subs.unsubscribe(&filter, &self.at.session);
             reasons.push(if existed {
                 ReasonCode::Success
             } else {
@@ -2038,11 +2096,12 @@ where
 
     fn on_disconnect(&mut self, d: &Disconnect) -> Result<(), End> {
         if let Some(expiry) = d.properties.session_expiry_interval {
-            if self.connect_expiry_zero && expiry != 0 {
+            if self.flags.has(Flags::EXPIRY_ZERO) && expiry != 0 {
                 return Err(self
                     .protocol_error("session expiry raised from 0 on DISCONNECT [MQTT-3.14.2-2]"));
             }
-            self.session.lock().expiry_interval = expiry.min(self.cfg.max_session_expiry_interval);
+            self.at.session.lock().expiry_interval =
+                expiry.min(self.cfg.max_session_expiry_interval);
         }
         Err(End::ClientDisconnect(d.reason))
     }
@@ -2051,14 +2110,14 @@ where
     fn fill(&mut self) {
         let mut now = message::LazyNow::default();
         let inner = self.inner.clone();
-        let session = self.session.clone();
+        let session = self.at.session.clone();
         let mut st = session.lock();
         // Store ops of this fill, applied once at the end while the lock is still held.
         let mut ops = Vec::new();
         let cid = || session.client_id.to_string();
         // Deliveries by QoS, added to the stats once at the end.
         let mut sent = [0u32; 3];
-        self.blocked_on_durable = false;
+        self.flags.set(Flags::BLOCKED_ON_DURABLE, false);
         // Read at most once per fill, and only for a recorded delivery: the watch borrow
         // is not free, and a ticket that becomes durable meanwhile wakes the loop again.
         let mut durable = None;
@@ -2093,7 +2152,7 @@ where
                 && front.msg.ticket.load(std::sync::atomic::Ordering::Acquire)
                     > *durable.get_or_insert_with(|| self.durable_now())
             {
-                self.blocked_on_durable = true;
+                self.flags.set(Flags::BLOCKED_ON_DURABLE, true);
                 break;
             }
             // Messages stay in order: a QoS 1/2 message waiting for window space holds back
@@ -2141,7 +2200,7 @@ where
                                 message_id: out.msg.id,
                                 packet_id,
                             });
-                            if out.qos == QoS::ExactlyOnce && self.durable {
+                            if out.qos == QoS::ExactlyOnce && self.flags.has(Flags::DURABLE) {
                                 hold_from.get_or_insert(start);
                             }
                         }
@@ -2207,8 +2266,8 @@ where
                 Box::new(AclChecked {
                     authorizer,
                     identity: Identity {
-                        client_id: self.session.client_id.clone(),
-                        username: self.username.clone(),
+                        client_id: self.at.session.client_id.clone(),
+                        username: self.info.username.clone(),
                     },
                     decisions: Default::default(),
                 })
@@ -2227,7 +2286,7 @@ where
         }
         map.insert(topic.into(), d);
         if !d {
-            debug!(client_id = %self.session.client_id, ?access, topic, "denied by the authorizer");
+            debug!(client_id = %self.at.session.client_id, ?access, topic, "denied by the authorizer");
         }
         d
     }
@@ -2259,7 +2318,7 @@ where
     /// original order [MQTT-4.4.0-1].
     fn resend_inflight(&mut self) {
         let mut now = message::LazyNow::default();
-        let st = self.session.lock();
+        let st = self.at.session.lock();
         let mut pending: Vec<(u64, u16, Awaiting, Outgoing)> = st
             .inflight
             .iter()
@@ -2328,10 +2387,10 @@ where
         })
         .await;
         Stats::dec(&self.inner.stats.connections_current);
-        self.finished = true;
+        self.flags.set(Flags::FINISHED, true);
         self.inner.monitor.emit(Event::Disconnected {
-            peer: self.peer.to_string(),
-            client_id: self.session.client_id.to_string(),
+            peer: self.info.peer.to_string(),
+            client_id: self.at.session.client_id.to_string(),
             reason: match &end {
                 End::ClientDisconnect(r) => format!("client DISCONNECT {r:?}"),
                 End::Closed(why) => format!("connection lost: {why}"),
@@ -2348,16 +2407,22 @@ where
         let will = will.filter(|_| keep_will);
         match &end {
             End::ClientDisconnect(r) => {
-                info!(peer = %self.peer, client_id = %self.session.client_id, reason = ?r, "client disconnected")
+                info!(peer = %self.info.peer, client_id = %self.at.session.client_id, reason = ?r, "client disconnected")
             }
             End::Closed(why) => {
-                info!(peer = %self.peer, client_id = %self.session.client_id, why, "connection lost")
+                info!(peer = %self.info.peer, client_id = %self.at.session.client_id, why, "connection lost")
             }
             End::Server(r, why) => {
-                info!(peer = %self.peer, client_id = %self.session.client_id, reason = ?r, why, "disconnected by server")
+                info!(peer = %self.info.peer, client_id = %self.at.session.client_id, reason = ?r, why, "disconnected by server")
             }
         }
-        detach(&self.inner, &self.session, self.conn_id, will, will_delay);
+        detach(
+            &self.inner,
+            &self.at.session,
+            self.at.conn_id,
+            will,
+            will_delay,
+        );
     }
 }
 
@@ -2370,7 +2435,7 @@ fn attach_session(
     protocol: ProtocolVersion,
     expiry: u32,
     conn_id: u64,
-    (kick, info): (oneshot::Sender<ReasonCode>, Arc<ConnInfo>),
+    info: Arc<ConnInfo>,
 ) -> (Arc<Session>, bool) {
     let existing = inner
         .sessions
@@ -2388,14 +2453,12 @@ fn attach_session(
         if let Some(link) = st.take_conn() {
             inner.keepalive_cancel(&st, link.id);
             ends_with_old_connection = st.expiry_interval == 0;
-            if let Some(k) = link.kick {
-                let _ = k.send(ReasonCode::SessionTakenOver);
-            }
+            old.kicked();
         }
         if !clean_start && !st.ended && !ends_with_old_connection {
             st.attach(ConnLink {
                 id: conn_id,
-                kick: Some(kick),
+                kick: None,
             });
             st.info = Some(info);
             inner.keepalive_start(&old, &mut st, conn_id);
@@ -2422,7 +2485,7 @@ fn attach_session(
         let mut st = session.lock();
         st.attach(ConnLink {
             id: conn_id,
-            kick: Some(kick),
+            kick: None,
         });
         st.info = Some(info);
         inner.keepalive_start(&session, &mut st, conn_id);
@@ -2554,12 +2617,15 @@ mod tests {
     /// id, and a 48-byte trailer, rounded up to 128 bytes: 768 bytes per task at a
     /// 520-byte future, 512 at 336, 384 up to 272, 256 up to 152 (32 + 8 + 8 + 8 + 152 +
     /// 48; tokio's stage adds 8 bytes to the future: 392 at 280 was measured as a
-    /// 512-byte task). mimalloc serves 320-byte blocks, so `Connection` and the session's
+    /// 512-byte task). mimalloc serves 256- and 320-byte blocks, so `Connection` and the session's
     /// `ArcInner` must fit those. `Connection` was 440 bytes (a 448-byte block) until the
     /// will and enhanced authentication (`Rare`), the batch counters (`Batch`) and the
     /// access cache (`AclChecked`) were boxed for the clients that use them, the store's
     /// durable ticket was read from one receiver in `Inner` and the keep-alive timer
     /// went to the broker's housekeeping task: 304 with the permit flag and drain sender.
+    /// Then 256 (the 256-byte class): peer and user name read from the `ConnInfo` it
+    /// shares with its session (one pointer instead of two strings), the last read's time
+    /// in 8 bytes, message ids as a next id and a count, and its seven flags in a byte.
     /// The session fits mimalloc's 256-byte class (240 + the `Arc`'s counts) since its
     /// maps share one hasher (`SessionHash`), its QoS 2 ids are boxed on first use, the
     /// attached connection and the time of the last close share a field, and the wake-up's
@@ -2582,9 +2648,13 @@ mod tests {
         assert!(size <= 152, "connection task future is {size} bytes");
         let conn =
             std::mem::size_of::<super::Connection<Box<dyn halyard_transport::AsyncStream>>>();
-        assert!(conn <= 320, "Connection is {conn} bytes");
+        assert!(conn <= 256, "Connection is {conn} bytes");
         let session = std::mem::size_of::<crate::session::Session>();
         assert!(session + 16 <= 256, "Session is {session} bytes");
+        // Shared by the connection and its session: the 80-byte class with the `Arc`'s
+        // counts, the peer's address inline.
+        let info = std::mem::size_of::<crate::session::ConnInfo>();
+        assert!(info + 16 <= 80, "ConnInfo is {info} bytes");
     }
 }
 
@@ -2714,6 +2784,69 @@ mod lifecycle_tests {
             }
         }
         drop(a);
+    }
+
+    /// The one waker slot after a takeover [MQTT-3.1.4-3]: the old connection, polled
+    /// late (after its successor waits), learns Session taken over and leaves the
+    /// successor's waker in place, so a message wakes the successor. Kicks reach only the
+    /// attached connection, once. (Registering without the kick check, the old
+    /// connection's waker replaced the new one's and this fails.)
+    #[test]
+    fn a_taken_over_connection_never_replaces_its_successors_waker() {
+        use crate::session::{ConnLink, Session};
+        use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+        use std::task::{Context, Poll, Waker};
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = |c: &Arc<Count>| c.0.load(Ordering::SeqCst);
+        let (ca, cb) = (
+            Arc::new(Count(AtomicUsize::new(0))),
+            Arc::new(Count(AtomicUsize::new(0))),
+        );
+        let (wa, wb) = (Waker::from(ca.clone()), Waker::from(cb.clone()));
+        let (mut cxa, mut cxb) = (Context::from_waker(&wa), Context::from_waker(&wb));
+
+        let session = Session::new("s".into(), ProtocolVersion::V5, 0);
+        session.lock().attach(ConnLink { id: 1, kick: None });
+        let seen_a = AtomicU32::new(session.kicks());
+        assert!(session.poll_kick(&mut cxa, 1, &seen_a).is_pending());
+        assert!(session.poll_woken(&mut cxa, &seen_a).is_pending());
+
+        // Connection 2 takes the session over (as `attach_session` does).
+        {
+            let mut st = session.lock();
+            assert!(st.take_conn().is_some());
+            session.kicked();
+            st.attach(ConnLink { id: 2, kick: None });
+        }
+        assert_eq!(count(&ca), 1, "the takeover wakes the old connection");
+        let seen_b = AtomicU32::new(session.kicks());
+        assert!(session.poll_kick(&mut cxb, 2, &seen_b).is_pending());
+        assert!(session.poll_woken(&mut cxb, &seen_b).is_pending());
+
+        // The old connection runs late, its wake-up branch first (the worst order).
+        assert!(session.poll_woken(&mut cxa, &seen_a).is_ready());
+        assert_eq!(
+            session.poll_kick(&mut cxa, 1, &seen_a),
+            Poll::Ready(ReasonCode::SessionTakenOver)
+        );
+        session.wake();
+        assert_eq!(count(&cb), 1, "a message wakes the new connection");
+        assert_eq!(count(&ca), 1, "and not the old one");
+
+        // An admin kick reaches the attached connection with its reason, once.
+        let mut st = session.lock();
+        assert!(session.kick(&mut st, ReasonCode::AdministrativeAction));
+        assert!(!session.kick(&mut st, ReasonCode::ServerShuttingDown));
+        drop(st);
+        assert_eq!(
+            session.poll_kick(&mut cxb, 2, &seen_b),
+            Poll::Ready(ReasonCode::AdministrativeAction)
+        );
     }
 
     /// The deadline keeps only its low 32 bits in the session; the rest is restored as

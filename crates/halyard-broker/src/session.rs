@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use halyard_codec::{ProtocolVersion, QoS, ReasonCode, SubscriptionOptions, TopicFilter};
 use halyard_store::{Op, Store, StoredDelivery};
-use tokio::sync::oneshot;
 
 use crate::message::Message;
 
@@ -68,15 +67,17 @@ pub(crate) struct Subscription {
 #[derive(Debug)]
 pub(crate) struct ConnLink {
     pub(crate) id: u64,
-    /// Tells the connection to close with this reason (session takeover, admin kick).
-    pub(crate) kick: Option<oneshot::Sender<ReasonCode>>,
+    /// The connection was told to close with this reason (admin kick, shutdown, keep
+    /// alive run out; see `Session::kick`). A takeover needs none: the connection sees
+    /// that it is no longer attached.
+    pub(crate) kick: Option<ReasonCode>,
 }
 
 /// Who is (or was last) connected to a session, for the admin API and `$SYS`.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client's address (or transport name).
-    pub peer: Arc<str>,
+    pub peer: Peer,
     /// The listener's URL.
     pub listener: Arc<str>,
     /// The authenticated user name, if any.
@@ -87,8 +88,67 @@ pub struct ConnInfo {
     pub keep_alive: u16,
     /// Clean start / clean session flag of the CONNECT.
     pub clean_start: bool,
-    /// When the CONNACK was sent.
-    pub connected_at: std::time::SystemTime,
+    /// When the CONNACK was sent, in milliseconds since the Unix epoch (8 bytes where a
+    /// `SystemTime` takes 16: one allocation per connection, in the 80-byte class).
+    connected_ms: u64,
+}
+
+/// A client's address as logs and the admin API show it: an IPv4 address and port kept
+/// inline (no string allocated per connection for the most common client), anything
+/// else (IPv6, Unix socket, transport names, PROXY-protocol sources) as its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// An IPv4 client.
+    V4(std::net::SocketAddrV4),
+    /// Any other client, as displayed.
+    Text(Arc<str>),
+}
+
+impl From<&halyard_transport::Remote> for Peer {
+    fn from(r: &halyard_transport::Remote) -> Self {
+        match r {
+            halyard_transport::Remote::Ip(std::net::SocketAddr::V4(a)) => Peer::V4(*a),
+            other => Peer::Text(other.to_string().into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::V4(a) => a.fmt(f),
+            Peer::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+impl ConnInfo {
+    pub(crate) fn new(
+        peer: Peer,
+        listener: Arc<str>,
+        username: Option<Arc<str>>,
+        protocol: ProtocolVersion,
+        keep_alive: u16,
+        clean_start: bool,
+    ) -> Self {
+        let connected_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        ConnInfo {
+            peer,
+            listener,
+            username,
+            protocol,
+            keep_alive,
+            clean_start,
+            connected_ms,
+        }
+    }
+
+    /// When the CONNACK was sent (to the millisecond).
+    pub fn connected_at(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.connected_ms)
+    }
 }
 
 /// A will waiting for its delay (or for the session to end).
@@ -230,6 +290,10 @@ pub(crate) struct Session {
     /// broker started (`Inner::ms_at`), wrapping: for its keep alive. Written by the
     /// connection without the lock; in what was padding.
     pub(crate) last_rx: AtomicU32,
+    /// Counts the kicks and takeovers of this session's connections; a connection polls
+    /// it (`poll_kick`) to learn it must close. It replaced a `oneshot` channel per
+    /// connection (64 bytes each). Changed under the `Wake` lock, see `poll_kick`.
+    kicks: AtomicU32,
 }
 
 /// Wakes the connection attached to a session: `tokio::sync::Notify::notify_one` for one
@@ -237,10 +301,11 @@ pub(crate) struct Session {
 /// 8 bytes in the connection's `select!`, where tokio's `Notified` future was 64 bytes: a
 /// quarter of every connection's task, idle or not.
 ///
-/// One waker slot: the attached connection's. A connection taken over never waits here
-/// again once its kick was sent (its `select!` polls the kick first), and the kick is sent
-/// before the new connection is attached, so the newer connection's waker is the one kept.
-/// `detach` clears the slot: a kept waker would keep the ended task's memory alive.
+/// One waker slot: the attached connection's, woken by new messages and by kicks. A
+/// connection registers only while no kick or takeover has come since it last looked
+/// (`Session::kicks`, checked under this lock, which every kick takes), so a connection
+/// taken over never overwrites its successor's waker. `detach` clears the slot: a kept
+/// waker would keep the ended task's memory alive.
 #[derive(Debug, Default)]
 pub(crate) struct Wake(Mutex<Option<std::task::Waker>>);
 
@@ -336,6 +401,72 @@ impl Session {
             online: AtomicBool::new(false),
             durable_waiting: AtomicBool::new(false),
             last_rx: AtomicU32::new(0),
+            kicks: AtomicU32::new(0),
+        }
+    }
+
+    /// The kick count a connection attached now starts from (see `poll_kick`).
+    pub(crate) fn kicks(&self) -> u32 {
+        self.kicks.load(Ordering::Acquire)
+    }
+
+    /// Tells the attached connection to close with `reason`; with the session locked
+    /// (`st`). False when none is attached or it was already told.
+    pub(crate) fn kick(&self, st: &mut SessionState, reason: ReasonCode) -> bool {
+        match st.conn_mut() {
+            Some(c) if c.kick.is_none() => {
+                c.kick = Some(reason);
+                self.kicked();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Wakes the connection that was attached: it was kicked (`kick`), or taken away
+    /// from this session by a takeover (with the session locked, after `take_conn`).
+    pub(crate) fn kicked(&self) {
+        let waker = {
+            let mut slot = self.wake.slot();
+            self.kicks.fetch_add(1, Ordering::AcqRel);
+            slot.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Ready with the reason once connection `conn_id` must close: it was kicked, or it
+    /// is no longer the one attached (taken over: Session taken over). `seen` is the kick
+    /// count it last looked at; only a change takes the session lock.
+    pub(crate) fn poll_kick(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        conn_id: u64,
+        seen: &AtomicU32,
+    ) -> std::task::Poll<ReasonCode> {
+        loop {
+            let now = self.kicks.load(Ordering::Acquire);
+            if now != seen.load(Ordering::Relaxed) {
+                seen.store(now, Ordering::Relaxed);
+                let st = self.lock();
+                match st.conn() {
+                    Some(c) if c.id == conn_id => {
+                        if let Some(r) = c.kick {
+                            return std::task::Poll::Ready(r);
+                        }
+                    }
+                    _ => return std::task::Poll::Ready(ReasonCode::SessionTakenOver),
+                }
+            }
+            let mut slot = self.wake.slot();
+            if self.kicks.load(Ordering::Acquire) != now {
+                continue; // kicked since the look above: look again
+            }
+            if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *slot = Some(cx.waker().clone());
+            }
+            return std::task::Poll::Pending;
         }
     }
 
@@ -354,12 +485,22 @@ impl Session {
     }
 
     /// Ready once per wake-up (several before a poll count as one).
-    pub(crate) fn poll_woken(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+    /// `seen`: as for `poll_kick`; after a kick the waker is not registered (it could
+    /// be a successor's slot) and the wake-up is ready, so the connection looks at its
+    /// kick.
+    pub(crate) fn poll_woken(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        seen: &AtomicU32,
+    ) -> std::task::Poll<()> {
         if self.wake_pending.swap(false, Ordering::AcqRel) {
             return std::task::Poll::Ready(());
         }
         {
             let mut slot = self.wake.slot();
+            if self.kicks.load(Ordering::Acquire) != seen.load(Ordering::Relaxed) {
+                return std::task::Poll::Ready(());
+            }
             if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 *slot = Some(cx.waker().clone());
             }

@@ -34,8 +34,8 @@ use crate::ws::WsSettings;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Any byte stream a connection can run over.
-pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
+pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin + std::any::Any {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncStream for T {}
 
 /// A connection's stream after every handshake, whatever the transport.
 pub type BoxStream = Box<dyn AsyncStream>;
@@ -696,22 +696,55 @@ impl fmt::Debug for Shared {
     }
 }
 
-/// A connection's stream, counted in its listener's `open` gauge and holding its slot of
-/// the listener's `max_connections` until dropped.
-struct Held {
-    inner: BoxStream,
+/// A connection's place in its listener: counted in the `open` gauge, holding one of
+/// the listener's `max_connections` and its address's count until dropped.
+struct Slot {
     _permit: Option<OwnedSemaphorePermit>,
-    _ip: Option<IpGuard>,
+    /// Boxed: only with per-address limits, and 24 bytes more of every connection
+    /// otherwise.
+    _ip: Option<Box<IpGuard>>,
     stats: Arc<ListenerStats>,
 }
 
-impl Drop for Held {
+impl Drop for Slot {
     fn drop(&mut self) {
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-impl AsyncRead for Held {
+/// A connection's stream with its `Slot`.
+struct Held<S> {
+    inner: S,
+    _slot: Slot,
+}
+
+impl Slot {
+    /// `stream` with this slot, in one allocation for the most common streams: a plain
+    /// TCP stream is moved out of its box (one box per connection instead of two, which
+    /// is memory per idle connection); others stay boxed inside.
+    fn hold(self, stream: BoxStream) -> BoxStream {
+        use std::any::Any;
+        // The stream's own type (through the trait object), not the box's.
+        if (&*stream as &dyn Any).is::<tokio::net::TcpStream>() {
+            let any: Box<dyn Any> = stream;
+            match any.downcast::<tokio::net::TcpStream>() {
+                Ok(tcp) => {
+                    return Box::new(Held {
+                        inner: *tcp,
+                        _slot: self,
+                    });
+                }
+                Err(_) => unreachable!("checked just above"),
+            }
+        }
+        Box::new(Held {
+            inner: stream,
+            _slot: self,
+        })
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -721,7 +754,7 @@ impl AsyncRead for Held {
     }
 }
 
-impl AsyncWrite for Held {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -826,12 +859,12 @@ impl Shared {
             match r {
                 Ok((stream, remote, proxy, tls_identity)) => {
                     me.stats.open.fetch_add(1, Ordering::Relaxed);
-                    let stream: BoxStream = Box::new(Held {
-                        inner: stream,
+                    let stream = Slot {
                         _permit: permit,
-                        _ip: ip_guard,
+                        _ip: ip_guard.map(Box::new),
                         stats: me.stats.clone(),
-                    });
+                    }
+                    .hold(stream);
                     let peer = PeerInfo {
                         remote,
                         listener: me.name.clone(),
