@@ -8,10 +8,12 @@ Broker on CPU 0, the generator (the same binary) on CPU 1, as in compare.py. The
 `conn` scenario is `--protocol 311 --keepalive 60 --level warn`; the default log level is
 info. Prints bytes per connection per run.
 
-mimalloc backs its heap with transparent huge pages where the kernel allows them (`madvise`
-mode), so RSS moves in 2 MiB steps: 210 bytes per connection at 10k, which makes single
-runs land on one of two values. `--no-thp` runs the broker with MIMALLOC_ALLOW_THP=0, so RSS
-counts 4 KiB pages: the precise figure for comparing builds.
+Halyard is built with mimalloc's `no_thp` feature: it does not ask for transparent huge
+pages, so on kernels in the usual `madvise` THP mode RSS counts 4 KiB pages. Builds before
+that (and any build on a kernel in THP `always` mode) have RSS move in 2 MiB steps, 210
+bytes per connection at 10k, which makes single runs land on one of two values.
+`--no-thp` runs the broker with MIMALLOC_ALLOW_THP=0 (mimalloc then turns THP off for the
+process with prctl): the precise figure whatever the build or the kernel's mode.
 """
 
 import argparse

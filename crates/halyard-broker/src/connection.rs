@@ -478,11 +478,17 @@ struct Attachment {
     /// The session's kick count this connection last looked at (see `Session::poll_kick`);
     /// an atomic only to be `Sync` (the `select!` borrows it across an await).
     kicks_seen: AtomicU32,
+    /// This turn's `select!` also polls the wake-up, which registers the waker (and looks
+    /// at the kick count under the slot's lock): the kick branch then need not lock the
+    /// slot too. Publishers waking a busy subscriber contend for that lock.
+    wake_armed: std::sync::atomic::AtomicBool,
 }
 
 impl Attachment {
     fn poll_kick(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<ReasonCode> {
-        self.session.poll_kick(cx, self.conn_id, &self.kicks_seen)
+        let register = !self.wake_armed.load(Ordering::Relaxed);
+        self.session
+            .poll_kick(cx, self.conn_id, &self.kicks_seen, register)
     }
 
     fn poll_woken(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
@@ -1078,6 +1084,7 @@ where
                 session,
                 conn_id,
                 kicks_seen: AtomicU32::new(kicks_seen),
+                wake_armed: std::sync::atomic::AtomicBool::new(false),
             },
             pause_timer: None,
             rx_ns: inner.ns_at(Instant::now()),
@@ -1223,6 +1230,9 @@ where
             // For the same reason no branch awaits: one that must (flush, yield) says so
             // and the await comes after, when the `select!`'s output is gone (awaited
             // inside a branch, that output stayed in the task's state: 24 bytes).
+            self.at
+                .wake_armed
+                .store(can_fill || waiting_durable, Ordering::Relaxed);
             let then = tokio::select! {
                 biased;
                 reason = poll_fn(|cx| self.at.poll_kick(cx)) => {
@@ -2813,7 +2823,7 @@ mod lifecycle_tests {
         let session = Session::new("s".into(), ProtocolVersion::V5, 0);
         session.lock().attach(ConnLink { id: 1, kick: None });
         let seen_a = AtomicU32::new(session.kicks());
-        assert!(session.poll_kick(&mut cxa, 1, &seen_a).is_pending());
+        assert!(session.poll_kick(&mut cxa, 1, &seen_a, true).is_pending());
         assert!(session.poll_woken(&mut cxa, &seen_a).is_pending());
 
         // Connection 2 takes the session over (as `attach_session` does).
@@ -2825,13 +2835,13 @@ mod lifecycle_tests {
         }
         assert_eq!(count(&ca), 1, "the takeover wakes the old connection");
         let seen_b = AtomicU32::new(session.kicks());
-        assert!(session.poll_kick(&mut cxb, 2, &seen_b).is_pending());
+        assert!(session.poll_kick(&mut cxb, 2, &seen_b, true).is_pending());
         assert!(session.poll_woken(&mut cxb, &seen_b).is_pending());
 
         // The old connection runs late, its wake-up branch first (the worst order).
         assert!(session.poll_woken(&mut cxa, &seen_a).is_ready());
         assert_eq!(
-            session.poll_kick(&mut cxa, 1, &seen_a),
+            session.poll_kick(&mut cxa, 1, &seen_a, true),
             Poll::Ready(ReasonCode::SessionTakenOver)
         );
         session.wake();
@@ -2844,7 +2854,7 @@ mod lifecycle_tests {
         assert!(!session.kick(&mut st, ReasonCode::ServerShuttingDown));
         drop(st);
         assert_eq!(
-            session.poll_kick(&mut cxb, 2, &seen_b),
+            session.poll_kick(&mut cxb, 2, &seen_b, true),
             Poll::Ready(ReasonCode::AdministrativeAction)
         );
     }

@@ -438,12 +438,14 @@ impl Session {
 
     /// Ready with the reason once connection `conn_id` must close: it was kicked, or it
     /// is no longer the one attached (taken over: Session taken over). `seen` is the kick
-    /// count it last looked at; only a change takes the session lock.
+    /// count it last looked at; only a change takes the session lock. `register`: false
+    /// when the caller polls `poll_woken` right after, which registers its waker.
     pub(crate) fn poll_kick(
         &self,
         cx: &mut std::task::Context<'_>,
         conn_id: u64,
         seen: &AtomicU32,
+        register: bool,
     ) -> std::task::Poll<ReasonCode> {
         loop {
             let now = self.kicks.load(Ordering::Acquire);
@@ -458,6 +460,9 @@ impl Session {
                     }
                     _ => return std::task::Poll::Ready(ReasonCode::SessionTakenOver),
                 }
+            }
+            if !register {
+                return std::task::Poll::Pending;
             }
             let mut slot = self.wake.slot();
             if self.kicks.load(Ordering::Acquire) != now {
