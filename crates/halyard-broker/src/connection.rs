@@ -314,7 +314,7 @@ async fn refuse_bad_connect<W: AsyncWrite + Unpin>(
     if let Some(suppressed) = PEER_LOG.admit() {
         info!(%peer, error = %e, suppressed, "refused CONNECT");
     }
-    inner.monitor.emit(Event::AuthFailed {
+    inner.monitor.emit_conn(|| Event::AuthFailed {
         peer: peer.to_string(),
         client_id: String::new(),
         reason: e.to_string(),
@@ -922,7 +922,7 @@ where
             if let Some(suppressed) = PEER_LOG.admit() {
                 info!(%peer, client_id = %c.client_id, protocol = version_name(v), reason = ?reason, why, suppressed, "refused CONNECT");
             }
-            inner.monitor.emit(Event::AuthFailed {
+            inner.monitor.emit_conn(|| Event::AuthFailed {
                 peer: peer.to_string(),
                 client_id: c.client_id.as_str().to_string(),
                 reason: format!("{reason:?}: {why}"),
@@ -1036,7 +1036,7 @@ where
             %peer, client_id = %client_id, protocol = version_name(v), clean_start = c.clean_start,
             keep_alive, session_present = present, "client connected"
         );
-        inner.monitor.emit(Event::Connected {
+        inner.monitor.emit_conn(|| Event::Connected {
             peer: peer.to_string(),
             client_id: client_id.to_string(),
             protocol: version_name(v),
@@ -2398,7 +2398,7 @@ where
         .await;
         Stats::dec(&self.inner.stats.connections_current);
         self.flags.set(Flags::FINISHED, true);
-        self.inner.monitor.emit(Event::Disconnected {
+        self.inner.monitor.emit_conn(|| Event::Disconnected {
             peer: self.info.peer.to_string(),
             client_id: self.at.session.client_id.to_string(),
             reason: match &end {

@@ -823,13 +823,14 @@ impl Shared {
             },
             None => None,
         };
-        self.monitor.emit(Event::Accepted {
+        self.monitor.emit_conn(|| Event::Accepted {
             listener: self.name.clone(),
             peer: remote.to_string(),
         });
         let me = self.clone();
         tokio::spawn(async move {
-            let shown = remote.to_string();
+            // Formatted only if the handshake fails (see `Monitor::emit_conn`).
+            let shown = remote.clone();
             let work = async {
                 let (mut stream, mut remote, mut proxy) = (stream, remote, None);
                 if me.ctx.cfg.proxy_protocol {
@@ -886,7 +887,7 @@ impl Shared {
                     debug!(listener = %me.name, peer = %shown, error = %e, "handshake failed");
                     me.monitor.emit(Event::HandshakeFailed {
                         listener: me.name.clone(),
-                        peer: shown,
+                        peer: shown.to_string(),
                         error: e.to_string(),
                     });
                 }
