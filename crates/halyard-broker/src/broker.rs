@@ -255,7 +255,7 @@ impl Broker {
     pub async fn shutdown(&self) -> bool {
         info!("shutting down: disconnecting clients");
         self.inner.shutdown.send_replace(true);
-        // Running connections learn it through their kick channel; any attached after
+        // Running connections learn it through their kick (`Session::kick`); any attached after
         // this sweep sees the flag when it starts (`Connection::run`).
         for s in self.inner.sessions_snapshot() {
             let mut st = s.lock();
