@@ -633,7 +633,7 @@ impl Inner {
 
     /// Milliseconds from the broker's start to `at`: the clock of keep-alive deadlines.
     pub(crate) fn ms_at(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
+        self.ns_at(at) / 1_000_000
     }
 
     /// Sets the keep-alive deadline of `session`'s attached connection `conn_id` to `due`

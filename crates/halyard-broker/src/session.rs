@@ -93,6 +93,13 @@ pub struct ConnInfo {
     connected_ms: u64,
 }
 
+/// Milliseconds since the Unix epoch (0 before it): how a session keeps its connect and
+/// close times in 8 bytes.
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// A client's address as logs and the admin API show it: an IPv4 address and port kept
 /// inline (no string allocated per connection for the most common client), anything
 /// else (IPv6, Unix socket, transport names, PROXY-protocol sources) as its text.
@@ -131,9 +138,7 @@ impl ConnInfo {
         keep_alive: u16,
         clean_start: bool,
     ) -> Self {
-        let connected_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let connected_ms = unix_ms(std::time::SystemTime::now());
         ConnInfo {
             peer,
             listener,
@@ -338,13 +343,8 @@ impl SessionState {
 
     /// Detaches the attached connection, which closed at `at`.
     pub(crate) fn detach_at(&mut self, at: std::time::SystemTime) {
-        let ms = at
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()
-            .map_or(1, |d| {
-                u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-            });
-        self.link = Link::Detached(ms);
+        // 0 is "never connected".
+        self.link = Link::Detached(unix_ms(at).max(1));
     }
 
     /// Takes the attached connection away (a takeover): the session is then attached to
