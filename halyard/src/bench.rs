@@ -135,6 +135,9 @@ struct PubSubArgs {
 }
 
 pub(crate) fn run(args: &BenchArgs) -> ExitCode {
+    // A generator holds thousands of sockets too: the same limit and table growth as the
+    // broker's (`fdlimit::prepare`), before the runtime's threads exist.
+    crate::fdlimit::prepare();
     // Pinned to one core (as bench/ runs it), one thread runs every task: no wake-ups
     // across threads, and the broker's core is left alone.
     let one_core = std::thread::available_parallelism().map_or(true, |n| n.get() == 1);
@@ -374,6 +377,12 @@ async fn conn_scenario(a: &ConnArgs) -> std::io::Result<bool> {
         if matches!(s.try_read(&mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock) {
             alive += 1;
         }
+    }
+    // Reset, not closed: a normal close leaves every connection's port in TIME_WAIT for a
+    // minute, and 10,000 of them slowed the next run's `connect` (the kernel walks the
+    // port range past them), so the order brokers ran in changed their results.
+    for s in held.lock().await.drain(..) {
+        let _ = s.set_zero_linger();
     }
     progress.abort();
     let errors = errors.load(Ordering::Relaxed);

@@ -10,6 +10,7 @@ use tracing::{error, info};
 mod admin;
 mod bench;
 mod config;
+mod fdlimit;
 mod passwd;
 mod server;
 mod store_cmd;
@@ -161,6 +162,14 @@ fn init_logging(level: &str, format: &str) -> server::LogReload {
 
 fn serve(cfg: Config, source: server::ConfigSource) -> ExitCode {
     let log_reload = init_logging(&cfg.log_level, &cfg.log_format);
+    // Before the runtime starts its threads (see `fdlimit::prepare`).
+    let fds = fdlimit::prepare();
+    tracing::debug!(
+        limit_before = fds.before,
+        limit = fds.now,
+        table_slots = fds.presized,
+        "open-file limit"
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -3,7 +3,9 @@
 //!
 //! Per connection the layers are: socket, optional PROXY header, optional TLS, optional
 //! WebSocket. The handshakes run on a task of their own under `handshake_timeout`, so a
-//! slow or silent client never holds up `accept`.
+//! slow or silent client never holds up `accept`. A connection with no handshake to run
+//! (plain TCP or a Unix socket, no PROXY header) goes to the broker from the accept loop
+//! itself; the broker's CONNECT timeout covers a silent client from there.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -167,6 +169,12 @@ pub trait Transport: Send + Sync + fmt::Debug {
         stream: BoxStream,
         ctx: Arc<ListenerCtx>,
     ) -> BoxFuture<'static, io::Result<(BoxStream, Option<String>)>>;
+    /// Whether `upgrade` does anything. A transport without handshakes (plain TCP, Unix
+    /// sockets) hands its connections to MQTT straight from the accept loop: no task, no
+    /// timer and no boxed future per connection just to run a no-op.
+    fn has_handshake(&self) -> bool {
+        true
+    }
     /// Connects to `url`.
     fn dial<'a>(
         &'a self,
@@ -487,6 +495,9 @@ impl Transport for TcpStack {
             Ok((Box::new(s) as BoxStream, identity))
         })
     }
+    fn has_handshake(&self) -> bool {
+        self.tls || self.ws
+    }
     fn dial<'a>(
         &'a self,
         url: &'a Url,
@@ -619,6 +630,9 @@ impl Transport for Unix {
         _: Arc<ListenerCtx>,
     ) -> BoxFuture<'static, io::Result<(BoxStream, Option<String>)>> {
         Box::pin(async move { Ok((s, None)) })
+    }
+    fn has_handshake(&self) -> bool {
+        false
     }
     fn dial<'a>(
         &'a self,
@@ -804,6 +818,34 @@ impl Shared {
         }
     }
 
+    /// Hands a connection whose handshakes are done to MQTT.
+    fn open(
+        &self,
+        stream: BoxStream,
+        remote: Remote,
+        proxy: Option<Remote>,
+        tls_identity: Option<String>,
+        permit: Option<OwnedSemaphorePermit>,
+        ip_guard: Option<IpGuard>,
+    ) {
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        let stream = Slot {
+            _permit: permit,
+            _ip: ip_guard.map(Box::new),
+            stats: self.stats.clone(),
+        }
+        .hold(stream);
+        let peer = PeerInfo {
+            remote,
+            listener: self.name.clone(),
+            proxy,
+            tls_identity,
+            identity_as_username: self.ctx.cfg.use_identity_as_username,
+            allow_anonymous: self.ctx.cfg.allow_anonymous,
+        };
+        (self.sink)(stream, peer);
+    }
+
     fn handle(self: &Arc<Self>, stream: BoxStream, remote: Remote) {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         // Behind a PROXY header the socket's address is the proxy's: check after it.
@@ -827,6 +869,9 @@ impl Shared {
             listener: self.name.clone(),
             peer: remote.to_string(),
         });
+        if !self.ctx.cfg.proxy_protocol && !self.transport.has_handshake() {
+            return self.open(stream, remote, None, None, permit, ip_guard);
+        }
         let me = self.clone();
         tokio::spawn(async move {
             // Formatted only if the handshake fails (see `Monitor::emit_conn`).
@@ -859,22 +904,7 @@ impl Shared {
             };
             match r {
                 Ok((stream, remote, proxy, tls_identity)) => {
-                    me.stats.open.fetch_add(1, Ordering::Relaxed);
-                    let stream = Slot {
-                        _permit: permit,
-                        _ip: ip_guard.map(Box::new),
-                        stats: me.stats.clone(),
-                    }
-                    .hold(stream);
-                    let peer = PeerInfo {
-                        remote,
-                        listener: me.name.clone(),
-                        proxy,
-                        tls_identity,
-                        identity_as_username: me.ctx.cfg.use_identity_as_username,
-                        allow_anonymous: me.ctx.cfg.allow_anonymous,
-                    };
-                    (me.sink)(stream, peer);
+                    me.open(stream, remote, proxy, tls_identity, permit, ip_guard);
                 }
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     // Closed before the handshake ended: port probes and health checks
