@@ -10,10 +10,16 @@ system time from /proc/PID/stat), broker RSS after the run. Prints medians and t
 Halyard/peer ratios as a Markdown table; every run is also written as a JSON line.
 
 Usage: bench/compare.py HALYARD_BIN [--runs 3] [--secs 5] [--brokers halyard,mosquitto,rumqttd,nats]
-       [--scenarios fanin,pairs1,pairs2,fanout,latency,conn] [--out FILE.jsonl]
+       [--scenarios fanin,pairs1,pairs2,fanout,latency,latency_rt,conn] [--out FILE.jsonl]
 bench/compare.sh installs the peers and calls this.
 BROKER_CPUS / GEN_CPUS (taskset lists, default 0 and 1) move them, e.g. BROKER_CPUS=0,1 for
 the both-cores scaling run.
+
+`latency_rt` is `latency` with the broker at real-time priority (`chrt -f 1`, every broker
+alike). On the bench machine a kernel thread (`kdamond`, the VM's memory monitor) takes
+the broker's core for 1-5 ms twice a second; with default scheduling that alone puts 0.1%
+of messages over 1 ms for every broker, so `latency` shows the machine and `latency_rt`
+the broker. Needs root or CAP_SYS_NICE; without it that scenario reports an error.
 """
 
 import argparse
@@ -76,9 +82,9 @@ def write_conf(work, name, text):
     return path
 
 
-def start_broker(kind, halyard, work):
+def start_broker(kind, halyard, work, rt=False):
     port = free_port()
-    pin = ["taskset", "-c", BROKER_CPUS]
+    pin = (["chrt", "-f", "1"] if rt else []) + ["taskset", "-c", BROKER_CPUS]
     if kind == "halyard":
         conf = write_conf(
             work, "halyard.toml",
@@ -148,13 +154,15 @@ SCENARIOS = {
                 "--filter", "bench/%r/x"]),
     "latency": ("QoS 1 latency, 20k msg/s offered",
                 ["pubsub", "-q", "1", "--pubs", "1", "--subs", "1", "--rate", "20000"]),
+    "latency_rt": ("QoS 1 latency, 20k msg/s offered, broker at real-time priority",
+                   ["pubsub", "-q", "1", "--pubs", "1", "--subs", "1", "--rate", "20000"]),
     "conn": ("10k idle connections", ["conn", "-c", "10000"]),
 }
 
 
 def run_one(kind, scenario, halyard, secs):
     work = tempfile.mkdtemp(prefix=f"cmp-{kind}-")
-    proc, port = start_broker(kind, halyard, work)
+    proc, port = start_broker(kind, halyard, work, rt=scenario == "latency_rt")
     try:
         rss0 = rss_kb(proc.pid)
         t0 = cpu_ticks(proc.pid)
@@ -211,7 +219,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--brokers", default="halyard,mosquitto,rumqttd,nats")
-    ap.add_argument("--scenarios", default="fanin,pairs1,pairs2,fanout,latency,conn")
+    ap.add_argument("--scenarios", default="fanin,pairs1,pairs2,fanout,latency,latency_rt,conn")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     brokers = a.brokers.split(",")
