@@ -317,10 +317,17 @@ pub(crate) struct Deferred {
     /// only when queued, so without a bound a 64 KiB read of tiny messages to many
     /// subscribers could hold millions of deliveries here.
     len: usize,
+    /// Emptied group vectors kept for the next batch: a fan-out to 100 subscribers
+    /// otherwise allocated 100 vectors per batch and grew each one several times. Bounded
+    /// (`SPARE_MAX` of at most `SPARE_CAPACITY`, ~80 KiB), and dropped with the batch state
+    /// when the connection goes idle.
+    spare: Vec<Vec<Outgoing>>,
 }
 
 impl Deferred {
     const MAX: usize = 1024;
+    const SPARE_MAX: usize = 128;
+    const SPARE_CAPACITY: usize = 16;
 
     fn push(&mut self, m: &mut Match, msg: &Arc<Message>) {
         self.len += 1;
@@ -338,7 +345,9 @@ impl Deferred {
             None => {
                 // The session's reference is taken once per batch, not per delivery.
                 self.index.insert(key, self.groups.len());
-                self.groups.push((m.session.clone(), vec![out]));
+                let mut outs = self.spare.pop().unwrap_or_default();
+                outs.push(out);
+                self.groups.push((m.session.clone(), outs));
             }
         }
     }
@@ -536,8 +545,11 @@ impl Inner {
         }
         // QoS 0 deliveries record nothing; should one ever do, it still reaches the store.
         let mut ops = Vec::new();
-        for (session, outs) in d.groups.drain(..) {
-            session.enqueue_many(outs, limits, &mut ops, |r| self.count_enqueue(r));
+        for (session, mut outs) in d.groups.drain(..) {
+            session.enqueue_many(outs.drain(..), limits, &mut ops, |r| self.count_enqueue(r));
+            if outs.capacity() <= Deferred::SPARE_CAPACITY && d.spare.len() < Deferred::SPARE_MAX {
+                d.spare.push(outs);
+            }
         }
         d.index.clear();
         d.len = 0;
@@ -1250,6 +1262,72 @@ mod tests {
         for s in &subs {
             let ids: Vec<u64> = s.lock().queue.iter().map(|o| o.msg.id).collect();
             assert_eq!(ids, (0..500).collect::<Vec<u64>>(), "{}", s.client_id);
+        }
+    }
+
+    /// The group vectors of one batch are reused by the next (a fan-out allocated one per
+    /// subscriber per batch), within their bound, and reuse keeps every session's order.
+    #[tokio::test]
+    async fn deferred_reuses_a_bounded_number_of_group_vectors() {
+        let cfg = BrokerConfig {
+            queue_qos0_messages: true,
+            ..BrokerConfig::default()
+        };
+        let broker = Broker::new(cfg, Arc::new(halyard_store::MemoryStore::new()));
+        let inner = &broker.inner;
+        let filter = TopicFilter::try_from("t").expect("valid filter");
+        let n = Deferred::SPARE_MAX + 22;
+        let subs: Vec<Arc<Session>> = (0..n)
+            .map(|i| Arc::new(Session::new(format!("s{i}").into(), ProtocolVersion::V5, 0)))
+            .collect();
+        for s in &subs {
+            inner
+                .subs
+                .subscribe(&filter, s, SubscriptionOptions::default(), None);
+        }
+        let cfg = inner.cfg();
+        let (mut deferred, mut routes) = (Deferred::default(), Routes::default());
+        let publish = |id: u64, deferred: &mut Deferred, routes: &mut Routes| {
+            let msg = Arc::new(Message::new(
+                id,
+                TopicName::new("t").expect("valid topic"),
+                Bytes::from_static(b"x"),
+                QoS::AtMostOnce,
+                false,
+                Default::default(),
+                None,
+                Instant::now(),
+            ));
+            inner.publish(&msg, Some("p"), routes, Vec::new(), &cfg, Some(deferred));
+        };
+        // Batches of 3 messages (3 x 150 deliveries < Deferred::MAX: flushed by us only).
+        for batch in 0..4u64 {
+            for id in batch * 3..batch * 3 + 3 {
+                publish(id, &mut deferred, &mut routes);
+            }
+            if batch > 0 {
+                // The spares of the last batch went to this one's first groups.
+                assert!(
+                    deferred.spare.is_empty(),
+                    "batch {batch}: spares left unused"
+                );
+            }
+            inner.flush_deferred(&mut deferred, Inner::queue_limits(&cfg));
+            assert_eq!(
+                deferred.spare.len(),
+                Deferred::SPARE_MAX,
+                "bounded in number"
+            );
+            assert!(
+                deferred
+                    .spare
+                    .iter()
+                    .all(|v| v.is_empty() && v.capacity() <= Deferred::SPARE_CAPACITY)
+            );
+        }
+        for s in &subs {
+            let ids: Vec<u64> = s.lock().queue.iter().map(|o| o.msg.id).collect();
+            assert_eq!(ids, (0..12).collect::<Vec<u64>>(), "{}", s.client_id);
         }
     }
 }
