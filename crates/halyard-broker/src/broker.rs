@@ -1208,48 +1208,63 @@ mod tests {
     use super::*;
     use halyard_codec::{Bytes, ProtocolVersion, SubscriptionOptions, TopicFilter};
 
-    /// A publisher's batch holds at most `Deferred::MAX` QoS 0 deliveries outside the
-    /// session queues (a 64 KiB read of tiny messages to many subscribers would otherwise
-    /// hold millions), and every one of them reaches its queue, in order.
-    #[tokio::test]
-    async fn deferred_deliveries_stay_bounded_and_all_arrive() {
+    /// A broker whose `n` sessions all subscribe to `t`, queueing QoS 0 while offline.
+    fn fanout_fixture(n: usize) -> (Broker, Vec<Arc<Session>>) {
         let cfg = BrokerConfig {
             queue_qos0_messages: true,
             ..BrokerConfig::default()
         };
         let broker = Broker::new(cfg, Arc::new(halyard_store::MemoryStore::new()));
-        let inner = &broker.inner;
         let filter = TopicFilter::try_from("t").expect("valid filter");
-        let subs: Vec<Arc<Session>> = (0..10)
+        let subs: Vec<Arc<Session>> = (0..n)
             .map(|i| Arc::new(Session::new(format!("s{i}").into(), ProtocolVersion::V5, 0)))
             .collect();
         for s in &subs {
-            inner
+            broker
+                .inner
                 .subs
                 .subscribe(&filter, s, SubscriptionOptions::default(), None);
         }
-        let cfg = inner.cfg();
+        (broker, subs)
+    }
+
+    /// Publishes QoS 0 message `id` on `t` as a batch of publisher `p` would.
+    fn publish_deferred(inner: &Inner, id: u64, deferred: &mut Deferred, routes: &mut Routes) {
+        let msg = Arc::new(Message::new(
+            id,
+            TopicName::new("t").expect("valid topic"),
+            Bytes::from_static(b"x"),
+            QoS::AtMostOnce,
+            false,
+            Default::default(),
+            None,
+            Instant::now(),
+        ));
+        inner.publish(
+            &msg,
+            Some("p"),
+            routes,
+            Vec::new(),
+            &inner.cfg(),
+            Some(deferred),
+        );
+    }
+
+    fn queued_ids(s: &Session) -> Vec<u64> {
+        s.lock().queue.iter().map(|o| o.msg.id).collect()
+    }
+
+    /// A publisher's batch holds at most `Deferred::MAX` QoS 0 deliveries outside the
+    /// session queues (a 64 KiB read of tiny messages to many subscribers would otherwise
+    /// hold millions), and every one of them reaches its queue, in order.
+    #[tokio::test]
+    async fn deferred_deliveries_stay_bounded_and_all_arrive() {
+        let (broker, subs) = fanout_fixture(10);
+        let inner = &broker.inner;
         let (mut deferred, mut routes) = (Deferred::default(), Routes::default());
         let mut most = 0;
         for id in 0..500u64 {
-            let msg = Arc::new(Message::new(
-                id,
-                TopicName::new("t").expect("valid topic"),
-                Bytes::from_static(b"x"),
-                QoS::AtMostOnce,
-                false,
-                Default::default(),
-                None,
-                Instant::now(),
-            ));
-            inner.publish(
-                &msg,
-                Some("p"),
-                &mut routes,
-                Vec::new(),
-                &cfg,
-                Some(&mut deferred),
-            );
+            publish_deferred(inner, id, &mut deferred, &mut routes);
             most = most.max(deferred.len);
         }
         // 10 deliveries per message: the bound is reached, never passed.
@@ -1257,11 +1272,15 @@ mod tests {
             (Deferred::MAX - 10..=Deferred::MAX).contains(&most),
             "most deferred at once: {most}"
         );
-        inner.flush_deferred(&mut deferred, Inner::queue_limits(&cfg));
+        inner.flush_deferred(&mut deferred, Inner::queue_limits(&inner.cfg()));
         assert_eq!(deferred.len, 0);
         for s in &subs {
-            let ids: Vec<u64> = s.lock().queue.iter().map(|o| o.msg.id).collect();
-            assert_eq!(ids, (0..500).collect::<Vec<u64>>(), "{}", s.client_id);
+            assert_eq!(
+                queued_ids(s),
+                (0..500).collect::<Vec<u64>>(),
+                "{}",
+                s.client_id
+            );
         }
     }
 
@@ -1269,41 +1288,13 @@ mod tests {
     /// subscriber per batch), within their bound, and reuse keeps every session's order.
     #[tokio::test]
     async fn deferred_reuses_a_bounded_number_of_group_vectors() {
-        let cfg = BrokerConfig {
-            queue_qos0_messages: true,
-            ..BrokerConfig::default()
-        };
-        let broker = Broker::new(cfg, Arc::new(halyard_store::MemoryStore::new()));
+        let (broker, subs) = fanout_fixture(Deferred::SPARE_MAX + 22);
         let inner = &broker.inner;
-        let filter = TopicFilter::try_from("t").expect("valid filter");
-        let n = Deferred::SPARE_MAX + 22;
-        let subs: Vec<Arc<Session>> = (0..n)
-            .map(|i| Arc::new(Session::new(format!("s{i}").into(), ProtocolVersion::V5, 0)))
-            .collect();
-        for s in &subs {
-            inner
-                .subs
-                .subscribe(&filter, s, SubscriptionOptions::default(), None);
-        }
-        let cfg = inner.cfg();
         let (mut deferred, mut routes) = (Deferred::default(), Routes::default());
-        let publish = |id: u64, deferred: &mut Deferred, routes: &mut Routes| {
-            let msg = Arc::new(Message::new(
-                id,
-                TopicName::new("t").expect("valid topic"),
-                Bytes::from_static(b"x"),
-                QoS::AtMostOnce,
-                false,
-                Default::default(),
-                None,
-                Instant::now(),
-            ));
-            inner.publish(&msg, Some("p"), routes, Vec::new(), &cfg, Some(deferred));
-        };
         // Batches of 3 messages (3 x 150 deliveries < Deferred::MAX: flushed by us only).
         for batch in 0..4u64 {
             for id in batch * 3..batch * 3 + 3 {
-                publish(id, &mut deferred, &mut routes);
+                publish_deferred(inner, id, &mut deferred, &mut routes);
             }
             if batch > 0 {
                 // The spares of the last batch went to this one's first groups.
@@ -1312,7 +1303,7 @@ mod tests {
                     "batch {batch}: spares left unused"
                 );
             }
-            inner.flush_deferred(&mut deferred, Inner::queue_limits(&cfg));
+            inner.flush_deferred(&mut deferred, Inner::queue_limits(&inner.cfg()));
             assert_eq!(
                 deferred.spare.len(),
                 Deferred::SPARE_MAX,
@@ -1326,8 +1317,12 @@ mod tests {
             );
         }
         for s in &subs {
-            let ids: Vec<u64> = s.lock().queue.iter().map(|o| o.msg.id).collect();
-            assert_eq!(ids, (0..12).collect::<Vec<u64>>(), "{}", s.client_id);
+            assert_eq!(
+                queued_ids(s),
+                (0..12).collect::<Vec<u64>>(),
+                "{}",
+                s.client_id
+            );
         }
     }
 }
