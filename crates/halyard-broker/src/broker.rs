@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 use crate::auth::{Anonymous, Security};
 use crate::config::{BrokerConfig, defaults};
 use crate::message::Message;
+use crate::queue::{Entry, Run, Segment};
 use crate::retained::Retained;
 use crate::router::{Match, Routes, SubscriptionIndex};
 use crate::session::{
@@ -308,20 +309,28 @@ impl Broker {
 /// session when the batch ends (or before anything that must not overtake them): in a
 /// fan-out, one session lock and one wake-up per subscriber per batch instead of per
 /// message (the lock's release and the wake-up were a third of the CPU per delivery).
+/// Messages in a row on one cached route are gathered into a [`Segment`] that each
+/// matched session queues as one [`Run`] (see `queue.rs`).
 #[derive(Debug, Default)]
 pub(crate) struct Deferred {
     /// Session (by address) -> its entry in `groups`.
     index: foldhash::HashMap<usize, usize>,
-    groups: Vec<(Arc<Session>, Vec<Outgoing>)>,
-    /// Deliveries held; at [`Deferred::MAX`] they are queued at once. Queue limits apply
-    /// only when queued, so without a bound a 64 KiB read of tiny messages to many
-    /// subscribers could hold millions of deliveries here.
+    groups: Vec<(Arc<Session>, Vec<Entry>)>,
+    /// Items held (deliveries, messages of the open segment and its members); at
+    /// [`Deferred::MAX`] they are queued at once. Queue limits apply only when queued, so
+    /// without a bound a 64 KiB read of tiny messages to many subscribers could hold
+    /// millions of deliveries here.
     len: usize,
     /// Emptied group vectors kept for the next batch: a fan-out to 100 subscribers
     /// otherwise allocated 100 vectors per batch and grew each one several times. Bounded
     /// (`SPARE_MAX` of at most `SPARE_CAPACITY`, ~80 KiB), and dropped with the batch state
     /// when the connection goes idle.
-    spare: Vec<Vec<Outgoing>>,
+    spare: Vec<Vec<Entry>>,
+    /// The open segment: QoS 0 messages, in order, all routed with the same cached
+    /// match...
+    seg: Vec<Arc<Message>>,
+    /// ...whose sessions (as their index in `groups`) and subscription identifiers these are.
+    seg_members: Vec<(usize, Box<[u32]>)>,
 }
 
 impl Deferred {
@@ -329,27 +338,81 @@ impl Deferred {
     const SPARE_MAX: usize = 128;
     const SPARE_CAPACITY: usize = 16;
 
-    fn push(&mut self, m: &mut Match, msg: &Arc<Message>) {
-        self.len += 1;
-        let out = m.delivery(msg.clone());
-        // Fan-in: usually the same session as the last delivery.
-        if let Some((s, outs)) = self.groups.last_mut()
-            && Arc::ptr_eq(s, &m.session)
-        {
-            outs.push(out);
+    /// Holds the deliveries of QoS 0 message `msg` to `matches`. `same_route`: `matches`
+    /// is the cached result the previous message was routed with, and holds no shared
+    /// subscription.
+    fn push_message(&mut self, matches: &mut [Match], msg: &Arc<Message>, same_route: bool) {
+        // A RETAIN flag may be forwarded to some sessions and not to others; such a
+        // message (rare: a retained one is usually stored, which defers nothing) is held
+        // per delivery.
+        let segment = same_route && !msg.retain;
+        if !self.seg.is_empty() {
+            if segment {
+                self.seg.push(msg.clone());
+                self.len += 1;
+                return;
+            }
+            self.close_segment();
+        }
+        if segment && !matches.is_empty() {
+            for m in matches.iter() {
+                let g = self.group(&m.session);
+                self.seg_members
+                    .push((g, m.subscription_ids.as_slice().into()));
+            }
+            self.seg.push(msg.clone());
+            self.len += 1 + matches.len();
             return;
         }
-        let key = Arc::as_ptr(&m.session) as usize;
-        match self.index.get(&key) {
-            Some(&i) => self.groups[i].1.push(out),
-            None => {
-                // The session's reference is taken once per batch, not per delivery.
-                self.index.insert(key, self.groups.len());
-                let mut outs = self.spare.pop().unwrap_or_default();
-                outs.push(out);
-                self.groups.push((m.session.clone(), outs));
+        for m in matches {
+            self.len += 1;
+            let out = m.delivery(msg.clone());
+            let g = self.group(&m.session);
+            self.groups[g].1.push(Entry::One(out));
+        }
+    }
+
+    /// The index in `groups` of `session`'s deliveries, added if new.
+    fn group(&mut self, session: &Arc<Session>) -> usize {
+        // Fan-in: usually the same session as the last delivery.
+        if let Some(i) = self.groups.len().checked_sub(1)
+            && Arc::ptr_eq(&self.groups[i].0, session)
+        {
+            return i;
+        }
+        let key = Arc::as_ptr(session) as usize;
+        *self.index.entry(key).or_insert_with(|| {
+            // The session's reference is taken once per batch, not per delivery.
+            let outs = self.spare.pop().unwrap_or_default();
+            self.groups.push((session.clone(), outs));
+            self.groups.len() - 1
+        })
+    }
+
+    /// Hands the open segment to its sessions: a run each (one delivery each when it
+    /// holds a single message).
+    fn close_segment(&mut self) {
+        if self.seg.len() == 1 {
+            let msg = self.seg.pop().expect("one message");
+            for (g, subscription_ids) in self.seg_members.drain(..) {
+                self.groups[g].1.push(Entry::One(Outgoing {
+                    msg: msg.clone(),
+                    qos: QoS::AtMostOnce,
+                    retain: false,
+                    subscription_ids,
+                    shared: None,
+                    recorded: false,
+                }));
+            }
+        } else if !self.seg.is_empty() {
+            let seg = Segment::new(std::mem::take(&mut self.seg));
+            for (g, subscription_ids) in self.seg_members.drain(..) {
+                self.groups[g]
+                    .1
+                    .push(Entry::Run(Run::new(seg.clone(), subscription_ids)));
             }
         }
+        self.seg_members.clear();
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -492,7 +555,7 @@ impl Inner {
                 Op::RetainSet(stored(msg))
             });
         }
-        let matches = self.subs.matches_cached(msg.topic.as_str(), origin, routes);
+        let (matches, same_route) = self.subs.matches_cached(msg.topic.as_str(), origin, routes);
         let matched = matches.len();
         if matched == 0 && !msg.topic.as_str().starts_with('$') {
             Stats::inc(&self.stats.dropped_no_subscribers);
@@ -507,9 +570,7 @@ impl Inner {
         // in publish order.
         let deferred = match deferred {
             Some(d) if msg.qos == QoS::AtMostOnce && extra.is_empty() && ops.is_empty() => {
-                for m in matches {
-                    d.push(m, msg);
-                }
+                d.push_message(matches, msg, same_route);
                 // No `set_ticket`: only recorded (QoS 1/2) deliveries read the ticket, and
                 // a QoS 0 message never has one; the compare-exchange was 2.6% of a fan-in.
                 if d.len >= Deferred::MAX {
@@ -540,13 +601,16 @@ impl Inner {
     /// Queues what a batch deferred (see [`Deferred`]): one lock and one wake-up per
     /// session.
     pub(crate) fn flush_deferred(&self, d: &mut Deferred, limits: QueueLimits) {
+        d.close_segment();
         if d.groups.is_empty() {
             return;
         }
         // QoS 0 deliveries record nothing; should one ever do, it still reaches the store.
         let mut ops = Vec::new();
         for (session, mut outs) in d.groups.drain(..) {
-            session.enqueue_many(outs.drain(..), limits, &mut ops, |r| self.count_enqueue(r));
+            session.enqueue_many(outs.drain(..), limits, &mut ops, |r, n| {
+                self.count_enqueue_n(r, n)
+            });
             if outs.capacity() <= Deferred::SPARE_CAPACITY && d.spare.len() < Deferred::SPARE_MAX {
                 d.spare.push(outs);
             }
@@ -597,12 +661,18 @@ impl Inner {
     }
 
     pub(crate) fn count_enqueue(&self, r: Enqueued) {
-        match r {
-            Enqueued::Queued | Enqueued::DroppedEnded => {}
-            Enqueued::QueuedEvictedQos0 => Stats::inc(&self.stats.dropped_qos0_evicted),
-            Enqueued::DroppedFull => Stats::inc(&self.stats.dropped_queue_full),
-            Enqueued::DroppedOfflineQos0 => Stats::inc(&self.stats.dropped_offline_qos0),
-        }
+        self.count_enqueue_n(r, 1);
+    }
+
+    /// Counts outcome `r` for `n` messages.
+    pub(crate) fn count_enqueue_n(&self, r: Enqueued, n: usize) {
+        let counter = match r {
+            Enqueued::Queued | Enqueued::DroppedEnded => return,
+            Enqueued::QueuedEvictedQos0 => &self.stats.dropped_qos0_evicted,
+            Enqueued::DroppedFull => &self.stats.dropped_queue_full,
+            Enqueued::DroppedOfflineQos0 => &self.stats.dropped_offline_qos0,
+        };
+        Stats::add(counter, n as u64);
     }
 
     /// Publishes a will message.
@@ -737,7 +807,7 @@ impl Inner {
         };
         for ((_, conn_id), session) in due {
             let mut st = session.lock();
-            if st.conn().is_none_or(|c| c.id != conn_id) {
+            if !st.is_attached(conn_id) {
                 continue; // it ended or was taken over
             }
             let limit = st
@@ -950,8 +1020,7 @@ impl Inner {
                 }
                 for d in &s.queue {
                     if let Some(out) = outgoing(d) {
-                        st.queued_bytes += out.msg.cost();
-                        st.queue.push_back(out);
+                        st.queue.push(out);
                     }
                 }
                 for f in &s.inflight {
@@ -1210,10 +1279,16 @@ mod tests {
 
     /// A broker whose `n` sessions all subscribe to `t`, queueing QoS 0 while offline.
     fn fanout_fixture(n: usize) -> (Broker, Vec<Arc<Session>>) {
-        let cfg = BrokerConfig {
-            queue_qos0_messages: true,
-            ..BrokerConfig::default()
-        };
+        fanout_fixture_with(
+            n,
+            BrokerConfig {
+                queue_qos0_messages: true,
+                ..BrokerConfig::default()
+            },
+        )
+    }
+
+    fn fanout_fixture_with(n: usize, cfg: BrokerConfig) -> (Broker, Vec<Arc<Session>>) {
         let broker = Broker::new(cfg, Arc::new(halyard_store::MemoryStore::new()));
         let filter = TopicFilter::try_from("t").expect("valid filter");
         let subs: Vec<Arc<Session>> = (0..n)
@@ -1230,9 +1305,19 @@ mod tests {
 
     /// Publishes QoS 0 message `id` on `t` as a batch of publisher `p` would.
     fn publish_deferred(inner: &Inner, id: u64, deferred: &mut Deferred, routes: &mut Routes) {
+        publish_deferred_on(inner, "t", id, deferred, routes);
+    }
+
+    fn publish_deferred_on(
+        inner: &Inner,
+        topic: &str,
+        id: u64,
+        deferred: &mut Deferred,
+        routes: &mut Routes,
+    ) {
         let msg = Arc::new(Message::new(
             id,
-            TopicName::new("t").expect("valid topic"),
+            TopicName::new(topic).expect("valid topic"),
             Bytes::from_static(b"x"),
             QoS::AtMostOnce,
             false,
@@ -1251,37 +1336,123 @@ mod tests {
     }
 
     fn queued_ids(s: &Session) -> Vec<u64> {
-        s.lock().queue.iter().map(|o| o.msg.id).collect()
+        s.lock().queue.message_ids()
     }
 
-    /// A publisher's batch holds at most `Deferred::MAX` QoS 0 deliveries outside the
-    /// session queues (a 64 KiB read of tiny messages to many subscribers would otherwise
-    /// hold millions), and every one of them reaches its queue, in order.
+    /// A publisher's batch holds at most `Deferred::MAX` items outside the session queues
+    /// (a 64 KiB read of tiny messages to many subscribers would otherwise hold millions
+    /// of deliveries), and every message reaches every queue, in order. Messages in a row
+    /// on one route are held once (a segment), and each session queues them as one run.
     #[tokio::test]
     async fn deferred_deliveries_stay_bounded_and_all_arrive() {
-        let (broker, subs) = fanout_fixture(10);
+        let (broker, subs) = fanout_fixture_with(
+            10,
+            BrokerConfig {
+                queue_qos0_messages: true,
+                max_queued_messages: 10_000,
+                ..BrokerConfig::default()
+            },
+        );
         let inner = &broker.inner;
         let (mut deferred, mut routes) = (Deferred::default(), Routes::default());
         let mut most = 0;
-        for id in 0..500u64 {
+        let mut flushes = 0;
+        for id in 0..3000u64 {
+            let before = deferred.len;
             publish_deferred(inner, id, &mut deferred, &mut routes);
+            flushes += usize::from(deferred.len < before);
             most = most.max(deferred.len);
         }
-        // 10 deliveries per message: the bound is reached, never passed.
-        assert!(
-            (Deferred::MAX - 10..=Deferred::MAX).contains(&most),
-            "most deferred at once: {most}"
-        );
+        assert!(most <= Deferred::MAX, "most held at once: {most}");
+        // One item per message in a segment (plus its 10 members): ~1,000 messages per
+        // segment, where one item per delivery would flush every ~100 messages.
+        assert!((2..=3).contains(&flushes), "{flushes} flushes");
         inner.flush_deferred(&mut deferred, Inner::queue_limits(&inner.cfg()));
         assert_eq!(deferred.len, 0);
         for s in &subs {
             assert_eq!(
                 queued_ids(s),
-                (0..500).collect::<Vec<u64>>(),
+                (0..3000).collect::<Vec<u64>>(),
                 "{}",
                 s.client_id
             );
+            let st = s.lock();
+            assert_eq!(st.queue.len(), 3000);
+            assert_eq!(st.queue.bytes(), 3000 * 2, "topic `t` and payload `x`");
+            // The first message of the route is held per delivery, the rest in runs.
+            assert!(
+                st.queue.entries() <= 1 + flushes + 1,
+                "{} entries",
+                st.queue.entries()
+            );
         }
+    }
+
+    /// When the route changes with every message, nothing is gathered: the bound holds per
+    /// delivery, and the order still holds.
+    #[tokio::test]
+    async fn deferred_deliveries_without_segments_stay_bounded() {
+        let (broker, subs) = fanout_fixture(10);
+        let inner = &broker.inner;
+        let (mut deferred, mut routes) = (Deferred::default(), Routes::default());
+        let mut most = 0;
+        for id in 0..500u64 {
+            // Every other message goes to a topic nobody subscribed to.
+            let topic = if id % 2 == 0 { "t" } else { "u" };
+            publish_deferred_on(inner, topic, id, &mut deferred, &mut routes);
+            most = most.max(deferred.len);
+        }
+        // 10 deliveries per message on `t`: the bound is reached, never passed.
+        assert!(
+            (Deferred::MAX - 10..=Deferred::MAX).contains(&most),
+            "most deferred at once: {most}"
+        );
+        inner.flush_deferred(&mut deferred, Inner::queue_limits(&inner.cfg()));
+        for s in &subs {
+            assert_eq!(queued_ids(s), (0..500).step_by(2).collect::<Vec<u64>>());
+            assert_eq!(s.lock().queue.entries(), 250, "one entry per delivery");
+        }
+    }
+
+    /// A run meets the queue's limits exactly as its messages one by one would: a full
+    /// queue evicts its oldest QoS 0 messages (the run's own first ones included), an
+    /// offline session without QoS 0 queueing drops them, an ended one takes none; each
+    /// drop is counted once per message.
+    #[tokio::test]
+    async fn runs_meet_queue_limits_like_single_deliveries() {
+        let (broker, subs) = fanout_fixture_with(
+            3,
+            BrokerConfig {
+                queue_qos0_messages: true,
+                max_queued_messages: 4,
+                ..BrokerConfig::default()
+            },
+        );
+        let inner = &broker.inner;
+        subs[2].lock().ended = true;
+        let (mut deferred, mut routes) = (Deferred::default(), Routes::default());
+        for id in 0..10u64 {
+            publish_deferred(inner, id, &mut deferred, &mut routes);
+        }
+        inner.flush_deferred(&mut deferred, Inner::queue_limits(&inner.cfg()));
+        for s in &subs[..2] {
+            assert_eq!(queued_ids(s), [6, 7, 8, 9], "the newest 4 stay");
+            assert_eq!(s.lock().queue.bytes(), 4 * 2);
+        }
+        assert!(queued_ids(&subs[2]).is_empty());
+        assert_eq!(inner.stats.snapshot().dropped_qos0_evicted, 2 * 6);
+
+        // Without QoS 0 queueing for offline sessions.
+        let mut cfg = (*inner.cfg()).clone();
+        cfg.queue_qos0_messages = false;
+        inner.replace_config(cfg);
+        for id in 10..20u64 {
+            publish_deferred(inner, id, &mut deferred, &mut routes);
+        }
+        inner.flush_deferred(&mut deferred, Inner::queue_limits(&inner.cfg()));
+        assert_eq!(queued_ids(&subs[0]), [6, 7, 8, 9]);
+        assert_eq!(inner.stats.snapshot().dropped_offline_qos0, 2 * 10);
+        assert_eq!(inner.stats.snapshot().dropped_qos0_evicted, 2 * 6);
     }
 
     /// The group vectors of one batch are reused by the next (a fan-out allocated one per

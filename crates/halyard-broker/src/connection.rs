@@ -38,9 +38,7 @@ use crate::broker::{Inner, grant, stored, version_name};
 use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
 use crate::message::{self, Delivery, Message, Props};
 use crate::router::Routes;
-use crate::session::{
-    Awaiting, ConnInfo, ConnLink, Outgoing, Peer, PendingWill, Session, Subscription,
-};
+use crate::session::{Awaiting, ConnInfo, Outgoing, Peer, PendingWill, Session, Subscription};
 use crate::stats::Stats;
 
 /// Initial read buffer; it grows to the largest packet seen (decode reserves the declared
@@ -2145,14 +2143,13 @@ where
                 None
             };
             if let Some(counter) = skip {
-                if let Some(o) = st.queue.pop_front() {
-                    st.queued_bytes -= o.msg.cost();
-                    if st.persists(&o) {
-                        ops.push(Op::Dequeue {
-                            client_id: cid(),
-                            message_id: o.msg.id,
-                        });
-                    }
+                if let Some(o) = st.queue.pop_front()
+                    && st.persists(&o)
+                {
+                    ops.push(Op::Dequeue {
+                        client_id: cid(),
+                        message_id: o.msg.id,
+                    });
                 }
                 Stats::inc(counter);
                 continue;
@@ -2172,10 +2169,41 @@ where
             {
                 break;
             }
+            if front.qos == QoS::AtMostOnce {
+                // Written from the queue as it stands (one of a run stays in its run):
+                // nothing of a QoS 0 delivery outlives the write.
+                let alias = self.outbound_alias(&front.msg.topic);
+                let d = Delivery {
+                    qos: QoS::AtMostOnce,
+                    retain: front.retain,
+                    dup: false,
+                    packet_id: 0,
+                    subscription_ids: front.subscription_ids,
+                    alias,
+                };
+                match message::write(
+                    front.msg,
+                    d,
+                    self.version,
+                    self.client_max_packet,
+                    &mut now,
+                    &mut self.wbuf,
+                ) {
+                    Ok(()) => {
+                        self.alias_sent(&front.msg.topic, alias);
+                        sent[0] += 1;
+                    }
+                    // [MQTT-3.1.2-25]: discard, acting as if it had been delivered.
+                    Err(message::WriteError::TooLarge) => {
+                        Stats::inc(&inner.stats.dropped_too_large);
+                    }
+                }
+                st.queue.drop_front();
+                continue;
+            }
             let Some(out) = st.queue.pop_front() else {
                 break;
             };
-            st.queued_bytes -= out.msg.cost();
             let persists = st.persists(&out);
             let packet_id = if out.qos == QoS::AtMostOnce {
                 0
@@ -2460,19 +2488,15 @@ fn attach_session(
         // not resumed. (Its DISCONNECT may also still be unread on the old socket; the
         // client then expects no session either.)
         let mut ends_with_old_connection = false;
-        if let Some(link) = st.take_conn() {
-            inner.keepalive_cancel(&st, link.id);
+        if let Some(old_id) = st.take_conn() {
+            inner.keepalive_cancel(&st, old_id);
             ends_with_old_connection = st.expiry_interval == 0;
             old.kicked();
         }
         if !clean_start && !st.ended && !ends_with_old_connection {
-            st.attach(ConnLink {
-                id: conn_id,
-                kick: None,
-            });
+            st.attach(conn_id);
             st.info = Some(info);
             inner.keepalive_start(&old, &mut st, conn_id);
-            st.generation = conn_id;
             st.protocol = protocol;
             st.expiry_interval = expiry;
             // A new connection before the will delay cancels the will [MQTT-3.1.3-9].
@@ -2493,13 +2517,9 @@ fn attach_session(
     let session = Arc::new(Session::new(client_id.clone(), protocol, expiry));
     {
         let mut st = session.lock();
-        st.attach(ConnLink {
-            id: conn_id,
-            kick: None,
-        });
+        st.attach(conn_id);
         st.info = Some(info);
         inner.keepalive_start(&session, &mut st, conn_id);
-        st.generation = conn_id;
     }
     session.online.store(true, Ordering::Relaxed);
     inner
@@ -2521,7 +2541,7 @@ fn detach(
 ) {
     let now = Instant::now();
     let mut st = session.lock();
-    let still_mine = st.conn().is_some_and(|c| c.id == conn_id);
+    let still_mine = st.is_attached(conn_id);
     if still_mine {
         inner.keepalive_cancel(&st, conn_id);
         session.forget_waker();
@@ -2803,7 +2823,7 @@ mod lifecycle_tests {
     /// connection's waker replaced the new one's and this fails.)
     #[test]
     fn a_taken_over_connection_never_replaces_its_successors_waker() {
-        use crate::session::{ConnLink, Session};
+        use crate::session::Session;
         use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
         use std::task::{Context, Poll, Waker};
         struct Count(AtomicUsize);
@@ -2821,7 +2841,7 @@ mod lifecycle_tests {
         let (mut cxa, mut cxb) = (Context::from_waker(&wa), Context::from_waker(&wb));
 
         let session = Session::new("s".into(), ProtocolVersion::V5, 0);
-        session.lock().attach(ConnLink { id: 1, kick: None });
+        session.lock().attach(1);
         let seen_a = AtomicU32::new(session.kicks());
         assert!(session.poll_kick(&mut cxa, 1, &seen_a, true).is_pending());
         assert!(session.poll_woken(&mut cxa, &seen_a).is_pending());
@@ -2831,7 +2851,7 @@ mod lifecycle_tests {
             let mut st = session.lock();
             assert!(st.take_conn().is_some());
             session.kicked();
-            st.attach(ConnLink { id: 2, kick: None });
+            st.attach(2);
         }
         assert_eq!(count(&ca), 1, "the takeover wakes the old connection");
         let seen_b = AtomicU32::new(session.kicks());

@@ -9,6 +9,7 @@ mod broker;
 pub mod config;
 mod connection;
 mod message;
+mod queue;
 mod retained;
 mod router;
 mod session;

@@ -6,8 +6,6 @@
 //! sections (enqueue from a publisher's task; fill/ack from the owning connection's task)
 //! and never while any other lock is taken; see ARCHITECTURE.md for the order.
 
-use std::collections::VecDeque;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,6 +14,7 @@ use halyard_codec::{ProtocolVersion, QoS, ReasonCode, SubscriptionOptions, Topic
 use halyard_store::{Op, Store, StoredDelivery};
 
 use crate::message::Message;
+use crate::queue::{Entry, Queue, Run};
 
 /// One queued or in-flight delivery of a shared message to this session.
 #[derive(Debug, Clone)]
@@ -63,10 +62,10 @@ pub(crate) struct Subscription {
     pub(crate) id: Option<u32>,
 }
 
-/// The link from a session to the connection currently attached to it.
+/// The link from a session to the connection currently attached to it (whose id is
+/// `SessionState::generation`).
 #[derive(Debug)]
 pub(crate) struct ConnLink {
-    pub(crate) id: u64,
     /// The connection was told to close with this reason (admin kick, shutdown, keep
     /// alive run out; see `Session::kick`). A takeover needs none: the connection sees
     /// that it is no longer attached.
@@ -162,28 +161,22 @@ pub(crate) struct PendingWill {
     pub(crate) msg: Arc<Message>,
 }
 
-/// The connection attached to a session, or when the last one closed. One field for
-/// both (they never hold at once): 8 bytes less of every session, which with `SessionHash`
-/// and `Qos2Ids` brings it into the allocator's 256-byte class.
-#[derive(Debug)]
-enum Link {
-    Attached(ConnLink),
-    /// Milliseconds since the Unix epoch when the last connection closed; 0: never
-    /// connected, or ended by a takeover that did not resume it.
-    Detached(u64),
-}
-
 #[derive(Debug)]
 pub(crate) struct SessionState {
-    link: Link,
+    /// The attached connection, if any; its id is `generation` (not kept twice: with
+    /// `SessionHash` and `Qos2Ids`, what keeps a session in the allocator's 256-byte
+    /// class). One byte.
+    conn: Option<ConnLink>,
+    /// Milliseconds since the Unix epoch when the last connection closed; 0: attached,
+    /// never connected, or ended by a takeover that did not resume it.
+    closed_ms: u64,
     /// The current or last connection; kept after it closes (admin API).
     pub(crate) info: Option<Arc<ConnInfo>>,
     /// Id of the last connection attached; timers carry it to ignore stale events.
     pub(crate) generation: u64,
     pub(crate) protocol: ProtocolVersion,
     pub(crate) subscriptions: HashMap<Box<str>, Subscription, SessionHash>,
-    pub(crate) queue: VecDeque<Outgoing>,
-    pub(crate) queued_bytes: usize,
+    pub(crate) queue: Queue,
     pub(crate) inflight: HashMap<u16, Inflight, SessionHash>,
     pub(crate) inflight_seq: u64,
     next_packet_id: u16,
@@ -323,50 +316,44 @@ impl Wake {
 impl SessionState {
     /// The attached connection, if any.
     pub(crate) fn conn(&self) -> Option<&ConnLink> {
-        match &self.link {
-            Link::Attached(c) => Some(c),
-            Link::Detached(_) => None,
-        }
+        self.conn.as_ref()
     }
 
     pub(crate) fn conn_mut(&mut self) -> Option<&mut ConnLink> {
-        match &mut self.link {
-            Link::Attached(c) => Some(c),
-            Link::Detached(_) => None,
-        }
+        self.conn.as_mut()
     }
 
-    /// Attaches a connection (no longer disconnected).
-    pub(crate) fn attach(&mut self, link: ConnLink) {
-        self.link = Link::Attached(link);
+    /// Whether connection `conn_id` is the one attached.
+    pub(crate) fn is_attached(&self, conn_id: u64) -> bool {
+        self.conn.is_some() && self.generation == conn_id
+    }
+
+    /// Attaches connection `conn_id` (no longer disconnected).
+    pub(crate) fn attach(&mut self, conn_id: u64) {
+        self.conn = Some(ConnLink { kick: None });
+        self.generation = conn_id;
+        self.closed_ms = 0;
     }
 
     /// Detaches the attached connection, which closed at `at`.
     pub(crate) fn detach_at(&mut self, at: std::time::SystemTime) {
+        self.conn = None;
         // 0 is "never connected".
-        self.link = Link::Detached(unix_ms(at).max(1));
+        self.closed_ms = unix_ms(at).max(1);
     }
 
     /// Takes the attached connection away (a takeover): the session is then attached to
-    /// the new one or ended.
-    pub(crate) fn take_conn(&mut self) -> Option<ConnLink> {
-        match std::mem::replace(&mut self.link, Link::Detached(0)) {
-            Link::Attached(c) => Some(c),
-            Link::Detached(ms) => {
-                self.link = Link::Detached(ms);
-                None
-            }
-        }
+    /// the new one or ended. Returns the id of the connection taken away.
+    pub(crate) fn take_conn(&mut self) -> Option<u64> {
+        self.conn.take()?;
+        self.closed_ms = 0;
+        Some(self.generation)
     }
 
     /// When the last connection closed (None while connected or never connected).
     pub(crate) fn disconnected_at(&self) -> Option<std::time::SystemTime> {
-        match self.link {
-            Link::Detached(ms) if ms > 0 => {
-                Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-            }
-            _ => None,
-        }
+        (self.conn.is_none() && self.closed_ms > 0)
+            .then(|| std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.closed_ms))
     }
 }
 
@@ -379,13 +366,13 @@ impl Session {
         Session {
             client_id,
             state: Mutex::new(SessionState {
-                link: Link::Detached(0),
+                conn: None,
+                closed_ms: 0,
                 info: None,
                 generation: 0,
                 protocol,
                 subscriptions: Default::default(),
-                queue: VecDeque::new(),
-                queued_bytes: 0,
+                queue: Queue::default(),
                 inflight: Default::default(),
                 inflight_seq: 0,
                 next_packet_id: 1,
@@ -453,7 +440,7 @@ impl Session {
                 seen.store(now, Ordering::Relaxed);
                 let st = self.lock();
                 match st.conn() {
-                    Some(c) if c.id == conn_id => {
+                    Some(c) if st.generation == conn_id => {
                         if let Some(r) = c.kick {
                             return std::task::Poll::Ready(r);
                         }
@@ -559,26 +546,65 @@ impl Session {
 
     /// [`Self::enqueue`] for several deliveries, in order, under one lock and with one
     /// wake-up: a publisher's batch of QoS 0 messages costs each subscriber one lock and
-    /// one wake-up, not one per message. `counted` sees each outcome.
+    /// one wake-up, not one per message. `counted` sees each outcome other than
+    /// [`Enqueued::Queued`], with the number of messages it applies to.
     pub(crate) fn enqueue_many(
         &self,
-        outs: impl IntoIterator<Item = Outgoing>,
+        entries: impl IntoIterator<Item = Entry>,
         limits: QueueLimits,
         ops: &mut Vec<Op>,
-        mut counted: impl FnMut(Enqueued),
+        mut counted: impl FnMut(Enqueued, usize),
     ) {
         let mut st = self.lock();
         let mut queued = false;
-        for out in outs {
-            let r = self.enqueue_locked(&mut st, out, limits, ops);
-            queued |= matches!(r, Enqueued::Queued | Enqueued::QueuedEvictedQos0);
-            counted(r);
+        let one = |st: &mut SessionState,
+                   out,
+                   ops: &mut Vec<Op>,
+                   counted: &mut dyn FnMut(Enqueued, usize)| {
+            let r = self.enqueue_locked(st, out, limits, ops);
+            if r != Enqueued::Queued {
+                counted(r, 1);
+            }
+            matches!(r, Enqueued::Queued | Enqueued::QueuedEvictedQos0)
+        };
+        for e in entries {
+            match e {
+                Entry::One(out) => queued |= one(&mut st, out, ops, &mut counted),
+                Entry::Run(run) => match Self::run_fits(&st, &run, limits) {
+                    Ok(()) => {
+                        st.queue.push_run(run);
+                        queued = true;
+                    }
+                    Err(Some(r)) => counted(r, run.len()),
+                    // Near the limits: message by message, so evictions and drops are
+                    // exactly those of single deliveries.
+                    Err(None) => {
+                        for out in run.into_deliveries() {
+                            queued |= one(&mut st, out, ops, &mut counted);
+                        }
+                    }
+                },
+            }
         }
         let online = st.conn().is_some();
         drop(st);
         if online && queued {
             self.wake();
         }
+    }
+
+    /// Whether `run` may be queued whole: `Err(Some(_))` when all of it is dropped,
+    /// `Err(None)` when the queue's limits need a look per message.
+    fn run_fits(st: &SessionState, run: &Run, limits: QueueLimits) -> Result<(), Option<Enqueued>> {
+        if st.ended {
+            return Err(Some(Enqueued::DroppedEnded));
+        }
+        if st.conn().is_none() && !limits.queue_qos0_offline {
+            return Err(Some(Enqueued::DroppedOfflineQos0));
+        }
+        let fits = st.queue.len() + run.len() <= limits.max_messages
+            && (limits.max_bytes == 0 || st.queue.bytes() + run.cost() <= limits.max_bytes);
+        if fits { Ok(()) } else { Err(None) }
     }
 
     fn enqueue_locked(
@@ -598,16 +624,13 @@ impl Session {
         }
         let full = |st: &SessionState| {
             st.queue.len() >= limits.max_messages
-                || (limits.max_bytes > 0 && st.queued_bytes + cost > limits.max_bytes)
+                || (limits.max_bytes > 0 && st.queue.bytes() + cost > limits.max_bytes)
         };
         let mut result = Enqueued::Queued;
         if full(st) {
             // Drop-oldest for QoS 0: it is the one class the sender accepted losing.
-            let Some(victim) = st.queue.iter().position(|o| o.qos == QoS::AtMostOnce) else {
+            if !st.queue.evict_oldest_qos0() {
                 return Enqueued::DroppedFull;
-            };
-            if let Some(v) = st.queue.remove(victim) {
-                st.queued_bytes -= v.msg.cost();
             }
             result = Enqueued::QueuedEvictedQos0;
             if full(st) {
@@ -627,8 +650,7 @@ impl Session {
                 delivery: delivery_record(&out),
             });
         }
-        st.queued_bytes += cost;
-        st.queue.push_back(out);
+        st.queue.push(out);
         result
     }
 }
@@ -677,28 +699,21 @@ impl SessionState {
         store: &dyn Store,
         durable: u64,
     ) -> Vec<Outgoing> {
-        let mut taken = Vec::new();
         let mut ops = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.queue.len());
-        let queue = std::mem::take(&mut self.queue);
-        for o in queue {
+        let mut taken = self.queue.take_where(|o| {
             // A recorded copy whose enqueue is not durable yet stays: its Dequeue could
             // otherwise reach the store before its Enqueue.
             let settled = !o.recorded || o.msg.ticket.load(Ordering::Acquire) <= durable;
-            if o.shared.is_some() && settled {
-                self.queued_bytes -= o.msg.cost();
-                if self.persists(&o) {
-                    ops.push(Op::Dequeue {
-                        client_id: client_id.to_string(),
-                        message_id: o.msg.id,
-                    });
-                }
-                taken.push(o);
-            } else {
-                kept.push_back(o);
+            o.shared.is_some() && settled
+        });
+        for o in &taken {
+            if self.persists(o) {
+                ops.push(Op::Dequeue {
+                    client_id: client_id.to_string(),
+                    message_id: o.msg.id,
+                });
             }
         }
-        self.queue = kept;
         if include_inflight {
             let ids: Vec<u16> = self
                 .inflight
@@ -729,7 +744,6 @@ impl SessionState {
     /// Drops everything queued and in flight (clean start, session end).
     pub(crate) fn clear_messages(&mut self) {
         self.queue.clear();
-        self.queued_bytes = 0;
         self.inflight.clear();
         self.inbound_qos2.clear();
     }
@@ -743,5 +757,8 @@ mod size_tests {
     fn a_queued_delivery_stays_small() {
         let size = std::mem::size_of::<super::Outgoing>();
         assert!(size <= 40, "Outgoing is {size} bytes");
+        // A queue entry is one delivery or a run of them: no bigger than one delivery.
+        let entry = std::mem::size_of::<crate::queue::Entry>();
+        assert!(entry <= 40, "a queue entry is {entry} bytes");
     }
 }

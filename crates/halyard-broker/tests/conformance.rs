@@ -267,6 +267,52 @@ async fn a_batch_of_mixed_qos_keeps_publish_order_mqtt_4_6_0_6(v: ProtocolVersio
     assert_eq!(&recv_publish(&mut p).await.payload[..], &[8]);
 }
 
+/// A batch of QoS 0 messages on one topic is held once and queued to each subscriber as
+/// one run (`queue.rs`); each subscriber still gets every message, in order
+/// [MQTT-4.6.0-6], each with the identifiers of its own matching subscriptions
+/// [MQTT-3.3.4-3] (v5; 3.1.1 has none), and one copy for a subscriber with two
+/// overlapping subscriptions [MQTT-3.3.4-2]. One write is one read here, so all 40
+/// messages are one batch.
+async fn a_batch_on_one_route_keeps_order_and_identifiers_mqtt_3_3_4_3(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let o = SubscriptionOptions::default();
+    let mut a = tb.raw().await;
+    online(&mut a, V5, "run-a", true).await;
+    a.send(&subscribe_opts(1, "run/#", o, Some(7))).await;
+    a.recv().await;
+    let mut b = tb.raw().await;
+    online(&mut b, V5, "run-b", true).await;
+    b.send(&subscribe_opts(1, "run/+", o, Some(9))).await;
+    b.recv().await;
+    b.send(&subscribe_opts(2, "run/x", o, Some(11))).await;
+    b.recv().await;
+    let mut c = tb.raw().await;
+    online(&mut c, v, "run-c", true).await;
+    sub(&mut c, "run/x", QoS::AtLeastOnce).await;
+    let mut p = raw_duplex(&tb.broker);
+    p.version = v;
+    online(&mut p, v, "run-p", true).await;
+    let mut bytes = bytes::BytesMut::new();
+    for i in 0..40u8 {
+        publish("run/x", QoS::AtMostOnce, 0, &[i])
+            .encode(v, &mut bytes)
+            .unwrap();
+    }
+    p.send_bytes(&bytes).await;
+    for (s, ids) in [(&mut a, vec![7]), (&mut b, vec![9, 11]), (&mut c, vec![])] {
+        for i in 0..40u8 {
+            let m = recv_publish(s).await;
+            assert_eq!(&m.payload[..], &[i], "out of order [MQTT-4.6.0-6]");
+            assert_eq!(m.qos, QoS::AtMostOnce, "[MQTT-3.8.4-6]: the lower QoS");
+            assert_eq!(m.topic.as_str(), "run/x");
+            let mut got = m.properties.subscription_identifiers.clone();
+            got.sort();
+            assert_eq!(got, ids, "message {i} [MQTT-3.3.4-3]");
+        }
+        s.expect_silence(SHORT).await;
+    }
+}
+
 async fn max_connections_refused_with_connack(v: ProtocolVersion) {
     let tb = TestBroker::with_config(BrokerConfig {
         max_connections: 1,
@@ -1363,6 +1409,7 @@ both_versions!(
     disconnect_unread_at_takeover_still_drops_the_will_mqtt_3_1_2_10,
     packets_pipelined_behind_connect_are_handled_3_1_4,
     a_batch_of_mixed_qos_keeps_publish_order_mqtt_4_6_0_6,
+    a_batch_on_one_route_keeps_order_and_identifiers_mqtt_3_3_4_3,
     max_connections_refused_with_connack,
     keep_alive_above_max_keepalive_mqtt_3_2_2_21,
     qos1_and_qos2_flows_mqtt_4_3,
