@@ -405,7 +405,7 @@ impl Deferred {
                 }));
             }
         } else if !self.seg.is_empty() {
-            let seg = Segment::new(std::mem::take(&mut self.seg));
+            let seg = Segment::new(std::mem::take(&mut self.seg), self.seg_members.len());
             for (g, subscription_ids) in self.seg_members.drain(..) {
                 self.groups[g]
                     .1
@@ -601,10 +601,10 @@ impl Inner {
     /// Queues what a batch deferred (see [`Deferred`]): one lock and one wake-up per
     /// session.
     pub(crate) fn flush_deferred(&self, d: &mut Deferred, limits: QueueLimits) {
-        d.close_segment();
-        if d.groups.is_empty() {
-            return;
+        if d.seg.is_empty() && d.groups.is_empty() {
+            return; // every QoS 1/2 publish comes here first
         }
+        d.close_segment();
         // QoS 0 deliveries record nothing; should one ever do, it still reaches the store.
         let mut ops = Vec::new();
         for (session, mut outs) in d.groups.drain(..) {

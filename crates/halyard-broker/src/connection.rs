@@ -2132,6 +2132,21 @@ where
         // Where the first QoS 2 PUBLISH to a stored session starts in `wbuf` (see `holds`).
         let mut hold_from = None;
         while self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
+            // A run of plain QoS 0 messages whose packets its segment keeps: copied as they
+            // are, as many as fit (what the per-message path below would write for them,
+            // with no identifiers or alias to add and none too large for this client).
+            if let Some(f) = st.queue.front_frames(self.version)
+                && (!self.version.is_v5() || f.subscription_ids.is_empty())
+                && self.outbound_alias(f.topic).is_none()
+                && f.longest() <= self.client_max_packet as usize
+                && self.allowed(Access::Read, f.topic.as_str())
+            {
+                let (n, bytes) = f.take(WRITE_BUFFER_HIGH_WATER_BYTES - self.wbuf.len());
+                self.wbuf.extend_from_slice(bytes);
+                sent[0] += n as u32;
+                st.queue.drop_front_run(n);
+                continue;
+            }
             let Some(front) = st.queue.front() else { break };
             // [MQTT-3.3.2-5]: expired before onward delivery started. Read rights are
             // checked on delivery, so a deny rule or a reload applies to queued messages.

@@ -113,6 +113,12 @@ impl MemoryUse {
         self.bytes.load(Ordering::Relaxed).max(0) as usize
     }
 
+    /// Charges (or, negative, refunds) bytes that are no message's own: the packets a
+    /// segment keeps encoded (`queue::Frames`).
+    pub(crate) fn add_bytes(&self, bytes: isize) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub(crate) fn messages(&self) -> usize {
         self.messages.load(Ordering::Relaxed).max(0) as usize
     }
@@ -250,6 +256,18 @@ impl Message {
 
     pub(crate) fn cost(&self) -> usize {
         self.payload.len() + self.topic.as_str().len()
+    }
+
+    /// The broker-wide count this message is charged to, if any.
+    pub(crate) fn account(&self) -> Option<&'static MemoryUse> {
+        self.account
+    }
+
+    /// Whether a QoS 0 delivery of this message is the same packet for every subscriber
+    /// of one protocol version that takes no subscription identifier and no topic alias:
+    /// no properties, no expiry (whose remaining time changes), no RETAIN to forward.
+    pub(crate) fn is_plain(&self) -> bool {
+        self.properties.is_none() && self.expires_at.is_none() && !self.retain
     }
 
     /// The PUBLISH for this delivery, with packet id 0 as a placeholder when `with_id`.

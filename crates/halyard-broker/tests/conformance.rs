@@ -268,11 +268,12 @@ async fn a_batch_of_mixed_qos_keeps_publish_order_mqtt_4_6_0_6(v: ProtocolVersio
 }
 
 /// A batch of QoS 0 messages on one topic is held once and queued to each subscriber as
-/// one run (`queue.rs`); each subscriber still gets every message, in order
+/// one run, and a subscriber that takes no identifiers gets the packets the segment keeps
+/// encoded (`queue.rs`). Each subscriber still gets every message, in order
 /// [MQTT-4.6.0-6], each with the identifiers of its own matching subscriptions
-/// [MQTT-3.3.4-3] (v5; 3.1.1 has none), and one copy for a subscriber with two
-/// overlapping subscriptions [MQTT-3.3.4-2]. One write is one read here, so all 40
-/// messages are one batch.
+/// [MQTT-3.3.4-3] (v5; 3.1.1 has none), one copy for a subscriber with two overlapping
+/// subscriptions [MQTT-3.3.4-2], and none larger than its Maximum Packet Size
+/// [MQTT-3.1.2-25]. One write is one read here, so all 40 messages are one batch.
 async fn a_batch_on_one_route_keeps_order_and_identifiers_mqtt_3_3_4_3(v: ProtocolVersion) {
     let tb = TestBroker::start().await;
     let o = SubscriptionOptions::default();
@@ -289,12 +290,24 @@ async fn a_batch_on_one_route_keeps_order_and_identifiers_mqtt_3_3_4_3(v: Protoc
     let mut c = tb.raw().await;
     online(&mut c, v, "run-c", true).await;
     sub(&mut c, "run/x", QoS::AtLeastOnce).await;
+    // At most 30 bytes: a QoS 0 PUBLISH on `run/x` is 10 bytes and its payload.
+    let mut d = tb.raw().await;
+    let ack = handshake(
+        &mut d,
+        connect_with(V5, "run-d", true, |c| {
+            c.properties.maximum_packet_size = Some(30)
+        }),
+    )
+    .await;
+    assert_eq!(ack.reason, ReasonCode::Success);
+    sub(&mut d, "run/x", QoS::AtMostOnce).await;
     let mut p = raw_duplex(&tb.broker);
     p.version = v;
     online(&mut p, v, "run-p", true).await;
     let mut bytes = bytes::BytesMut::new();
+    let payload = |i: u8| vec![i; usize::from(i) + 1];
     for i in 0..40u8 {
-        publish("run/x", QoS::AtMostOnce, 0, &[i])
+        publish("run/x", QoS::AtMostOnce, 0, &payload(i))
             .encode(v, &mut bytes)
             .unwrap();
     }
@@ -302,7 +315,7 @@ async fn a_batch_on_one_route_keeps_order_and_identifiers_mqtt_3_3_4_3(v: Protoc
     for (s, ids) in [(&mut a, vec![7]), (&mut b, vec![9, 11]), (&mut c, vec![])] {
         for i in 0..40u8 {
             let m = recv_publish(s).await;
-            assert_eq!(&m.payload[..], &[i], "out of order [MQTT-4.6.0-6]");
+            assert_eq!(&m.payload[..], payload(i), "out of order [MQTT-4.6.0-6]");
             assert_eq!(m.qos, QoS::AtMostOnce, "[MQTT-3.8.4-6]: the lower QoS");
             assert_eq!(m.topic.as_str(), "run/x");
             let mut got = m.properties.subscription_identifiers.clone();
@@ -311,6 +324,11 @@ async fn a_batch_on_one_route_keeps_order_and_identifiers_mqtt_3_3_4_3(v: Protoc
         }
         s.expect_silence(SHORT).await;
     }
+    // Payloads of 1..=20 bytes fit in 30; the rest are not sent [MQTT-3.1.2-25].
+    for i in 0..20u8 {
+        assert_eq!(&recv_publish(&mut d).await.payload[..], payload(i));
+    }
+    d.expect_silence(SHORT).await;
 }
 
 async fn max_connections_refused_with_connack(v: ProtocolVersion) {
