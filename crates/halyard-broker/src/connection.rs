@@ -2196,14 +2196,7 @@ where
                     subscription_ids: front.subscription_ids,
                     alias,
                 };
-                match message::write(
-                    front.msg,
-                    d,
-                    self.version,
-                    self.client_max_packet,
-                    &mut now,
-                    &mut self.wbuf,
-                ) {
+                match self.write_delivery(front.msg, d, &mut now) {
                     Ok(()) => {
                         self.alias_sent(&front.msg.topic, alias);
                         sent[0] += 1;
@@ -2235,14 +2228,7 @@ where
                 subscription_ids: &out.subscription_ids,
                 alias,
             };
-            match message::write(
-                &out.msg,
-                d,
-                self.version,
-                self.client_max_packet,
-                &mut now,
-                &mut self.wbuf,
-            ) {
+            match self.write_delivery(&out.msg, d, &mut now) {
                 Ok(()) => {
                     self.alias_sent(&out.msg.topic, alias);
                     sent[out.qos as usize] += 1;
@@ -2290,6 +2276,25 @@ where
                     .push_back((at, ticket));
             }
         }
+    }
+
+    /// Appends one delivery of `msg` to the write buffer, in this client's protocol
+    /// version and within its Maximum Packet Size.
+    #[inline]
+    fn write_delivery(
+        &mut self,
+        msg: &Message,
+        d: Delivery<'_>,
+        now: &mut message::LazyNow,
+    ) -> Result<(), message::WriteError> {
+        message::write(
+            msg,
+            d,
+            self.version,
+            self.client_max_packet,
+            now,
+            &mut self.wbuf,
+        )
     }
 
     /// How much of `wbuf` may be written now (see `holds`).
@@ -2392,16 +2397,7 @@ where
                 subscription_ids: &out.subscription_ids,
                 alias: None,
             };
-            if message::write(
-                &out.msg,
-                d,
-                self.version,
-                self.client_max_packet,
-                &mut now,
-                &mut self.wbuf,
-            )
-            .is_ok()
-            {
+            if self.write_delivery(&out.msg, d, &mut now).is_ok() {
                 self.inner.stats.sent(out.qos);
             }
         }

@@ -439,16 +439,26 @@ mod tests {
     use halyard_codec::{Bytes, PublishProperties};
     use tokio::time::Instant;
 
-    fn msg(id: u64, payload: &'static [u8]) -> Arc<Message> {
-        Arc::new(Message::new(
+    /// A message without properties.
+    fn message(id: u64, topic: &str, payload: Bytes, qos: QoS) -> Message {
+        Message::new(
             id,
-            TopicName::new("t").expect("valid topic"),
-            Bytes::from_static(payload),
-            QoS::AtLeastOnce,
+            TopicName::new(topic).expect("valid topic"),
+            payload,
+            qos,
             false,
             Default::default(),
             None,
             Instant::now(),
+        )
+    }
+
+    fn msg(id: u64, payload: &'static [u8]) -> Arc<Message> {
+        Arc::new(message(
+            id,
+            "t",
+            Bytes::from_static(payload),
+            QoS::AtLeastOnce,
         ))
     }
 
@@ -573,19 +583,7 @@ mod tests {
     }
 
     fn plain(id: u64, payload: Vec<u8>, account: &'static MemoryUse) -> Arc<Message> {
-        Arc::new(
-            Message::new(
-                id,
-                TopicName::new("f/x").expect("valid topic"),
-                Bytes::from(payload),
-                QoS::AtMostOnce,
-                false,
-                Default::default(),
-                None,
-                Instant::now(),
-            )
-            .charged_to(account),
-        )
+        Arc::new(message(id, "f/x", Bytes::from(payload), QoS::AtMostOnce).charged_to(account))
     }
 
     /// A shared segment of small plain messages keeps their QoS 0 packets, per protocol
