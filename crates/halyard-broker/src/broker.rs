@@ -1339,6 +1339,14 @@ mod tests {
         s.lock().queue.message_ids()
     }
 
+    /// Asserts that every session in `subs` has exactly `ids` queued, in order.
+    fn assert_queued(subs: &[Arc<Session>], ids: impl Iterator<Item = u64>) {
+        let ids: Vec<u64> = ids.collect();
+        for s in subs {
+            assert_eq!(queued_ids(s), ids, "{}", s.client_id);
+        }
+    }
+
     /// A publisher's batch holds at most `Deferred::MAX` items outside the session queues
     /// (a 64 KiB read of tiny messages to many subscribers would otherwise hold millions
     /// of deliveries), and every message reaches every queue, in order. Messages in a row
@@ -1369,13 +1377,8 @@ mod tests {
         assert!((2..=3).contains(&flushes), "{flushes} flushes");
         inner.flush_deferred(&mut deferred, Inner::queue_limits(&inner.cfg()));
         assert_eq!(deferred.len, 0);
+        assert_queued(&subs, 0..3000);
         for s in &subs {
-            assert_eq!(
-                queued_ids(s),
-                (0..3000).collect::<Vec<u64>>(),
-                "{}",
-                s.client_id
-            );
             let st = s.lock();
             assert_eq!(st.queue.len(), 3000);
             assert_eq!(st.queue.bytes(), 3000 * 2, "topic `t` and payload `x`");
@@ -1487,13 +1490,6 @@ mod tests {
                     .all(|v| v.is_empty() && v.capacity() <= Deferred::SPARE_CAPACITY)
             );
         }
-        for s in &subs {
-            assert_eq!(
-                queued_ids(s),
-                (0..12).collect::<Vec<u64>>(),
-                "{}",
-                s.client_id
-            );
-        }
+        assert_queued(&subs, 0..12);
     }
 }
