@@ -51,6 +51,8 @@ pub(crate) struct Config {
     pub(crate) max_retained_messages: usize,
     pub(crate) max_retained_bytes: usize,
     pub(crate) max_memory_bytes: usize,
+    pub(crate) max_user_properties: usize,
+    pub(crate) max_user_properties_bytes: usize,
     pub(crate) persistence: Persistence,
     pub(crate) admin: Admin,
     /// `[[listener]]` tables: listeners with options.
@@ -239,6 +241,8 @@ impl Default for Config {
             max_retained_messages: b.max_retained_messages,
             max_retained_bytes: b.max_retained_bytes,
             max_memory_bytes: b.max_memory_bytes,
+            max_user_properties: b.max_user_properties,
+            max_user_properties_bytes: b.max_user_properties_bytes,
             persistence: Persistence::default(),
             admin: Admin::default(),
             listener: Vec::new(),
@@ -433,6 +437,8 @@ impl Config {
             max_retained_messages: self.max_retained_messages,
             max_retained_bytes: self.max_retained_bytes,
             max_memory_bytes: self.max_memory_bytes,
+            max_user_properties: self.max_user_properties,
+            max_user_properties_bytes: self.max_user_properties_bytes,
         }
     }
 }

@@ -82,6 +82,7 @@ impl OwnLog {
             protocol: ProtocolVersion::V5,
             expiry_interval: u32::MAX,
             disconnected_at: None,
+        owner: halyard_store::SessionOwner::Anonymous,
         })]);
         s.wait(t);
         s

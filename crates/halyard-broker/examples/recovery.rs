@@ -35,6 +35,7 @@ fn main() {
                 protocol: ProtocolVersion::V5,
                 expiry_interval: u32::MAX,
                 disconnected_at: Some(SystemTime::now()),
+                owner: halyard_store::SessionOwner::Anonymous,
             }),
             Op::Subscribe {
                 client_id: cid(),

@@ -69,6 +69,14 @@ pub trait Authorizer: Send + Sync + fmt::Debug {
     fn check(&self, who: &Identity, access: Access, topic: &str) -> bool;
 }
 
+/// Whether `topic` is under `$SYS`, the broker's own topics: clients read them, only
+/// the broker writes them.
+pub(crate) fn is_sys(topic: &str) -> bool {
+    topic
+        .strip_prefix("$SYS")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// Who may connect without a user name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Anonymous {

@@ -8,22 +8,22 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use halyard_codec::{ProtocolVersion, QoS, ReasonCode, TopicFilter, TopicName};
-use halyard_store::{Op, SessionRecord, Store, StoredMessage, SubscriptionRecord};
+use halyard_store::{Op, SessionOwner, SessionRecord, Store, StoredMessage, SubscriptionRecord};
 use halyard_transport::{Monitor, PeerInfo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::auth::{Anonymous, Security};
+use crate::auth::{Access, Anonymous, Identity, Security, is_sys};
 use crate::config::{BrokerConfig, defaults};
 use crate::message::Message;
 use crate::queue::{Entry, Run, Segment};
 use crate::retained::Retained;
 use crate::router::{Match, Routes, SubscriptionIndex};
 use crate::session::{
-    Awaiting, Enqueued, Inflight, Outgoing, PendingWill, QueueLimits, Session, SessionState,
-    Subscription,
+    Awaiting, ConnInfo, Enqueued, Inflight, Outgoing, PendingWill, QueueLimits, Session,
+    SessionState, Subscription,
 };
 use crate::stats::{Stats, StatsSnapshot};
 
@@ -516,6 +516,17 @@ impl Inner {
             .clone()
     }
 
+    /// Whether `who` may publish to `topic` by the rules in force. `$SYS` is the
+    /// broker's own: no client writes there, whatever the ACL says.
+    pub(crate) fn may_write(&self, who: &Identity, topic: &str) -> bool {
+        !is_sys(topic)
+            && self
+                .security()
+                .authorizer
+                .as_ref()
+                .is_none_or(|a| a.check(who, Access::Write, topic))
+    }
+
     /// Routes one message: retains it if asked, then queues a delivery to every matching
     /// session. `origin` is the publishing client, for No Local. Runs on the publisher's task. Every store op this causes, plus `extra`,
     /// goes to the store in **one** batch, so a crash keeps all or none of it. Returns how
@@ -676,7 +687,20 @@ impl Inner {
     }
 
     /// Publishes a will message.
-    pub(crate) fn publish_will(&self, client_id: &str, msg: &Arc<Message>) {
+    /// Publishes a will, if its client may still write to its topic: rights are checked
+    /// again here, not only at CONNECT, since they may have changed in between (reload,
+    /// a delay, a restart).
+    pub(crate) fn publish_will(&self, session: &Session, msg: &Arc<Message>) {
+        let client_id = &*session.client_id;
+        let who = Identity {
+            client_id: session.client_id.clone(),
+            username: session.lock().owner().flatten().cloned(),
+        };
+        if !self.may_write(&who, msg.topic.as_str()) {
+            Stats::inc(&self.stats.publish_denied);
+            info!(client_id, user = who.username.as_deref(), topic = %msg.topic, "will not published: its client may not write to its topic");
+            return;
+        }
         debug!(client_id, topic = %msg.topic, "publishing will");
         Stats::inc(&self.stats.wills_published);
         let origin = msg.origin.as_deref();
@@ -870,7 +894,7 @@ impl Inner {
             }]);
         }
         if let Some(w) = will {
-            self.publish_will(&session.client_id, &w.msg);
+            self.publish_will(session, &w.msg);
         }
     }
 
@@ -887,6 +911,11 @@ impl Inner {
             protocol: st.protocol,
             expiry_interval: st.expiry_interval,
             disconnected_at: (!connected).then(SystemTime::now),
+            owner: match st.owner() {
+                None => SessionOwner::Unknown,
+                Some(None) => SessionOwner::Anonymous,
+                Some(Some(u)) => SessionOwner::User(u.to_string()),
+            },
         };
         self.store.apply(vec![Op::SessionUpsert(rec)])
     }
@@ -1003,6 +1032,16 @@ impl Inner {
             {
                 let mut st = session.lock();
                 st.stored = true;
+                st.info = match &s.record.owner {
+                    SessionOwner::Unknown => None,
+                    SessionOwner::Anonymous => {
+                        Some(Arc::new(ConnInfo::restored(None, s.record.protocol)))
+                    }
+                    SessionOwner::User(u) => Some(Arc::new(ConnInfo::restored(
+                        Some(u.as_str().into()),
+                        s.record.protocol,
+                    ))),
+                };
                 for (filter, rec) in &s.subscriptions {
                     let Ok(f) = TopicFilter::try_from(filter.as_str()) else {
                         continue;
@@ -1217,7 +1256,7 @@ async fn housekeeping(inner: Arc<Inner>) {
                             client_id: session.client_id.to_string(),
                             will: None,
                         }]);
-                        inner.publish_will(&session.client_id, &w.msg);
+                        inner.publish_will(&session, &w.msg);
                     }
                 }
                 TimerEvent::RetainedSweep => {

@@ -60,6 +60,11 @@ pub mod defaults {
     pub const MAX_RETAINED_MESSAGES: usize = 1_000_000;
     /// Payload bytes of all retained messages (0: no limit).
     pub const MAX_RETAINED_BYTES: usize = 256 * 1024 * 1024;
+    /// User properties one message (PUBLISH or will) may carry (0: no limit). Each costs
+    /// far more held in memory than its 5-byte minimum on the wire.
+    pub const MAX_USER_PROPERTIES: usize = 128;
+    /// Bytes of user property names and values one message may carry (0: no limit).
+    pub const MAX_USER_PROPERTIES_BYTES: usize = 64 * 1024;
     /// Bytes of client messages alive at once, queued, in flight or retained, across all
     /// sessions (0: no budget). Past it, publishers are held back until deliveries free
     /// memory.
@@ -123,6 +128,25 @@ pub struct BrokerConfig {
     pub max_retained_bytes: usize,
     /// See [`defaults::MAX_MEMORY_BYTES`].
     pub max_memory_bytes: usize,
+    /// See [`defaults::MAX_USER_PROPERTIES`].
+    pub max_user_properties: usize,
+    /// See [`defaults::MAX_USER_PROPERTIES_BYTES`].
+    pub max_user_properties_bytes: usize,
+}
+
+impl BrokerConfig {
+    /// Why `props` are over the user-property limits, if they are.
+    pub(crate) fn user_properties_over(
+        &self,
+        props: &[(halyard_codec::ByteString, halyard_codec::ByteString)],
+    ) -> Option<&'static str> {
+        if self.max_user_properties > 0 && props.len() > self.max_user_properties {
+            return Some("more user properties than max_user_properties");
+        }
+        let bytes: usize = props.iter().map(|(k, v)| k.len() + v.len()).sum();
+        (self.max_user_properties_bytes > 0 && bytes > self.max_user_properties_bytes)
+            .then_some("user properties larger than max_user_properties_bytes")
+    }
 }
 
 impl Default for BrokerConfig {
@@ -154,6 +178,8 @@ impl Default for BrokerConfig {
             max_retained_messages: defaults::MAX_RETAINED_MESSAGES,
             max_retained_bytes: defaults::MAX_RETAINED_BYTES,
             max_memory_bytes: defaults::MAX_MEMORY_BYTES,
+            max_user_properties: defaults::MAX_USER_PROPERTIES,
+            max_user_properties_bytes: defaults::MAX_USER_PROPERTIES_BYTES,
         }
     }
 }

@@ -27,7 +27,7 @@ use halyard_transport::{Event, PeerInfo};
 
 use crate::auth::{
     Access, Anonymous, AuthExchange, AuthStep, AuthVerdict, Authorizer, Credentials, EnhancedAuth,
-    Identity, Security,
+    Identity, Security, is_sys,
 };
 use halyard_codec::{ByteString, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -201,24 +201,35 @@ struct Admission {
 
 /// Authenticates a CONNECT that passed the protocol checks: certificate identity, then
 /// anonymous policy, then the authenticator (on a blocking thread), with failures per
-/// source address rate-limited.
+/// source address rate-limited. `Ok` carries the verified user name, the identity the
+/// ACL and the session are bound to; `None` is anonymous.
+///
+/// A user name nothing can verify (no authenticator configured) is no identity: the
+/// client is anonymous, let in only where anonymous clients are, and never gets the
+/// rights of the user it names.
 async fn authenticate(
     inner: &Inner,
     c: &Connect,
     admission: &Admission,
-) -> Result<(), (ReasonCode, &'static str)> {
+) -> Result<Option<Arc<str>>, (ReasonCode, &'static str)> {
+    let claimed = c.username.as_ref().map(|u| Arc::<str>::from(&u[..]));
     if admission.cert == CertAuth::Verified {
-        return Ok(());
+        return Ok(claimed);
     }
-    let Some(username) = &c.username else {
-        return if admission.anonymous_ok {
-            Ok(())
+    let anonymous = |why| {
+        if admission.anonymous_ok {
+            Ok(None)
         } else {
-            Err((ReasonCode::NotAuthorized, "anonymous clients not allowed"))
-        };
+            Err((ReasonCode::NotAuthorized, why))
+        }
+    };
+    let Some(username) = &c.username else {
+        return anonymous("anonymous clients not allowed");
     };
     let Some(authn) = admission.security.authenticator.clone() else {
-        return Ok(()); // no password check configured: any user name is accepted
+        return anonymous(
+            "no password file: a user name cannot be verified, and anonymous clients are not allowed",
+        );
     };
     let ip = match &admission.info.remote {
         halyard_transport::Remote::Ip(a) => Some(a.ip()),
@@ -243,7 +254,7 @@ async fn authenticate(
         .await
         .unwrap_or(AuthVerdict::NotAuthorized);
     match verdict {
-        AuthVerdict::Allow => Ok(()),
+        AuthVerdict::Allow => Ok(claimed),
         AuthVerdict::BadCredentials => {
             if let Some(ip) = ip {
                 inner.auth_failures.record(ip);
@@ -255,6 +266,38 @@ async fn authenticate(
         }
         AuthVerdict::NotAuthorized => Err((ReasonCode::NotAuthorized, "not authorized")),
     }
+}
+
+/// Refuses a CONNECT: counted, logged (rate-limited), told to the monitor, answered with
+/// CONNACK `reason` (v5 with `why` as its reason string; 3.x gets the return code the
+/// codec maps `reason` to).
+async fn refuse_connect<W: AsyncWrite + Unpin>(
+    inner: &Inner,
+    io: &mut W,
+    peer: &Peer,
+    c: &Connect,
+    reason: ReasonCode,
+    why: &'static str,
+) {
+    let v = c.protocol;
+    Stats::inc(&inner.stats.connections_refused);
+    if let Some(suppressed) = PEER_LOG.admit() {
+        info!(%peer, client_id = %c.client_id, user = c.username.as_deref(), protocol = version_name(v), reason = ?reason, why, suppressed, "refused CONNECT");
+    }
+    inner.monitor.emit_conn(|| Event::AuthFailed {
+        peer: peer.to_string(),
+        client_id: c.client_id.as_str().to_string(),
+        reason: format!("{reason:?}: {why}"),
+    });
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: false,
+        reason,
+        properties: Properties {
+            reason_string: v.is_v5().then(|| why.into()),
+            ..Properties::default()
+        },
+    });
+    write_now(io, &ack, v).await;
 }
 
 /// One budget for every log line about a misbehaving or refused client: a flood of bad
@@ -864,6 +907,13 @@ where
                 ));
             }
             if let Some(w) = &c.will {
+                if let Some(why) = inner
+                    .cfg()
+                    .user_properties_over(&w.properties.user_properties)
+                {
+                    Stats::inc(&inner.stats.properties_refused);
+                    return Err(refuse(ReasonCode::QuotaExceeded, why));
+                }
                 if w.qos > cfg.max_qos {
                     return Err(refuse(
                         ReasonCode::QoSNotSupported,
@@ -906,7 +956,7 @@ where
                                 c.username = Some(user.as_str().into());
                                 auth_reply = data;
                                 enhanced = Some((name, method));
-                                Ok(())
+                                Ok(Some(Arc::from(user.as_str())))
                             }
                             Err(e) => Err(e),
                         }
@@ -915,28 +965,13 @@ where
             }
             (Err(e), _) => Err(e),
         };
-        if let Err((reason, why)) = check {
-            Stats::inc(&inner.stats.connections_refused);
-            if let Some(suppressed) = PEER_LOG.admit() {
-                info!(%peer, client_id = %c.client_id, protocol = version_name(v), reason = ?reason, why, suppressed, "refused CONNECT");
+        let user = match check {
+            Ok(user) => user,
+            Err((reason, why)) => {
+                refuse_connect(&inner, &mut io, &peer, &c, reason, why).await;
+                return None;
             }
-            inner.monitor.emit_conn(|| Event::AuthFailed {
-                peer: peer.to_string(),
-                client_id: c.client_id.as_str().to_string(),
-                reason: format!("{reason:?}: {why}"),
-            });
-            let ack = Packet::ConnAck(ConnAck {
-                session_present: false,
-                reason,
-                properties: Properties {
-                    reason_string: v5.then(|| why.into()),
-                    ..Properties::default()
-                },
-            });
-            write_now(&mut io, &ack, v).await;
-            return None;
-        }
-
+        };
         let client_id: Arc<str> = if c.client_id.is_empty() {
             let id = assign_client_id(&inner);
             assigned = Some(id.clone());
@@ -944,6 +979,20 @@ where
         } else {
             c.client_id.as_str().into()
         };
+        let who = Identity {
+            client_id: client_id.clone(),
+            username: user.clone(),
+        };
+        // The will is a PUBLISH the client makes now for later: the same write rights
+        // apply (checked again when it is published; see `Inner::publish_will`).
+        if let Some(w) = &c.will
+            && !inner.may_write(&who, w.topic.as_str())
+        {
+            Stats::inc(&inner.stats.publish_denied);
+            let why = "not authorized to publish to the will topic";
+            refuse_connect(&inner, &mut io, &peer, &c, ReasonCode::NotAuthorized, why).await;
+            return None;
+        }
         tracing::Span::current().record("client_id", &*client_id);
         let requested_expiry = if v5 {
             c.properties.session_expiry_interval.unwrap_or(0)
@@ -964,13 +1013,13 @@ where
         let conn_info = Arc::new(ConnInfo::new(
             peer.clone(),
             admission.info.listener.clone(),
-            c.username.as_ref().map(|u| Arc::from(&u[..])),
+            user.clone(),
             v,
             keep_alive,
             c.clean_start,
         ));
         let conn_id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (session, present) = attach_session(
+        let Some((session, present)) = attach_session(
             &inner,
             &client_id,
             c.clean_start,
@@ -978,7 +1027,13 @@ where
             expiry,
             conn_id,
             conn_info.clone(),
-        );
+        ) else {
+            // Neither resumed nor taken over, nor discarded by a clean start: the owner's
+            // session and live connection stay as they are.
+            let why = "client id in use by another user's session";
+            refuse_connect(&inner, &mut io, &peer, &c, ReasonCode::NotAuthorized, why).await;
+            return None;
+        };
         inner.persist_session(&session, true);
 
         // [MQTT-3.1.2-22]: 1.5 times the keep alive without a packet closes the connection.
@@ -1031,8 +1086,8 @@ where
             .connections_maximum
             .fetch_max(open, Ordering::Relaxed);
         info!(
-            %peer, client_id = %client_id, protocol = version_name(v), clean_start = c.clean_start,
-            keep_alive, session_present = present, "client connected"
+            %peer, client_id = %client_id, user = user.as_deref(), protocol = version_name(v),
+            clean_start = c.clean_start, keep_alive, session_present = present, "client connected"
         );
         inner.monitor.emit_conn(|| Event::Connected {
             peer: peer.to_string(),
@@ -1651,6 +1706,29 @@ where
         if !p.properties.subscription_identifiers.is_empty() {
             return Err(self.protocol_error("subscription identifier from a client [MQTT-3.3.4-6]"));
         }
+        if let Some(why) = self
+            .live
+            .user_properties_over(&p.properties.user_properties)
+        {
+            // Only v5 has properties. Refused before anything holds them: 0x97 for QoS
+            // 1/2, QoS 0 dropped; counted either way.
+            Stats::inc(&self.inner.stats.properties_refused);
+            debug!(client_id = %self.at.session.client_id, why, "PUBLISH refused");
+            let ack = Ack {
+                reason: ReasonCode::QuotaExceeded,
+                properties: AckProperties {
+                    reason_string: Some(why.into()),
+                    ..AckProperties::default()
+                },
+                ..Ack::new(p.packet_id)
+            };
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.ack(0, Packet::PubAck(ack)),
+                QoS::ExactlyOnce => self.ack(0, Packet::PubRec(ack)),
+            }
+            return Ok(());
+        }
         let Publish {
             topic,
             payload,
@@ -1745,7 +1823,8 @@ where
                 .get()
                 .is_some_and(|p| p.payload_format_indicator == Some(true))
             && std::str::from_utf8(&p.payload).is_err();
-        let denied = !invalid_payload && !self.allowed(Access::Write, p.topic.as_str());
+        let denied = !invalid_payload
+            && (is_sys(p.topic.as_str()) || !self.allowed(Access::Write, p.topic.as_str()));
         let mut reason = ReasonCode::Success;
         if denied {
             // v5: PUBACK/PUBREC 0x87 ends the exchange. 3.1.1 has no way to say no: a
@@ -1772,9 +1851,6 @@ where
             let id = self.next_id;
             self.next_id += 1;
             self.ids_left -= 1;
-            let b = self.batch.get_or_insert_default();
-            b.charged.0 += p.topic.as_str().len() + p.payload.len();
-            b.charged.1 += 1;
             let msg = Arc::new(Message::from_parts(
                 id,
                 p.topic,
@@ -1792,6 +1868,10 @@ where
                 self.inner.instant_at(self.rx_ns),
                 Some(self.inner.memory),
             ));
+            // What its drop refunds (properties included).
+            let b = self.batch.get_or_insert_default();
+            b.charged.0 += msg.cost();
+            b.charged.1 += 1;
             let mut extra = Vec::new();
             if p.qos == QoS::ExactlyOnce && self.at.session.lock().persistent() {
                 // In the same batch as the routing: a crash keeps both or neither, so a held
@@ -2373,7 +2453,7 @@ where
     }
 
     /// On session resume, resends unacknowledged PUBLISH with DUP and PUBREL in their
-    /// original order [MQTT-4.4.0-1].
+    /// original order [MQTT-4.4.0-1], each PUBLISH only if the client may still read it.
     fn resend_inflight(&mut self) {
         let mut now = message::LazyNow::default();
         let st = self.at.session.lock();
@@ -2387,6 +2467,23 @@ where
         for (_, packet_id, state, out) in pending {
             if state == Awaiting::Comp {
                 self.send(&Packet::PubRel(Ack::new(packet_id)));
+                continue;
+            }
+            // Read rights are checked on every send, resends too: rules may have changed
+            // since the first send. A message the client may no longer read is dropped
+            // as if acknowledged.
+            if !self.allowed(Access::Read, out.msg.topic.as_str()) {
+                let mut st = self.at.session.lock();
+                if let Some(f) = st.inflight.remove(&packet_id)
+                    && st.persists(&f.out)
+                {
+                    self.inner.store.apply(vec![Op::Completed {
+                        client_id: self.at.session.client_id.to_string(),
+                        packet_id,
+                    }]);
+                }
+                drop(st);
+                Stats::inc(&self.inner.stats.dropped_not_authorized);
                 continue;
             }
             let d = Delivery {
@@ -2476,7 +2573,10 @@ where
 }
 
 /// Finds or creates the session for a new connection, taking it over from any connection
-/// attached to it [MQTT-3.1.4-3]. Returns it and "session present".
+/// attached to it [MQTT-3.1.4-3]. Returns it and "session present"; `None` when the
+/// client id belongs to a session bound to another identity (`SessionState::owner`):
+/// that session, and any connection attached to it, are left as they are, so no one
+/// can read, discard or kick another user's session by naming its client id.
 fn attach_session(
     inner: &Arc<Inner>,
     client_id: &Arc<str>,
@@ -2485,7 +2585,7 @@ fn attach_session(
     expiry: u32,
     conn_id: u64,
     info: Arc<ConnInfo>,
-) -> (Arc<Session>, bool) {
+) -> Option<(Arc<Session>, bool)> {
     let existing = inner
         .sessions
         .lock()
@@ -2494,6 +2594,12 @@ fn attach_session(
         .cloned();
     if let Some(old) = existing {
         let mut st = old.lock();
+        if !st.ended
+            && let Some(owner) = st.owner()
+            && owner != info.username.as_ref()
+        {
+            return None;
+        }
         // Taking over closes the old connection, which ends a session that lasts only as
         // long as its connection (v5 expiry 0, 3.x clean session) [MQTT-3.1.2-11]: it is
         // not resumed. (Its DISCONNECT may also still be unread on the old socket; the
@@ -2520,7 +2626,7 @@ fn attach_session(
                 }]);
             }
             old.online.store(true, Ordering::Relaxed);
-            return (old, true);
+            return Some((old, true));
         }
         drop(st);
         inner.end_session(&old);
@@ -2538,7 +2644,7 @@ fn attach_session(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(client_id.clone(), session.clone());
-    (session, false)
+    Some((session, false))
 }
 
 /// Detaches a closed connection from its session: publishes or schedules its will, and
@@ -2595,7 +2701,7 @@ fn detach(
         inner.redispatch_shared(session, orphans);
     }
     if let Some(w) = publish_now {
-        inner.publish_will(&session.client_id, &w);
+        inner.publish_will(session, &w);
     }
     if !still_mine {
         return;

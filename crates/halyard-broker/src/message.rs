@@ -40,6 +40,9 @@ pub(crate) fn owned_properties(p: PublishProperties) -> PublishProperties {
 #[derive(Debug)]
 struct WithProperties {
     properties: PublishProperties,
+    /// What the properties hold in memory (`PublishProperties::held_bytes` and this
+    /// box), fixed at creation: part of the message's [`Message::cost`].
+    held: usize,
     /// Encoded PUBLISH per (v5, has packet id): see [`Message::cached`].
     cache: [OnceLock<Bytes>; 4],
 }
@@ -147,6 +150,7 @@ impl Props {
         properties.subscription_identifiers.clear();
         Props((!properties.is_empty()).then(|| {
             Box::new(WithProperties {
+                held: properties.held_bytes() + std::mem::size_of::<WithProperties>(),
                 properties,
                 cache: Default::default(),
             })
@@ -246,7 +250,6 @@ impl Message {
         self.expires_at.is_some_and(|e| e <= now.get())
     }
 
-    /// Payload bytes plus topic: what a queued copy costs, for queue limits.
     /// Charges this message's bytes to `account` until it is dropped.
     pub(crate) fn charged_to(mut self, account: &'static MemoryUse) -> Self {
         account.charge(self.cost(), 1);
@@ -254,8 +257,14 @@ impl Message {
         self
     }
 
+    /// What this message holds, for every budget it is charged to (queue bytes,
+    /// retained bytes, `max_memory_bytes`): payload, topic and, when it has any, its
+    /// properties as held in memory (`WithProperties::held`). Fixed for the message's
+    /// life: charges and refunds must match.
     pub(crate) fn cost(&self) -> usize {
-        self.payload.len() + self.topic.as_str().len()
+        self.payload.len()
+            + self.topic.as_str().len()
+            + self.properties.as_deref().map_or(0, |w| w.held)
     }
 
     /// The broker-wide count this message is charged to, if any.

@@ -16,7 +16,8 @@ use crate::message::Message;
 #[derive(Debug, Default)]
 pub(crate) struct Retained {
     map: RwLock<HashMap<Box<str>, Arc<Message>>>,
-    /// Payload bytes held (under the map's lock; read without it for limits).
+    /// Bytes held, as `Message::cost` counts them (under the map's lock; read without
+    /// it for limits).
     bytes: std::sync::atomic::AtomicUsize,
     /// How many of the topics start with `$` (the broker's `$SYS` state), so operators
     /// can be shown their own count.
@@ -46,15 +47,15 @@ impl Retained {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         if msg.payload.is_empty() {
             if let Some(old) = map.remove(msg.topic.as_str()) {
-                self.bytes.fetch_sub(old.payload.len(), Relaxed);
+                self.bytes.fetch_sub(old.cost(), Relaxed);
                 self.count_dollar(msg.topic.as_str(), false);
             }
             return SetOutcome::Done;
         }
-        let old_len = map.get(msg.topic.as_str()).map(|m| m.payload.len());
+        let old_len = map.get(msg.topic.as_str()).map(|m| m.cost());
         let count_after = map.len() + usize::from(old_len.is_none());
-        let bytes_after = self.bytes.load(Relaxed) - old_len.unwrap_or(0) + msg.payload.len();
-        let grows = old_len.is_none_or(|l| msg.payload.len() > l);
+        let bytes_after = self.bytes.load(Relaxed) - old_len.unwrap_or(0) + msg.cost();
+        let grows = old_len.is_none_or(|l| msg.cost() > l);
         if grows
             && ((max_messages > 0 && count_after > max_messages)
                 || (max_bytes > 0 && bytes_after > max_bytes))
@@ -71,11 +72,11 @@ impl Retained {
     /// Restores one message at start-up.
     pub(crate) fn restore(&self, msg: Arc<Message>) {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        let len = msg.payload.len();
+        let len = msg.cost();
         let topic = msg.topic.clone();
         if let Some(old) = map.insert(msg.topic.as_str().into(), msg) {
             self.bytes
-                .fetch_sub(old.payload.len(), std::sync::atomic::Ordering::Relaxed);
+                .fetch_sub(old.cost(), std::sync::atomic::Ordering::Relaxed);
         } else {
             self.count_dollar(topic.as_str(), true);
         }
@@ -111,7 +112,7 @@ impl Retained {
         for t in &expired {
             if let Some(old) = map.remove(t.as_str()) {
                 self.bytes
-                    .fetch_sub(old.payload.len(), std::sync::atomic::Ordering::Relaxed);
+                    .fetch_sub(old.cost(), std::sync::atomic::Ordering::Relaxed);
                 self.count_dollar(t, false);
             }
         }
@@ -124,7 +125,7 @@ impl Retained {
         match map.remove(topic) {
             Some(old) => {
                 self.bytes
-                    .fetch_sub(old.payload.len(), std::sync::atomic::Ordering::Relaxed);
+                    .fetch_sub(old.cost(), std::sync::atomic::Ordering::Relaxed);
                 self.count_dollar(topic, false);
                 true
             }

@@ -149,6 +149,21 @@ impl ConnInfo {
         }
     }
 
+    /// What a session restored from the store knows of its last connection: the
+    /// identity it is bound to and the protocol. No peer or listener (empty), connected
+    /// at the epoch (0 ms).
+    pub(crate) fn restored(username: Option<Arc<str>>, protocol: ProtocolVersion) -> Self {
+        ConnInfo {
+            peer: Peer::Text("".into()),
+            listener: "".into(),
+            username,
+            protocol,
+            keep_alive: 0,
+            clean_start: false,
+            connected_ms: 0,
+        }
+    }
+
     /// When the CONNACK was sent (to the millisecond).
     pub fn connected_at(&self) -> std::time::SystemTime {
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.connected_ms)
@@ -170,7 +185,9 @@ pub(crate) struct SessionState {
     /// Milliseconds since the Unix epoch when the last connection closed; 0: attached,
     /// never connected, or ended by a takeover that did not resume it.
     closed_ms: u64,
-    /// The current or last connection; kept after it closes (admin API).
+    /// The current or last connection; kept after it closes (admin API). Its user name
+    /// is the identity the session is bound to (see [`SessionState::owner`]); a session
+    /// restored from the store gets one with its stored owner.
     pub(crate) info: Option<Arc<ConnInfo>>,
     /// Id of the last connection attached; timers carry it to ignore stale events.
     pub(crate) generation: u64,
@@ -314,6 +331,13 @@ impl Wake {
 }
 
 impl SessionState {
+    /// The identity this session is bound to: `Some(None)` anonymous, `Some(Some(user))`
+    /// a verified user name, `None` unknown (restored from a store written before
+    /// sessions were bound; the next connection that resumes it binds it).
+    pub(crate) fn owner(&self) -> Option<Option<&Arc<str>>> {
+        self.info.as_ref().map(|i| i.username.as_ref())
+    }
+
     /// The attached connection, if any.
     pub(crate) fn conn(&self) -> Option<&ConnLink> {
         self.conn.as_ref()

@@ -321,28 +321,72 @@ impl PublishProperties {
             && self.user_properties.is_empty()
     }
 
-    /// The same properties with every string and binary value copied into buffers of its
-    /// own (see [`crate::TopicName::copy_with`]: decoded values are slices of the read
-    /// buffer).
+    /// The same properties with every string and binary value copied out of the buffer
+    /// they were decoded from (see [`crate::TopicName::copy_with`]) into one buffer of
+    /// their own: one allocation for all of them, where a copy each cost an allocation
+    /// per user property key and value.
     pub fn copied(&self) -> PublishProperties {
-        let s = |v: &ByteString| ByteString::from(&**v);
+        let mut len = self.response_topic.as_ref().map_or(0, |t| t.as_str().len())
+            + self.correlation_data.as_ref().map_or(0, Bytes::len)
+            + self.content_type.as_ref().map_or(0, |c| c.len());
+        for (k, v) in &self.user_properties {
+            len += k.len() + v.len();
+        }
+        let mut buf = BytesMut::with_capacity(len);
+        for b in self
+            .response_topic
+            .iter()
+            .map(|t| t.as_str().as_bytes())
+            .chain(self.correlation_data.iter().map(|d| &d[..]))
+            .chain(self.content_type.iter().map(|c| &c.as_bytes()[..]))
+            .chain(
+                self.user_properties
+                    .iter()
+                    .flat_map(|(k, v)| [&k.as_bytes()[..], &v.as_bytes()[..]]),
+            )
+        {
+            buf.put_slice(b);
+        }
+        let mut all = buf.freeze();
+        let mut take = |n: usize| all.split_to(n);
+        // Each slice was valid UTF-8 (or a topic name) where it came from.
+        let text = |b: Bytes| ByteString::try_from(b).unwrap_or_default();
+        let response_topic = self.response_topic.as_ref().map(|t| {
+            TopicName::new(text(take(t.as_str().len()))).unwrap_or_else(|_| t.copy_with(&[]).0)
+        });
+        let correlation_data = self.correlation_data.as_ref().map(|d| take(d.len()));
+        let content_type = self.content_type.as_ref().map(|c| text(take(c.len())));
+        let mut user_properties = Vec::with_capacity(self.user_properties.len());
+        for (k, v) in &self.user_properties {
+            let k = text(take(k.len()));
+            user_properties.push((k, text(take(v.len()))));
+        }
         PublishProperties {
             payload_format_indicator: self.payload_format_indicator,
             message_expiry_interval: self.message_expiry_interval,
             topic_alias: self.topic_alias,
-            response_topic: self.response_topic.as_ref().map(|t| t.copy_with(&[]).0),
-            correlation_data: self
-                .correlation_data
-                .as_ref()
-                .map(|d| Bytes::copy_from_slice(d)),
+            response_topic,
+            correlation_data,
             subscription_identifiers: self.subscription_identifiers.clone(),
-            content_type: self.content_type.as_ref().map(s),
-            user_properties: self
-                .user_properties
-                .iter()
-                .map(|(k, v)| (s(k), s(v)))
-                .collect(),
+            content_type,
+            user_properties,
         }
+    }
+
+    /// Bytes these properties hold in memory beyond their own struct: the values' bytes
+    /// and the user properties' vector (what a broker charges to its memory budgets for a
+    /// message it keeps; many small user properties cost far more than their wire size).
+    pub fn held_bytes(&self) -> usize {
+        let pair = std::mem::size_of::<(ByteString, ByteString)>();
+        let mut n = self.response_topic.as_ref().map_or(0, |t| t.as_str().len())
+            + self.correlation_data.as_ref().map_or(0, Bytes::len)
+            + self.content_type.as_ref().map_or(0, |c| c.len())
+            + self.subscription_identifiers.capacity() * 4
+            + self.user_properties.capacity() * pair;
+        for (k, v) in &self.user_properties {
+            n += k.len() + v.len();
+        }
+        n
     }
 
     /// Read a PUBLISH's (or, with `will_delay`, a will's) property block.
@@ -814,6 +858,9 @@ mod tests {
         let c = p.copied();
         assert_eq!(c, p);
         let outside = |b: &[u8]| !wire.as_ptr_range().contains(&b.as_ptr());
+        // One buffer for all of them, each value where it was decoded in order.
+        let base = c.response_topic.as_ref().unwrap().as_str().as_ptr();
+        assert_eq!(c.user_properties[0].1.as_ptr(), base.wrapping_add(23));
         assert!(outside(
             c.response_topic.as_ref().unwrap().as_str().as_bytes()
         ));

@@ -60,6 +60,21 @@ pub struct SessionRecord {
     pub expiry_interval: u32,
     /// When the client disconnected; `None` while connected.
     pub disconnected_at: Option<SystemTime>,
+    /// The identity the session is bound to.
+    pub owner: SessionOwner,
+}
+
+/// The identity a session is bound to: only the same identity may resume it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SessionOwner {
+    /// Written before sessions were bound to an identity (a record without the field):
+    /// the next connection that resumes the session binds it.
+    #[default]
+    Unknown,
+    /// A client without a verified user name.
+    Anonymous,
+    /// A verified user name.
+    User(String),
 }
 
 /// One subscription of a session.
@@ -606,6 +621,7 @@ mod tests {
             protocol: ProtocolVersion::V5,
             expiry_interval: 60,
             disconnected_at: None,
+            owner: SessionOwner::Anonymous,
         })
     }
 

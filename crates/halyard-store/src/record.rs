@@ -17,7 +17,9 @@ use halyard_codec::{
     TopicName, decode,
 };
 
-use crate::{Op, PendingWill, SessionRecord, StoredDelivery, StoredMessage, SubscriptionRecord};
+use crate::{
+    Op, PendingWill, SessionOwner, SessionRecord, StoredDelivery, StoredMessage, SubscriptionRecord,
+};
 
 /// Format version of record bodies.
 pub const RECORD_VERSION: u8 = 1;
@@ -60,6 +62,15 @@ pub fn encode(op: &Op, out: &mut Vec<u8>) {
             w.u8(r.protocol.level());
             w.uv(u64::from(r.expiry_interval));
             w.time(r.disconnected_at);
+            // Last, so records written before it still read (as `Unknown`).
+            match &r.owner {
+                SessionOwner::Unknown => {}
+                SessionOwner::Anonymous => w.u8(0),
+                SessionOwner::User(u) => {
+                    w.u8(1);
+                    w.str(u.as_str());
+                }
+            }
         }
         Op::SessionDelete { client_id } => {
             w.u8(2);
@@ -255,6 +266,15 @@ pub fn decode_record(buf: &[u8]) -> Result<(Op, usize), RecordError> {
             },
             expiry_interval: u32::try_from(r.uv()?).map_err(|_| RecordError::Body("expiry"))?,
             disconnected_at: r.time()?,
+            owner: if r.0.is_empty() {
+                SessionOwner::Unknown
+            } else {
+                match r.u8()? {
+                    0 => SessionOwner::Anonymous,
+                    1 => SessionOwner::User(r.string()?),
+                    _ => return Err(RecordError::Body("session owner")),
+                }
+            },
         }),
         2 => Op::SessionDelete {
             client_id: r.string()?,
@@ -505,6 +525,21 @@ mod tests {
                 protocol: ProtocolVersion::V5,
                 expiry_interval: u32::MAX,
                 disconnected_at: Some(UNIX_EPOCH + Duration::from_secs(5)),
+                owner: SessionOwner::User("alice".into()),
+            }),
+            Op::SessionUpsert(SessionRecord {
+                client_id: c(),
+                protocol: ProtocolVersion::V3_1_1,
+                expiry_interval: 60,
+                disconnected_at: None,
+                owner: SessionOwner::Anonymous,
+            }),
+            Op::SessionUpsert(SessionRecord {
+                client_id: c(),
+                protocol: ProtocolVersion::V3_1_1,
+                expiry_interval: 60,
+                disconnected_at: None,
+                owner: SessionOwner::Unknown,
             }),
             Op::SessionDelete { client_id: c() },
             Op::Subscribe {

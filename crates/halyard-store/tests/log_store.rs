@@ -29,6 +29,7 @@ fn workload(clients: usize, messages: u64) -> Vec<Vec<Op>> {
                 protocol: ProtocolVersion::V5,
                 expiry_interval: 3600,
                 disconnected_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000)),
+                owner: halyard_store::SessionOwner::Anonymous,
             }),
             Op::Subscribe {
                 client_id: id.clone(),

@@ -248,6 +248,12 @@ pub(crate) async fn render(server: &Server) -> String {
         st.publish_throttled,
     );
     o.one(
+        "properties_refused",
+        "counter",
+        "Messages and wills refused for max_user_properties or max_user_properties_bytes.",
+        st.properties_refused,
+    );
+    o.one(
         "publish_paused_memory",
         "counter",
         "Times a publisher waited for max_memory_bytes.",

@@ -1,0 +1,621 @@
+//! The holes an attacker would try, over the raw wire, MQTT 3.1.1 and 5.0: a user name
+//! nothing verifies, wills past the ACL, another user's session, user properties outside
+//! the memory budgets. Each test is written as the attack; it fails on a broker that lets
+//! it through.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use halyard_auth::{AclFile, PasswordFile, Scheme};
+use halyard_broker::BrokerConfig;
+use halyard_broker::auth::{Anonymous, Security};
+use halyard_codec::*;
+use halyard_store::MemoryStore;
+use halyard_testkit::{RawClient, Recv, TestBroker, eventually};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// bob writes only to `bob/#`; alice owns `alice/#`; `watch` (anonymous allowed to read
+/// everything) observes.
+const ACL: &str = "\
+topic read #
+user alice
+topic readwrite alice/#
+user bob
+topic readwrite bob/#
+";
+
+fn users() -> PasswordFile {
+    let mut pw = PasswordFile::default();
+    pw.set("alice", b"a", Scheme::Sha512).unwrap();
+    pw.set("bob", b"b", Scheme::Sha512).unwrap();
+    pw
+}
+
+fn with_acl(acl: &str) -> Security {
+    Security {
+        authenticator: Some(Arc::new(users())),
+        authorizer: Some(Arc::new(AclFile::parse(acl, "acl").unwrap())),
+        anonymous: Anonymous::Allow,
+        ..Security::default()
+    }
+}
+
+struct Conn<'a> {
+    id: &'a str,
+    user: Option<&'a str>,
+    clean: bool,
+    will: Option<(&'a str, bool)>,
+}
+
+fn connect(v: ProtocolVersion, c: &Conn<'_>) -> Packet {
+    Packet::Connect(Box::new(Connect {
+        protocol: v,
+        clean_start: c.clean,
+        keep_alive: 60,
+        client_id: ClientId::new(c.id).unwrap(),
+        will: c.will.map(|(topic, retain)| Will {
+            qos: QoS::AtLeastOnce,
+            retain,
+            topic: TopicName::try_from(topic).unwrap(),
+            payload: Bytes::from_static(b"spoofed"),
+            properties: PublishProperties::default(),
+            delay_interval: None,
+        }),
+        username: c.user.map(Into::into),
+        // The password file's password is the user name's first letter.
+        password: c.user.map(|u| Bytes::copy_from_slice(&u.as_bytes()[..1])),
+        properties: Properties {
+            session_expiry_interval: (v.is_v5() && !c.clean).then_some(3600),
+            ..Properties::default()
+        },
+    }))
+}
+
+async fn connack<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut RawClient<S>,
+    v: ProtocolVersion,
+    c: &Conn<'_>,
+) -> ConnAck {
+    s.version = v;
+    s.send(&connect(v, c)).await;
+    match s.recv().await {
+        Packet::ConnAck(a) => a,
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+async fn online(tb: &TestBroker, v: ProtocolVersion, c: &Conn<'_>) -> RawClient<TcpStream> {
+    let mut s = tb.raw().await;
+    let a = connack(&mut s, v, c).await;
+    assert_eq!(a.reason, ReasonCode::Success, "{a:?}");
+    s
+}
+
+async fn subscribe(s: &mut RawClient<TcpStream>, filter: &str) {
+    s.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            TopicFilter::try_from(filter).unwrap(),
+            SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        )],
+        properties: Properties::default(),
+    }))
+    .await;
+    match s.recv().await {
+        Packet::SubAck(a) => assert!(a.reasons[0] as u8 <= 2, "{a:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn publish(s: &mut RawClient<TcpStream>, topic: &str, id: u16) -> Ack {
+    s.send(&Packet::Publish(Publish {
+        qos: QoS::AtLeastOnce,
+        packet_id: id,
+        ..Publish::new(TopicName::try_from(topic).unwrap(), &b"m"[..])
+    }))
+    .await;
+    match s.recv().await {
+        Packet::PubAck(a) => a,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The next PUBLISH within a short wait, unacknowledged; `None` on silence.
+async fn next_publish(s: &mut RawClient<TcpStream>) -> Option<Publish> {
+    match s.recv_within(Duration::from_millis(300)).await {
+        Recv::Packet(Packet::Publish(p)) => Some(p),
+        Recv::Timeout | Recv::Closed => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The reason a v5 client is told; 3.1.1 gets a positive PUBACK for a refused PUBLISH.
+fn v5_only(v: ProtocolVersion, r: ReasonCode) -> ReasonCode {
+    if v.is_v5() { r } else { ReasonCode::Success }
+}
+
+/// A user name is no identity unless something verifies it. Without a password file a
+/// client from a non-loopback address (a PROXY header says 203.0.113.7) is anonymous
+/// whatever user name it sends, and anonymous clients are loopback-only by default:
+/// CONNACK 0x87 (3.1.1: return code 5) with or without a user name.
+async fn unverified_user_name_is_refused_from_afar(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    // What `halyard serve` runs with when nothing about authentication is configured.
+    tb.broker.set_security(Security::default());
+    let proxied = tb.listen("tcp://127.0.0.1:0?proxy_protocol=true").await;
+    let addr = proxied.local_addr();
+    for user in [None, Some("x"), Some("admin")] {
+        let mut s = RawClient::new(TcpStream::connect(&addr).await.unwrap());
+        s.send_bytes(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 1883\r\n")
+            .await;
+        let a = connack(
+            &mut s,
+            v,
+            &Conn {
+                id: "far",
+                user,
+                clean: true,
+                will: None,
+            },
+        )
+        .await;
+        assert_eq!(a.reason, ReasonCode::NotAuthorized, "user {user:?}: {a:?}");
+        s.expect_close().await;
+    }
+    // On loopback an anonymous client is let in; its user name stays unverified.
+    online(
+        &tb,
+        v,
+        &Conn {
+            id: "near",
+            user: Some("x"),
+            clean: true,
+            will: None,
+        },
+    )
+    .await;
+}
+
+/// With an ACL but no password file, naming a user gives none of that user's rights: the
+/// client is anonymous (here: read-only), so alice's topics stay alice's.
+async fn unverified_user_name_gets_no_rights(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    tb.broker.set_security(Security {
+        authorizer: Some(Arc::new(AclFile::parse(ACL, "acl").unwrap())),
+        ..Security::default()
+    });
+    let mut watch = online(
+        &tb,
+        v,
+        &Conn {
+            id: "watch",
+            user: None,
+            clean: true,
+            will: None,
+        },
+    )
+    .await;
+    subscribe(&mut watch, "alice/#").await;
+    let mut fake = tb.raw().await;
+    fake.version = v;
+    fake.send(&Packet::Connect(Box::new(Connect {
+        password: None,
+        ..match connect(
+            v,
+            &Conn {
+                id: "fake",
+                user: Some("alice"),
+                clean: true,
+                will: None,
+            },
+        ) {
+            Packet::Connect(c) => *c,
+            _ => unreachable!(),
+        }
+    })))
+    .await;
+    assert!(matches!(fake.recv().await, Packet::ConnAck(a) if a.reason == ReasonCode::Success));
+    let a = publish(&mut fake, "alice/spoof", 3).await;
+    assert_eq!(a.reason, v5_only(v, ReasonCode::NotAuthorized));
+    assert!(
+        next_publish(&mut watch).await.is_none(),
+        "spoofed message delivered"
+    );
+}
+
+/// A will is a PUBLISH made at CONNECT: bob, who may write only `bob/#`, is refused a
+/// will on `alice/will` (v5 0x87, 3.1.1 return code 5); a will on his own topic is fine.
+async fn will_needs_write_rights_at_connect(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    tb.broker.set_security(with_acl(ACL));
+    let mut s = tb.raw().await;
+    let a = connack(
+        &mut s,
+        v,
+        &Conn {
+            id: "bob",
+            user: Some("bob"),
+            clean: true,
+            will: Some(("alice/will", true)),
+        },
+    )
+    .await;
+    assert_eq!(a.reason, ReasonCode::NotAuthorized);
+    assert!(tb.broker.stats().publish_denied >= 1);
+    online(
+        &tb,
+        v,
+        &Conn {
+            id: "bob",
+            user: Some("bob"),
+            clean: true,
+            will: Some(("bob/will", true)),
+        },
+    )
+    .await;
+}
+
+/// Rights are checked again when the will is published: revoked in between (a reload),
+/// the will goes nowhere and is not retained.
+async fn will_rights_rechecked_when_published(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    tb.broker.set_security(with_acl(ACL));
+    let bob = online(
+        &tb,
+        v,
+        &Conn {
+            id: "bob",
+            user: Some("bob"),
+            clean: true,
+            will: Some(("bob/will", true)),
+        },
+    )
+    .await;
+    let mut watch = online(
+        &tb,
+        v,
+        &Conn {
+            id: "watch",
+            user: None,
+            clean: true,
+            will: None,
+        },
+    )
+    .await;
+    subscribe(&mut watch, "bob/#").await;
+    tb.broker
+        .set_security(with_acl("topic read #\nuser bob\ntopic read bob/#\n"));
+    drop(bob); // no DISCONNECT: the will is due [MQTT-3.1.2-8]
+    eventually("the will is refused", || {
+        tb.broker.stats().publish_denied >= 1
+    })
+    .await;
+    assert!(next_publish(&mut watch).await.is_none(), "will delivered");
+    assert_eq!(tb.broker.stats().wills_published, 0);
+    assert_eq!(tb.broker.gauges().retained, 0, "will retained");
+}
+
+/// alice's persistent session (client id `alice-2`) is bound to alice: bob naming it is
+/// refused (0x87 / return code 5), with clean start or not, and neither alice's live
+/// connection nor her session is touched; alice resumes it with its in-flight message.
+async fn session_belongs_to_its_user(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    tb.broker.set_security(with_acl(ACL));
+    let alice_conn = Conn {
+        id: "alice-2",
+        user: Some("alice"),
+        clean: false,
+        will: None,
+    };
+    let mut alice = online(&tb, v, &alice_conn).await;
+    subscribe(&mut alice, "alice/#").await;
+    let mut p = online(
+        &tb,
+        v,
+        &Conn {
+            id: "pub",
+            user: Some("alice"),
+            clean: true,
+            will: None,
+        },
+    )
+    .await;
+    publish(&mut p, "alice/secret/1", 7).await;
+    let first = next_publish(&mut alice).await.expect("delivered to alice");
+    assert_eq!(first.topic.as_str(), "alice/secret/1");
+    for clean in [false, true] {
+        let mut bob = tb.raw().await;
+        let a = connack(
+            &mut bob,
+            v,
+            &Conn {
+                id: "alice-2",
+                user: Some("bob"),
+                clean,
+                will: None,
+            },
+        )
+        .await;
+        assert_eq!(a.reason, ReasonCode::NotAuthorized, "clean {clean}: {a:?}");
+        assert!(!a.session_present);
+        assert!(
+            next_publish(&mut bob).await.is_none(),
+            "bob got alice's message"
+        );
+    }
+    // alice was not kicked [MQTT-3.1.4-3 applies to the same client only].
+    alice.send(&Packet::PingReq).await;
+    assert!(matches!(alice.recv().await, Packet::PingResp));
+    drop(alice);
+    eventually("alice offline", || {
+        tb.broker.gauges().sessions_connected == 1
+    })
+    .await;
+    // Offline, the session is still hers alone; she resumes it and gets the resend.
+    let mut bob = tb.raw().await;
+    let a = connack(
+        &mut bob,
+        v,
+        &Conn {
+            id: "alice-2",
+            user: Some("bob"),
+            clean: false,
+            will: None,
+        },
+    )
+    .await;
+    assert_eq!(a.reason, ReasonCode::NotAuthorized);
+    let mut alice = tb.raw().await;
+    let a = connack(&mut alice, v, &alice_conn).await;
+    assert!(a.session_present, "{a:?}");
+    let again = next_publish(&mut alice)
+        .await
+        .expect("resent [MQTT-4.4.0-1]");
+    assert!(again.dup && again.topic.as_str() == "alice/secret/1");
+}
+
+/// The binding survives a restart: the store keeps the session's owner.
+async fn session_owner_survives_a_restart(v: ProtocolVersion) {
+    let store = Arc::new(MemoryStore::new());
+    let tb = TestBroker::with_store(BrokerConfig::default(), store.clone()).await;
+    tb.broker.set_security(with_acl(ACL));
+    let alice_conn = Conn {
+        id: "alice-3",
+        user: Some("alice"),
+        clean: false,
+        will: None,
+    };
+    let mut alice = online(&tb, v, &alice_conn).await;
+    subscribe(&mut alice, "alice/#").await;
+    drop(alice);
+    eventually("alice offline", || {
+        tb.broker.gauges().sessions_connected == 0
+    })
+    .await;
+    tb.broker.shutdown().await;
+    let tb = TestBroker::with_store(BrokerConfig::default(), store).await;
+    tb.broker.set_security(with_acl(ACL));
+    let mut bob = tb.raw().await;
+    let a = connack(
+        &mut bob,
+        v,
+        &Conn {
+            id: "alice-3",
+            user: Some("bob"),
+            clean: false,
+            will: None,
+        },
+    )
+    .await;
+    assert_eq!(a.reason, ReasonCode::NotAuthorized);
+    let mut alice = tb.raw().await;
+    assert!(connack(&mut alice, v, &alice_conn).await.session_present);
+}
+
+/// Read rights are checked on resend too: a message alice may no longer read (the rules
+/// changed while she was away) is not resent, and counted as withheld.
+async fn resend_rechecks_read_rights(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    tb.broker.set_security(with_acl(ACL));
+    let alice_conn = Conn {
+        id: "alice-4",
+        user: Some("alice"),
+        clean: false,
+        will: None,
+    };
+    let mut alice = online(&tb, v, &alice_conn).await;
+    subscribe(&mut alice, "alice/#").await;
+    let mut p = online(
+        &tb,
+        v,
+        &Conn {
+            id: "pub",
+            user: Some("alice"),
+            clean: true,
+            will: None,
+        },
+    )
+    .await;
+    publish(&mut p, "alice/secret/1", 7).await;
+    assert!(next_publish(&mut alice).await.is_some());
+    drop(alice);
+    eventually("alice offline", || {
+        tb.broker.gauges().sessions_connected == 1
+    })
+    .await;
+    tb.broker.set_security(with_acl(
+        "user alice\ntopic deny alice/secret/#\ntopic readwrite alice/#\n",
+    ));
+    let before = tb.broker.stats().dropped_not_authorized;
+    let mut alice = tb.raw().await;
+    assert!(connack(&mut alice, v, &alice_conn).await.session_present);
+    assert!(
+        next_publish(&mut alice).await.is_none(),
+        "resent past the ACL"
+    );
+    assert_eq!(tb.broker.stats().dropped_not_authorized, before + 1);
+    assert_eq!(tb.broker.gauges().inflight, 0);
+}
+
+/// `$SYS` is the broker's: no client publishes there, ACL or not (v5 PUBACK 0x87; 3.1.1
+/// acknowledged and dropped [MQTT-3.3.5-2]), and nothing is retained.
+async fn sys_topics_are_the_brokers(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut c = online(
+        &tb,
+        v,
+        &Conn {
+            id: "c",
+            user: None,
+            clean: true,
+            will: None,
+        },
+    )
+    .await;
+    c.send(&Packet::Publish(Publish {
+        qos: QoS::AtLeastOnce,
+        packet_id: 2,
+        retain: true,
+        ..Publish::new(
+            TopicName::try_from("$SYS/broker/version").unwrap(),
+            &b"spoofed"[..],
+        )
+    }))
+    .await;
+    match c.recv().await {
+        Packet::PubAck(a) => assert_eq!(a.reason, v5_only(v, ReasonCode::NotAuthorized)),
+        other => panic!("{other:?}"),
+    }
+    subscribe(&mut c, "$SYS/broker/version").await;
+    if let Some(p) = next_publish(&mut c).await {
+        assert_ne!(&p.payload[..], b"spoofed");
+    }
+    let mut w = tb.raw().await;
+    let a = connack(
+        &mut w,
+        v,
+        &Conn {
+            id: "w",
+            user: None,
+            clean: true,
+            will: Some(("$SYS/broker/uptime", true)),
+        },
+    )
+    .await;
+    assert_eq!(a.reason, ReasonCode::NotAuthorized);
+}
+
+fn user_props(n: usize, len: usize) -> Vec<(ByteString, ByteString)> {
+    (0..n)
+        .map(|i| (format!("{i:02}").into(), "v".repeat(len).into()))
+        .collect()
+}
+
+/// MQTT 5 only (3.1.1 has no properties). Over `max_user_properties` or
+/// `max_user_properties_bytes` a PUBLISH gets PUBACK 0x97 and goes nowhere; a will gets
+/// CONNACK 0x97. Within them, what a message's properties hold is charged to the
+/// retained and memory budgets, not only its payload.
+#[tokio::test]
+async fn user_properties_are_limited_and_charged() {
+    let cfg = BrokerConfig {
+        max_user_properties: 10,
+        max_user_properties_bytes: 2_000,
+        ..BrokerConfig::default()
+    };
+    let tb = TestBroker::with_config(cfg).await;
+    let v = ProtocolVersion::V5;
+    let mut c = online(
+        &tb,
+        v,
+        &Conn {
+            id: "c",
+            user: None,
+            clean: true,
+            will: None,
+        },
+    )
+    .await;
+    let send = |props: Vec<(ByteString, ByteString)>, id: u16| {
+        Packet::Publish(Publish {
+            qos: QoS::AtLeastOnce,
+            packet_id: id,
+            retain: true,
+            properties: PublishProperties {
+                user_properties: props,
+                ..Default::default()
+            },
+            ..Publish::new(TopicName::try_from("p/x").unwrap(), &b"1"[..])
+        })
+    };
+    for (props, why) in [
+        (user_props(11, 1), "count"),
+        (user_props(3, 1_000), "bytes"),
+    ] {
+        c.send(&send(props, 1)).await;
+        match c.recv().await {
+            Packet::PubAck(a) => assert_eq!(a.reason, ReasonCode::QuotaExceeded, "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(tb.broker.stats().properties_refused, 2);
+    assert_eq!(tb.broker.gauges().retained, 0);
+    c.send(&send(user_props(10, 150), 2)).await;
+    match c.recv().await {
+        Packet::PubAck(a) => assert!(a.reason as u8 <= 0x10, "{a:?}"),
+        other => panic!("{other:?}"),
+    }
+    let g = tb.broker.gauges();
+    assert_eq!(g.retained, 1);
+    // 10 × (2 + 150) bytes of names and values, plus what holds them.
+    assert!(
+        g.retained_bytes > 10 * 152,
+        "retained_bytes {}",
+        g.retained_bytes
+    );
+    assert!(
+        tb.broker.stats().message_bytes_alive as usize >= g.retained_bytes,
+        "{:?}",
+        tb.broker.stats()
+    );
+    let mut w = tb.raw().await;
+    w.version = v;
+    let mut will = connect(
+        v,
+        &Conn {
+            id: "w",
+            user: None,
+            clean: true,
+            will: Some(("p/will", false)),
+        },
+    );
+    if let Packet::Connect(c) = &mut will {
+        c.will.as_mut().unwrap().properties.user_properties = user_props(11, 1);
+    }
+    w.send(&will).await;
+    match w.recv().await {
+        Packet::ConnAck(a) => assert_eq!(a.reason, ReasonCode::QuotaExceeded),
+        other => panic!("{other:?}"),
+    }
+}
+
+macro_rules! both_versions {
+    ($($name:ident),* $(,)?) => {
+        mod v3_1_1 { $( #[tokio::test] async fn $name() { super::$name(halyard_codec::ProtocolVersion::V3_1_1).await } )* }
+        mod v5 { $( #[tokio::test] async fn $name() { super::$name(halyard_codec::ProtocolVersion::V5).await } )* }
+    };
+}
+
+both_versions!(
+    unverified_user_name_is_refused_from_afar,
+    unverified_user_name_gets_no_rights,
+    will_needs_write_rights_at_connect,
+    will_rights_rechecked_when_published,
+    session_belongs_to_its_user,
+    session_owner_survives_a_restart,
+    resend_rechecks_read_rights,
+    sys_topics_are_the_brokers,
+);
