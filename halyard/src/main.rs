@@ -184,7 +184,8 @@ fn serve(cfg: Config, source: server::ConfigSource) -> ExitCode {
 }
 
 async fn run(cfg: Config, source: server::ConfigSource, log_reload: server::LogReload) -> ExitCode {
-    if let Err(e) = std::fs::create_dir_all(&cfg.data_dir) {
+    // Owner-only: it holds the store (payloads in clear), API keys and the pid file.
+    if let Err(e) = halyard_store::private_dir(std::path::Path::new(&cfg.data_dir)) {
         error!(data_dir = %cfg.data_dir, error = %e, "cannot create the data directory");
         return ExitCode::FAILURE;
     }

@@ -237,6 +237,73 @@ fn exited_within(c: &mut Child, d: Duration) -> bool {
     false
 }
 
+/// One request with exactly these extra header lines; (status, body).
+fn raw_http(port: u16, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect admin");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("a response");
+    (head[9..12].parse().expect("status"), body.to_string())
+}
+
+/// Cross-site request forgery: what a hostile page can make a browser send with the
+/// credentials it holds for the admin API (an HTML form: text/plain, url-encoded or
+/// multipart bodies; any request marked cross-site or from another origin) changes
+/// nothing; the API's own clients (JSON bodies, the dashboard's header) still work, and
+/// the Basic scheme is read case-insensitively.
+#[test]
+fn forged_admin_requests_are_refused() {
+    let h = start("admin-csrf", "", &[]);
+    let (a, k) = (h.admin, h.key.as_str());
+    let auth = format!("Authorization: {}\r\n", basic(k));
+    let body = r#"{"topic":"ha/test","payload":"x","retain":true}"#;
+    let port = a;
+    for (headers, status) in [
+        (format!("{auth}Content-Type: text/plain\r\n"), 415),
+        (
+            format!("{auth}Content-Type: application/x-www-form-urlencoded\r\n"),
+            415,
+        ),
+        (
+            format!("{auth}Content-Type: multipart/form-data; boundary=x\r\n"),
+            415,
+        ),
+        (auth.clone(), 415),
+        (
+            format!("{auth}Content-Type: application/json\r\nOrigin: http://evil.example\r\n"),
+            403,
+        ),
+        (
+            format!("{auth}Content-Type: application/json\r\nSec-Fetch-Site: cross-site\r\n"),
+            403,
+        ),
+    ] {
+        let (st, b) = raw_http(a, "POST", "/api/v1/publish", &headers, body);
+        assert_eq!(st, status, "{headers}: {b}");
+    }
+    let (_, r) = json(a, "GET", "/api/v1/retained", k, None);
+    assert!(
+        !r.to_string().contains("ha/test"),
+        "a forged request published: {r}"
+    );
+    // The API's own clients.
+    let lower = format!(
+        "Authorization: basic {}\r\nContent-Type: application/json; charset=utf-8\r\nOrigin: http://127.0.0.1:{port}\r\n",
+        basic(k).trim_start_matches("Basic ")
+    );
+    let (st, b) = raw_http(a, "POST", "/api/v1/publish", &lower, body);
+    assert_eq!(st, 200, "{b}");
+    let ui = format!("{auth}X-Halyard-UI: 1\r\nSec-Fetch-Site: same-origin\r\n");
+    let (st, b) = raw_http(a, "POST", "/api/v1/publish", &ui, body);
+    assert_eq!(st, 200, "{b}");
+}
+
 #[test]
 fn rest_api_endpoints_with_api_keys() {
     let h = start("admin-api", "", &[]);
@@ -245,7 +312,10 @@ fn rest_api_endpoints_with_api_keys() {
     // Authentication: none, wrong, right. Errors are JSON with code and message.
     let (st, head, body) = http(a, "GET", "/api/v1/stats", None, None);
     assert_eq!(st, 401);
-    assert!(head.contains("www-authenticate: Basic"), "{head}");
+    // No browser prompt: a browser that answered it would send the key with requests
+    // other sites forge.
+    assert!(!head.to_lowercase().contains("www-authenticate"), "{head}");
+    assert!(head.contains("x-frame-options: DENY"), "{head}");
     let e: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(e["code"], "UNAUTHORIZED");
     assert!(e["message"].as_str().unwrap().contains("Basic"));

@@ -172,6 +172,17 @@ impl Hash {
         }
     }
 
+    /// Orders schemes by what one check costs (argon2id, then PBKDF2 by iterations, then
+    /// SCRAM's stored PBKDF2, then one SHA-512).
+    fn cost_rank(&self) -> (u8, u32) {
+        match self {
+            Hash::Argon2(_) => (3, 0),
+            Hash::Pbkdf2 { iterations, .. } => (2, *iterations),
+            Hash::Scram(_) => (1, 0),
+            Hash::Sha512 { .. } => (0, 0),
+        }
+    }
+
     fn verify(&self, password: &[u8]) -> bool {
         match self {
             Hash::Sha512 { salt, hash } => ct_eq(&sha512(&[password, salt]), hash),
@@ -209,10 +220,6 @@ pub struct PasswordFile {
     /// Where it was read from (for messages).
     pub path: Option<PathBuf>,
 }
-
-/// Checking a user name that is not in the file still costs one hash of this kind, so the
-/// time taken does not tell whether the user exists.
-static DUMMY_PBKDF2_SALT: [u8; 12] = *b"halyard-none";
 
 impl PasswordFile {
     /// Parses the text of a file; `origin` names it in errors (`origin:line: ...`).
@@ -258,10 +265,20 @@ impl PasswordFile {
         match self.users.get(user) {
             Some(h) => h.verify(password),
             None => {
-                let _ = pbkdf2(password, &DUMMY_PBKDF2_SALT, 101, 64);
+                // A user name that is not in the file costs what the file's costliest
+                // check costs (the check itself, against another entry's hash, its
+                // result ignored), so the time taken does not tell whether it exists.
+                if let Some(h) = self.dummy() {
+                    let _ = h.verify(password);
+                }
                 false
             }
         }
+    }
+
+    /// The hash an unknown user name is checked against: the costliest in the file.
+    fn dummy(&self) -> Option<&Hash> {
+        self.users.values().max_by_key(|h| h.cost_rank())
     }
 
     /// Adds or replaces `user` with a new hash of `password`.
@@ -358,6 +375,32 @@ impl Authenticator for PasswordFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wrong password for a user the file does not have costs the costliest check the
+    /// file holds, so timing tells nothing (the dummy was a 101-iteration PBKDF2 while
+    /// users were argon2id: 0.26 ms against 15-26 ms).
+    #[test]
+    fn unknown_users_cost_the_costliest_check() {
+        let mut f = PasswordFile::default();
+        f.set("cheap", b"x", Scheme::Sha512).unwrap();
+        f.set("pbkdf2", b"x", Scheme::Pbkdf2Sha512(1_000)).unwrap();
+        f.set("alice", b"x", Scheme::Argon2id).unwrap();
+        assert!(matches!(f.dummy(), Some(Hash::Argon2(_))));
+        assert!(
+            !f.verify("mallory", b"x"),
+            "the dummy's result is never used"
+        );
+        let mut g = PasswordFile::default();
+        g.set("a", b"x", Scheme::Pbkdf2Sha512(101)).unwrap();
+        g.set("b", b"x", Scheme::Pbkdf2Sha512(20_000)).unwrap();
+        assert!(matches!(
+            g.dummy(),
+            Some(Hash::Pbkdf2 {
+                iterations: 20_000,
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn reads_mosquitto_formats_and_writes_argon2id() {

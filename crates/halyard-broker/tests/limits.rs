@@ -18,7 +18,7 @@ fn cfg() -> BrokerConfig {
         max_topic_levels: 4,
         max_topic_length: 32,
         max_retained_messages: 2,
-        max_retained_bytes: 10,
+        max_retained_bytes: 16, // topic + payload (+ properties) of each
         ..BrokerConfig::default()
     }
 }
@@ -123,8 +123,8 @@ async fn retained_count_and_bytes(v: ProtocolVersion) {
         c.send(&retain(t, p)).await;
         assert!(matches!(c.recv().await, Packet::PubAck(_)));
     }
-    // r/3 was over the count (2), r/1's growth to 7 bytes over the byte budget (10): the
-    // earlier values stay. A replacement that shrinks is always accepted.
+    // r/3 was over the count (2), r/1's growth to 3 + 7 bytes over the byte budget (16,
+    // with r/2's 3 + 4): the earlier values stay. A replacement that shrinks is always accepted.
     c.send(&retain("r/2", b"1")).await;
     assert!(matches!(c.recv().await, Packet::PubAck(_)));
     assert_eq!(tb.broker.counts().2, 2);

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 pub mod log;
 pub mod record;
 
-pub use log::{LogConfig, LogStore, RecoveryReport, SyncMode};
+pub use log::{LogConfig, LogStore, RecoveryReport, SyncMode, private_dir};
 use std::sync::Mutex;
 use std::time::SystemTime;
 

@@ -262,12 +262,40 @@ fn read_dir_state(dir: &Path, repair: bool) -> io::Result<(Recovered, RecoveryRe
     Ok((image, report))
 }
 
+/// Creates `dir` (and its parents) readable by its owner only, and takes group and
+/// other rights away from an existing one: the log holds payloads in clear.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let mode = fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o700))?;
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    fs::create_dir_all(dir)
+}
+
+/// Options for a store file: created readable and writable by its owner only.
+fn private_file() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o
+}
+
 impl LogStore {
     /// Opens (creating if needed) the store in `cfg.dir`, recovers it, and starts the
     /// writer thread. Fails if another process holds the directory or a snapshot is bad.
     pub fn open(cfg: LogConfig) -> io::Result<LogStore> {
-        fs::create_dir_all(&cfg.dir)?;
-        let lock = OpenOptions::new()
+        private_dir(&cfg.dir)?;
+        let lock = private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -287,7 +315,7 @@ impl LogStore {
         }
         image.collect_garbage();
         let generation = report.generation;
-        let wal = OpenOptions::new()
+        let wal = private_file()
             .create(true)
             .append(true)
             .open(wal_path(&cfg.dir, generation))?;
@@ -580,7 +608,11 @@ impl Writer {
         let next = self.generation + 1;
         let dir = self.cfg.dir.clone();
         let tmp = dir.join(format!("snapshot-{next:016x}.tmp"));
-        let mut f = File::create(&tmp)?;
+        let mut f = private_file()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)?;
         let mut buf = Vec::with_capacity(1 << 20);
         let mut written = 0u64;
         for op in image_ops(&self.image) {
@@ -596,7 +628,7 @@ impl Writer {
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, snapshot_path(&dir, next))?;
-        let wal = OpenOptions::new()
+        let wal = private_file()
             .create(true)
             .truncate(true)
             .write(true)

@@ -345,3 +345,22 @@ fn a_damaged_snapshot_is_refused() {
     assert!(e.to_string().contains("damaged snapshot"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The log holds payloads in clear: its directory is the owner's only (an existing one
+/// loses group and other rights), its files are created 0600.
+#[cfg(unix)]
+#[test]
+fn store_directory_and_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmpdir("private");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = LogStore::open(LogConfig::new(&dir)).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let f = f.unwrap().path();
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+    drop(s);
+}

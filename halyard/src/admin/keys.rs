@@ -185,7 +185,10 @@ impl KeyCache {
         let creds = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Basic "))
+            // The scheme is case-insensitive (RFC 9110, 11.1).
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+            .map(|(_, b)| b)
             .and_then(|b| {
                 base64::engine::general_purpose::STANDARD
                     .decode(b.trim())

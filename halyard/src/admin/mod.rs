@@ -183,16 +183,67 @@ pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
-fn error_response(e: &ApiError, ui: bool) -> Response<Body> {
-    let mut r = json_response(e.status, &json!({"code": e.code, "message": e.message}));
-    // Browsers prompt for credentials on this header; the dashboard has its own form.
-    if e.status == StatusCode::UNAUTHORIZED && !ui {
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Basic realm=\"halyard\""),
-        );
+/// No `WWW-Authenticate` on a 401: a browser would prompt for the key, then send it
+/// with every later request to this origin, including requests forged by other sites
+/// (see [`refuse_forgery`]). API clients send Basic credentials unasked (`curl -u`); the
+/// dashboard has its own form.
+fn error_response(e: &ApiError) -> Response<Body> {
+    json_response(e.status, &json!({"code": e.code, "message": e.message}))
+}
+
+/// Refuses a state-changing request a browser could have sent for another site (CSRF):
+/// one marked cross-site (`Sec-Fetch-Site`) or from another `Origin`, and one whose body is
+/// not declared JSON without the dashboard's header. HTML forms can send neither a JSON
+/// content type nor a custom header, and `fetch` cannot send them cross-site without a
+/// CORS preflight, which this API never grants.
+fn refuse_forgery(headers: &header::HeaderMap) -> Result<(), ApiError> {
+    let forbidden = |m: &str| ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", m);
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site")
+        && !matches!(site, "same-origin" | "none")
+    {
+        return Err(forbidden("cross-site request refused"));
     }
-    r
+    if let Some(origin) = text("origin") {
+        let host = text("host").unwrap_or("");
+        let same = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .is_some_and(|o| o.eq_ignore_ascii_case(host));
+        if !same {
+            return Err(forbidden("request from another origin refused"));
+        }
+    }
+    let json = text("content-type").is_some_and(|t| {
+        t.split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !json && !headers.contains_key("x-halyard-ui") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send Content-Type: application/json",
+        ));
+    }
+    Ok(())
+}
+
+/// Headers on every admin response: no framing (clickjacking), no MIME sniffing, no
+/// referrer, and a content policy that lets the dashboard load nothing from elsewhere.
+fn harden(r: &mut Response<Body>) {
+    let h = r.headers_mut();
+    for (k, v) in [
+        (
+            "content-security-policy",
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+        ("x-frame-options", "DENY"),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+    ] {
+        h.insert(k, header::HeaderValue::from_static(v));
+    }
 }
 
 fn text_response(
@@ -209,8 +260,13 @@ fn text_response(
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let mut r = respond(state, req, peer).await;
+    harden(&mut r);
+    r
+}
+
+async fn respond(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let ui = req.headers().contains_key("x-halyard-ui");
     let method = req.method().clone();
     let r = match (method.as_str(), path.as_str()) {
         ("GET", "/" | "/index.html") => Ok(text_response(
@@ -223,7 +279,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> 
             if state.server.config().admin.metrics_auth
                 && let Err(e) = state.keys.check(req.headers()).await
             {
-                return error_response(&e, ui);
+                return error_response(&e);
             }
             Ok(text_response(
                 StatusCode::OK,
@@ -238,7 +294,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> 
         if e.status.is_server_error() {
             warn!(%peer, %method, path, code = e.code, message = %e.message, "admin request failed");
         }
-        error_response(&e, ui)
+        error_response(&e)
     })
 }
 
@@ -318,6 +374,9 @@ async fn route(
         if *m != method.as_str() {
             allowed.push(*m);
             continue;
+        }
+        if method != Method::GET {
+            refuse_forgery(req.headers())?;
         }
         if *pattern != "/api/v1/openapi.json" {
             let key = state.keys.check(req.headers()).await?;
