@@ -1,5 +1,7 @@
 # Halyard in a container: `docker build -t halyard .` then
-#   docker run -p 1883:1883 -p 18083:18083 -v halyard-data:/var/lib/halyard halyard
+#   docker run -p 1883:1883 -p 127.0.0.1:18083:18083 -v halyard-data:/var/lib/halyard halyard
+# (the admin HTTP port on the host's loopback only). Clients need a password file: without
+# one every client is anonymous, and anonymous clients are served on loopback only.
 # The configuration is contrib/halyard-docker.toml (mount your own over it).
 FROM rust:1-bookworm AS build
 WORKDIR /src
