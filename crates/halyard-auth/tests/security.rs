@@ -299,22 +299,23 @@ async fn will_rights_rechecked_when_published(v: ProtocolVersion) {
     assert_eq!(tb.broker.gauges().retained, 0, "will retained");
 }
 
-/// alice's persistent session (client id `alice-2`) is bound to alice: bob naming it is
-/// refused (0x87 / return code 5), with clean start or not, and neither alice's live
-/// connection nor her session is touched; alice resumes it with its in-flight message.
-async fn session_belongs_to_its_user(v: ProtocolVersion) {
-    let tb = TestBroker::start().await;
-    tb.broker.set_security(with_acl(ACL));
+/// alice online with a persistent session `id`, subscribed to `alice/#`, one QoS 1
+/// message on `alice/secret/1` sent to her and not acknowledged.
+async fn alice_with_message_in_flight(
+    tb: &TestBroker,
+    v: ProtocolVersion,
+    id: &'static str,
+) -> (RawClient<TcpStream>, Conn<'static>) {
     let alice_conn = Conn {
-        id: "alice-2",
+        id,
         user: Some("alice"),
         clean: false,
         will: None,
     };
-    let mut alice = online(&tb, v, &alice_conn).await;
+    let mut alice = online(tb, v, &alice_conn).await;
     subscribe(&mut alice, "alice/#").await;
     let mut p = online(
-        &tb,
+        tb,
         v,
         &Conn {
             id: "pub",
@@ -327,6 +328,16 @@ async fn session_belongs_to_its_user(v: ProtocolVersion) {
     publish(&mut p, "alice/secret/1", 7).await;
     let first = next_publish(&mut alice).await.expect("delivered to alice");
     assert_eq!(first.topic.as_str(), "alice/secret/1");
+    (alice, alice_conn)
+}
+
+/// alice's persistent session (client id `alice-2`) is bound to alice: bob naming it is
+/// refused (0x87 / return code 5), with clean start or not, and neither alice's live
+/// connection nor her session is touched; alice resumes it with its in-flight message.
+async fn session_belongs_to_its_user(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    tb.broker.set_security(with_acl(ACL));
+    let (mut alice, alice_conn) = alice_with_message_in_flight(&tb, v, "alice-2").await;
     for clean in [false, true] {
         let mut bob = tb.raw().await;
         let a = connack(
@@ -352,7 +363,7 @@ async fn session_belongs_to_its_user(v: ProtocolVersion) {
     assert!(matches!(alice.recv().await, Packet::PingResp));
     drop(alice);
     eventually("alice offline", || {
-        tb.broker.gauges().sessions_connected == 1
+        tb.broker.gauges().sessions_connected == 0
     })
     .await;
     // Offline, the session is still hers alone; she resumes it and gets the resend.
@@ -421,30 +432,10 @@ async fn session_owner_survives_a_restart(v: ProtocolVersion) {
 async fn resend_rechecks_read_rights(v: ProtocolVersion) {
     let tb = TestBroker::start().await;
     tb.broker.set_security(with_acl(ACL));
-    let alice_conn = Conn {
-        id: "alice-4",
-        user: Some("alice"),
-        clean: false,
-        will: None,
-    };
-    let mut alice = online(&tb, v, &alice_conn).await;
-    subscribe(&mut alice, "alice/#").await;
-    let mut p = online(
-        &tb,
-        v,
-        &Conn {
-            id: "pub",
-            user: Some("alice"),
-            clean: true,
-            will: None,
-        },
-    )
-    .await;
-    publish(&mut p, "alice/secret/1", 7).await;
-    assert!(next_publish(&mut alice).await.is_some());
+    let (alice, alice_conn) = alice_with_message_in_flight(&tb, v, "alice-4").await;
     drop(alice);
     eventually("alice offline", || {
-        tb.broker.gauges().sessions_connected == 1
+        tb.broker.gauges().sessions_connected == 0
     })
     .await;
     tb.broker.set_security(with_acl(

@@ -1722,11 +1722,7 @@ where
                 },
                 ..Ack::new(p.packet_id)
             };
-            match p.qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.ack(0, Packet::PubAck(ack)),
-                QoS::ExactlyOnce => self.ack(0, Packet::PubRec(ack)),
-            }
+            self.answer_unrouted(p.qos, ack);
             return Ok(());
         }
         let Publish {
@@ -1748,6 +1744,16 @@ where
             },
             Props::new(properties),
         )
+    }
+
+    /// Answers a PUBLISH that goes nowhere with `ack`: PUBACK or PUBREC (nothing for QoS
+    /// 0). Its packet id is not held: a QoS 2 exchange ends at the PUBREC.
+    fn answer_unrouted(&mut self, qos: QoS, ack: Ack) {
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.ack(0, Packet::PubAck(ack)),
+            QoS::ExactlyOnce => self.ack(0, Packet::PubRec(ack)),
+        }
     }
 
     /// The checks and routing every PUBLISH goes through once its topic is known. Its
@@ -1774,11 +1780,7 @@ where
                 },
                 ..Ack::new(p.packet_id)
             };
-            match p.qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.ack(0, Packet::PubAck(ack)),
-                QoS::ExactlyOnce => self.ack(0, Packet::PubRec(ack)),
-            }
+            self.answer_unrouted(p.qos, ack);
             return Ok(());
         }
         if let Some(r) = &mut self.rate {
