@@ -686,7 +686,6 @@ impl Inner {
         Stats::add(counter, n as u64);
     }
 
-    /// Publishes a will message.
     /// Publishes a will, if its client may still write to its topic: rights are checked
     /// again here, not only at CONNECT, since they may have changed in between (reload,
     /// a delay, a restart).
@@ -1032,16 +1031,12 @@ impl Inner {
             {
                 let mut st = session.lock();
                 st.stored = true;
-                st.info = match &s.record.owner {
+                let owner = match &s.record.owner {
                     SessionOwner::Unknown => None,
-                    SessionOwner::Anonymous => {
-                        Some(Arc::new(ConnInfo::restored(None, s.record.protocol)))
-                    }
-                    SessionOwner::User(u) => Some(Arc::new(ConnInfo::restored(
-                        Some(u.as_str().into()),
-                        s.record.protocol,
-                    ))),
+                    SessionOwner::Anonymous => Some(None),
+                    SessionOwner::User(u) => Some(Some(u.as_str().into())),
                 };
+                st.info = owner.map(|user| Arc::new(ConnInfo::restored(user, s.record.protocol)));
                 for (filter, rec) in &s.subscriptions {
                     let Ok(f) = TopicFilter::try_from(filter.as_str()) else {
                         continue;

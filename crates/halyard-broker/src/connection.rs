@@ -907,10 +907,7 @@ where
                 ));
             }
             if let Some(w) = &c.will {
-                if let Some(why) = inner
-                    .cfg()
-                    .user_properties_over(&w.properties.user_properties)
-                {
+                if let Some(why) = cfg.user_properties_over(&w.properties.user_properties) {
                     Stats::inc(&inner.stats.properties_refused);
                     return Err(refuse(ReasonCode::QuotaExceeded, why));
                 }
@@ -1825,8 +1822,7 @@ where
                 .get()
                 .is_some_and(|p| p.payload_format_indicator == Some(true))
             && std::str::from_utf8(&p.payload).is_err();
-        let denied = !invalid_payload
-            && (is_sys(p.topic.as_str()) || !self.allowed(Access::Write, p.topic.as_str()));
+        let denied = !invalid_payload && !self.allowed(Access::Write, p.topic.as_str());
         let mut reason = ReasonCode::Success;
         if denied {
             // v5: PUBACK/PUBREC 0x87 ends the exchange. 3.1.1 has no way to say no: a
@@ -2398,7 +2394,12 @@ where
     /// topic too)`. A new alias is only remembered by [`Self::alias_sent`] once the packet
     /// that introduces it was actually written.
     /// Whether this client may do `access` on `topic`, from the cache when possible.
+    /// `$SYS` is the broker's: never writable by a client, whatever the rules say (the
+    /// same rule as `Inner::may_write`, for the paths without a connection).
     fn allowed(&mut self, access: Access, topic: &str) -> bool {
+        if access == Access::Write && is_sys(topic) {
+            return false;
+        }
         let generation = self.inner.security_generation();
         if generation != self.acl.generation {
             self.acl.generation = generation;

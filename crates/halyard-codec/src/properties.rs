@@ -326,13 +326,7 @@ impl PublishProperties {
     /// their own: one allocation for all of them, where a copy each cost an allocation
     /// per user property key and value.
     pub fn copied(&self) -> PublishProperties {
-        let mut len = self.response_topic.as_ref().map_or(0, |t| t.as_str().len())
-            + self.correlation_data.as_ref().map_or(0, Bytes::len)
-            + self.content_type.as_ref().map_or(0, |c| c.len());
-        for (k, v) in &self.user_properties {
-            len += k.len() + v.len();
-        }
-        let mut buf = BytesMut::with_capacity(len);
+        let mut buf = BytesMut::with_capacity(self.value_bytes());
         for b in self
             .response_topic
             .iter()
@@ -378,15 +372,21 @@ impl PublishProperties {
     /// message it keeps; many small user properties cost far more than their wire size).
     pub fn held_bytes(&self) -> usize {
         let pair = std::mem::size_of::<(ByteString, ByteString)>();
-        let mut n = self.response_topic.as_ref().map_or(0, |t| t.as_str().len())
+        self.value_bytes()
+            + self.subscription_identifiers.capacity() * 4
+            + self.user_properties.capacity() * pair
+    }
+
+    /// Bytes of the string and binary values (what [`Self::copied`] copies).
+    fn value_bytes(&self) -> usize {
+        self.response_topic.as_ref().map_or(0, |t| t.as_str().len())
             + self.correlation_data.as_ref().map_or(0, Bytes::len)
             + self.content_type.as_ref().map_or(0, |c| c.len())
-            + self.subscription_identifiers.capacity() * 4
-            + self.user_properties.capacity() * pair;
-        for (k, v) in &self.user_properties {
-            n += k.len() + v.len();
-        }
-        n
+            + self
+                .user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
     }
 
     /// Read a PUBLISH's (or, with `will_delay`, a will's) property block.
