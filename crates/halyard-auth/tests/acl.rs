@@ -12,6 +12,9 @@ use halyard_codec::*;
 use halyard_testkit::{RawClient, Recv, TestBroker};
 use tokio::net::TcpStream;
 
+mod common;
+use common::subscribe;
+
 const ACL: &str = "\
 topic read public/#
 user alice
@@ -60,25 +63,6 @@ async fn client(
         other => panic!("{other:?}"),
     }
     c
-}
-
-async fn subscribe(c: &mut RawClient<TcpStream>, filter: &str) -> ReasonCode {
-    c.send(&Packet::Subscribe(Subscribe {
-        packet_id: 9,
-        filters: vec![(
-            TopicFilter::try_from(filter).unwrap(),
-            SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                ..Default::default()
-            },
-        )],
-        properties: Properties::default(),
-    }))
-    .await;
-    match c.recv().await {
-        Packet::SubAck(s) => s.reasons[0],
-        other => panic!("{other:?}"),
-    }
 }
 
 async fn publish(c: &mut RawClient<TcpStream>, topic: &str, retain: bool) -> ReasonCode {

@@ -15,6 +15,8 @@ use halyard_testkit::{RawClient, Recv, TestBroker, eventually};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+mod common;
+
 /// bob writes only to `bob/#`; alice owns `alice/#`; `watch` (anonymous allowed to read
 /// everything) observes.
 const ACL: &str = "\
@@ -92,23 +94,10 @@ async fn online(tb: &TestBroker, v: ProtocolVersion, c: &Conn<'_>) -> RawClient<
     s
 }
 
-async fn subscribe(s: &mut RawClient<TcpStream>, filter: &str) {
-    s.send(&Packet::Subscribe(Subscribe {
-        packet_id: 1,
-        filters: vec![(
-            TopicFilter::try_from(filter).unwrap(),
-            SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                ..Default::default()
-            },
-        )],
-        properties: Properties::default(),
-    }))
-    .await;
-    match s.recv().await {
-        Packet::SubAck(a) => assert!(a.reasons[0] as u8 <= 2, "{a:?}"),
-        other => panic!("{other:?}"),
-    }
+/// Subscribes, and the subscription must be granted.
+async fn subscribed(s: &mut RawClient<TcpStream>, filter: &str) {
+    let r = common::subscribe(s, filter).await;
+    assert!(r as u8 <= 2, "{r:?}");
 }
 
 async fn publish(s: &mut RawClient<TcpStream>, topic: &str, id: u16) -> Ack {
@@ -199,7 +188,7 @@ async fn unverified_user_name_gets_no_rights(v: ProtocolVersion) {
         },
     )
     .await;
-    subscribe(&mut watch, "alice/#").await;
+    subscribed(&mut watch, "alice/#").await;
     let mut fake = tb.raw().await;
     fake.version = v;
     fake.send(&Packet::Connect(Box::new(Connect {
@@ -286,7 +275,7 @@ async fn will_rights_rechecked_when_published(v: ProtocolVersion) {
         },
     )
     .await;
-    subscribe(&mut watch, "bob/#").await;
+    subscribed(&mut watch, "bob/#").await;
     tb.broker
         .set_security(with_acl("topic read #\nuser bob\ntopic read bob/#\n"));
     drop(bob); // no DISCONNECT: the will is due [MQTT-3.1.2-8]
@@ -313,7 +302,7 @@ async fn alice_with_message_in_flight(
         will: None,
     };
     let mut alice = online(tb, v, &alice_conn).await;
-    subscribe(&mut alice, "alice/#").await;
+    subscribed(&mut alice, "alice/#").await;
     let mut p = online(
         tb,
         v,
@@ -401,7 +390,7 @@ async fn session_owner_survives_a_restart(v: ProtocolVersion) {
         will: None,
     };
     let mut alice = online(&tb, v, &alice_conn).await;
-    subscribe(&mut alice, "alice/#").await;
+    subscribed(&mut alice, "alice/#").await;
     drop(alice);
     eventually("alice offline", || {
         tb.broker.gauges().sessions_connected == 0
@@ -481,7 +470,7 @@ async fn sys_topics_are_the_brokers(v: ProtocolVersion) {
         Packet::PubAck(a) => assert_eq!(a.reason, v5_only(v, ReasonCode::NotAuthorized)),
         other => panic!("{other:?}"),
     }
-    subscribe(&mut c, "$SYS/broker/version").await;
+    subscribed(&mut c, "$SYS/broker/version").await;
     if let Some(p) = next_publish(&mut c).await {
         assert_ne!(&p.payload[..], b"spoofed");
     }
