@@ -113,6 +113,39 @@ async fn publish(s: &mut RawClient<TcpStream>, topic: &str, id: u16) -> Ack {
     }
 }
 
+/// An anonymous client subscribed to `filter` (its subscription granted), to see what
+/// gets delivered.
+async fn watcher(tb: &TestBroker, v: ProtocolVersion, filter: &str) -> RawClient<TcpStream> {
+    let c = Conn {
+        id: "watch",
+        user: None,
+        clean: true,
+        will: None,
+    };
+    let mut s = online(tb, v, &c).await;
+    subscribed(&mut s, filter).await;
+    s
+}
+
+/// `user` (password file user) connects with client id `id`: its connection and CONNACK.
+async fn connect_as(
+    tb: &TestBroker,
+    v: ProtocolVersion,
+    id: &str,
+    user: &str,
+    clean: bool,
+) -> (RawClient<TcpStream>, ConnAck) {
+    let mut s = tb.raw().await;
+    let c = Conn {
+        id,
+        user: Some(user),
+        clean,
+        will: None,
+    };
+    let a = connack(&mut s, v, &c).await;
+    (s, a)
+}
+
 /// The next PUBLISH within a short wait, unacknowledged; `None` on silence.
 async fn next_publish(s: &mut RawClient<TcpStream>) -> Option<Publish> {
     match s.recv_within(Duration::from_millis(300)).await {
@@ -177,18 +210,7 @@ async fn unverified_user_name_gets_no_rights(v: ProtocolVersion) {
         authorizer: Some(Arc::new(AclFile::parse(ACL, "acl").unwrap())),
         ..Security::default()
     });
-    let mut watch = online(
-        &tb,
-        v,
-        &Conn {
-            id: "watch",
-            user: None,
-            clean: true,
-            will: None,
-        },
-    )
-    .await;
-    subscribed(&mut watch, "alice/#").await;
+    let mut watch = watcher(&tb, v, "alice/#").await;
     let mut fake = tb.raw().await;
     fake.version = v;
     fake.send(&Packet::Connect(Box::new(Connect {
@@ -264,18 +286,7 @@ async fn will_rights_rechecked_when_published(v: ProtocolVersion) {
         },
     )
     .await;
-    let mut watch = online(
-        &tb,
-        v,
-        &Conn {
-            id: "watch",
-            user: None,
-            clean: true,
-            will: None,
-        },
-    )
-    .await;
-    subscribed(&mut watch, "bob/#").await;
+    let mut watch = watcher(&tb, v, "bob/#").await;
     tb.broker
         .set_security(with_acl("topic read #\nuser bob\ntopic read bob/#\n"));
     drop(bob); // no DISCONNECT: the will is due [MQTT-3.1.2-8]
@@ -328,18 +339,7 @@ async fn session_belongs_to_its_user(v: ProtocolVersion) {
     tb.broker.set_security(with_acl(ACL));
     let (mut alice, alice_conn) = alice_with_message_in_flight(&tb, v, "alice-2").await;
     for clean in [false, true] {
-        let mut bob = tb.raw().await;
-        let a = connack(
-            &mut bob,
-            v,
-            &Conn {
-                id: "alice-2",
-                user: Some("bob"),
-                clean,
-                will: None,
-            },
-        )
-        .await;
+        let (mut bob, a) = connect_as(&tb, v, "alice-2", "bob", clean).await;
         assert_eq!(a.reason, ReasonCode::NotAuthorized, "clean {clean}: {a:?}");
         assert!(!a.session_present);
         assert!(
@@ -356,18 +356,7 @@ async fn session_belongs_to_its_user(v: ProtocolVersion) {
     })
     .await;
     // Offline, the session is still hers alone; she resumes it and gets the resend.
-    let mut bob = tb.raw().await;
-    let a = connack(
-        &mut bob,
-        v,
-        &Conn {
-            id: "alice-2",
-            user: Some("bob"),
-            clean: false,
-            will: None,
-        },
-    )
-    .await;
+    let (_bob, a) = connect_as(&tb, v, "alice-2", "bob", false).await;
     assert_eq!(a.reason, ReasonCode::NotAuthorized);
     let mut alice = tb.raw().await;
     let a = connack(&mut alice, v, &alice_conn).await;
@@ -399,18 +388,7 @@ async fn session_owner_survives_a_restart(v: ProtocolVersion) {
     tb.broker.shutdown().await;
     let tb = TestBroker::with_store(BrokerConfig::default(), store).await;
     tb.broker.set_security(with_acl(ACL));
-    let mut bob = tb.raw().await;
-    let a = connack(
-        &mut bob,
-        v,
-        &Conn {
-            id: "alice-3",
-            user: Some("bob"),
-            clean: false,
-            will: None,
-        },
-    )
-    .await;
+    let (_bob, a) = connect_as(&tb, v, "alice-3", "bob", false).await;
     assert_eq!(a.reason, ReasonCode::NotAuthorized);
     let mut alice = tb.raw().await;
     assert!(connack(&mut alice, v, &alice_conn).await.session_present);
