@@ -53,6 +53,8 @@ pub(crate) struct Config {
     pub(crate) max_memory_bytes: usize,
     pub(crate) max_user_properties: usize,
     pub(crate) max_user_properties_bytes: usize,
+    pub(crate) max_sessions: usize,
+    pub(crate) max_sessions_per_user: u32,
     pub(crate) persistence: Persistence,
     pub(crate) admin: Admin,
     /// `[[listener]]` tables: listeners with options.
@@ -242,6 +244,8 @@ impl Default for Config {
             max_retained_bytes: b.max_retained_bytes,
             max_memory_bytes: b.max_memory_bytes,
             max_user_properties: b.max_user_properties,
+            max_sessions: b.max_sessions,
+            max_sessions_per_user: b.max_sessions_per_user,
             max_user_properties_bytes: b.max_user_properties_bytes,
             persistence: Persistence::default(),
             admin: Admin::default(),
@@ -438,6 +442,8 @@ impl Config {
             max_retained_bytes: self.max_retained_bytes,
             max_memory_bytes: self.max_memory_bytes,
             max_user_properties: self.max_user_properties,
+            max_sessions: self.max_sessions,
+            max_sessions_per_user: self.max_sessions_per_user,
             max_user_properties_bytes: self.max_user_properties_bytes,
         }
     }

@@ -228,6 +228,30 @@ def attacks_with_users(work):
           not any(k.lower() == "www-authenticate" for k in head), str(head))
 
 
+def attack_session_flood(work):
+    """One user making sessions in numbers."""
+    pw = os.path.join(work, "passwd")
+    open(pw, "w").close()
+    subprocess.run(["mosquitto_passwd", "-b", pw, "carol", "carol-pw"], check=True)
+    port, _, _ = serve(work, f'password_file = "{pw}"\nmax_sessions_per_user = 2\n')
+    # Sessions per user are bounded (max_sessions_per_user = 2): carol's third and fourth
+    # persistent sessions are refused, 0x97 in v5 and return code 3 in 3.1.1 (paho reports
+    # it as 0x88); resuming one of hers is not.
+    held = [Paho(port, "carol-1", 5, "carol", "carol-pw", clean=False),
+            Paho(port, "carol-2", 4, "carol", "carol-pw", clean=False)]
+    check("carol's first two sessions accepted", [c.code for c in held] == [0, 0], str([c.code for c in held]))
+    c3 = Paho(port, "carol-3", 5, "carol", "carol-pw", clean=False)
+    check("v5 carol's third session refused with 0x97 (max_sessions_per_user)", c3.code == 0x97, f"CONNACK {c3.code}")
+    c4 = Paho(port, "carol-4", 4, "carol", "carol-pw", clean=False)
+    check("v4 carol's third session refused with return code 3", c4.code == 0x88, f"CONNACK {c4.code}")
+    for c in held + [c3, c4]:
+        c.close()
+    again = Paho(port, "carol-1", 5, "carol", "carol-pw", clean=False)
+    check("v5 carol resumes a session she holds", again.code == 0 and again.session_present,
+          f"CONNACK {again.code}, session present {again.session_present}")
+    again.close()
+
+
 def main():
     if not os.path.exists(BIN):
         sys.exit(f"no broker binary at {BIN}")
@@ -235,7 +259,7 @@ def main():
         if not shutil.which(tool):
             sys.exit(f"{tool} not found: install mosquitto-clients and mosquitto (see .ci/run)")
     try:
-        for attack in (attack_unverified_user_names, attacks_with_users):
+        for attack in (attack_unverified_user_names, attacks_with_users, attack_session_flood):
             work = tempfile.mkdtemp(prefix="halyard-sec-")
             try:
                 attack(work)

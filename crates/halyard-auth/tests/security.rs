@@ -467,6 +467,99 @@ async fn sys_topics_are_the_brokers(v: ProtocolVersion) {
     assert_eq!(a.reason, ReasonCode::NotAuthorized);
 }
 
+/// Sessions are bounded: `max_sessions` in all, `max_sessions_per_user` per verified
+/// user. A CONNECT that needs one more gets CONNACK 0x97 (3.1.1: return code 3, server
+/// unavailable) and is counted; resuming a session is never refused; a session that ends
+/// frees its place.
+async fn sessions_are_bounded(v: ProtocolVersion) {
+    let cfg = BrokerConfig {
+        max_sessions: 3,
+        max_sessions_per_user: 2,
+        ..BrokerConfig::default()
+    };
+    let tb = TestBroker::with_config(cfg).await;
+    tb.broker.set_security(with_acl(ACL));
+    let full = if v.is_v5() {
+        ReasonCode::QuotaExceeded
+    } else {
+        ReasonCode::ServerUnavailable
+    };
+    for id in ["a1", "a2"] {
+        let (s, a) = connect_as(&tb, v, id, "alice", false).await;
+        assert_eq!(a.reason, ReasonCode::Success);
+        drop(s);
+    }
+    eventually("both offline", || {
+        tb.broker.gauges().sessions_connected == 0
+    })
+    .await;
+    let (_s, a) = connect_as(&tb, v, "a3", "alice", false).await;
+    assert_eq!(a.reason, full, "a third session for alice");
+    assert_eq!(tb.broker.stats().sessions_refused, 1);
+    let (a1, a) = connect_as(&tb, v, "a1", "alice", false).await;
+    assert!(
+        a.reason == ReasonCode::Success && a.session_present,
+        "resume: {a:?}"
+    );
+    let (_b1, a) = connect_as(&tb, v, "b1", "bob", false).await;
+    assert_eq!(a.reason, ReasonCode::Success);
+    let mut anon = tb.raw().await;
+    let c = Conn {
+        id: "anon",
+        user: None,
+        clean: true,
+        will: None,
+    };
+    assert_eq!(
+        connack(&mut anon, v, &c).await.reason,
+        full,
+        "a fourth session"
+    );
+    assert_eq!(tb.broker.stats().sessions_refused, 2);
+    // a1 ends (a clean start replaces it, then the connection's end ends that one).
+    drop(a1);
+    let (a1, a) = connect_as(&tb, v, "a1", "alice", true).await;
+    assert_eq!(a.reason, ReasonCode::Success);
+    drop(a1);
+    eventually("a1 ended", || tb.broker.counts().0 == 2).await;
+    let mut anon = tb.raw().await;
+    assert_eq!(connack(&mut anon, v, &c).await.reason, ReasonCode::Success);
+}
+
+/// By default no session lives forever: the expiry granted is capped at a week, told to
+/// a v5 client in CONNACK (section 3.2.2.3.2), applied
+/// to a 3.1.1 persistent session.
+async fn session_expiry_is_capped_by_default(v: ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut s = tb.raw().await;
+    s.version = v;
+    let Packet::Connect(mut c) = connect(
+        v,
+        &Conn {
+            id: "forever",
+            user: None,
+            clean: false,
+            will: None,
+        },
+    ) else {
+        unreachable!()
+    };
+    if v.is_v5() {
+        c.properties.session_expiry_interval = Some(u32::MAX);
+    }
+    s.send(&Packet::Connect(c)).await;
+    let Packet::ConnAck(a) = s.recv().await else {
+        panic!("no CONNACK")
+    };
+    assert_eq!(a.reason, ReasonCode::Success);
+    let week = 7 * 24 * 3600;
+    if v.is_v5() {
+        assert_eq!(a.properties.session_expiry_interval, Some(week));
+    }
+    let (info, _) = tb.broker.client("forever").expect("the session");
+    assert_eq!(info.expiry_interval, week);
+}
+
 fn user_props(n: usize, len: usize) -> Vec<(ByteString, ByteString)> {
     (0..n)
         .map(|i| (format!("{i:02}").into(), "v".repeat(len).into()))
@@ -576,4 +669,6 @@ both_versions!(
     session_owner_survives_a_restart,
     resend_rechecks_read_rights,
     sys_topics_are_the_brokers,
+    sessions_are_bounded,
+    session_expiry_is_capped_by_default,
 );

@@ -19,6 +19,7 @@ use crate::auth::{Access, Anonymous, Identity, Security, is_sys};
 use crate::config::{BrokerConfig, defaults};
 use crate::message::Message;
 use crate::queue::{Entry, Run, Segment};
+use crate::registry::Registry;
 use crate::retained::Retained;
 use crate::router::{Match, Routes, SubscriptionIndex};
 use crate::session::{
@@ -35,9 +36,9 @@ const RETAINED_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 pub(crate) struct Inner {
     /// Swapped whole on reload; readers take a cheap snapshot (`cfg()`).
     cfg: ArcSwap<BrokerConfig>,
-    /// Client id -> session. Locked only to find, insert or remove a session; never held
-    /// while a session lock is taken.
-    pub(crate) sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    /// Client id -> session, with per-user counts (`registry.rs`). Locked only to find,
+    /// insert or remove a session; never held while a session lock is taken.
+    pub(crate) sessions: Mutex<Registry>,
     pub(crate) subs: SubscriptionIndex,
     pub(crate) retained: Retained,
     pub(crate) store: Arc<dyn Store>,
@@ -147,7 +148,7 @@ impl Broker {
             )),
             cfg: ArcSwap::from_pointee(cfg),
             durable: store.durable(),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Registry::default()),
             subs: SubscriptionIndex::default(),
             retained: Retained::default(),
             store,
@@ -459,7 +460,7 @@ impl Inner {
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
+            .sessions()
             .cloned()
             .collect()
     }
@@ -876,13 +877,10 @@ impl Inner {
             (subs, st.pending_will.take(), st.stored)
         };
         {
-            let mut reg = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            if reg
-                .get(&session.client_id)
-                .is_some_and(|s| Arc::ptr_eq(s, session))
-            {
-                reg.remove(&session.client_id);
-            }
+            self.sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&session.client_id, session);
         }
         for s in &subs {
             self.subs.unsubscribe(&s.filter, session);
@@ -1028,6 +1026,7 @@ impl Inner {
                 s.record.protocol,
                 s.record.expiry_interval,
             ));
+            let user;
             {
                 let mut st = session.lock();
                 st.stored = true;
@@ -1037,6 +1036,7 @@ impl Inner {
                     SessionOwner::User(u) => Some(Some(u.as_str().into())),
                 };
                 st.info = owner.map(|user| Arc::new(ConnInfo::restored(user, s.record.protocol)));
+                user = st.owner().flatten().cloned();
                 for (filter, rec) in &s.subscriptions {
                     let Ok(f) = TopicFilter::try_from(filter.as_str()) else {
                         continue;
@@ -1098,10 +1098,11 @@ impl Inner {
                 self.timers
                     .schedule(at, TimerEvent::SessionExpiry(session.clone(), 0));
             }
+            // Restored whatever the limits: they apply to new sessions.
             self.sessions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(client_id, session);
+                .insert(client_id, session, user);
             restored += 1;
         }
         if missing.get() > 0 {

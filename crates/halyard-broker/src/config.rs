@@ -29,8 +29,17 @@ pub mod defaults {
     /// Topic aliases we assign towards an MQTT 5 client, within the Topic Alias Maximum it
     /// advertises (clients that advertise none never get aliases; 0 here turns them off).
     pub const TOPIC_ALIAS_MAXIMUM_OUTBOUND: u16 = 10;
-    /// Largest session expiry we grant, in seconds (`u32::MAX`: no cap).
-    pub const MAX_SESSION_EXPIRY_SECS: u32 = u32::MAX;
+    /// Largest session expiry we grant, in seconds (`u32::MAX`: no cap): a week, so a
+    /// session its client abandoned (or a client made in numbers) does not stay forever.
+    /// v5 clients asking for more are told this value in CONNACK; 3.x persistent
+    /// sessions get it too (unless `persistent_client_expiration` is shorter).
+    pub const MAX_SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
+    /// Sessions, connected or not, the broker holds at once (0: no limit); a CONNECT
+    /// that would make one more gets CONNACK 0x97 (3.x: 0x03).
+    pub const MAX_SESSIONS: usize = 1_000_000;
+    /// Sessions one verified user name may hold at once (0: no limit). Off by default:
+    /// fleets often share one credential across many devices.
+    pub const MAX_SESSIONS_PER_USER: u32 = 0;
     /// How long a graceful shutdown waits for clients to be told and buffers to drain.
     pub const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
     /// Bytes of encoded packets a connection buffers for writing before it stops taking
@@ -128,6 +137,10 @@ pub struct BrokerConfig {
     pub max_retained_bytes: usize,
     /// See [`defaults::MAX_MEMORY_BYTES`].
     pub max_memory_bytes: usize,
+    /// See [`defaults::MAX_SESSIONS`].
+    pub max_sessions: usize,
+    /// See [`defaults::MAX_SESSIONS_PER_USER`].
+    pub max_sessions_per_user: u32,
     /// See [`defaults::MAX_USER_PROPERTIES`].
     pub max_user_properties: usize,
     /// See [`defaults::MAX_USER_PROPERTIES_BYTES`].
@@ -178,6 +191,8 @@ impl Default for BrokerConfig {
             max_retained_messages: defaults::MAX_RETAINED_MESSAGES,
             max_retained_bytes: defaults::MAX_RETAINED_BYTES,
             max_memory_bytes: defaults::MAX_MEMORY_BYTES,
+            max_sessions: defaults::MAX_SESSIONS,
+            max_sessions_per_user: defaults::MAX_SESSIONS_PER_USER,
             max_user_properties: defaults::MAX_USER_PROPERTIES,
             max_user_properties_bytes: defaults::MAX_USER_PROPERTIES_BYTES,
         }

@@ -29,6 +29,7 @@ use crate::auth::{
     Access, Anonymous, AuthExchange, AuthStep, AuthVerdict, Authorizer, Credentials, EnhancedAuth,
     Identity, Security, is_sys,
 };
+use crate::registry::Full;
 use halyard_codec::{ByteString, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
@@ -1016,7 +1017,7 @@ where
             c.clean_start,
         ));
         let conn_id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let Some((session, present)) = attach_session(
+        let (session, present) = match attach_session(
             &inner,
             &client_id,
             c.clean_start,
@@ -1024,12 +1025,28 @@ where
             expiry,
             conn_id,
             conn_info.clone(),
-        ) else {
-            // Neither resumed nor taken over, nor discarded by a clean start: the owner's
-            // session and live connection stay as they are.
-            let why = "client id in use by another user's session";
-            refuse_connect(&inner, &mut io, &peer, &c, ReasonCode::NotAuthorized, why).await;
-            return None;
+        ) {
+            Ok(attached) => attached,
+            Err(e) => {
+                let (reason, why) = match e {
+                    // Neither resumed nor taken over, nor discarded by a clean start: the
+                    // owner's session and live connection stay as they are.
+                    NotAttached::OtherOwner => (
+                        ReasonCode::NotAuthorized,
+                        "client id in use by another user's session",
+                    ),
+                    NotAttached::Full(full) => {
+                        Stats::inc(&inner.stats.sessions_refused);
+                        let why = match full {
+                            Full::Sessions => "max_sessions reached",
+                            Full::User => "max_sessions_per_user reached",
+                        };
+                        (ReasonCode::QuotaExceeded, why)
+                    }
+                };
+                refuse_connect(&inner, &mut io, &peer, &c, reason, why).await;
+                return None;
+            }
         };
         inner.persist_session(&session, true);
 
@@ -2575,11 +2592,21 @@ where
     }
 }
 
+/// Why `attach_session` gave no session.
+#[derive(Debug)]
+enum NotAttached {
+    /// The client id belongs to a session bound to another identity.
+    OtherOwner,
+    /// A new session would be over `max_sessions` or `max_sessions_per_user`.
+    Full(Full),
+}
+
 /// Finds or creates the session for a new connection, taking it over from any connection
-/// attached to it [MQTT-3.1.4-3]. Returns it and "session present"; `None` when the
+/// attached to it [MQTT-3.1.4-3]. Returns it and "session present". Refused when the
 /// client id belongs to a session bound to another identity (`SessionState::owner`):
 /// that session, and any connection attached to it, are left as they are, so no one
-/// can read, discard or kick another user's session by naming its client id.
+/// can read, discard or kick another user's session by naming its client id; and when a
+/// new session is over the registry's limits (resuming one never is).
 fn attach_session(
     inner: &Arc<Inner>,
     client_id: &Arc<str>,
@@ -2588,20 +2615,29 @@ fn attach_session(
     expiry: u32,
     conn_id: u64,
     info: Arc<ConnInfo>,
-) -> Option<(Arc<Session>, bool)> {
-    let existing = inner
-        .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(client_id)
-        .cloned();
+) -> Result<(Arc<Session>, bool), NotAttached> {
+    let existing = {
+        let reg = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let existing = reg.get(client_id).cloned();
+        // One more session only when none is there to resume or replace.
+        if existing.is_none() {
+            let cfg = inner.cfg();
+            reg.admit(
+                info.username.as_ref(),
+                cfg.max_sessions,
+                cfg.max_sessions_per_user,
+            )
+            .map_err(NotAttached::Full)?;
+        }
+        existing
+    };
     if let Some(old) = existing {
         let mut st = old.lock();
         if !st.ended
             && let Some(owner) = st.owner()
             && owner != info.username.as_ref()
         {
-            return None;
+            return Err(NotAttached::OtherOwner);
         }
         // Taking over closes the old connection, which ends a session that lasts only as
         // long as its connection (v5 expiry 0, 3.x clean session) [MQTT-3.1.2-11]: it is
@@ -2629,11 +2665,12 @@ fn attach_session(
                 }]);
             }
             old.online.store(true, Ordering::Relaxed);
-            return Some((old, true));
+            return Ok((old, true));
         }
         drop(st);
         inner.end_session(&old);
     }
+    let owner = info.username.clone();
     let session = Arc::new(Session::new(client_id.clone(), protocol, expiry));
     {
         let mut st = session.lock();
@@ -2646,8 +2683,8 @@ fn attach_session(
         .sessions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(client_id.clone(), session.clone());
-    Some((session, false))
+        .insert(client_id.clone(), session.clone(), owner);
+    Ok((session, false))
 }
 
 /// Detaches a closed connection from its session: publishes or schedules its will, and

@@ -10,6 +10,7 @@ pub mod config;
 mod connection;
 mod message;
 mod queue;
+mod registry;
 mod retained;
 mod router;
 mod session;

@@ -53,6 +53,7 @@ counters! {
     dropped_not_authorized: "Deliveries withheld because the subscriber may not read the topic.",
     subscribe_quota_exceeded: "Subscriptions refused because the client holds max_subscriptions_per_client.",
     topic_refused: "Topic names or filters refused for exceeding max_topic_levels or max_topic_length.",
+    sessions_refused: "CONNECTs refused because max_sessions or max_sessions_per_user was reached.",
     properties_refused: "Messages and wills refused for exceeding max_user_properties or max_user_properties_bytes.",
     publish_throttled: "Times a client's reads were paused by its publish rate limit.",
     retained_refused: "Retained messages not retained because max_retained_messages/bytes was reached.",

@@ -248,6 +248,12 @@ pub(crate) async fn render(server: &Server) -> String {
         st.publish_throttled,
     );
     o.one(
+        "sessions_refused",
+        "counter",
+        "CONNECTs refused for max_sessions or max_sessions_per_user.",
+        st.sessions_refused,
+    );
+    o.one(
         "properties_refused",
         "counter",
         "Messages and wills refused for max_user_properties or max_user_properties_bytes.",
