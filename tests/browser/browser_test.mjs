@@ -5,7 +5,7 @@
 //
 // Usage: node browser_test.mjs [path/to/halyard]   (run `npm ci` here first)
 import { spawn, execFileSync } from "node:child_process";
-import { createServer } from "node:http";
+import { createServer, request } from "node:http";
 import { readFileSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { freePort, waitPort } from "./net.mjs";
@@ -43,11 +43,16 @@ const page = (wsUrl, version) => `<!doctype html>
 </script></body></html>`;
 
 let failed = 0;
+let passed = 0;
 const work = mkdtempSync(join(tmpdir(), "halyard-browser-"));
 const tcp = await freePort();
 const ws = await freePort();
+const httpPort = await freePort();
+// The page comes from another origin than the ws:// listener: it must be allowed by name
+// (an empty allowed_origins serves the listener's own origin only).
 const broker = spawn(bin, ["serve", "--data-dir", join(work, "data"),
-  "--listen", `tcp://127.0.0.1:${tcp}`, "--listen", `ws://127.0.0.1:${ws}/mqtt`],
+  "--listen", `tcp://127.0.0.1:${tcp}`,
+  "--listen", `ws://127.0.0.1:${ws}/mqtt?allowed_origins=http://127.0.0.1:${httpPort}`],
   { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, RUST_LOG: "warn" } });
 let browser;
 let http;
@@ -64,8 +69,26 @@ try {
       res.end(page(`ws://127.0.0.1:${ws}/mqtt`, version));
     }
   });
-  await new Promise((r) => http.listen(0, "127.0.0.1", r));
-  const httpPort = http.address().port;
+  await new Promise((r) => http.listen(httpPort, "127.0.0.1", r));
+  // A page from anywhere else cannot open the broker's WebSocket (cross-site WebSocket
+  // hijacking): the upgrade a browser would send from http://evil.example gets 403.
+  const status = await new Promise((resolve, reject) => {
+    const req = request({ host: "127.0.0.1", port: ws, path: "/mqtt", headers: {
+      Connection: "Upgrade", Upgrade: "websocket", "Sec-WebSocket-Version": "13",
+      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Protocol": "mqtt",
+      Origin: "http://evil.example" } });
+    req.on("response", (res) => { res.resume(); resolve(res.statusCode); });
+    req.on("upgrade", () => resolve(101));
+    req.on("error", reject);
+    req.end();
+  });
+  if (status === 403) {
+    passed++;
+    console.log("ok   browser: a WebSocket upgrade from an origin not in allowed_origins gets 403");
+  } else {
+    failed++;
+    console.log(`FAIL browser: upgrade from http://evil.example answered ${status}, not 403`);
+  }
   browser = await chromium.launch({
     executablePath: chromiumPath,
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -83,6 +106,7 @@ try {
       await p.waitForFunction(() => document.body.dataset.state === "received", null, { timeout: WAIT });
       const got = await p.textContent("#messages li");
       if (got === `browser/t ${text}`) {
+        passed++;
         console.log(`ok   browser (Chromium, MQTT.js) ${name} over ws:// received a mosquitto_pub message`);
       } else {
         failed++;
@@ -102,5 +126,5 @@ try {
   await new Promise((r) => broker.once("exit", r));
   rmSync(work, { recursive: true, force: true });
 }
-console.log(`browser: ${failed === 0 ? 2 : 2 - failed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+console.log(`browser: ${passed} passed, ${failed} failed`);
+process.exit(failed || !passed ? 1 : 0);

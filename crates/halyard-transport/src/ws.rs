@@ -133,6 +133,23 @@ fn accept_key(key: &str) -> String {
     B64.encode(d.as_ref())
 }
 
+/// Whether a browser from `origin` may open a WebSocket here (cross-site WebSocket
+/// hijacking: a page elsewhere would use the visitor's network position and cookies).
+/// With no list, only the listener's own origin (the `Origin`'s host and port are the
+/// `Host`'s) and clients that send no `Origin` (not browsers: browsers always send it);
+/// with a list, its origins (`*`: any).
+fn origin_allowed(allowed: &[String], origin: Option<&str>, host: Option<&str>) -> bool {
+    if allowed.is_empty() {
+        let Some(origin) = origin else { return true };
+        let authority = origin.split_once("://").map_or(origin, |(_, a)| a);
+        return host.is_some_and(|h| h.eq_ignore_ascii_case(authority));
+    }
+    let origin = origin.unwrap_or_default();
+    allowed
+        .iter()
+        .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+}
+
 async fn refuse<S: AsyncWrite + Unpin>(
     s: &mut S,
     status: u16,
@@ -251,22 +268,20 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await);
     }
-    if !cfg.allowed_origins.is_empty() {
+    if !origin_allowed(
+        &cfg.allowed_origins,
+        head.get("origin").as_deref(),
+        head.get("host").as_deref(),
+    ) {
         let origin = head.get("origin").unwrap_or_default();
-        if !cfg
-            .allowed_origins
-            .iter()
-            .any(|o| o.eq_ignore_ascii_case(&origin))
-        {
-            return Err(refuse(
-                &mut s,
-                403,
-                "Forbidden",
-                "",
-                format!("origin `{origin}` is not allowed"),
-            )
-            .await);
-        }
+        return Err(refuse(
+            &mut s,
+            403,
+            "Forbidden",
+            "",
+            format!("origin `{origin}` is not allowed (allowed_origins)"),
+        )
+        .await);
     }
     // [MQTT-6.0.0-3]/[MQTT-6.0.0-4]: select "mqtt" when offered. A client that offers
     // none is tolerated (some embedded clients omit the header); one that offers only
@@ -707,6 +722,34 @@ mod tests {
         c.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"pong");
         assert_eq!(server.await.unwrap(), b"hello world");
+    }
+
+    /// Cross-site WebSocket hijacking: with no `allowed_origins`, a browser page from
+    /// another origin is refused, the listener's own origin and non-browser clients (no
+    /// `Origin`) are served; a list allows its origins, `*` any.
+    #[test]
+    fn origins_default_to_same_origin() {
+        let host = Some("broker.example:8080");
+        let by = |list: &[&str], origin| {
+            let list: Vec<String> = list.iter().map(|o| o.to_string()).collect();
+            origin_allowed(&list, origin, host)
+        };
+        assert!(by(&[], None));
+        assert!(by(&[], Some("http://broker.example:8080")));
+        assert!(by(&[], Some("https://BROKER.example:8080")));
+        assert!(!by(&[], Some("http://evil.example")));
+        assert!(!by(&[], Some("http://broker.example:9999")));
+        assert!(!origin_allowed(
+            &[],
+            Some("http://broker.example:8080"),
+            None
+        ));
+        assert!(by(&["https://app.example"], Some("https://app.example")));
+        assert!(!by(
+            &["https://app.example"],
+            Some("http://broker.example:8080")
+        ));
+        assert!(by(&["*"], Some("http://any.example")));
     }
 
     /// A raw client: sends the upgrade, returns the response head and the stream.
