@@ -68,6 +68,7 @@ pub(crate) struct ListenerTable {
     url: String,
     max_connections: Option<u64>,
     proxy_protocol: Option<bool>,
+    trusted_proxies: Option<Vec<String>>,
     handshake_timeout: Option<u64>,
     certfile: Option<String>,
     keyfile: Option<String>,
@@ -90,6 +91,10 @@ impl ListenerTable {
         for (k, v) in [
             ("max_connections", n(self.max_connections)),
             ("proxy_protocol", b(self.proxy_protocol)),
+            (
+                "trusted_proxies",
+                self.trusted_proxies.as_ref().map(|o| o.join(",")),
+            ),
             ("handshake_timeout", n(self.handshake_timeout)),
             ("certfile", s(&self.certfile)),
             ("keyfile", s(&self.keyfile)),

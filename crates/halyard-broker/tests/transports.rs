@@ -289,6 +289,44 @@ async fn proxy_protocol_gives_the_real_client_address(v: halyard_codec::Protocol
     assert!(is_closed(&c.recv_within(Duration::from_secs(5)).await));
 }
 
+/// A PROXY header is believed only from `trusted_proxies`: from any other peer the
+/// connection is closed before its header is read (it would choose the client address
+/// every limit, log and anonymous rule believes), and counted as refused.
+async fn proxy_header_only_from_trusted_proxies(v: halyard_codec::ProtocolVersion) {
+    let tb = TestBroker::start().await;
+    let mut events = tb.broker.monitor().subscribe();
+    let untrusted = tb
+        .listen("tcp://127.0.0.1:0?proxy_protocol=true&trusted_proxies=10.0.0.0/8")
+        .await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port_of(&untrusted)))
+        .await
+        .unwrap();
+    s.write_all(b"PROXY TCP4 127.0.0.9 192.0.2.1 4242 1883\r\n")
+        .await
+        .unwrap();
+    let mut c = RawClient::new(s);
+    c.send(&connect(v, "spoofer", true, 60)).await;
+    assert!(is_closed(&c.recv_within(Duration::from_secs(5)).await));
+    event(
+        &mut events,
+        "refused",
+        |e| matches!(e, Event::Refused { why, .. } if why.contains("trusted_proxies")),
+    )
+    .await;
+    // 127.0.0.1 listed: its header is believed.
+    let trusted = tb
+        .listen("tcp://127.0.0.1:0?proxy_protocol=true&trusted_proxies=10.0.0.0/8,127.0.0.1")
+        .await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port_of(&trusted)))
+        .await
+        .unwrap();
+    s.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 4242 1883\r\n")
+        .await
+        .unwrap();
+    let mut c = RawClient::new(s);
+    online(&mut c, v, "proxied", true).await;
+}
+
 async fn listener_max_connections(v: halyard_codec::ProtocolVersion) {
     let tb = TestBroker::start().await;
     let mut events = tb.broker.monitor().subscribe();
@@ -407,6 +445,7 @@ both_versions!(
     wss_and_ws_route_to_each_other,
     unix_path_and_abstract_sockets,
     proxy_protocol_gives_the_real_client_address,
+    proxy_header_only_from_trusted_proxies,
     listener_max_connections,
     a_panic_closes_that_connection_only,
 );

@@ -22,4 +22,4 @@ pub use listener::{
 pub use monitor::{Event, LOG_LINES_PER_SECOND, LogBudget, Monitor, MonitorEvent};
 pub use rewind::Rewind;
 pub use supervisor::{ListenerStatus, RestartPolicy, SupervisorExit};
-pub use url::{LISTENER_KEYS, ListenerConfig, Url};
+pub use url::{Cidr, LISTENER_KEYS, ListenerConfig, Url};

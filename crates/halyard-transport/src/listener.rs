@@ -850,6 +850,19 @@ impl Shared {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         // Behind a PROXY header the socket's address is the proxy's: check after it.
         let mut ip_guard = None;
+        if self.ctx.cfg.proxy_protocol
+            && !self.ctx.cfg.trusted_proxies.is_empty()
+            && let Remote::Ip(a) = &remote
+            && !self
+                .ctx
+                .cfg
+                .trusted_proxies
+                .iter()
+                .any(|c| c.contains(a.ip()))
+        {
+            // Its header would choose the client address every limit and log believes.
+            return self.refuse(&remote, "not a trusted proxy (trusted_proxies)");
+        }
         if !self.ctx.cfg.proxy_protocol {
             match self.admit_ip(&remote) {
                 Ok(g) => ip_guard = g,
@@ -1052,6 +1065,9 @@ pub async fn start_listener(
     sink: ConnSink,
 ) -> Result<ListenerHandle, String> {
     cfg.validate().map_err(|e| format!("{}: {e}", cfg.url))?;
+    if cfg.proxy_protocol && cfg.trusted_proxies.is_empty() && cfg.parsed.scheme != "unix" {
+        warn!(listener = %cfg.url, "proxy_protocol without trusted_proxies: any peer that reaches this listener can claim any client address");
+    }
     let transport = registry.get(&cfg.parsed.scheme)?;
     let tls = match cfg.tls.clone() {
         Some(files) => Some(Arc::new(

@@ -127,6 +127,9 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// Expect a PROXY protocol v1/v2 header on every connection.
     pub proxy_protocol: bool,
+    /// With `proxy_protocol`: the proxies whose headers are believed (empty: any peer).
+    /// A TCP connection from elsewhere is closed before its header is read.
+    pub trusted_proxies: Vec<Cidr>,
     /// Time allowed for the PROXY/TLS/WebSocket handshakes.
     pub handshake_timeout: Duration,
     /// TLS files (`tls://`, `wss://`).
@@ -151,6 +154,7 @@ pub struct ListenerConfig {
 pub const LISTENER_KEYS: &[&str] = &[
     "max_connections",
     "proxy_protocol",
+    "trusted_proxies",
     "handshake_timeout",
     "certfile",
     "keyfile",
@@ -162,6 +166,53 @@ pub const LISTENER_KEYS: &[&str] = &[
     "socket_mode",
     "allow_anonymous",
 ];
+
+/// An address range: `10.0.0.0/8`, `2001:db8::/32`, or one address (`127.0.0.1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range (an IPv4-mapped IPv6 address as its IPv4 address).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (a, b, bits) = match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                (u128::from(u32::from(a)), u128::from(u32::from(b)), 32)
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let host_bits = bits - u32::from(self.prefix);
+        host_bits >= 128 || (a >> host_bits) == (b >> host_bits)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address or address/prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|&p| p <= max)
+                .ok_or_else(|| format!("`{s}`: the prefix must be 0 to {max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
 
 fn parse_bool(k: &str, v: &str) -> Result<bool, String> {
     match v {
@@ -180,6 +231,7 @@ impl ListenerConfig {
             parsed: parsed.clone(),
             max_connections: 0,
             proxy_protocol: false,
+            trusted_proxies: Vec::new(),
             handshake_timeout: Duration::from_secs(10),
             tls: None,
             use_identity_as_username: false,
@@ -213,6 +265,14 @@ impl ListenerConfig {
         match key {
             "max_connections" => self.max_connections = num(v)? as usize,
             "proxy_protocol" => self.proxy_protocol = parse_bool(key, v)?,
+            "trusted_proxies" => {
+                self.trusted_proxies = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse().map_err(|e| format!("`{key}`: {e}")))
+                    .collect::<Result<_, String>>()?;
+            }
             "handshake_timeout" => self.handshake_timeout = Duration::from_secs(num(v)?.max(1)),
             "certfile" => self.tls_mut().certfile = PathBuf::from(v),
             "keyfile" => self.tls_mut().keyfile = PathBuf::from(v),
@@ -266,6 +326,9 @@ impl ListenerConfig {
                 ));
             }
             (None, false) => {}
+        }
+        if !self.trusted_proxies.is_empty() && !self.proxy_protocol {
+            return Err("`trusted_proxies` needs `proxy_protocol = true`".into());
         }
         if self.use_identity_as_username
             && !self.tls.as_ref().is_some_and(|t| t.require_certificate)
@@ -368,11 +431,42 @@ mod tests {
             ("unix://", "needs a path"),
             ("unix:///x?socket_mode=999", "octal"),
             ("tcp://h:1?allowed_origins=x", "ws:// and wss://"),
+            (
+                "tcp://h:1?trusted_proxies=10.0.0.0/8",
+                "needs `proxy_protocol",
+            ),
+            (
+                "tcp://h:1?proxy_protocol=true&trusted_proxies=10.0.0.0/33",
+                "prefix must be 0 to 32",
+            ),
+            (
+                "tcp://h:1?proxy_protocol=true&trusted_proxies=proxy.local",
+                "not an address",
+            ),
         ] {
             let err = ListenerConfig::from_url(url)
                 .and_then(|c| c.validate().map(|_| c))
                 .unwrap_err();
             assert!(err.contains(want), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn trusted_proxy_ranges() {
+        let c = |s: &str| s.parse::<Cidr>().unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(c("10.0.0.0/8").contains(ip("10.200.1.2")));
+        assert!(!c("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(c("127.0.0.1").contains(ip("127.0.0.1")));
+        assert!(!c("127.0.0.1").contains(ip("127.0.0.2")));
+        assert!(c("0.0.0.0/0").contains(ip("203.0.113.7")));
+        assert!(
+            c("10.0.0.0/8").contains(ip("::ffff:10.1.2.3")),
+            "IPv4-mapped"
+        );
+        assert!(c("2001:db8::/32").contains(ip("2001:db8:1::1")));
+        assert!(!c("2001:db8::/32").contains(ip("2001:db9::1")));
+        assert!(!c("2001:db8::/32").contains(ip("10.0.0.1")));
+        assert!(c("::/0").contains(ip("2001:db9::1")));
     }
 }
