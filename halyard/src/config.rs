@@ -134,6 +134,8 @@ pub(crate) struct Admin {
     pub(crate) listen: String,
     pub(crate) api_keys_file: String,
     pub(crate) metrics_auth: bool,
+    /// Host names the admin listener answers to, besides IP addresses and `localhost`.
+    pub(crate) hosts: Vec<String>,
 }
 
 impl Default for Admin {
@@ -143,6 +145,7 @@ impl Default for Admin {
             listen: "http://127.0.0.1:18083".into(),
             api_keys_file: String::new(),
             metrics_auth: false,
+            hosts: Vec::new(),
         }
     }
 }

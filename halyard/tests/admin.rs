@@ -164,7 +164,7 @@ fn sse(port: u16, path: &str, key: &str) -> BufReader<TcpStream> {
     s.set_read_timeout(Some(WAIT)).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {}\r\n\r\n",
         basic(key)
     )
     .unwrap();
@@ -302,6 +302,60 @@ fn forged_admin_requests_are_refused() {
     let ui = format!("{auth}X-Halyard-UI: 1\r\nSec-Fetch-Site: same-origin\r\n");
     let (st, b) = raw_http(a, "POST", "/api/v1/publish", &ui, body);
     assert_eq!(st, 200, "{b}");
+}
+
+/// The admin listener under hostile use: idle sockets from one address cannot take all
+/// its connections; a Host that is not the listener's (DNS rebinding) gets 421; wrong API
+/// keys are counted per address and past ten the address gets 429, right key or not.
+#[test]
+fn admin_listener_limits_per_address_hosts_and_wrong_keys() {
+    let h = start("admin-hostile", "", &[]);
+    let (a, k) = (h.admin, h.key.as_str());
+    // 16 idle sockets (MAX_CONNECTIONS_PER_IP) are held; the 17th is closed at once.
+    let idle: Vec<TcpStream> = (0..16)
+        .map(|_| TcpStream::connect(("127.0.0.1", a)).unwrap())
+        .collect();
+    let closed_at_once = || {
+        let mut s = TcpStream::connect(("127.0.0.1", a)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        matches!(s.read(&mut b), Ok(0))
+    };
+    wait_until("the 17th socket refused", closed_at_once);
+    drop(idle);
+    wait_until("served again once the idle sockets close", || {
+        let (st, _) = raw_http(a, "GET", "/healthz", "", "");
+        st == 200
+    });
+    // DNS rebinding: the browser sends the attacker's name as Host.
+    let with_host = |host: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", a)).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let req = format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out[9..12].parse::<u16>().unwrap()
+    };
+    assert_eq!(with_host("rebind.evil.example"), 421);
+    assert_eq!(with_host(&format!("rebind.evil.example:{a}")), 421);
+    assert_eq!(with_host(&format!("127.0.0.1:{a}")), 200);
+    assert_eq!(with_host(&format!("localhost:{a}")), 200);
+    assert_eq!(with_host(&format!("[::1]:{a}")), 200);
+    // Wrong keys: ten answered 401, then 429 for that address, the right key included.
+    for _ in 0..10 {
+        let (st, e) = json(a, "GET", "/api/v1/stats", "tester:wrong", None);
+        assert_eq!((st, e["code"].as_str()), (401, Some("UNAUTHORIZED")));
+    }
+    let (st, e) = json(a, "GET", "/api/v1/stats", k, None);
+    assert_eq!(
+        (st, e["code"].as_str()),
+        (429, Some("TOO_MANY_REQUESTS")),
+        "{e}"
+    );
+    let log = std::fs::read_to_string(h.dir.join("halyard.log")).unwrap();
+    assert!(log.contains("wrong API key"), "{log}");
 }
 
 #[test]

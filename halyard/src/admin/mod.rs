@@ -8,12 +8,13 @@
 //! message flow. Request bodies are limited to [`MAX_BODY_BYTES`], header reading to
 //! [`HEADER_TIMEOUT`], admin connections to [`MAX_CONNECTIONS`].
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -36,6 +37,15 @@ pub(crate) const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Admin connections served at once (dashboards, scrapers, scripts).
 pub(crate) const MAX_CONNECTIONS: usize = 256;
+/// Admin connections from one address at once: idle sockets from a few addresses cannot
+/// hold all of [`MAX_CONNECTIONS`] for their header timeout.
+pub(crate) const MAX_CONNECTIONS_PER_IP: u32 = 16;
+/// Wrong API keys from one address within [`KEY_FAILURE_WINDOW`] after which its requests
+/// get 429 unchecked until the window ends.
+pub(crate) const KEY_FAILURES_PER_WINDOW: u32 = 10;
+pub(crate) const KEY_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked at once (for both tables above).
+const TRACKED_ADDRESSES: usize = 4096;
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
@@ -78,6 +88,86 @@ impl std::fmt::Display for AdminAddr {
 pub(crate) struct State {
     pub(crate) server: Arc<Server>,
     pub(crate) keys: keys::KeyCache,
+    /// Open admin connections per address.
+    open: std::sync::Mutex<HashMap<IpAddr, u32>>,
+    /// Wrong API keys per address: count and the window's start.
+    key_failures: std::sync::Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl State {
+    /// Counts a connection from `ip`; `None` when the address holds its share already.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<OpenGuard> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() >= TRACKED_ADDRESSES && !open.contains_key(&ip) {
+            return None;
+        }
+        let n = open.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(OpenGuard(self.clone(), ip))
+    }
+
+    fn key_blocked(&self, ip: IpAddr) -> bool {
+        let f = self.key_failures.lock().unwrap_or_else(|e| e.into_inner());
+        f.get(&ip).is_some_and(|&(n, since)| {
+            n >= KEY_FAILURES_PER_WINDOW && since.elapsed() < KEY_FAILURE_WINDOW
+        })
+    }
+
+    fn key_failed(&self, ip: IpAddr) {
+        let mut f = self.key_failures.lock().unwrap_or_else(|e| e.into_inner());
+        if f.len() >= TRACKED_ADDRESSES {
+            f.retain(|_, (_, since)| since.elapsed() < KEY_FAILURE_WINDOW);
+            if f.len() >= TRACKED_ADDRESSES {
+                return;
+            }
+        }
+        let e = f.entry(ip).or_insert((0, Instant::now()));
+        if e.1.elapsed() >= KEY_FAILURE_WINDOW {
+            *e = (0, Instant::now());
+        }
+        e.0 += 1;
+    }
+}
+
+/// One admin connection counted against its address until dropped.
+struct OpenGuard(Arc<State>, IpAddr);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Whether `host` (the Host header) names this listener: an IP address, `localhost`, or a
+/// name in `admin.hosts`. A missing header (HTTP/1.0) passes: browsers always send it.
+fn host_allowed(host: Option<&str>, names: &[String]) -> bool {
+    let Some(host) = host else { return true };
+    let name = if let Some(v6) = host.strip_prefix('[') {
+        return v6
+            .split(']')
+            .next()
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+    } else {
+        host.rsplit_once(':').map_or(host, |(n, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                n
+            } else {
+                host
+            }
+        })
+    };
+    name.parse::<IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// Binds the admin listener and serves it until broker shutdown.
@@ -91,6 +181,8 @@ pub(crate) async fn start(server: Arc<Server>) -> Result<AdminAddr, String> {
     let state = Arc::new(State {
         keys: keys::KeyCache::new(cfg.api_keys_path()),
         server,
+        open: Default::default(),
+        key_failures: Default::default(),
     });
     if state.keys.is_empty() {
         warn!(
@@ -118,6 +210,10 @@ pub(crate) async fn start(server: Arc<Server>) -> Result<AdminAddr, String> {
                 debug!(%peer, "admin connection limit reached");
                 continue; // dropped: closes the socket
             };
+            let Some(counted) = state.admit(peer.ip()) else {
+                debug!(%peer, "admin connections per address reached");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let state = state.clone();
             tokio::spawn(async move {
@@ -137,6 +233,7 @@ pub(crate) async fn start(server: Arc<Server>) -> Result<AdminAddr, String> {
                     debug!(%peer, error = %e, "admin connection ended");
                 }
                 drop(permit);
+                drop(counted);
             });
         }
     });
@@ -268,6 +365,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> 
 async fn respond(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if !host_allowed(host, &state.server.config().admin.hosts) {
+        return error_response(&ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "MISDIRECTED_REQUEST",
+            "this Host is not the admin listener's: use its address, or list the name in admin.hosts",
+        ));
+    }
     let r = match (method.as_str(), path.as_str()) {
         ("GET", "/" | "/index.html") => Ok(text_response(
             StatusCode::OK,
@@ -277,7 +385,7 @@ async fn respond(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) ->
         ("GET", "/healthz") => Ok(text_response(StatusCode::OK, "text/plain", "ok\n")),
         ("GET", "/metrics") => {
             if state.server.config().admin.metrics_auth
-                && let Err(e) = state.keys.check(req.headers()).await
+                && let Err(e) = checked_key(&state, &req, peer).await
             {
                 return error_response(&e);
             }
@@ -379,7 +487,7 @@ async fn route(
             refuse_forgery(req.headers())?;
         }
         if *pattern != "/api/v1/openapi.json" {
-            let key = state.keys.check(req.headers()).await?;
+            let key = checked_key(state, &req, peer).await?;
             if method != Method::GET {
                 info!(%peer, key, %method, path, "admin API call");
             }
@@ -396,6 +504,39 @@ async fn route(
         ))
     }
 }
+
+/// The API key of a request, with wrong keys counted per address: past
+/// [`KEY_FAILURES_PER_WINDOW`] the address gets 429 without a check, so keys cannot be
+/// guessed quickly nor the hash used to burn CPU. Each wrong key is logged (within the
+/// shared log budget).
+async fn checked_key(
+    state: &Arc<State>,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<String, ApiError> {
+    if state.key_blocked(peer.ip()) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOO_MANY_REQUESTS",
+            "too many wrong API keys from this address; try later",
+        ));
+    }
+    let r = state.keys.check(req.headers()).await;
+    // A request without credentials is not a guess (a first dashboard load, curl
+    // without -u); one with wrong credentials is.
+    if r.is_err() && req.headers().contains_key(header::AUTHORIZATION) {
+        state.key_failed(peer.ip());
+        if let Some(suppressed) = KEY_LOG.admit() {
+            warn!(%peer, path = req.uri().path(), suppressed, "admin API: wrong API key");
+        }
+    }
+    r
+}
+
+static KEY_LOG: std::sync::LazyLock<halyard_transport::LogBudget> =
+    std::sync::LazyLock::new(|| {
+        halyard_transport::LogBudget::new(halyard_transport::LOG_LINES_PER_SECOND)
+    });
 
 /// Reads a JSON request body (at most [`MAX_BODY_BYTES`]).
 pub(crate) async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
@@ -454,6 +595,26 @@ pub(crate) fn sse_event(event: &str, data: &Value) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// DNS rebinding: only the listener's own names are answered.
+    #[test]
+    fn hosts_are_addresses_localhost_or_listed() {
+        let names = vec!["broker.example".to_string()];
+        for (host, ok) in [
+            (Some("127.0.0.1:18083"), true),
+            (Some("[::1]:18083"), true),
+            (Some("10.1.2.3"), true),
+            (Some("localhost:18083"), true),
+            (Some("Broker.Example:18083"), true),
+            (Some("broker.example"), true),
+            (Some("evil.example:18083"), false),
+            (Some("[not-v6]:1"), false),
+            (None, true),
+        ] {
+            assert_eq!(host_allowed(host, &names), ok, "{host:?}");
+        }
+        assert!(!host_allowed(Some("broker.example"), &[]));
+    }
 
     #[test]
     fn routes_match_with_decoded_params() {
