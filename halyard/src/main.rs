@@ -274,11 +274,12 @@ async fn run(cfg: Config, source: server::ConfigSource, log_reload: server::LogR
     };
     admin::sys::spawn(server.clone());
     spawn_security_file_watch(&server);
-    // For `halyard ctl`: written once the listeners are up, removed on a graceful exit.
+    // For `halyard ctl`: written once the listeners are up, held locked while we run,
+    // removed on a graceful exit.
     let pid_file = PathBuf::from(&cfg.data_dir).join(tools::ctl::PID_FILE);
-    if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
-        tracing::warn!(path = %pid_file.display(), error = %e, "cannot write the pid file");
-    }
+    let pid_lock = tools::ctl::hold_pid_file(&pid_file)
+        .inspect_err(|why| tracing::warn!("{why}; halyard ctl will not find this broker"))
+        .ok();
     info!(
         version = env!("CARGO_PKG_VERSION"),
         data_dir = %cfg.data_dir,
@@ -307,7 +308,10 @@ async fn run(cfg: Config, source: server::ConfigSource, log_reload: server::LogR
     });
     broker.shutdown().await;
     server.join_listeners().await;
-    let _ = std::fs::remove_file(&pid_file);
+    if pid_lock.is_some() {
+        let _ = std::fs::remove_file(&pid_file);
+    }
+    drop(pid_lock);
     info!("halyard stopped");
     ExitCode::SUCCESS
 }

@@ -103,7 +103,19 @@ fn ctl_stop_kills_after_the_timeout() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    // A pid file no one holds locked is not believed: the process it names (alive, and
+    // called halyard) gets no signal.
     std::fs::write(dir.join("halyard.pid"), format!("{}\n", child.0.id())).expect("pid");
+    let (_, err, code) = ctl(&dir, &["stop", "--timeout", "1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no running halyard holds it"), "{err}");
+    assert!(child.0.try_wait().expect("try_wait").is_none(), "signalled");
+    // Held locked as `serve` holds it (here by the test, for the fake).
+    let held = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("halyard.pid"))
+        .expect("open");
+    held.try_lock().expect("lock");
     let (out, err, code) = ctl(&dir, &["stop", "--timeout", "1"]);
     assert_eq!(code, 1, "not a graceful stop: {out} {err}");
     assert!(err.contains("SIGKILL"), "{err}");

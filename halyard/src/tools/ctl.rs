@@ -85,9 +85,49 @@ pub(crate) fn run(a: &CtlArgs) -> ExitCode {
 /// The pid file's name inside the data directory.
 pub(crate) const PID_FILE: &str = "halyard.pid";
 
-/// The pid in `path`, if that process is alive and is a halyard.
+/// Writes this process's pid to `path` and holds an exclusive lock on the file while the
+/// returned handle lives. `ctl` believes only a pid file a live process holds locked, so
+/// it never signals a recycled pid or a process that merely looks like halyard; a second
+/// `serve` for the same data directory finds the lock taken.
+pub(crate) fn hold_pid_file(path: &Path) -> Result<std::fs::File, String> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("cannot open the pid file {}: {e}", path.display()))?;
+    f.try_lock().map_err(|_| {
+        format!(
+            "the pid file {} is held by another running halyard serve",
+            path.display()
+        )
+    })?;
+    f.set_len(0)
+        .and_then(|()| writeln!(f, "{}", std::process::id()))
+        .map_err(|e| format!("cannot write the pid file {}: {e}", path.display()))?;
+    Ok(f)
+}
+
+/// The pid in `path`, if a live broker holds the file locked (see [`hold_pid_file`]).
 fn running_pid(path: &Path) -> Result<Pid, String> {
-    let text = std::fs::read_to_string(path)
+    let file = std::fs::File::open(path)
+        .map_err(|e| format!("cannot read the pid file {}: {e}", path.display()))?;
+    match file.try_lock_shared() {
+        // Nobody holds it: whatever pid it names is not a broker serving this directory.
+        Ok(()) => {
+            return Err(format!(
+                "stale pid file {} (no running halyard holds it)",
+                path.display()
+            ));
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {}
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(format!("cannot lock the pid file {}: {e}", path.display()));
+        }
+    }
+    let text = std::io::read_to_string(&file)
         .map_err(|e| format!("cannot read the pid file {}: {e}", path.display()))?;
     let raw: i32 = text
         .trim()
@@ -100,16 +140,6 @@ fn running_pid(path: &Path) -> Result<Pid, String> {
             "stale pid file {} (process {raw} is gone)",
             path.display()
         ));
-    }
-    // A recycled pid must not get our signals.
-    if let Ok(cmd) = std::fs::read(format!("/proc/{raw}/cmdline")) {
-        let argv0 = cmd.split(|b| *b == 0).next().unwrap_or_default();
-        if !String::from_utf8_lossy(argv0).contains("halyard") {
-            return Err(format!(
-                "stale pid file {} (process {raw} is not halyard)",
-                path.display()
-            ));
-        }
     }
     Ok(pid)
 }
