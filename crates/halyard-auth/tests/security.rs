@@ -526,6 +526,65 @@ async fn sessions_are_bounded(v: ProtocolVersion) {
     assert_eq!(connack(&mut anon, v, &c).await.reason, ReasonCode::Success);
 }
 
+/// Subscriptions are charged to `max_memory_bytes` (filter bytes plus a fixed overhead
+/// each): past the budget a new subscription gets SUBACK 0x97 (3.1.1: 0x80) and is
+/// counted; replacing one is not refused; unsubscribing and a session's end refund it.
+async fn subscriptions_are_charged_to_the_memory_budget(v: ProtocolVersion) {
+    let cfg = BrokerConfig {
+        max_memory_bytes: 4_096,
+        max_subscriptions_per_client: 0,
+        ..BrokerConfig::default()
+    };
+    let tb = TestBroker::with_config(cfg).await;
+    let mut c = online(
+        &tb,
+        v,
+        &Conn {
+            id: "many",
+            user: None,
+            clean: true,
+            will: None,
+        },
+    )
+    .await;
+    let mut granted = 0;
+    let refused = loop {
+        let r = common::subscribe(&mut c, &format!("s/{granted}")).await;
+        if r as u8 > 2 {
+            break r;
+        }
+        granted += 1;
+        assert!(granted < 100, "never refused");
+    };
+    assert_eq!(
+        refused,
+        if v.is_v5() {
+            ReasonCode::QuotaExceeded
+        } else {
+            ReasonCode::UnspecifiedError
+        }
+    );
+    assert!(granted >= 10, "only {granted} granted");
+    let charged = tb.broker.gauges().subscription_bytes;
+    assert!(charged >= 4_096, "charged {charged}");
+    assert_eq!(tb.broker.stats().subscribe_quota_exceeded, 1);
+    // Replacing an existing subscription is not a new charge.
+    assert!((common::subscribe(&mut c, "s/0").await as u8) <= 2);
+    c.send(&Packet::Unsubscribe(Unsubscribe {
+        packet_id: 3,
+        filters: vec![TopicFilter::try_from("s/0").unwrap()],
+        properties: Properties::default(),
+    }))
+    .await;
+    assert!(matches!(c.recv().await, Packet::UnsubAck(_)));
+    assert!((common::subscribe(&mut c, "s/again").await as u8) <= 2);
+    drop(c);
+    eventually("the session's subscriptions refunded", || {
+        tb.broker.gauges().subscription_bytes == 0
+    })
+    .await;
+}
+
 /// By default no session lives forever: the expiry granted is capped at a week, told to
 /// a v5 client in CONNACK (section 3.2.2.3.2), applied
 /// to a 3.1.1 persistent session.
@@ -653,6 +712,62 @@ async fn user_properties_are_limited_and_charged() {
     }
 }
 
+/// MQTT 5 only. A packet with more than 8 × `max_user_properties` user properties is not
+/// decoded at all (each costs ~25 times its wire size once built): a CONNECT, before any
+/// authentication, gets CONNACK 0x97; a PUBLISH gets DISCONNECT 0x97 and the close.
+#[tokio::test]
+async fn floods_of_user_properties_are_not_decoded() {
+    let cfg = BrokerConfig {
+        max_user_properties: 10,
+        ..BrokerConfig::default()
+    };
+    let tb = TestBroker::with_config(cfg).await;
+    let v = ProtocolVersion::V5;
+    let mut c = tb.raw().await;
+    c.version = v;
+    let Packet::Connect(mut connect_packet) = connect(
+        v,
+        &Conn {
+            id: "flood",
+            user: None,
+            clean: true,
+            will: None,
+        },
+    ) else {
+        unreachable!()
+    };
+    connect_packet.properties.user_properties = user_props(81, 1);
+    c.send(&Packet::Connect(connect_packet)).await;
+    match c.recv().await {
+        Packet::ConnAck(a) => assert_eq!(a.reason, ReasonCode::QuotaExceeded),
+        other => panic!("{other:?}"),
+    }
+    let mut c = online(
+        &tb,
+        v,
+        &Conn {
+            id: "flood",
+            user: None,
+            clean: true,
+            will: None,
+        },
+    )
+    .await;
+    c.send(&Packet::Publish(Publish {
+        properties: PublishProperties {
+            user_properties: user_props(81, 1),
+            ..Default::default()
+        },
+        ..Publish::new(TopicName::try_from("p/x").unwrap(), &b"1"[..])
+    }))
+    .await;
+    match c.recv().await {
+        Packet::Disconnect(d) => assert_eq!(d.reason, ReasonCode::QuotaExceeded),
+        other => panic!("{other:?}"),
+    }
+    c.expect_close().await;
+}
+
 macro_rules! both_versions {
     ($($name:ident),* $(,)?) => {
         mod v3_1_1 { $( #[tokio::test] async fn $name() { super::$name(halyard_codec::ProtocolVersion::V3_1_1).await } )* }
@@ -671,4 +786,5 @@ both_versions!(
     sys_topics_are_the_brokers,
     sessions_are_bounded,
     session_expiry_is_capped_by_default,
+    subscriptions_are_charged_to_the_memory_budget,
 );

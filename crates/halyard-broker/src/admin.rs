@@ -119,6 +119,8 @@ pub struct Gauges {
     pub retained_bytes: usize,
     /// Messages alive (queued, in flight, retained).
     pub messages_alive: usize,
+    /// Bytes of subscriptions charged to `max_memory_bytes` (filters and a fixed overhead).
+    pub subscription_bytes: usize,
     /// Messages queued across sessions.
     pub queued: usize,
     /// Messages in flight across sessions.
@@ -361,6 +363,7 @@ impl Broker {
                 .saturating_sub(inner.retained.dollar_len()),
             retained_bytes: inner.retained.bytes(),
             messages_alive: inner.memory.messages(),
+            subscription_bytes: inner.memory.subscription_bytes(),
             ..Gauges::default()
         };
         for s in inner.sessions_snapshot() {

@@ -492,12 +492,13 @@ impl Inner {
         }
     }
 
-    /// Whether the messages alive exceed `max_memory_bytes` (0: no budget). The hot-path
+    /// Whether the messages alive and the subscriptions exceed `max_memory_bytes` (0: no
+    /// budget). The hot-path
     /// checks take the settings from the caller, who reads them once per batch of packets:
     /// an `ArcSwap` load per check was ~4% of the CPU per message.
     pub(crate) fn memory_over_budget(&self, cfg: &BrokerConfig) -> bool {
         let max = cfg.max_memory_bytes;
-        max > 0 && self.memory.bytes() >= max
+        max > 0 && self.memory.bytes() + self.memory.subscription_bytes() >= max
     }
 
     /// Whether a topic name or filter exceeds `max_topic_length` or `max_topic_levels`.
@@ -884,6 +885,8 @@ impl Inner {
         }
         for s in &subs {
             self.subs.unsubscribe(&s.filter, session);
+            self.memory
+                .add_subscription_bytes(-Subscription::cost(s.filter.as_str()));
         }
         if stored {
             self.store.apply(vec![Op::SessionDelete {
@@ -1043,6 +1046,8 @@ impl Inner {
                     };
                     self.subs
                         .subscribe(&f, &session, rec.options, rec.identifier);
+                    self.memory
+                        .add_subscription_bytes(Subscription::cost(filter));
                     st.subscriptions.insert(
                         filter.as_str().into(),
                         Subscription {

@@ -148,6 +148,17 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
+    /// User properties one packet may carry before it is not even decoded (the codec's
+    /// `decode_limited`): 8 times `max_user_properties` (0: no limit). Between the two a
+    /// PUBLISH or will is refused on its own (0x97) and the connection stays; past it the
+    /// connection closes (DISCONNECT / CONNACK 0x97), with at most this many built.
+    pub(crate) fn decoded_user_properties(&self) -> u32 {
+        match self.max_user_properties {
+            0 => u32::MAX,
+            n => u32::try_from(n.saturating_mul(8)).unwrap_or(u32::MAX),
+        }
+    }
+
     /// Why `props` are over the user-property limits, if they are.
     pub(crate) fn user_properties_over(
         &self,

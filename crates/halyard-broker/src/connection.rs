@@ -19,8 +19,8 @@ use std::time::Duration;
 use halyard_codec::{
     Ack, AckProperties, BytesMut, ConnAck, Connect, DecodeError, Disconnect, ErrorKind, Packet,
     PlainAck, PlainDecode, Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck,
-    Subscribe, SubscriptionOptions, TopicName, UnsubAck, Unsubscribe, decode, decode_plain_ack,
-    decode_plain_publish,
+    Subscribe, SubscriptionOptions, TopicName, UnsubAck, Unsubscribe, decode_limited,
+    decode_plain_ack, decode_plain_publish,
 };
 use halyard_store::{Op, PendingWill as StoredWill};
 use halyard_transport::{Event, PeerInfo};
@@ -114,10 +114,11 @@ where
     let mut io = stream;
     let mut rbuf = BytesMut::with_capacity(READ_BUFFER_INITIAL_BYTES);
     let max_in = inner.cfg().message_size_limit;
+    let max_props = inner.cfg().decoded_user_properties();
     // [MQTT-3.1.4-1]-adjacent: a connection that never sends CONNECT is not kept.
     let first = timeout(
         inner.cfg().connect_timeout,
-        read_packet(&mut io, &mut rbuf, ProtocolVersion::V5, max_in),
+        read_packet(&mut io, &mut rbuf, ProtocolVersion::V5, max_in, max_props),
     )
     .await;
     let connect = match first {
@@ -318,9 +319,10 @@ async fn read_packet<R: AsyncRead + Unpin>(
     rbuf: &mut BytesMut,
     version: ProtocolVersion,
     max: u32,
+    max_user_properties: u32,
 ) -> Result<Packet, ReadError> {
     loop {
-        match decode(rbuf, version, max) {
+        match decode_limited(rbuf, version, max, max_user_properties) {
             Ok(Some(p)) => return Ok(p),
             Ok(None) => {}
             Err(e) => return Err(ReadError::Decode(e)),
@@ -685,6 +687,7 @@ where
                         io.rbuf,
                         ProtocolVersion::V5,
                         inner.cfg().message_size_limit,
+                        inner.cfg().decoded_user_properties(),
                     ),
                 )
                 .await;
@@ -1430,7 +1433,13 @@ where
             return None;
         }
         let mut rest = self.rbuf.split();
-        while let Ok(Some(p)) = decode(&mut rest, self.version, self.cfg.message_size_limit) {
+        let max_props = self.live.decoded_user_properties();
+        while let Ok(Some(p)) = decode_limited(
+            &mut rest,
+            self.version,
+            self.cfg.message_size_limit,
+            max_props,
+        ) {
             if let Packet::Disconnect(d) = p {
                 return Some(d.reason);
             }
@@ -1508,7 +1517,12 @@ where
                 }
                 continue;
             }
-            match decode(&mut self.rbuf, self.version, self.cfg.message_size_limit) {
+            match decode_limited(
+                &mut self.rbuf,
+                self.version,
+                self.cfg.message_size_limit,
+                self.live.decoded_user_properties(),
+            ) {
                 Ok(Some(p)) => {
                     let p = match p {
                         // Topic, payload and properties are copied out of the read buffer:
@@ -2065,10 +2079,14 @@ where
                 });
                 continue;
             }
-            if cfg.max_subscriptions_per_client > 0 {
+            {
+                // A new subscription needs room in the session's count and in the memory
+                // budget it is charged to (a replaced one is charged already).
                 let st = self.at.session.lock();
-                if st.subscriptions.len() >= cfg.max_subscriptions_per_client
-                    && !st.subscriptions.contains_key(filter.as_str())
+                if !st.subscriptions.contains_key(filter.as_str())
+                    && ((cfg.max_subscriptions_per_client > 0
+                        && st.subscriptions.len() >= cfg.max_subscriptions_per_client)
+                        || self.inner.memory_over_budget(&self.live))
                 {
                     drop(st);
                     Stats::inc(&inner.stats.subscribe_quota_exceeded);
@@ -2102,6 +2120,11 @@ where
                 .subscriptions
                 .insert(filter.as_str().into(), sub.clone())
                 .is_some();
+            if !existed {
+                self.inner
+                    .memory
+                    .add_subscription_bytes(Subscription::cost(filter.as_str()));
+            }
             self.inner
                 .subs
                 .subscribe(&filter, &self.at.session, options, id);
@@ -2172,6 +2195,11 @@ where
             let existed = {
                 let mut st = self.at.session.lock();
                 let existed = st.subscriptions.remove(filter.as_str()).is_some();
+                if existed {
+                    self.inner
+                        .memory
+                        .add_subscription_bytes(-Subscription::cost(filter.as_str()));
+                }
                 if existed && st.stored {
                     ticket = self.inner.store.apply(vec![Op::Unsubscribe {
                         client_id: self.at.session.client_id.to_string(),

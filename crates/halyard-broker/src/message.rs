@@ -94,6 +94,9 @@ pub(crate) struct MemoryUse {
     bytes: std::sync::atomic::AtomicIsize,
     /// Messages alive (for `$SYS/broker/store/messages/count` and the metrics).
     messages: std::sync::atomic::AtomicIsize,
+    /// Bytes of subscriptions (`Subscription::cost`): checked against the same budget,
+    /// kept apart so `message_bytes_alive` stays the messages' own.
+    subscriptions: std::sync::atomic::AtomicIsize,
 }
 
 impl MemoryUse {
@@ -120,6 +123,15 @@ impl MemoryUse {
     /// segment keeps encoded (`queue::Frames`).
     pub(crate) fn add_bytes(&self, bytes: isize) {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Charges (or, negative, refunds) a subscription's bytes.
+    pub(crate) fn add_subscription_bytes(&self, bytes: isize) {
+        self.subscriptions.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn subscription_bytes(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed).max(0) as usize
     }
 
     pub(crate) fn messages(&self) -> usize {

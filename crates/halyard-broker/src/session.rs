@@ -62,6 +62,18 @@ pub(crate) struct Subscription {
     pub(crate) id: Option<u32>,
 }
 
+/// What one subscription holds beyond its filter's bytes, charged to `max_memory_bytes`
+/// with them: the session's map entry and `Subscription`, and the topic index's entry
+/// (measured ~150-200 bytes together; a round figure, not an allocator count).
+pub(crate) const SUBSCRIPTION_OVERHEAD_BYTES: usize = 192;
+
+impl Subscription {
+    /// Bytes this subscription is charged to the memory budget (refunded when it goes).
+    pub(crate) fn cost(filter: &str) -> isize {
+        (filter.len() + SUBSCRIPTION_OVERHEAD_BYTES) as isize
+    }
+}
+
 /// The link from a session to the connection currently attached to it (whose id is
 /// `SessionState::generation`).
 #[derive(Debug)]

@@ -51,7 +51,7 @@ counters! {
     publish_denied: "PUBLISH packets refused by the authorizer (not routed).",
     subscribe_denied: "Subscriptions refused by the authorizer.",
     dropped_not_authorized: "Deliveries withheld because the subscriber may not read the topic.",
-    subscribe_quota_exceeded: "Subscriptions refused because the client holds max_subscriptions_per_client.",
+    subscribe_quota_exceeded: "Subscriptions refused because the client holds max_subscriptions_per_client, or max_memory_bytes is reached.",
     topic_refused: "Topic names or filters refused for exceeding max_topic_levels or max_topic_length.",
     sessions_refused: "CONNECTs refused because max_sessions or max_sessions_per_user was reached.",
     properties_refused: "Messages and wills refused for exceeding max_user_properties or max_user_properties_bytes.",

@@ -27,6 +27,19 @@ pub fn decode(
     version: ProtocolVersion,
     max_packet_size: u32,
 ) -> Result<Option<Packet>, DecodeError> {
+    decode_limited(buf, version, max_packet_size, u32::MAX)
+}
+
+/// [`decode`], refusing a packet with more than `max_user_properties` user properties in
+/// all its property blocks ([`ErrorKind::UserPropertiesOverLimit`], reason 0x97) before
+/// more of them are built: a receiver facing untrusted peers bounds what one packet costs
+/// decoded, not only on the wire.
+pub fn decode_limited(
+    buf: &mut BytesMut,
+    version: ProtocolVersion,
+    max_packet_size: u32,
+    max_user_properties: u32,
+) -> Result<Option<Packet>, DecodeError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -56,6 +69,7 @@ pub fn decode(
     let mut body = buf.split_to(total).freeze();
     body.advance(1 + len_bytes);
     let mut r = Reader::new(body);
+    r.user_properties_left = max_user_properties;
     let flags = first & 0x0F;
     if kind == 1 {
         // CONNECT sets `version` itself from the level it declares.

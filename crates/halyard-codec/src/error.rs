@@ -21,6 +21,9 @@ pub enum ErrorKind {
     UnsupportedProtocolVersion,
     /// A Topic Alias of zero (0x94).
     TopicAliasInvalid,
+    /// More user properties in one packet than the receiver decodes (0x97): refused before
+    /// they are built, since each costs far more in memory than on the wire.
+    UserPropertiesOverLimit,
 }
 
 impl ErrorKind {
@@ -32,6 +35,7 @@ impl ErrorKind {
             ErrorKind::PacketTooLarge => ReasonCode::PacketTooLarge,
             ErrorKind::UnsupportedProtocolVersion => ReasonCode::UnsupportedProtocolVersion,
             ErrorKind::TopicAliasInvalid => ReasonCode::TopicAliasInvalid,
+            ErrorKind::UserPropertiesOverLimit => ReasonCode::QuotaExceeded,
         }
     }
 }
@@ -89,6 +93,7 @@ impl fmt::Display for DecodeError {
             ErrorKind::PacketTooLarge => "packet too large",
             ErrorKind::UnsupportedProtocolVersion => "unsupported protocol version",
             ErrorKind::TopicAliasInvalid => "topic alias invalid",
+            ErrorKind::UserPropertiesOverLimit => "too many user properties",
         };
         write!(
             f,

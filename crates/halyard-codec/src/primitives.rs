@@ -17,11 +17,17 @@ const TRUNCATED: DecodeError =
 #[derive(Debug)]
 pub(crate) struct Reader {
     buf: Bytes,
+    /// User properties this packet may still hold (see `decode_limited`): each costs far
+    /// more decoded than its 5-byte minimum on the wire.
+    pub(crate) user_properties_left: u32,
 }
 
 impl Reader {
     pub(crate) fn new(buf: Bytes) -> Self {
-        Reader { buf }
+        Reader {
+            buf,
+            user_properties_left: u32::MAX,
+        }
     }
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len()

@@ -246,7 +246,18 @@ pub(crate) fn read_properties(
             Type::VarInt => Value::VarInt(p.varint()?),
             Type::Str => Value::Str(p.string()?),
             Type::Bin => Value::Bin(p.binary()?),
-            Type::Pair => Value::Pair(p.string()?, p.string()?),
+            Type::Pair => {
+                // Counted on the packet's reader: a packet may hold more than one block.
+                r.user_properties_left =
+                    r.user_properties_left
+                        .checked_sub(1)
+                        .ok_or(DecodeError::new(
+                            ErrorKind::UserPropertiesOverLimit,
+                            "MQTT-2.2.2.2",
+                            "more user properties than the receiver accepts in one packet",
+                        ))?;
+                Value::Pair(p.string()?, p.string()?)
+            }
         };
         each(ident, value)?;
     }

@@ -938,3 +938,70 @@ fn remaining_length_examples_of_section_2_1_4() {
         }
     }
 }
+
+/// `decode_limited` refuses a packet with more user properties than it is given, counted
+/// across all the packet's property blocks (a CONNECT's and its will's), before it builds
+/// them: reason 0x97. Within the limit the packet decodes as with `decode`.
+#[test]
+fn user_properties_over_the_decode_limit() {
+    use halyard_codec::{ByteString, decode_limited};
+    let props = |n: usize| -> Vec<(ByteString, ByteString)> {
+        (0..n)
+            .map(|i| (format!("k{i}").into(), "v".into()))
+            .collect()
+    };
+    let wire = |p: &Packet| {
+        let mut b = BytesMut::new();
+        p.encode(ProtocolVersion::V5, &mut b).unwrap();
+        b
+    };
+    let publish = Packet::Publish(Publish {
+        properties: PublishProperties {
+            user_properties: props(3),
+            ..Default::default()
+        },
+        ..Publish::new(TopicName::try_from("t").unwrap(), &b"x"[..])
+    });
+    let e = decode_limited(&mut wire(&publish), ProtocolVersion::V5, 1 << 20, 2).unwrap_err();
+    assert_eq!(
+        (e.kind, e.reason_code()),
+        (
+            ErrorKind::UserPropertiesOverLimit,
+            ReasonCode::QuotaExceeded
+        )
+    );
+    let ok = decode_limited(&mut wire(&publish), ProtocolVersion::V5, 1 << 20, 3).unwrap();
+    let Some(Packet::Publish(got)) = ok else {
+        panic!("{ok:?}")
+    };
+    let Packet::Publish(sent) = &publish else {
+        unreachable!()
+    };
+    assert_eq!(got.properties, sent.properties);
+    let connect = Packet::Connect(Box::new(Connect {
+        protocol: ProtocolVersion::V5,
+        clean_start: true,
+        keep_alive: 0,
+        client_id: ClientId::new("c").unwrap(),
+        will: Some(Will {
+            topic: TopicName::try_from("w").unwrap(),
+            payload: Bytes::from_static(b"x"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            delay_interval: None,
+            properties: PublishProperties {
+                user_properties: props(1),
+                ..Default::default()
+            },
+        }),
+        username: None,
+        password: None,
+        properties: Properties {
+            user_properties: props(2),
+            ..Default::default()
+        },
+    }));
+    let e = decode_limited(&mut wire(&connect), ProtocolVersion::V5, 1 << 20, 2).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::UserPropertiesOverLimit);
+    assert!(decode_limited(&mut wire(&connect), ProtocolVersion::V5, 1 << 20, 3).is_ok());
+}

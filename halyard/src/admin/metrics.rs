@@ -206,6 +206,12 @@ pub(crate) async fn render(server: &Server) -> String {
         st.message_bytes_alive,
     );
     o.one(
+        "subscription_bytes",
+        "gauge",
+        "Bytes of subscriptions, checked against max_memory_bytes with the messages'.",
+        g.subscription_bytes as u64,
+    );
+    o.one(
         "messages_retained_refused",
         "counter",
         "Retained messages not kept (max_retained_messages/bytes).",
