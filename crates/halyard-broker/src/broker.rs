@@ -72,6 +72,9 @@ pub(crate) struct Inner {
     /// for every connection, read with `borrow` (a connection's own was 16 bytes of it).
     durable: Option<watch::Receiver<u64>>,
     started: Instant,
+    /// SUBSCRIBE packets read from a socket and not yet handled: a PUBLISH read meanwhile
+    /// on another connection waits for them, briefly (see `Then::Publish` in connection.rs).
+    pub(crate) subscribing: std::sync::atomic::AtomicUsize,
 }
 
 /// Failed logins per source address in a sliding window: past
@@ -173,6 +176,7 @@ impl Broker {
             taps: Arc::default(),
             durable_waiters: Mutex::default(),
             started: Instant::now(),
+            subscribing: Default::default(),
         });
         inner.recover();
         tokio::spawn(housekeeping(inner.clone()));
@@ -866,16 +870,21 @@ impl Inner {
 
     /// Discards a session: its subscriptions, queue and pending will (published now, as the
     /// session's end comes before its delay [MQTT-3.1.3-9]).
+    /// Shared-subscription messages it holds, queued or QoS 1 in flight, go to the other
+    /// members of their groups (section 4.8.2), whenever the session ends: at once (expiry
+    /// 0), on expiry, or discarded by a clean start.
     pub(crate) fn end_session(&self, session: &Arc<Session>) {
-        let (subs, will, stored) = {
+        let (subs, will, stored, orphans) = {
             let mut st = session.lock();
             if st.ended {
                 return;
             }
             st.ended = true;
+            let orphans =
+                st.take_shared(true, &session.client_id, &*self.store, self.durable_now());
             st.clear_messages();
             let subs: Vec<Subscription> = st.subscriptions.drain().map(|(_, s)| s).collect();
-            (subs, st.pending_will.take(), st.stored)
+            (subs, st.pending_will.take(), st.stored, orphans)
         };
         {
             self.sessions
@@ -887,6 +896,9 @@ impl Inner {
             self.subs.unsubscribe(&s.filter, session);
             self.memory
                 .add_subscription_bytes(-Subscription::cost(s.filter.as_str()));
+        }
+        if !orphans.is_empty() {
+            self.redispatch_shared(session, orphans);
         }
         if stored {
             self.store.apply(vec![Op::SessionDelete {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use halyard_codec::{
     Ack, AckProperties, BytesMut, ConnAck, Connect, DecodeError, Disconnect, ErrorKind, Packet,
     PlainAck, PlainDecode, Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck,
-    Subscribe, SubscriptionOptions, TopicName, UnsubAck, Unsubscribe, decode_limited,
+    Subscribe, SubscriptionOptions, TopicName, UnsubAck, Unsubscribe, decode_first, decode_limited,
     decode_plain_ack, decode_plain_publish,
 };
 use halyard_store::{Op, PendingWill as StoredWill};
@@ -118,7 +118,7 @@ where
     // [MQTT-3.1.4-1]-adjacent: a connection that never sends CONNECT is not kept.
     let first = timeout(
         inner.cfg().connect_timeout,
-        read_packet(&mut io, &mut rbuf, ProtocolVersion::V5, max_in, max_props),
+        read_first(&mut io, &mut rbuf, max_in, max_props),
     )
     .await;
     let connect = match first {
@@ -273,7 +273,7 @@ async fn authenticate(
 /// Refuses a CONNECT: counted, logged (rate-limited), told to the monitor, answered with
 /// CONNACK `reason` (v5 with `why` as its reason string; 3.x gets the return code the
 /// codec maps `reason` to).
-async fn refuse_connect<W: AsyncWrite + Unpin>(
+async fn refuse_connect<W: AsyncRead + AsyncWrite + Unpin>(
     inner: &Inner,
     io: &mut W,
     peer: &Peer,
@@ -314,6 +314,26 @@ enum ReadError {
     Decode(DecodeError),
 }
 
+/// Reads the first packet, a CONNECT of a version not known yet (see `decode_first`).
+async fn read_first<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    rbuf: &mut BytesMut,
+    max: u32,
+    max_user_properties: u32,
+) -> Result<Packet, ReadError> {
+    loop {
+        match decode_first(rbuf, max, max_user_properties) {
+            Ok(Some(p)) => return Ok(p),
+            Ok(None) => {}
+            Err(e) => return Err(ReadError::Decode(e)),
+        }
+        match rd.read_buf(rbuf).await {
+            Ok(0) | Err(_) => return Err(ReadError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
 async fn read_packet<R: AsyncRead + Unpin>(
     rd: &mut R,
     rbuf: &mut BytesMut,
@@ -334,21 +354,45 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_now<W: AsyncWrite + Unpin>(wr: &mut W, p: &Packet, v: ProtocolVersion) {
+/// Writes `p` as the last packet of a connection, then closes it as [`linger`] does.
+async fn write_now<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, p: &Packet, v: ProtocolVersion) {
     let mut buf = BytesMut::new();
     if p.encode(v, &mut buf).is_ok() {
-        let _ = timeout(CLOSE_FLUSH_TIMEOUT, async {
-            let _ = wr.write_all(&buf).await;
-            let _ = wr.shutdown().await;
-        })
-        .await;
+        let _ = timeout(CLOSE_FLUSH_TIMEOUT, io.write_all(&buf)).await;
+        linger(io).await;
     }
+}
+
+/// How long, and for how many bytes, a connection we close reads what its client still
+/// sends (see `linger`).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Ends a connection whose last packet (a refusing CONNACK, a DISCONNECT) was written:
+/// shuts down our write side, then reads and discards until the client closes, for at most
+/// `LINGER` and `LINGER_BYTES`. Closing a socket with unread input makes the kernel send a
+/// RST, which can destroy that last packet before the client reads it: a client that kept
+/// writing (more QoS 2 PUBLISHes past Receive Maximum) would see "broken pipe", never the
+/// reason. Boxed callers only (it runs once, at the end).
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
+    let _ = timeout(CLOSE_FLUSH_TIMEOUT, io.shutdown()).await;
+    let mut sink = [0u8; 4096];
+    let mut left = LINGER_BYTES;
+    let _ = timeout(LINGER, async {
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// Answers a CONNECT that could not be decoded. Protocol level problems get CONNACK 0x84
 /// (v5) / 0x01 (3.x) [MQTT-3.1.2-2]; other errors in a v5 CONNECT get a CONNACK with the
 /// error's reason [MQTT-4.13.1-1]; 3.x gets a plain close.
-async fn refuse_bad_connect<W: AsyncWrite + Unpin>(
+async fn refuse_bad_connect<W: AsyncRead + AsyncWrite + Unpin>(
     inner: &Inner,
     wr: &mut W,
     peer: &Peer,
@@ -591,11 +635,47 @@ struct Aliases {
     outbound: HashMap<TopicName, u16>,
 }
 
+/// The longest a PUBLISH waits for SUBSCRIBEs read before it (see `Then::Publish`).
+const SUBSCRIBE_WAIT: Duration = Duration::from_millis(2);
+
+/// Whether a SUBSCRIBE is among the first complete packets in `buf` (the first 16 looked at).
+fn has_subscribe(buf: &[u8]) -> bool {
+    let mut at = 0;
+    for _ in 0..16 {
+        let Some(&first) = buf.get(at) else {
+            return false;
+        };
+        if first >> 4 == 8 {
+            return true;
+        }
+        let (mut len, mut shift, mut i) = (0usize, 0, at + 1);
+        loop {
+            let Some(&b) = buf.get(i) else { return false };
+            len |= usize::from(b & 0x7F) << shift;
+            i += 1;
+            if b & 0x80 == 0 || shift == 21 {
+                break;
+            }
+            shift += 7;
+        }
+        at = i + len;
+    }
+    false
+}
+
 /// What `main_loop` does after its `select!` (see there).
 enum Then {
     Loop,
     Flush,
     Yield,
+    /// Yield, then handle the input read, which starts with a PUBLISH. A subscriber's
+    /// SUBSCRIBE that reached the broker before this PUBLISH is often read in the same
+    /// turn of the IO driver, which wakes both tasks at once; tokio then runs the
+    /// last-woken first (its LIFO slot), and the PUBLISH would be routed before the
+    /// SUBSCRIBE is seen. A yield runs after every task queued on this worker and any it
+    /// can steal, so the SUBSCRIBE goes first (see "Ordering across connections" in
+    /// ARCHITECTURE.md).
+    Publish,
 }
 
 /// Read sizes `size_reads` moves between.
@@ -901,6 +981,15 @@ where
                 return Err(refuse(
                     ReasonCode::BadAuthenticationMethod,
                     "unsupported authentication method",
+                ));
+            }
+            if v5
+                && c.properties.authentication_data.is_some()
+                && c.properties.authentication_method.is_none()
+            {
+                return Err(refuse(
+                    ReasonCode::ProtocolError,
+                    "authentication data without an authentication method [MQTT-3.1.2.11.10]",
                 ));
             }
             if !v5 && c.keep_alive > cfg.max_keepalive {
@@ -1342,11 +1431,26 @@ where
                     Io::Read(Ok(n)) => {
                         Stats::add(&self.inner.stats.bytes_received, n as u64);
                         self.heard_at(Instant::now());
-                        if let Some(end) = self.process_input() {
-                            return end;
-                        }
                         self.size_reads(n, read_room);
-                        Then::Loop
+                        // A read that starts with a PUBLISH waits for the connections
+                        // woken with it to run first (see `Then::Publish`).
+                        if self.rbuf.first().is_some_and(|b| b >> 4 == 3) {
+                            Then::Publish
+                        } else {
+                            // Publishers read meanwhile wait for this SUBSCRIBE.
+                            let subscribing = has_subscribe(&self.rbuf);
+                            if subscribing {
+                                self.inner.subscribing.fetch_add(1, Ordering::SeqCst);
+                            }
+                            let end = self.process_input();
+                            if subscribing {
+                                self.inner.subscribing.fetch_sub(1, Ordering::SeqCst);
+                            }
+                            if let Some(end) = end {
+                                return end;
+                            }
+                            Then::Loop
+                        }
                     }
                 },
                 _ = poll_fn(|cx| self.at.poll_woken(cx)), if can_fill || waiting_durable => {
@@ -1377,6 +1481,23 @@ where
                     }
                 }
                 Then::Yield => tokio::task::yield_now().await,
+                Then::Publish => {
+                    tokio::task::yield_now().await;
+                    // A SUBSCRIBE read before this PUBLISH, being handled on another
+                    // worker now: wait for it, a bounded while (a SUBSCRIBE takes
+                    // microseconds; a stream of them must not stall publishers).
+                    if self.inner.subscribing.load(Ordering::SeqCst) > 0 {
+                        let until = Instant::now() + SUBSCRIBE_WAIT;
+                        while self.inner.subscribing.load(Ordering::SeqCst) > 0
+                            && Instant::now() < until
+                        {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    if let Some(end) = self.process_input() {
+                        return end;
+                    }
+                }
             }
         }
     }
@@ -2577,9 +2698,9 @@ where
                     break;
                 }
             }
-            let _ = self.io.shutdown().await;
         })
         .await;
+
         Stats::dec(&self.inner.stats.connections_current);
         self.flags.set(Flags::FINISHED, true);
         self.inner.monitor.emit_conn(|| Event::Disconnected {
@@ -2617,6 +2738,14 @@ where
             will,
             will_delay,
         );
+        // Last, once the session and will are settled: a client we close (DISCONNECT
+        // sent, or 3.x closed on an error) is read until it closes too, so our last packet
+        // is not lost to a RST. One that closed first has nothing more to read.
+        if matches!(end, End::Closed(_)) {
+            let _ = timeout(CLOSE_FLUSH_TIMEOUT, self.io.shutdown()).await;
+        } else {
+            linger(&mut self.io).await;
+        }
     }
 }
 

@@ -635,6 +635,9 @@ async fn offline_messages_queued_in_order_mqtt_3_1_2_5(v: ProtocolVersion) {
     }
     p.send(&publish("o/x", QoS::AtMostOnce, 0, b"qos0 not queued"))
         .await;
+    // Routed (while the session is offline) before the PINGRESP comes back.
+    p.send(&Packet::PingReq).await;
+    assert_eq!(p.recv().await, Packet::PingResp);
     let mut s = tb.raw().await;
     assert!(handshake(&mut s, pers()).await.session_present);
     for i in 0..5u8 {
@@ -1809,4 +1812,38 @@ async fn log_store_restart_keeps_sessions_queues_and_retained() {
     s.expect_silence(SHORT).await;
     broker.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Section 4.8.2: an unacknowledged QoS 1 message of a shared subscription goes to another
+/// member when the session ends, whenever it ends: here on expiry (2 s after the close),
+/// as it does at once for a session with expiry 0 (see the test above).
+#[tokio::test(start_paused = true)]
+async fn shared_inflight_of_an_expiring_session_goes_to_another_member_4_8_2() {
+    let broker = Broker::new(
+        BrokerConfig::default(),
+        std::sync::Arc::new(MemoryStore::new()),
+    );
+    let mut b = raw_duplex(&broker);
+    handshake(
+        &mut b,
+        connect_with(V5, "member-b", false, |c| {
+            c.properties.session_expiry_interval = Some(2)
+        }),
+    )
+    .await;
+    sub(&mut b, "$share/g/jobs", QoS::AtLeastOnce).await;
+    let mut p = raw_duplex(&broker);
+    online(&mut p, V5, "pub", true).await;
+    p.send(&publish("jobs", QoS::AtLeastOnce, 1, b"job")).await;
+    p.recv().await;
+    assert_eq!(&recv_publish(&mut b).await.payload[..], b"job"); // never acknowledged
+    let mut a = raw_duplex(&broker);
+    online(&mut a, V5, "member-a", true).await;
+    sub(&mut a, "$share/g/jobs", QoS::AtLeastOnce).await;
+    drop(b);
+    // Kept for b while its session lasts (it would be resent to b on reconnect)...
+    a.expect_silence(Duration::from_millis(1500)).await;
+    // ...and a's once the session expires.
+    let m = recv_publish(&mut a).await;
+    assert_eq!(&m.payload[..], b"job");
 }

@@ -80,6 +80,55 @@ pub fn decode_limited(
         .map_err(with_version)
 }
 
+/// Decodes the first packet of a connection, which must be a CONNECT, before its protocol
+/// version is known. Unlike [`decode_limited`], an error carries a version only once the
+/// CONNECT's protocol level was read: a fixed header that is not CONNECT's, a malformed
+/// Remaining Length, or a packet that is not CONNECT at all has `version: None`, and the
+/// receiver closes without a CONNACK [MQTT-3.1.4-1], [MQTT-3.2.2-6] (MQTT 5 section 4.13.1
+/// gives a CONNACK reason only for an error in a CONNECT). An oversized CONNECT is refused
+/// from its header alone, with the version its protocol level declares (3.x has no reason
+/// code for it and gets none).
+pub fn decode_first(
+    buf: &mut BytesMut,
+    max_packet_size: u32,
+    max_user_properties: u32,
+) -> Result<Option<Packet>, DecodeError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    if first != 0x10 {
+        return Err(DecodeError::protocol(
+            "MQTT-3.1.0-1",
+            "the first packet is not a CONNECT with reserved flags 0",
+        ));
+    }
+    let (remaining, len_bytes) = match decode_varint(&buf[1..]) {
+        VarInt::Value(v, n) => (v as usize, n),
+        VarInt::Incomplete => return Ok(None),
+        VarInt::TooLong => return Err(VARINT_TOO_LONG),
+    };
+    if 1 + len_bytes + remaining > max_packet_size as usize {
+        // Which version to answer in: the protocol level, once enough of the header is here.
+        let header = &buf[1 + len_bytes..];
+        let level = match header {
+            [0, 4, b'M', b'Q', b'T', b'T', level, ..] => Some(*level),
+            [0, 6, b'M', b'Q', b'I', b's', b'd', b'p', level, ..] => Some(*level),
+            [0, 4, ..] if header.len() < 7 => return Ok(None),
+            [0, 6, ..] if header.len() < 9 => return Ok(None),
+            [] | [_] => return Ok(None),
+            _ => None,
+        };
+        let mut e = DecodeError::new(
+            ErrorKind::PacketTooLarge,
+            "MQTT-3.2.2.3.6",
+            "packet is larger than the maximum packet size",
+        );
+        e.version = (level == Some(5)).then_some(ProtocolVersion::V5);
+        return Err(e);
+    }
+    decode_limited(buf, ProtocolVersion::V5, max_packet_size, max_user_properties)
+}
+
 /// Which acknowledgement [`decode_plain_ack`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlainAck {
