@@ -133,7 +133,7 @@ fn run(v: ProtocolVersion, busy: bool) {
     // connections, and the broker cannot see when bytes reached the kernel. Before the
     // yield in `Then::Publish`, 1 ms apart on a busy machine missed ~30%.
     let limits: [(u64, usize); 3] = if busy {
-        [(0, TRIES / 4), (100, TRIES / 50), (1000, TRIES / 50)]
+        [(0, TRIES / 4), (100, TRIES / 20), (1000, TRIES / 20)]
     } else {
         [(0, TRIES / 10), (100, TRIES / 50), (1000, TRIES / 100)]
     };
