@@ -8,6 +8,7 @@ pub mod auth;
 mod broker;
 pub mod config;
 mod connection;
+mod lifecycle;
 mod message;
 mod queue;
 mod registry;

@@ -57,8 +57,16 @@ async fn invalid_first_packets_are_closed_without_connack_mqtt_3_1_4_1_and_3_2_2
     }
     // A v5 CONNECT declaring the same size is told 0x95 [MQTT-3.2.2-6 allows a CONNACK
     // with a reason code to a v5 client; section 4.13.1].
-    let got = first_packet_answer(&tb, &hex_bytes("10 80 da c4 09 00 04 4d 51 54 54 05 02 00 3c")).await;
-    assert_eq!(got, hex_bytes("20 03 00 95 00"), "v5 CONNECT over the size limit");
+    let got = first_packet_answer(
+        &tb,
+        &hex_bytes("10 80 da c4 09 00 04 4d 51 54 54 05 02 00 3c"),
+    )
+    .await;
+    assert_eq!(
+        got,
+        hex_bytes("20 03 00 95 00"),
+        "v5 CONNECT over the size limit"
+    );
 }
 
 /// MQTT 5.0 section 3.1.2.11.10: "It is a Protocol Error to include Authentication Data if
@@ -81,7 +89,11 @@ async fn authentication_data_without_a_method_is_a_protocol_error_3_1_2_11_10() 
 /// After `trigger`, writes a PINGREQ every 2 ms for 200 ms as a busy client would (every
 /// write must succeed: a RST from the broker would fail them), then reads what the broker
 /// sent until it closes, and returns the packets.
-async fn keep_writing_then_read(s: &mut TcpStream, v: ProtocolVersion, trigger: &[u8]) -> Vec<Packet> {
+async fn keep_writing_then_read(
+    s: &mut TcpStream,
+    v: ProtocolVersion,
+    trigger: &[u8],
+) -> Vec<Packet> {
     s.write_all(trigger).await.unwrap();
     for i in 0..100 {
         if let Err(e) = s.write_all(&[0xC0, 0x00]).await {
@@ -101,7 +113,9 @@ async fn keep_writing_then_read(s: &mut TcpStream, v: ProtocolVersion, trigger: 
         match read {
             Ok(0) => return packets,
             Ok(_) => {}
-            Err(e) => panic!("read failed after {packets:?}: {e} (the broker reset the connection)"),
+            Err(e) => {
+                panic!("read failed after {packets:?}: {e} (the broker reset the connection)")
+            }
         }
     }
 }
@@ -114,12 +128,17 @@ fn encoded(p: &Packet, v: ProtocolVersion) -> Vec<u8> {
 
 async fn connected(tb: &TestBroker, v: ProtocolVersion, id: &str) -> TcpStream {
     let mut s = TcpStream::connect(tb.addr).await.unwrap();
-    s.write_all(&encoded(&connect(v, id, true, 60), v)).await.unwrap();
+    s.write_all(&encoded(&connect(v, id, true, 60), v))
+        .await
+        .unwrap();
     let mut buf = BytesMut::new();
     loop {
         s.read_buf(&mut buf).await.unwrap();
         if let Some(p) = decode(&mut buf, v, MAX_PACKET_SIZE).unwrap() {
-            assert!(matches!(&p, Packet::ConnAck(a) if a.reason == ReasonCode::Success), "{p:?}");
+            assert!(
+                matches!(&p, Packet::ConnAck(a) if a.reason == ReasonCode::Success),
+                "{p:?}"
+            );
             return s;
         }
     }
@@ -161,7 +180,8 @@ async fn every_server_disconnect_reaches_a_client_that_keeps_writing() {
     })
     .await;
     let mut s = connected(&tb, V5, "twice").await;
-    let got = keep_writing_then_read(&mut s, V5, &encoded(&connect(V5, "twice", true, 60), V5)).await;
+    let got =
+        keep_writing_then_read(&mut s, V5, &encoded(&connect(V5, "twice", true, 60), V5)).await;
     assert_eq!(last_disconnect(&got), ReasonCode::ProtocolError);
 
     let mut s = connected(&tb, V5, "big").await;
@@ -176,7 +196,9 @@ async fn every_server_disconnect_reaches_a_client_that_keeps_writing() {
         async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(&encoded(&connect(V5, "taken", true, 60), V5)).await.unwrap();
+            s.write_all(&encoded(&connect(V5, "taken", true, 60), V5))
+                .await
+                .unwrap();
             let mut b = [0u8; 16];
             let _ = s.read(&mut b).await;
             s
@@ -196,7 +218,12 @@ async fn refusing_connack_reaches_a_client_that_keeps_writing(v: ProtocolVersion
     })
     .await;
     let mut s = TcpStream::connect(tb.addr).await.unwrap();
-    let got = keep_writing_then_read(&mut s, v, &encoded(&connect(v, "much-too-long-an-id", true, 60), v)).await;
+    let got = keep_writing_then_read(
+        &mut s,
+        v,
+        &encoded(&connect(v, "much-too-long-an-id", true, 60), v),
+    )
+    .await;
     match got.as_slice() {
         [Packet::ConnAck(a)] => assert_eq!(a.reason, ReasonCode::ClientIdentifierNotValid),
         other => panic!("expected one refusing CONNACK, got {other:?}"),

@@ -126,7 +126,12 @@ pub fn decode_first(
         e.version = (level == Some(5)).then_some(ProtocolVersion::V5);
         return Err(e);
     }
-    decode_limited(buf, ProtocolVersion::V5, max_packet_size, max_user_properties)
+    decode_limited(
+        buf,
+        ProtocolVersion::V5,
+        max_packet_size,
+        max_user_properties,
+    )
 }
 
 /// Which acknowledgement [`decode_plain_ack`] found.

@@ -23,7 +23,8 @@ mod topic;
 pub use bytes::{Bytes, BytesMut};
 pub use bytestring::ByteString;
 pub use decode::{
-    PlainAck, PlainDecode, decode, decode_first, decode_limited, decode_plain_ack, decode_plain_publish,
+    PlainAck, PlainDecode, decode, decode_first, decode_limited, decode_plain_ack,
+    decode_plain_publish,
 };
 pub use encode::{
     PlainPublish, encode_plain_publish, encode_publish_raw_properties, publish_raw_properties_len,

@@ -1,0 +1,650 @@
+//! One client connection: CONNECT handshake, then a single task that reads, writes and
+//! keeps time for that client.
+//!
+//! The task owns the socket, a read buffer and a write buffer. Its loop waits on, in
+//! priority order: a kick (session takeover, admin kick, broker shutdown, keep alive run
+//! out: the broker's housekeeping task checks keep alives, see `Inner::keepalive_expire`),
+//! the socket becoming writable (when there is something to write), readable input, the
+//! session's wake-up (something was queued), and a pause timer. Reading, writing and waking are all
+//! cancel-safe, so one `select!` serves both directions without a second task: a client
+//! that stops reading never blocks our reading of its acks, and vice versa.
+
+mod end;
+mod guard;
+mod handshake;
+mod inbound;
+mod outbound;
+#[cfg(test)]
+mod tests;
+
+use end::*;
+use guard::*;
+use handshake::*;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use halyard_codec::{BytesMut, Packet, ProtocolVersion, QoS, ReasonCode, TopicName};
+use halyard_transport::PeerInfo;
+
+use crate::auth::{AuthExchange, EnhancedAuth};
+use halyard_codec::{ByteString, Bytes};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, sleep_until};
+
+use crate::broker::Inner;
+use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
+use crate::lifecycle::detach;
+use crate::message::Message;
+use crate::router::Routes;
+use crate::session::{ConnInfo, Session};
+use crate::stats::Stats;
+
+/// Initial read buffer; it grows to the largest packet seen (decode reserves the declared
+/// size), so idle connections stay small.
+const READ_BUFFER_INITIAL_BYTES: usize = 512;
+/// Message ids a connection takes from the broker's counter at a time: one atomic add per
+/// 64 messages instead of one per message.
+const MESSAGE_ID_BLOCK: u8 = 64;
+/// How long a closing connection may spend flushing its last packets (the DISCONNECT).
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The connection task's future; `drain` (the shutdown drain's sender) is dropped when
+/// it ends.
+///
+/// Its size is memory per connection, idle ones included, for their whole life. So the
+/// handshake (reading CONNECT with its timeout, authentication, the session attach: ~3 KB
+/// of future that is over once the connection runs) is boxed, and it owns the stream, the
+/// peer info and the drain sender: captured by this future instead, they would stay in it
+/// for good. The connection keeps the drain sender and its `max_connections` permit.
+pub(crate) fn serve<S>(
+    inner: Arc<Inner>,
+    stream: S,
+    info: PeerInfo,
+    drain: tokio::sync::mpsc::Sender<()>,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let handshake = Box::pin(handshake(inner, stream, info, drain));
+    async move {
+        // Boxed and borrowed by `main_loop`: the connection is stored once, not again in
+        // this future's state for the awaited result, the binding and the loop's future.
+        // The loop is awaited here, not inside another `async fn`, whose own state would
+        // be 24 bytes more of every connection's task.
+        if let Some(mut conn) = handshake.await {
+            let end = match conn.start() {
+                Some(end) => end,
+                None => conn.main_loop().await,
+            };
+            // Boxed: its timeout and close writes would otherwise size every
+            // connection's task for its whole life, though they run once, at the end.
+            Box::pin(conn.finish(end)).await;
+        }
+    }
+}
+
+/// One budget for every log line about a misbehaving or refused client: a flood of bad
+/// connections costs a few lines a second, each reporting how many were suppressed.
+static PEER_LOG: std::sync::LazyLock<halyard_transport::LogBudget> =
+    std::sync::LazyLock::new(|| {
+        halyard_transport::LogBudget::new(halyard_transport::LOG_LINES_PER_SECOND)
+    });
+
+/// What `poll_io` found ready.
+enum Io {
+    Wrote(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+}
+
+/// Polls the stream for writing `out` (when `write`), then for reading into `rbuf` (when
+/// `read`): one `select!` branch for both directions of the one stream, writing first.
+fn poll_io<S: AsyncRead + AsyncWrite + Unpin>(
+    cx: &mut std::task::Context<'_>,
+    io: &mut S,
+    out: &[u8],
+    rbuf: &mut BytesMut,
+    write: bool,
+    read: bool,
+) -> std::task::Poll<Io> {
+    use std::task::Poll;
+    if write && let Poll::Ready(r) = Pin::new(&mut *io).poll_write(cx, out) {
+        return Poll::Ready(Io::Wrote(r));
+    }
+    if !read {
+        return Poll::Pending;
+    }
+    if rbuf.capacity() == 0 {
+        // No buffer (an idle connection, see `size_reads`): wait on a stack buffer, so
+        // an idle connection holds none, and keep what arrives. As large as the 64 bytes
+        // `read_buf` would reserve, so the adaptive read size behaves the same.
+        let mut tmp = [0u8; 64];
+        let mut rb = tokio::io::ReadBuf::new(&mut tmp);
+        return match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+            Poll::Ready(r) => {
+                rbuf.extend_from_slice(rb.filled());
+                Poll::Ready(Io::Read(r.map(|()| rb.filled().len())))
+            }
+            Poll::Pending => Poll::Pending,
+        };
+    }
+    std::pin::pin!(io.read_buf(rbuf)).poll(cx).map(Io::Read)
+}
+
+struct Connection<S> {
+    inner: Arc<Inner>,
+    /// The settings this connection was accepted under: what its CONNACK advertised
+    /// (Maximum QoS, Receive Maximum, Maximum Packet Size...) holds for its lifetime even
+    /// when a reload changes the broker's.
+    cfg: Arc<crate::config::BrokerConfig>,
+    /// The broker's settings now (limits a reload changes for everyone), read once per
+    /// batch of packets in `process_input` rather than once per check.
+    live: Arc<crate::config::BrokerConfig>,
+    /// What a batch of received PUBLISH packets accumulates; boxed and only once the
+    /// client publishes, to keep idle connections small.
+    batch: Option<Box<Batch>>,
+    io: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// Peer, listener, user name and protocol, as shown by the admin API; also the
+    /// session's (one allocation for both, and every log line's peer).
+    info: Arc<ConnInfo>,
+    version: ProtocolVersion,
+    /// The session, this connection's id in it and the kicks seen (see `Attachment`).
+    at: Attachment,
+    /// Wakes a connection paused by its publish rate or the memory budget; made on the
+    /// first pause (a `Sleep` is ~110 bytes, and most connections never pause).
+    pause_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the last read returned, as nanoseconds since the broker started (see
+    /// `Inner::instant_at`): 8 bytes where an `Instant` takes 16.
+    rx_ns: u64,
+    /// Message ids taken from the broker's counter in blocks of `MESSAGE_ID_BLOCK` (see
+    /// `Inner::message_ids`): the next one, and how many of the block are left.
+    next_id: u64,
+    ids_left: u8,
+    /// The client's Receive Maximum: QoS 1/2 messages we may have in flight to it.
+    client_receive_max: u16,
+    /// The client's Maximum Packet Size.
+    client_max_packet: u32,
+    /// Topic aliases both ways, made on first use (most clients never use them, and every
+    /// byte here is memory per connection).
+    aliases: Option<Box<Aliases>>,
+    alias_out_max: u16,
+    /// Will, enhanced authentication: boxed, and only for a client that has one of them.
+    rare: Option<Box<Rare>>,
+    /// The last topic this client published to and its subscribers (see `Routes`); made
+    /// on the first PUBLISH and dropped when the connection goes idle.
+    routes: Option<Box<Routes>>,
+    /// The highest durable ticket read in this turn of `main_loop` (0: none read).
+    durable_seen: std::cell::Cell<u64>,
+    /// Acknowledgements and writes waiting for the store (see `Held`).
+    held: Option<Box<Held>>,
+    acl: AclCache,
+    /// Only when publish rate limits are configured.
+    rate: Option<Box<PublishRate>>,
+    /// Bytes to have room for before the next read (0: whatever the buffer has; see
+    /// `size_reads`).
+    read_chunk: u32,
+    /// A clone of the shutdown drain's sender: shutdown waits until every one is gone.
+    drain: Option<tokio::sync::mpsc::Sender<()>>,
+    /// Yes/no state, one bit each (see `Flags`).
+    flags: Flags,
+}
+
+/// A connection's yes/no state in one byte: seven `bool`s put `Connection` 8 bytes past
+/// the allocator's 256-byte class.
+#[derive(Clone, Copy, Default)]
+struct Flags(u8);
+
+impl Flags {
+    /// The client has a keep alive: reads are noted in `Session::last_rx` for the
+    /// broker's keep-alive check (`Inner::keepalive_expire`).
+    const KEEPALIVE: u8 = 1;
+    /// CONNECT asked for a session expiry of 0 (a DISCONNECT may not raise it then).
+    const EXPIRY_ZERO: u8 = 1 << 1;
+    /// The store tracks durability (see `Inner::durable_now`), and had not stopped when
+    /// this connection last looked.
+    const DURABLE: u8 = 1 << 2;
+    /// The queue's head is a recorded delivery whose store batch is not durable yet.
+    const BLOCKED_ON_DURABLE: u8 = 1 << 3;
+    /// `finish` ran; if not, the task is unwinding from a panic (see `Drop`).
+    const FINISHED: u8 = 1 << 4;
+    /// A PUBLISH waits for the memory budget.
+    const MEMORY_BLOCKED: u8 = 1 << 5;
+    /// Holds one of the `max_connections` permits (see `handshake`).
+    const HOLDS_PERMIT: u8 = 1 << 6;
+
+    fn has(self, flag: u8) -> bool {
+        self.0 & flag != 0
+    }
+
+    fn set(&mut self, flag: u8, on: bool) {
+        if on {
+            self.0 |= flag;
+        } else {
+            self.0 &= !flag;
+        }
+    }
+}
+
+/// A connection's place in its session. One struct, so that each of the `select!`'s kick
+/// and wake-up branches captures one pointer: three were 24 bytes more of every task,
+/// which took it past tokio's 256-byte task size.
+struct Attachment {
+    session: Arc<Session>,
+    conn_id: u64,
+    /// The session's kick count this connection last looked at (see `Session::poll_kick`);
+    /// an atomic only to be `Sync` (the `select!` borrows it across an await).
+    kicks_seen: AtomicU32,
+    /// This turn's `select!` also polls the wake-up, which registers the waker (and looks
+    /// at the kick count under the slot's lock): the kick branch then need not lock the
+    /// slot too. Publishers waking a busy subscriber contend for that lock.
+    wake_armed: std::sync::atomic::AtomicBool,
+}
+
+impl Attachment {
+    fn poll_kick(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<ReasonCode> {
+        let register = !self.wake_armed.load(Ordering::Relaxed);
+        self.session
+            .poll_kick(cx, self.conn_id, &self.kicks_seen, register)
+    }
+
+    fn poll_woken(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.session.poll_woken(cx, &self.kicks_seen)
+    }
+}
+
+/// What waits until the store has made a ticket durable. Made on first use: a session
+/// that is not persisted never needs it, and every byte of `Connection` is memory per
+/// connection.
+#[derive(Default)]
+struct Held {
+    /// Acknowledgements waiting until their store ticket is durable, in the order they
+    /// must be sent [MQTT-4.6.0-2] (PUBACK/PUBREC/PUBCOMP in the order of the packets).
+    acks: VecDeque<(u64, Packet)>,
+    /// `(at, ticket)`, oldest first: the bytes of `wbuf` from `at` on may not be written
+    /// until `ticket` is durable. One per fill that buffered a QoS 2 PUBLISH to a stored
+    /// session: its packet id (the `Sent` record) must survive a crash before the client
+    /// can see it, or a restart would resend the message under a new packet id and the
+    /// client, which dedupes QoS 2 by packet id [MQTT-4.3.3-9], would deliver it twice.
+    /// Everything buffered after it waits too, so order is kept. One entry per fill (not
+    /// one for all) so that later fills do not push back the release of earlier ones.
+    writes: VecDeque<(usize, u64)>,
+}
+
+/// What a batch of PUBLISH packets accumulates until `process_input` ends it.
+#[derive(Default)]
+struct Batch {
+    /// QoS 0 deliveries, queued when the batch ends (see `Deferred`).
+    deferred: crate::broker::Deferred,
+    /// PUBLISH packets received by QoS, added to the stats once per batch.
+    received: [u32; 3],
+    /// Bytes and count of the messages routed, charged to the memory budget once per
+    /// batch (see `MemoryUse`).
+    charged: (usize, u32),
+}
+
+/// What only some clients have: a will, enhanced authentication. Boxed, made only for
+/// them: every byte of `Connection` is memory per connection.
+#[derive(Default)]
+struct Rare {
+    will: Option<Arc<Message>>,
+    will_delay: u32,
+    /// The enhanced authentication method of CONNECT, for re-authentication, and a
+    /// re-authentication in progress.
+    enhanced: Option<(ByteString, Arc<dyn EnhancedAuth>)>,
+    reauth: Option<Box<dyn AuthExchange>>,
+}
+
+/// Topic aliases of one connection.
+#[derive(Default)]
+struct Aliases {
+    /// Inbound [MQTT-3.3.2-10]: they live as long as the connection.
+    inbound: HashMap<u16, TopicName>,
+    /// Outbound, the ones we assigned.
+    outbound: HashMap<TopicName, u16>,
+}
+
+/// The longest a PUBLISH waits for SUBSCRIBEs read before it (see `Then::Publish`).
+const SUBSCRIBE_WAIT: Duration = Duration::from_millis(2);
+
+/// Whether a SUBSCRIBE is among the first complete packets in `buf` (the first 16 looked at).
+fn has_subscribe(buf: &[u8]) -> bool {
+    let mut at = 0;
+    for _ in 0..16 {
+        let Some(&first) = buf.get(at) else {
+            return false;
+        };
+        if first >> 4 == 8 {
+            return true;
+        }
+        let (mut len, mut shift, mut i) = (0usize, 0, at + 1);
+        loop {
+            let Some(&b) = buf.get(i) else { return false };
+            len |= usize::from(b & 0x7F) << shift;
+            i += 1;
+            if b & 0x80 == 0 || shift == 21 {
+                break;
+            }
+            shift += 7;
+        }
+        at = i + len;
+    }
+    false
+}
+
+/// What `main_loop` does after its `select!` (see there).
+enum Then {
+    Loop,
+    Flush,
+    Yield,
+    /// Yield, then handle the input read, which starts with a PUBLISH. A subscriber's
+    /// SUBSCRIBE that reached the broker before this PUBLISH is often read in the same
+    /// turn of the IO driver, which wakes both tasks at once; tokio then runs the
+    /// last-woken first (its LIFO slot), and the PUBLISH would be routed before the
+    /// SUBSCRIBE is seen. A yield runs after every task queued on this worker and any it
+    /// can steal, so the SUBSCRIBE goes first (see "Ordering across connections" in
+    /// ARCHITECTURE.md).
+    Publish,
+}
+
+/// Read sizes `size_reads` moves between.
+const READ_CHUNK_MIN: usize = 512;
+const READ_CHUNK_MAX: usize = 64 * 1024;
+
+/// A received PUBLISH once its topic is known, without its properties (see
+/// `Connection::accept_publish`). Topic and payload are owned, never slices of the read
+/// buffer.
+struct Incoming {
+    topic: TopicName,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    packet_id: u16,
+}
+
+/// How often a client held back by the memory budget looks again.
+const MEMORY_RECHECK: Duration = Duration::from_millis(10);
+
+impl<S> Drop for Connection<S> {
+    fn drop(&mut self) {
+        if self.flags.has(Flags::HOLDS_PERMIT) {
+            self.inner.permits.add_permits(1);
+        }
+        // Only a panic gets here without `finish`: close this connection only, as if the
+        // network had failed (will included), so the session can expire or be resumed.
+        // (A task cancelled by runtime teardown is not a lost connection; leave it.)
+        if self.flags.has(Flags::FINISHED) || !std::thread::panicking() {
+            return;
+        }
+        tracing::error!(peer = %self.info.peer, client_id = %self.at.session.client_id, "connection task panicked; closing this connection only");
+        Stats::dec(&self.inner.stats.connections_current);
+        let (will, delay) = self.take_will();
+        detach(&self.inner, &self.at.session, self.at.conn_id, will, delay);
+    }
+}
+
+impl<S> Connection<S> {
+    /// The will and its delay, taken: it is published at most once.
+    fn take_will(&mut self) -> (Option<Arc<Message>>, u32) {
+        self.rare
+            .as_mut()
+            .map_or((None, 0), |r| (r.will.take(), r.will_delay))
+    }
+}
+
+impl<S> Connection<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    /// What runs before the loop first waits; `Some` when the connection ends already.
+    pub(super) fn start(&mut self) -> Option<End> {
+        // Shutdown reaches a running connection through its kick (`Broker::shutdown` kicks
+        // every attached one after raising the flag; a watch here would be 120 bytes of
+        // every connection's task). One attached after that sweep sees the flag here.
+        if *self.inner.shutdown.borrow() {
+            return Some(End::Server(ReasonCode::ServerShuttingDown, "shutting down"));
+        }
+        // Packets the client sent right behind CONNECT, read with it: handled now, not
+        // when its next bytes happen to arrive (a `connect(); subscribe()` client would
+        // wait for a SUBACK forever).
+        self.process_input()
+    }
+
+    pub(super) async fn main_loop(&mut self) -> End {
+        loop {
+            self.durable_seen.set(0);
+            if self.has_pending_acks() {
+                self.release_acks();
+            }
+            if self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
+                self.fill();
+            }
+            // Over its publish rate, a client is not read until its budget refills: it
+            // slows down instead of us buffering or dropping. Keep alive does not run out
+            // while we are the ones not reading. (No clock read unless one of them is on.)
+            // The deadlines stay inside this block, so they are not part of the task's
+            // state across the `select!` (every byte of it is memory per connection).
+            let (throttled, paused) = {
+                let now = (self.rate.is_some() || self.flags.has(Flags::MEMORY_BLOCKED))
+                    .then(Instant::now);
+                let throttled_until =
+                    now.and_then(|now| self.rate.as_mut()?.blocked_until(now, &self.inner.stats));
+                if let Some(now) = now
+                    && (throttled_until.is_some() || self.flags.has(Flags::MEMORY_BLOCKED))
+                {
+                    self.heard_at(now);
+                }
+                // One timer for both pauses; over the memory budget, look again every
+                // MEMORY_RECHECK.
+                let memory_recheck = now
+                    .filter(|_| self.flags.has(Flags::MEMORY_BLOCKED))
+                    .map(|n| n + MEMORY_RECHECK);
+                let paused_until = match (throttled_until, memory_recheck) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let Some(at) = paused_until {
+                    match &mut self.pause_timer {
+                        Some(t) if t.deadline() == at => {}
+                        Some(t) => t.as_mut().reset(at),
+                        None => self.pause_timer = Some(Box::pin(sleep_until(at))),
+                    }
+                }
+                (throttled_until.is_some(), paused_until.is_some())
+            };
+            let chunk = self.read_chunk as usize;
+            if chunk > 0 && self.rbuf.capacity() - self.rbuf.len() < chunk / 2 {
+                self.rbuf.reserve(chunk);
+            }
+            // (A buffer without room reads up to 64 bytes first: `poll_io` reads 64 on the
+            // stack for one without capacity; `BytesMut` reserves 64 for a full one.)
+            let read_room = (self.rbuf.capacity() - self.rbuf.len()).max(64);
+            let writable = self.writable_len();
+            let want_write = writable > 0;
+            // Stop reading while our replies to this client pile up unread: its own
+            // input is then paused instead of our buffer growing.
+            let can_read = self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES
+                && !throttled
+                && !self.flags.has(Flags::MEMORY_BLOCKED);
+            let can_fill = self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES;
+            // Held acknowledgements or deliveries wait for the store (see `Held`):
+            // `notify_durable` wakes us through the session's wake-up.
+            let waiting_durable = self.flags.has(Flags::DURABLE)
+                && (self.has_pending_acks()
+                    || self.flags.has(Flags::BLOCKED_ON_DURABLE)
+                    || self.has_holds());
+            if waiting_durable {
+                if !self.inner.durable_tracked() {
+                    // The store stopped (shutdown): nothing more becomes durable. What
+                    // is held never goes out; it stays in flight in the session, and
+                    // the client only ever sees it under an id that is on disk.
+                    self.wbuf.truncate(writable);
+                    self.held = None;
+                    self.flags.set(Flags::DURABLE, false);
+                    continue;
+                }
+                let seen = self.durable_seen.get();
+                self.inner.wait_durable(&self.at.session);
+                if self.durable_now() > seen {
+                    continue; // it moved before we were listed: look again now
+                }
+            }
+            // The futures below are `poll_fn`s over fields, not `async` blocks: every
+            // byte of this `select!` is in every connection's task for its whole life.
+            // For the same reason no branch awaits: one that must (flush, yield) says so
+            // and the await comes after, when the `select!`'s output is gone (awaited
+            // inside a branch, that output stayed in the task's state: 24 bytes).
+            self.at
+                .wake_armed
+                .store(can_fill || waiting_durable, Ordering::Relaxed);
+            let then = tokio::select! {
+                biased;
+                reason = poll_fn(|cx| self.at.poll_kick(cx)) => {
+                    if reason == ReasonCode::SessionTakenOver
+                        && let Some(d) = self.unread_disconnect()
+                    {
+                        return End::ClientDisconnect(d);
+                    }
+                    return End::Server(reason, match reason {
+                        ReasonCode::KeepAliveTimeout => "keep alive timeout [MQTT-3.1.2-22]",
+                        ReasonCode::AdministrativeAction => "disconnected by an administrator",
+                        ReasonCode::ServerShuttingDown => "server shutting down",
+                        _ => "session taken over [MQTT-3.1.4-3]",
+                    });
+                }
+                r = {
+                    let (io, rbuf, out) = (&mut self.io, &mut self.rbuf, &self.wbuf[..writable]);
+                    poll_fn(move |cx| poll_io(cx, io, out, rbuf, want_write, can_read))
+                },
+                    if want_write || can_read => match r {
+                    Io::Wrote(Ok(0) | Err(_)) => return End::Closed("write failed"),
+                    Io::Wrote(Ok(n)) => {
+                        bytes::Buf::advance(&mut self.wbuf, n);
+                        if let Some(h) = &mut self.held {
+                            for (at, _) in &mut h.writes {
+                                *at -= n;
+                            }
+                        }
+                        Stats::add(&self.inner.stats.bytes_sent, n as u64);
+                        // All that may be written now is written: flush (TLS). Asked of
+                        // `writable_len` again rather than kept from before the `select!`,
+                        // which would be 8 more bytes of every connection's task.
+                        if self.writable_len() == 0 { Then::Flush } else { Then::Loop }
+                    }
+                    Io::Read(Ok(0)) => return End::Closed("connection closed by client"),
+                    Io::Read(Err(_)) => return End::Closed("read failed"),
+                    Io::Read(Ok(n)) => {
+                        Stats::add(&self.inner.stats.bytes_received, n as u64);
+                        self.heard_at(Instant::now());
+                        self.size_reads(n, read_room);
+                        // A read that starts with a PUBLISH waits for the connections
+                        // woken with it to run first (see `Then::Publish`).
+                        if self.rbuf.first().is_some_and(|b| b >> 4 == 3) {
+                            Then::Publish
+                        } else {
+                            // Publishers read meanwhile wait for this SUBSCRIBE.
+                            let subscribing = has_subscribe(&self.rbuf);
+                            if subscribing {
+                                self.inner.subscribing.fetch_add(1, Ordering::SeqCst);
+                            }
+                            let end = self.process_input();
+                            if subscribing {
+                                self.inner.subscribing.fetch_sub(1, Ordering::SeqCst);
+                            }
+                            if let Some(end) = end {
+                                return end;
+                            }
+                            Then::Loop
+                        }
+                    }
+                },
+                _ = poll_fn(|cx| self.at.poll_woken(cx)), if can_fill || waiting_durable => {
+                    // Woken by a publisher's batch, this task would run right after it
+                    // (tokio's LIFO slot) and write that batch alone. Yielding once lets the
+                    // other publishers ready now queue theirs first, so one write carries
+                    // them all: a write system call was a fifth of a fan-in's CPU.
+                    if can_fill { Then::Yield } else { Then::Loop }
+                }
+                _ = poll_fn(|cx| self.pause_timer.as_mut().expect("set when paused").as_mut().poll(cx)),
+                    if paused => {
+                    if self.flags.has(Flags::MEMORY_BLOCKED) && !self.inner.memory_over_budget(&self.inner.cfg()) {
+                        self.flags.set(Flags::MEMORY_BLOCKED, false);
+                    }
+                    // Budget refilled or memory freed: handle what was already read, then
+                    // read again (a PUBLISH still over a limit pauses again).
+                    if let Some(end) = self.process_input() {
+                        return end;
+                    }
+                    Then::Loop
+                }
+            };
+            match then {
+                Then::Loop => {}
+                Then::Flush => {
+                    if self.io.flush().await.is_err() {
+                        return End::Closed("flush failed");
+                    }
+                }
+                Then::Yield => tokio::task::yield_now().await,
+                Then::Publish => {
+                    tokio::task::yield_now().await;
+                    // A SUBSCRIBE read before this PUBLISH, being handled on another
+                    // worker now: wait for it, a bounded while (a SUBSCRIBE takes
+                    // microseconds; a stream of them must not stall publishers).
+                    if self.inner.subscribing.load(Ordering::SeqCst) > 0 {
+                        let until = Instant::now() + SUBSCRIBE_WAIT;
+                        while self.inner.subscribing.load(Ordering::SeqCst) > 0
+                            && Instant::now() < until
+                        {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    if let Some(end) = self.process_input() {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The client was heard from (or is not read from on purpose, which must not run its
+    /// keep alive out) at `now`.
+    pub(super) fn heard_at(&mut self, now: Instant) {
+        self.rx_ns = self.inner.ns_at(now);
+        if self.flags.has(Flags::KEEPALIVE) {
+            // `Inner::ms_at(now)`, wrapping (see `Session::last_rx`).
+            let ms = (self.rx_ns / 1_000_000) as u32;
+            self.at.session.last_rx.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Adapts the read size to the traffic: a read that filled the room it had doubles
+    /// the next (up to READ_CHUNK_MAX), so a busy publisher is read in few system calls; a
+    /// mostly empty one halves it, and once small, an emptied big buffer is given back, so
+    /// an idle connection holds almost nothing.
+    pub(super) fn size_reads(&mut self, n: usize, room: usize) {
+        if n >= room {
+            // At most READ_CHUNK_MAX: fits the u32.
+            self.read_chunk = (room * 2).clamp(READ_CHUNK_MIN, READ_CHUNK_MAX) as u32;
+        } else if n < self.read_chunk as usize / 8 {
+            self.read_chunk /= 2;
+            if (self.read_chunk as usize) < READ_CHUNK_MIN {
+                self.read_chunk = 0;
+                if self.rbuf.is_empty() && self.rbuf.capacity() > READ_CHUNK_MIN {
+                    self.rbuf = BytesMut::new();
+                }
+                // Idle: its cached matches would keep their sessions alive, and its batch
+                // state (flushed at the end of every batch) is memory for nothing.
+                self.routes = None;
+                if self.batch.as_ref().is_some_and(|b| b.deferred.is_empty()) {
+                    self.batch = None;
+                }
+            }
+        }
+    }
+}
