@@ -14,13 +14,12 @@ use halyard_store::Op;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::broker::{Broker, Inner};
 use crate::config::BrokerConfig;
+use crate::handle::Broker;
 use crate::message::Message;
 pub use crate::session::{ConnInfo, Peer};
-
-/// Messages a topic tap buffers before it reports a gap (it never slows publishers).
-pub const TAP_CAPACITY: usize = 1024;
+use crate::state::Inner;
+pub use crate::state::TAP_CAPACITY;
 
 /// One session as the admin API lists it.
 #[derive(Debug, Clone)]

@@ -5,19 +5,24 @@
 
 pub mod admin;
 pub mod auth;
-mod broker;
 pub mod config;
 mod connection;
+mod handle;
+mod housekeeping;
 mod lifecycle;
 mod message;
 mod queue;
+mod recover;
 mod registry;
 mod retained;
+mod route;
 mod router;
 mod session;
+mod state;
 mod stats;
+mod timers;
 
-pub use broker::Broker;
 pub use config::BrokerConfig;
 pub use halyard_transport::{Event, Monitor, MonitorEvent, PeerInfo, Remote};
+pub use handle::Broker;
 pub use stats::StatsSnapshot;

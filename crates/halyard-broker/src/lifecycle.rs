@@ -3,18 +3,22 @@
 //! the expiry clock) and end. The registry (`registry.rs`) holds the table; this is what
 //! happens to a session as connections come and go.
 
+use crate::session::Subscription;
+use halyard_store::{SessionOwner, SessionRecord, SubscriptionRecord};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use std::time::SystemTime;
 
 use halyard_codec::ProtocolVersion;
 use halyard_store::{Op, PendingWill as StoredWill};
 use tokio::time::Instant;
 
-use crate::broker::{Inner, stored};
 use crate::message::Message;
+use crate::message::stored;
 use crate::registry::Full;
 use crate::session::{ConnInfo, PendingWill, Session};
+use crate::state::Inner;
 
 /// Why `attach_session` gave no session.
 #[derive(Debug)]
@@ -146,7 +150,7 @@ pub(crate) fn detach(
             st.pending_will = Some(PendingWill { msg: w });
             inner.timers.schedule(
                 due,
-                crate::broker::TimerEvent::Will(session.clone(), conn_id),
+                crate::timers::TimerEvent::Will(session.clone(), conn_id),
             );
         }
         // Otherwise a new connection took the session over before the delay: not sent.
@@ -185,7 +189,7 @@ pub(crate) fn detach(
         let at = now + Duration::from_secs(u64::from(expiry));
         inner.timers.schedule(
             at,
-            crate::broker::TimerEvent::SessionExpiry(session.clone(), conn_id),
+            crate::timers::TimerEvent::SessionExpiry(session.clone(), conn_id),
         );
     }
 }
@@ -198,4 +202,85 @@ pub(crate) fn assign_client_id(inner: &Inner) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     format!("halyard-{t:x}-{n:x}")
+}
+
+impl Inner {
+    /// Discards a session: its subscriptions, queue and pending will (published now, as the
+    /// session's end comes before its delay [MQTT-3.1.3-9]).
+    /// Shared-subscription messages it holds, queued or QoS 1 in flight, go to the other
+    /// members of their groups (section 4.8.2), whenever the session ends: at once (expiry
+    /// 0), on expiry, or discarded by a clean start.
+    pub(crate) fn end_session(&self, session: &Arc<Session>) {
+        let (subs, will, stored, orphans) = {
+            let mut st = session.lock();
+            if st.ended {
+                return;
+            }
+            st.ended = true;
+            let orphans =
+                st.take_shared(true, &session.client_id, &*self.store, self.durable_now());
+            st.clear_messages();
+            let subs: Vec<Subscription> = st.subscriptions.drain().map(|(_, s)| s).collect();
+            (subs, st.pending_will.take(), st.stored, orphans)
+        };
+        {
+            self.sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&session.client_id, session);
+        }
+        for s in &subs {
+            self.subs.unsubscribe(&s.filter, session);
+            self.memory
+                .add_subscription_bytes(-Subscription::cost(s.filter.as_str()));
+        }
+        if !orphans.is_empty() {
+            self.redispatch_shared(session, orphans);
+        }
+        if stored {
+            self.store.apply(vec![Op::SessionDelete {
+                client_id: session.client_id.to_string(),
+            }]);
+        }
+        if let Some(w) = will {
+            self.publish_will(session, &w.msg);
+        }
+    }
+
+    /// Records the session header if the session outlives its connection (clean sessions
+    /// are never written). Under the session lock, to keep its ops in order.
+    pub(crate) fn persist_session(&self, session: &Session, connected: bool) -> u64 {
+        let mut st = session.lock();
+        if st.expiry_interval == 0 || st.ended {
+            return 0;
+        }
+        st.stored = true;
+        let rec = SessionRecord {
+            client_id: session.client_id.to_string(),
+            protocol: st.protocol,
+            expiry_interval: st.expiry_interval,
+            disconnected_at: (!connected).then(SystemTime::now),
+            owner: match st.owner() {
+                None => SessionOwner::Unknown,
+                Some(None) => SessionOwner::Anonymous,
+                Some(Some(u)) => SessionOwner::User(u.to_string()),
+            },
+        };
+        self.store.apply(vec![Op::SessionUpsert(rec)])
+    }
+
+    pub(crate) fn persist_subscription(&self, session: &Session, sub: &Subscription) -> u64 {
+        let st = session.lock();
+        if !st.stored {
+            return 0;
+        }
+        self.store.apply(vec![Op::Subscribe {
+            client_id: session.client_id.to_string(),
+            subscription: SubscriptionRecord {
+                filter: sub.filter.to_string(),
+                options: sub.options,
+                identifier: sub.id,
+            },
+        }])
+    }
 }

@@ -10,8 +10,10 @@
 //! place. Only deliveries that change the properties (subscription identifiers, a
 //! remaining expiry, a topic alias) encode afresh.
 
+use halyard_store::StoredMessage;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use halyard_codec::{
     Bytes, BytesMut, Packet, PlainPublish, ProtocolVersion, Publish, PublishProperties, QoS,
@@ -457,5 +459,19 @@ mod tests {
     fn a_message_stays_small() {
         let size = std::mem::size_of::<super::Message>();
         assert!(size <= 144, "Message is {size} bytes");
+    }
+}
+
+/// What the store keeps of a message.
+pub(crate) fn stored(msg: &Message) -> StoredMessage {
+    let now = Instant::now();
+    StoredMessage {
+        topic: msg.topic.to_string(),
+        payload: msg.payload.clone(),
+        qos: msg.qos,
+        properties: StoredMessage::boxed(msg.properties().clone()),
+        expires_at: msg
+            .expires_at
+            .map(|e| SystemTime::now() + e.saturating_duration_since(now)),
     }
 }

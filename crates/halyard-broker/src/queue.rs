@@ -11,6 +11,7 @@
 //! per protocol version, by the first subscriber to send them): every other subscriber
 //! copies a run's packets into its write buffer in one go instead of encoding each.
 
+use halyard_codec::TopicFilter;
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 
@@ -19,7 +20,25 @@ use halyard_codec::{
 };
 
 use crate::message::{MemoryUse, Message};
-use crate::session::Outgoing;
+
+/// One queued or in-flight delivery of a message to this session.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    pub(crate) msg: Arc<Message>,
+    /// Granted QoS: the lower of the message's and the subscription's.
+    pub(crate) qos: QoS,
+    /// RETAIN flag to send (retained-on-subscribe or Retain As Published).
+    pub(crate) retain: bool,
+    /// Identifiers of all matching subscriptions [MQTT-3.3.4-3]. A boxed slice and a
+    /// boxed filter below: a queued delivery is 40 bytes instead of 80, which is memory
+    /// per queued message and bytes written per delivery in a fan-out.
+    pub(crate) subscription_ids: Box<[u32]>,
+    /// Set when this copy was chosen for a shared subscription: if this session goes
+    /// away before sending it, another member of the group gets it.
+    pub(crate) shared: Option<Box<TopicFilter>>,
+    /// Recorded in the store: it may only be sent once the message's ticket is durable.
+    pub(crate) recorded: bool,
+}
 
 /// The largest segment (in message bytes) whose packets are kept encoded: the frames are
 /// a copy, worth it for small messages (where encoding and the per-message work of the

@@ -14,26 +14,8 @@ use halyard_codec::{ProtocolVersion, QoS, ReasonCode, SubscriptionOptions, Topic
 use halyard_store::{Op, Store, StoredDelivery};
 
 use crate::message::Message;
+pub(crate) use crate::queue::Outgoing;
 use crate::queue::{Entry, Queue, Run};
-
-/// One queued or in-flight delivery of a shared message to this session.
-#[derive(Debug, Clone)]
-pub(crate) struct Outgoing {
-    pub(crate) msg: Arc<Message>,
-    /// Granted QoS: the lower of the message's and the subscription's.
-    pub(crate) qos: QoS,
-    /// RETAIN flag to send (retained-on-subscribe or Retain As Published).
-    pub(crate) retain: bool,
-    /// Identifiers of all matching subscriptions [MQTT-3.3.4-3]. A boxed slice and a
-    /// boxed filter below: a queued delivery is 40 bytes instead of 80, which is memory
-    /// per queued message and bytes written per delivery in a fan-out.
-    pub(crate) subscription_ids: Box<[u32]>,
-    /// Set when this copy was chosen for a shared subscription: if this session goes
-    /// away before sending it, another member of the group gets it.
-    pub(crate) shared: Option<Box<TopicFilter>>,
-    /// Recorded in the store: it may only be sent once the message's ticket is durable.
-    pub(crate) recorded: bool,
-}
 
 /// What an outgoing QoS 1/2 message waits for (section 4.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -678,7 +660,7 @@ impl Session {
             if !out.msg.persisted.swap(true, Ordering::Relaxed) {
                 ops.push(Op::MessagePut {
                     id: out.msg.id,
-                    message: crate::broker::stored(&out.msg),
+                    message: crate::message::stored(&out.msg),
                 });
             }
             ops.push(Op::Enqueue {

@@ -131,11 +131,12 @@ fn run(v: ProtocolVersion, busy: bool) {
     // with both cores taken by other work (a worker preempted between reading a SUBSCRIBE
     // and recording it, or before reading it at all), a few: MQTT orders nothing across
     // connections, and the broker cannot see when bytes reached the kernel. Before the
-    // yield in `Then::Publish`, 1 ms apart on a busy machine missed ~30%.
+    // yield in `Then::Publish` (this test, unoptimised, idle): 79% missed at 0 us, 28%
+    // at 100 us, 3.3% at 1 ms; after it ~1.6%, ~0.5%, ~0.1%.
     let limits: [(u64, usize); 3] = if busy {
-        [(0, TRIES / 4), (100, TRIES / 20), (1000, TRIES / 20)]
+        [(0, TRIES * 2 / 5), (100, TRIES / 10), (1000, TRIES / 10)]
     } else {
-        [(0, TRIES / 10), (100, TRIES / 50), (1000, TRIES / 100)]
+        [(0, TRIES * 3 / 20), (100, TRIES / 20), (1000, TRIES / 50)]
     };
     let mut report = Vec::new();
     for (us, allowed) in limits {

@@ -21,10 +21,10 @@ use tokio::time::{Instant, timeout};
 use tracing::{debug, info};
 
 use super::*;
-use crate::broker::{Inner, version_name};
 use crate::lifecycle::{NotAttached, assign_client_id, attach_session};
 use crate::message::Message;
 use crate::session::{ConnInfo, Peer};
+use crate::state::{Inner, version_name};
 use crate::stats::Stats;
 
 /// Everything up to a running connection: CONNECT read, checked and answered.

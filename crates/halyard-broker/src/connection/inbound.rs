@@ -17,9 +17,9 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::*;
-use crate::broker::{Inner, grant};
 use crate::message::{Message, Props};
 use crate::session::{Awaiting, Outgoing, Subscription};
+use crate::state::{Inner, grant};
 use crate::stats::Stats;
 
 impl<S> Connection<S>

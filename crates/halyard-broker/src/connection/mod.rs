@@ -36,12 +36,12 @@ use halyard_codec::{ByteString, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until};
 
-use crate::broker::Inner;
 use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
 use crate::lifecycle::detach;
 use crate::message::Message;
 use crate::router::Routes;
 use crate::session::{ConnInfo, Session};
+use crate::state::Inner;
 use crate::stats::Stats;
 
 /// Initial read buffer; it grows to the largest packet seen (decode reserves the declared
@@ -280,7 +280,7 @@ struct Held {
 #[derive(Default)]
 struct Batch {
     /// QoS 0 deliveries, queued when the batch ends (see `Deferred`).
-    deferred: crate::broker::Deferred,
+    deferred: crate::route::Deferred,
     /// PUBLISH packets received by QoS, added to the stats once per batch.
     received: [u32; 3],
     /// Bytes and count of the messages routed, charged to the memory budget once per

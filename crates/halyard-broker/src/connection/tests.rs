@@ -264,7 +264,7 @@ mod lifecycle {
     /// the value nearest to now, also across a 2^32 ms boundary either way.
     #[test]
     fn keep_alive_deadline_restored_from_its_low_bits() {
-        let restore = crate::broker::restore_ms;
+        let restore = crate::timers::restore_ms;
         for now in [
             0u64,
             5_000,
