@@ -449,19 +449,6 @@ fn fixed_header_len(bytes: &[u8]) -> usize {
         .map_or(4, |i| i + 1)
 }
 
-#[cfg(test)]
-mod tests {
-    /// A message body is memory per queued message, an allocation per PUBLISH and bytes
-    /// moved while it is built: keep it within 160 bytes (with the `Arc` counts, the
-    /// allocator's 160-byte class) unless there is a reason. It is 136 now: what only
-    /// messages with properties need (the encode cache, 160 bytes alone) is boxed.
-    #[test]
-    fn a_message_stays_small() {
-        let size = std::mem::size_of::<super::Message>();
-        assert!(size <= 144, "Message is {size} bytes");
-    }
-}
-
 /// What the store keeps of a message.
 pub(crate) fn stored(msg: &Message) -> StoredMessage {
     let now = Instant::now();
@@ -473,5 +460,18 @@ pub(crate) fn stored(msg: &Message) -> StoredMessage {
         expires_at: msg
             .expires_at
             .map(|e| SystemTime::now() + e.saturating_duration_since(now)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A message body is memory per queued message, an allocation per PUBLISH and bytes
+    /// moved while it is built: keep it within 160 bytes (with the `Arc` counts, the
+    /// allocator's 160-byte class) unless there is a reason. It is 136 now: what only
+    /// messages with properties need (the encode cache, 160 bytes alone) is boxed.
+    #[test]
+    fn a_message_stays_small() {
+        let size = std::mem::size_of::<super::Message>();
+        assert!(size <= 144, "Message is {size} bytes");
     }
 }
