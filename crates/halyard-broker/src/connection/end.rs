@@ -21,8 +21,45 @@ pub(super) enum End {
     ClientDisconnect(ReasonCode),
     /// The peer closed the socket or it failed.
     Closed(&'static str),
-    /// We closed it, telling a v5 client this reason.
-    Server(ReasonCode, &'static str),
+    /// We closed it, telling a v5 client why.
+    Server(Violation),
+}
+
+/// A refusal by the server: the reason code sent (CONNACK or DISCONNECT), the rule it
+/// enforces (a normative statement, a spec section, or the setting that sets the limit;
+/// empty when neither applies), and what the client did. The broker's counterpart of the
+/// codec's `DecodeError`; shown as `detail [rule]` in the reason string and the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Violation {
+    pub(crate) reason: ReasonCode,
+    pub(crate) rule: &'static str,
+    pub(crate) detail: &'static str,
+}
+
+impl Violation {
+    pub(crate) const fn new(reason: ReasonCode, rule: &'static str, detail: &'static str) -> Self {
+        Violation {
+            reason,
+            rule,
+            detail,
+        }
+    }
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.rule.is_empty() {
+            f.write_str(self.detail)
+        } else {
+            write!(f, "{} [{}]", self.detail, self.rule)
+        }
+    }
+}
+
+impl From<&halyard_codec::DecodeError> for Violation {
+    fn from(e: &halyard_codec::DecodeError) -> Self {
+        Violation::new(e.reason_code(), e.rule, e.detail)
+    }
 }
 
 /// Writes `p` as the last packet of a connection, then closes it as [`linger`] does.
@@ -79,15 +116,15 @@ where
             self.wbuf.truncate(writable);
         }
         // Tell a v5 client why we close [MQTT-4.13.2-1]; 3.x just gets the close.
-        if let End::Server(reason, why) = &end
+        if let End::Server(why) = &end
             && v5
         {
             let props = Properties {
-                reason_string: Some((*why).into()),
+                reason_string: Some(why.to_string().into()),
                 ..Properties::default()
             };
             self.send(&Packet::Disconnect(Disconnect {
-                reason: *reason,
+                reason: why.reason,
                 properties: props,
             }));
         }
@@ -108,7 +145,7 @@ where
             reason: match &end {
                 End::ClientDisconnect(r) => format!("client DISCONNECT {r:?}"),
                 End::Closed(why) => format!("connection lost: {why}"),
-                End::Server(r, why) => format!("closed by the server {r:?}: {why}"),
+                End::Server(why) => format!("closed by the server {:?}: {why}", why.reason),
             },
         });
 
@@ -126,8 +163,8 @@ where
             End::Closed(why) => {
                 info!(peer = %self.info.peer, client_id = %self.at.session.client_id, why, "connection lost")
             }
-            End::Server(r, why) => {
-                info!(peer = %self.info.peer, client_id = %self.at.session.client_id, reason = ?r, why, "disconnected by server")
+            End::Server(why) => {
+                info!(peer = %self.info.peer, client_id = %self.at.session.client_id, reason = ?why.reason, %why, "disconnected by server")
             }
         }
         detach(

@@ -143,7 +143,7 @@ async fn authenticate(
     inner: &Inner,
     c: &Connect,
     admission: &Admission,
-) -> Result<Option<Arc<str>>, (ReasonCode, &'static str)> {
+) -> Result<Option<Arc<str>>, Violation> {
     let claimed = c.username.as_ref().map(|u| Arc::<str>::from(&u[..]));
     if admission.cert == CertAuth::Verified {
         return Ok(claimed);
@@ -152,7 +152,7 @@ async fn authenticate(
         if admission.anonymous_ok {
             Ok(None)
         } else {
-            Err((ReasonCode::NotAuthorized, why))
+            Err(Violation::new(ReasonCode::NotAuthorized, "", why))
         }
     };
     let Some(username) = &c.username else {
@@ -170,8 +170,9 @@ async fn authenticate(
     if let Some(ip) = ip
         && inner.auth_failures.blocked(ip)
     {
-        return Err((
+        return Err(Violation::new(
             ReasonCode::BadUserNameOrPassword,
+            "",
             "too many failed attempts from this address; try later",
         ));
     }
@@ -191,12 +192,17 @@ async fn authenticate(
             if let Some(ip) = ip {
                 inner.auth_failures.record(ip);
             }
-            Err((
+            Err(Violation::new(
                 ReasonCode::BadUserNameOrPassword,
+                "",
                 "bad user name or password",
             ))
         }
-        AuthVerdict::NotAuthorized => Err((ReasonCode::NotAuthorized, "not authorized")),
+        AuthVerdict::NotAuthorized => Err(Violation::new(
+            ReasonCode::NotAuthorized,
+            "",
+            "not authorized",
+        )),
     }
 }
 
@@ -208,13 +214,13 @@ pub(super) async fn refuse_connect<W: AsyncRead + AsyncWrite + Unpin>(
     io: &mut W,
     peer: &Peer,
     c: &Connect,
-    reason: ReasonCode,
-    why: &'static str,
+    why: Violation,
 ) {
     let v = c.protocol;
+    let reason = why.reason;
     Stats::inc(&inner.stats.connections_refused);
     if let Some(suppressed) = PEER_LOG.admit() {
-        info!(%peer, client_id = %c.client_id, user = c.username.as_deref(), protocol = version_name(v), reason = ?reason, why, suppressed, "refused CONNECT");
+        info!(%peer, client_id = %c.client_id, user = c.username.as_deref(), protocol = version_name(v), reason = ?reason, %why, suppressed, "refused CONNECT");
     }
     inner.monitor.emit_conn(|| Event::AuthFailed {
         peer: peer.to_string(),
@@ -225,7 +231,7 @@ pub(super) async fn refuse_connect<W: AsyncRead + AsyncWrite + Unpin>(
         session_present: false,
         reason,
         properties: Properties {
-            reason_string: v.is_v5().then(|| why.into()),
+            reason_string: v.is_v5().then(|| why.to_string().into()),
             ..Properties::default()
         },
     });
@@ -327,15 +333,21 @@ pub(super) fn auth_packet(reason: ReasonCode, name: &ByteString, data: Option<Ve
     })
 }
 
-fn auth_refusal(inner: &Inner, v: AuthVerdict, peer: &PeerInfo) -> (ReasonCode, &'static str) {
+fn auth_refusal(inner: &Inner, v: AuthVerdict, peer: &PeerInfo) -> Violation {
     match v {
         AuthVerdict::BadCredentials | AuthVerdict::Allow => {
             if let halyard_transport::Remote::Ip(a) = &peer.remote {
                 inner.auth_failures.record(a.ip());
             }
-            (ReasonCode::BadUserNameOrPassword, "authentication failed")
+            Violation::new(
+                ReasonCode::BadUserNameOrPassword,
+                "",
+                "authentication failed",
+            )
         }
-        AuthVerdict::NotAuthorized => (ReasonCode::NotAuthorized, "not authorized"),
+        AuthVerdict::NotAuthorized => {
+            Violation::new(ReasonCode::NotAuthorized, "", "not authorized")
+        }
     }
 }
 
@@ -347,15 +359,16 @@ async fn exchange<S>(
     mut step: AuthStep,
     io: &mut AuthIo<'_, S>,
     peer: &PeerInfo,
-) -> Result<(String, Option<Vec<u8>>), (ReasonCode, &'static str)>
+) -> Result<(String, Option<Vec<u8>>), Violation>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     if let halyard_transport::Remote::Ip(a) = &peer.remote
         && inner.auth_failures.blocked(a.ip())
     {
-        return Err((
+        return Err(Violation::new(
             ReasonCode::BadUserNameOrPassword,
+            "",
             "too many failed attempts from this address; try later",
         ));
     }
@@ -368,8 +381,9 @@ where
                 let _ = auth_packet(ReasonCode::ContinueAuthentication, name, Some(data))
                     .encode(ProtocolVersion::V5, &mut buf);
                 if io.io.write_all(&buf).await.is_err() || io.io.flush().await.is_err() {
-                    return Err((
+                    return Err(Violation::new(
                         ReasonCode::UnspecifiedError,
+                        "",
                         "connection lost during authentication",
                     ));
                 }
@@ -392,14 +406,16 @@ where
                         step = ex.step(a.properties.authentication_data.as_deref());
                     }
                     Ok(Ok(_)) => {
-                        return Err((
+                        return Err(Violation::new(
                             ReasonCode::ProtocolError,
-                            "expected AUTH continuing the same method [MQTT-4.12.0-2]",
+                            "MQTT-4.12.0-2",
+                            "expected AUTH continuing the same method",
                         ));
                     }
                     _ => {
-                        return Err((
+                        return Err(Violation::new(
                             ReasonCode::UnspecifiedError,
+                            "",
                             "no AUTH within the connect timeout",
                         ));
                     }
@@ -425,36 +441,43 @@ where
         let v = c.protocol;
         let v5 = v.is_v5();
         let cfg = inner.cfg();
-        let refuse = |reason: ReasonCode, why: &'static str| (reason, why);
         let mut assigned = None;
         let check = (|| {
             if admission.cert == CertAuth::Missing {
-                return Err(refuse(
+                return Err(Violation::new(
                     ReasonCode::NotAuthorized,
-                    "use_identity_as_username: no client certificate identity",
+                    "use_identity_as_username",
+                    "no client certificate identity",
                 ));
             }
             if !admission.have_permit {
-                return Err(refuse(ReasonCode::QuotaExceeded, "max_connections reached"));
+                return Err(Violation::new(
+                    ReasonCode::QuotaExceeded,
+                    "max_connections",
+                    "max_connections reached",
+                ));
             }
             if c.client_id.is_empty() {
                 // v5: we assign one [MQTT-3.1.3-6]. 3.1.1: only with clean session
                 // [MQTT-3.1.3-8]. 3.1 requires an identifier.
                 if v == ProtocolVersion::V3_1 || (!v5 && !c.clean_start) {
-                    return Err(refuse(
+                    return Err(Violation::new(
                         ReasonCode::ClientIdentifierNotValid,
-                        "empty client id without clean session [MQTT-3.1.3-8]",
+                        "MQTT-3.1.3-8",
+                        "empty client id without clean session",
                     ));
                 }
             } else if v == ProtocolVersion::V3_1 && c.client_id.as_str().len() > 23 {
-                return Err(refuse(
+                return Err(Violation::new(
                     ReasonCode::ClientIdentifierNotValid,
+                    "MQTT 3.1 section 3.1",
                     "3.1 client id over 23 bytes",
                 ));
             } else if c.client_id.as_str().len() > cfg.max_client_id_length {
-                return Err(refuse(
+                return Err(Violation::new(
                     ReasonCode::ClientIdentifierNotValid,
-                    "client id longer than max_client_id_length",
+                    "max_client_id_length",
+                    "client id too long",
                 ));
             }
             if v5
@@ -466,8 +489,9 @@ where
                     .any(|e| e.method() == &m[..])
             {
                 // A method we do not offer [MQTT-4.12.0-1].
-                return Err(refuse(
+                return Err(Violation::new(
                     ReasonCode::BadAuthenticationMethod,
+                    "MQTT-4.12.0-1",
                     "unsupported authentication method",
                 ));
             }
@@ -475,33 +499,41 @@ where
                 && c.properties.authentication_data.is_some()
                 && c.properties.authentication_method.is_none()
             {
-                return Err(refuse(
+                return Err(Violation::new(
                     ReasonCode::ProtocolError,
-                    "authentication data without an authentication method [MQTT-3.1.2.11.10]",
+                    "MQTT-5.0 section 3.1.2.11.10",
+                    "authentication data without an authentication method",
                 ));
             }
             if !v5 && c.keep_alive > cfg.max_keepalive {
                 // 3.x has no Server Keep Alive; refuse as mosquitto does.
-                return Err(refuse(
+                return Err(Violation::new(
                     ReasonCode::ClientIdentifierNotValid,
+                    "max_keepalive",
                     "keep alive above max_keepalive",
                 ));
             }
             if let Some(w) = &c.will {
                 if let Some(why) = cfg.user_properties_over(&w.properties.user_properties) {
                     Stats::inc(&inner.stats.properties_refused);
-                    return Err(refuse(ReasonCode::QuotaExceeded, why));
+                    return Err(Violation::new(
+                        ReasonCode::QuotaExceeded,
+                        "max_user_properties",
+                        why,
+                    ));
                 }
                 if w.qos > cfg.max_qos {
-                    return Err(refuse(
+                    return Err(Violation::new(
                         ReasonCode::QoSNotSupported,
-                        "will QoS above maximum QoS [MQTT-3.2.2-12]",
+                        "MQTT-3.2.2-12",
+                        "will QoS above maximum QoS",
                     ));
                 }
                 if w.retain && !cfg.retain_available {
-                    return Err(refuse(
+                    return Err(Violation::new(
                         ReasonCode::RetainNotSupported,
-                        "will retain unsupported [MQTT-3.2.2-13]",
+                        "MQTT-3.2.2-13",
+                        "will retain unsupported",
                     ));
                 }
             }
@@ -519,8 +551,9 @@ where
                     .find(|e| e.method() == &name[..])
                     .cloned();
                 match method {
-                    None => Err((
+                    None => Err(Violation::new(
                         ReasonCode::BadAuthenticationMethod,
+                        "MQTT-4.12.0-1",
                         "unsupported authentication method",
                     )),
                     Some(method) => {
@@ -545,8 +578,8 @@ where
         };
         let user = match check {
             Ok(user) => user,
-            Err((reason, why)) => {
-                refuse_connect(&inner, &mut io, &peer, &c, reason, why).await;
+            Err(why) => {
+                refuse_connect(&inner, &mut io, &peer, &c, why).await;
                 return None;
             }
         };
@@ -568,7 +601,14 @@ where
         {
             Stats::inc(&inner.stats.publish_denied);
             let why = "not authorized to publish to the will topic";
-            refuse_connect(&inner, &mut io, &peer, &c, ReasonCode::NotAuthorized, why).await;
+            refuse_connect(
+                &inner,
+                &mut io,
+                &peer,
+                &c,
+                Violation::new(ReasonCode::NotAuthorized, "", why),
+            )
+            .await;
             return None;
         }
         tracing::Span::current().record("client_id", &*client_id);
@@ -608,23 +648,31 @@ where
         ) {
             Ok(attached) => attached,
             Err(e) => {
-                let (reason, why) = match e {
+                let why = match e {
                     // Neither resumed nor taken over, nor discarded by a clean start: the
                     // owner's session and live connection stay as they are.
-                    NotAttached::OtherOwner => (
+                    NotAttached::OtherOwner => Violation::new(
                         ReasonCode::NotAuthorized,
+                        "",
                         "client id in use by another user's session",
                     ),
                     NotAttached::Full(full) => {
                         Stats::inc(&inner.stats.sessions_refused);
-                        let why = match full {
-                            Full::Sessions => "max_sessions reached",
-                            Full::User => "max_sessions_per_user reached",
-                        };
-                        (ReasonCode::QuotaExceeded, why)
+                        match full {
+                            Full::Sessions => Violation::new(
+                                ReasonCode::QuotaExceeded,
+                                "max_sessions",
+                                "max_sessions reached",
+                            ),
+                            Full::User => Violation::new(
+                                ReasonCode::QuotaExceeded,
+                                "max_sessions_per_user",
+                                "max_sessions_per_user reached",
+                            ),
+                        }
                     }
                 };
-                refuse_connect(&inner, &mut io, &peer, &c, reason, why).await;
+                refuse_connect(&inner, &mut io, &peer, &c, why).await;
                 return None;
             }
         };

@@ -162,7 +162,7 @@ where
                     if let Some(suppressed) = PEER_LOG.admit() {
                         warn!(peer = %self.info.peer, client_id = %self.at.session.client_id, error = %e, suppressed, "bad packet; disconnecting");
                     }
-                    return Some(End::Server(e.reason_code(), e.detail));
+                    return Some(End::Server(Violation::from(&e)));
                 }
             }
         }
@@ -200,11 +200,11 @@ where
                 Ok(())
             }
             Packet::Disconnect(d) => self.on_disconnect(&d),
-            Packet::Connect(_) => Err(self.protocol_error("second CONNECT [MQTT-3.1.0-2]")),
+            Packet::Connect(_) => Err(self.protocol_error("MQTT-3.1.0-2", "second CONNECT")),
             Packet::Auth(a) => self.on_auth(&a),
             other => {
                 debug!(packet = other.name(), "client sent a server-only packet");
-                Err(self.protocol_error("packet only a server may send"))
+                Err(self.protocol_error("", "packet only a server may send"))
             }
         }
     }
@@ -214,11 +214,13 @@ where
     /// a DISCONNECT [MQTT-4.12.1-2]. Publications continue meanwhile.
     pub(super) fn on_auth(&mut self, a: &halyard_codec::Auth) -> Result<(), End> {
         let Some((name, method)) = self.rare.as_ref().and_then(|r| r.enhanced.clone()) else {
-            return Err(self.protocol_error("AUTH without enhanced authentication [MQTT-4.12.0-2]"));
+            return Err(
+                self.protocol_error("MQTT-4.12.0-2", "AUTH without enhanced authentication")
+            );
         };
         if a.properties.authentication_method.as_ref() != Some(&name) {
             return Err(
-                self.protocol_error("AUTH with another method than CONNECT's [MQTT-4.12.1-1]")
+                self.protocol_error("MQTT-4.12.1-1", "AUTH with another method than CONNECT's")
             );
         }
         let data = a.properties.authentication_data.as_deref();
@@ -226,7 +228,7 @@ where
         let step = match (a.reason, reauth) {
             (ReasonCode::ReAuthenticate, None) => method.start(data),
             (ReasonCode::ContinueAuthentication, Some(mut ex)) => ex.step(data),
-            _ => return Err(self.protocol_error("unexpected AUTH reason code [MQTT-4.12.0-2]")),
+            _ => return Err(self.protocol_error("MQTT-4.12.0-2", "unexpected AUTH reason code")),
         };
         match step {
             AuthStep::Continue(data, ex) => {
@@ -246,23 +248,26 @@ where
                 self.send(&auth_packet(ReasonCode::Success, &name, data));
                 Ok(())
             }
-            AuthStep::Success { .. } => Err(End::Server(
+            AuthStep::Success { .. } => Err(End::Server(Violation::new(
                 ReasonCode::NotAuthorized,
+                "",
                 "re-authenticated as another user",
-            )),
-            AuthStep::Failure(_) => Err(End::Server(
+            ))),
+            AuthStep::Failure(_) => Err(End::Server(Violation::new(
                 ReasonCode::NotAuthorized,
-                "re-authentication failed [MQTT-4.12.1-2]",
-            )),
+                "MQTT-4.12.1-2",
+                "re-authentication failed",
+            ))),
         }
     }
 
-    pub(super) fn protocol_error(&self, why: &'static str) -> End {
+    pub(super) fn protocol_error(&self, rule: &'static str, detail: &'static str) -> End {
+        let why = Violation::new(ReasonCode::ProtocolError, rule, detail);
         Stats::inc(&self.inner.stats.protocol_errors);
         if let Some(suppressed) = PEER_LOG.admit() {
-            warn!(peer = %self.info.peer, client_id = %self.at.session.client_id, why, suppressed, "protocol error; disconnecting");
+            warn!(peer = %self.info.peer, client_id = %self.at.session.client_id, %why, suppressed, "protocol error; disconnecting");
         }
-        End::Server(ReasonCode::ProtocolError, why)
+        End::Server(why)
     }
 
     /// `p`'s topic, payload and properties must not be slices of the read buffer.
@@ -272,15 +277,16 @@ where
             if alias > topic_alias_maximum {
                 // [MQTT-3.3.2-9]: over our Topic Alias Maximum.
                 Stats::inc(&self.inner.stats.protocol_errors);
-                return Err(End::Server(
+                return Err(End::Server(Violation::new(
                     ReasonCode::TopicAliasInvalid,
-                    "topic alias above maximum [MQTT-3.3.2-9]",
-                ));
+                    "MQTT-3.3.2-9",
+                    "topic alias above maximum",
+                )));
             }
             if p.topic.is_empty() {
                 match self.aliases.as_ref().and_then(|a| a.inbound.get(&alias)) {
                     Some(t) => p.topic = t.clone(),
-                    None => return Err(self.protocol_error("unknown topic alias [MQTT-3.3.2-12]")),
+                    None => return Err(self.protocol_error("MQTT-3.3.2-12", "unknown topic alias")),
                 }
             } else {
                 // A copy: the alias lives as long as the connection, and a slice would
@@ -292,7 +298,9 @@ where
             }
         }
         if !p.properties.subscription_identifiers.is_empty() {
-            return Err(self.protocol_error("subscription identifier from a client [MQTT-3.3.4-6]"));
+            return Err(
+                self.protocol_error("MQTT-3.3.4-6", "subscription identifier from a client")
+            );
         }
         if let Some(why) = self
             .live
@@ -375,16 +383,18 @@ where
             r.spend(p.payload.len());
         }
         if p.qos > max_qos {
-            return Err(End::Server(
+            return Err(End::Server(Violation::new(
                 ReasonCode::QoSNotSupported,
-                "QoS above maximum QoS [MQTT-3.2.2-12]",
-            ));
+                "MQTT-3.2.2-12",
+                "QoS above maximum QoS",
+            )));
         }
         if p.retain && !retain_available {
-            return Err(End::Server(
+            return Err(End::Server(Violation::new(
                 ReasonCode::RetainNotSupported,
-                "retain not available [MQTT-3.2.2-13]",
-            ));
+                "MQTT-3.2.2-13",
+                "retain not available",
+            )));
         }
         // Counted per batch (see `process_input`).
         self.batch.get_or_insert_default().received[p.qos as usize] += 1;
@@ -401,10 +411,11 @@ where
             if st.inbound_qos2.len() >= usize::from(max_inflight.max(1)) {
                 drop(st);
                 Stats::inc(&self.inner.stats.protocol_errors);
-                return Err(End::Server(
+                return Err(End::Server(Violation::new(
                     ReasonCode::ReceiveMaximumExceeded,
-                    "receive maximum exceeded [MQTT-3.3.4-9]",
-                ));
+                    "MQTT-3.3.4-9",
+                    "receive maximum exceeded",
+                )));
             }
             st.inbound_qos2.insert(p.packet_id);
         }
@@ -493,10 +504,11 @@ where
         match p.qos {
             QoS::AtMostOnce => {
                 if invalid_payload {
-                    return Err(End::Server(
+                    return Err(End::Server(Violation::new(
                         ReasonCode::PayloadFormatInvalid,
-                        "payload is not UTF-8 [MQTT-3.3.2-4]",
-                    ));
+                        "MQTT-3.3.2-4",
+                        "payload is not UTF-8",
+                    )));
                 }
             }
             QoS::AtLeastOnce => self.ack(ticket, Packet::PubAck(ack)),
@@ -788,8 +800,10 @@ where
     pub(super) fn on_disconnect(&mut self, d: &Disconnect) -> Result<(), End> {
         if let Some(expiry) = d.properties.session_expiry_interval {
             if self.flags.has(Flags::EXPIRY_ZERO) && expiry != 0 {
-                return Err(self
-                    .protocol_error("session expiry raised from 0 on DISCONNECT [MQTT-3.14.2-2]"));
+                return Err(self.protocol_error(
+                    "MQTT-3.14.2-2",
+                    "session expiry raised from 0 on DISCONNECT",
+                ));
             }
             self.at.session.lock().expiry_interval =
                 expiry.min(self.cfg.max_session_expiry_interval);

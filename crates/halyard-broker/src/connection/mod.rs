@@ -407,7 +407,11 @@ where
         // every attached one after raising the flag; a watch here would be 120 bytes of
         // every connection's task). One attached after that sweep sees the flag here.
         if *self.inner.shutdown.borrow() {
-            return Some(End::Server(ReasonCode::ServerShuttingDown, "shutting down"));
+            return Some(End::Server(Violation::new(
+                ReasonCode::ServerShuttingDown,
+                "",
+                "shutting down",
+            )));
         }
         // Packets the client sent right behind CONNECT, read with it: handled now, not
         // when its next bytes happen to arrive (a `connect(); subscribe()` client would
@@ -510,11 +514,11 @@ where
                     {
                         return End::ClientDisconnect(d);
                     }
-                    return End::Server(reason, match reason {
-                        ReasonCode::KeepAliveTimeout => "keep alive timeout [MQTT-3.1.2-22]",
-                        ReasonCode::AdministrativeAction => "disconnected by an administrator",
-                        ReasonCode::ServerShuttingDown => "server shutting down",
-                        _ => "session taken over [MQTT-3.1.4-3]",
+                    return End::Server(match reason {
+                        ReasonCode::KeepAliveTimeout => Violation::new(reason, "MQTT-3.1.2-22", "keep alive timeout"),
+                        ReasonCode::AdministrativeAction => Violation::new(reason, "", "disconnected by an administrator"),
+                        ReasonCode::ServerShuttingDown => Violation::new(reason, "", "server shutting down"),
+                        _ => Violation::new(reason, "MQTT-3.1.4-3", "session taken over"),
                     });
                 }
                 r = {
