@@ -202,9 +202,43 @@ impl Inner {
         if let Some(d) = deferred {
             self.flush_deferred(d, limits);
         }
-        for m in matches {
+        let deliveries = matches.iter_mut().map(|m| {
             let out = m.delivery(msg.clone());
-            let (r, _) = m.session.enqueue(out, limits, &mut ops);
+            (&m.session, out)
+        });
+        let ticket = self.enqueue_stamped(Some(msg), deliveries, ops, extra, limits);
+        (matched, ticket)
+    }
+
+    /// Queues deliveries and makes them durable together: each is queued on its session;
+    /// the store ops that makes, after `ops` and before `extra` (a retained set, an inbound
+    /// QoS 2 id), go to the store in **one** batch, so a crash keeps all or none; every
+    /// message delivered, and `stamp`, gets that batch's ticket, which its recorded
+    /// deliveries wait for before they are written (see `Message::ticket`). The one path
+    /// from deliveries to the store: publish, shared redispatch and retained messages on
+    /// subscribe all come here. Returns the ticket (0: nothing stored).
+    pub(crate) fn enqueue_stamped<S: AsRef<Session>>(
+        &self,
+        stamp: Option<&Arc<Message>>,
+        deliveries: impl IntoIterator<Item = (S, Outgoing)>,
+        mut ops: Vec<Op>,
+        extra: Vec<Op>,
+        limits: QueueLimits,
+    ) -> u64 {
+        // Usually one message (a publish to its subscribers): kept without a vector.
+        let mut first = stamp.cloned();
+        let mut more: Vec<Arc<Message>> = Vec::new();
+        for (session, out) in deliveries {
+            match &first {
+                Some(f) if Arc::ptr_eq(f, &out.msg) => {}
+                None => first = Some(out.msg.clone()),
+                Some(_) => {
+                    if !more.last().is_some_and(|m| Arc::ptr_eq(m, &out.msg)) {
+                        more.push(out.msg.clone());
+                    }
+                }
+            }
+            let (r, _) = session.as_ref().enqueue(out, limits, &mut ops);
             self.count_enqueue(r);
         }
         ops.extend(extra);
@@ -213,8 +247,10 @@ impl Inner {
         } else {
             self.store.apply(ops)
         };
-        msg.set_ticket(ticket);
-        (matched, ticket)
+        for m in first.iter().chain(&more) {
+            m.set_ticket(ticket);
+        }
+        ticket
     }
 
     /// Queues what a batch deferred (see [`Deferred`]): one lock and one wake-up per
@@ -246,37 +282,20 @@ impl Inner {
     /// batch for all of them.
     pub(crate) fn redispatch_shared(&self, leaving: &Arc<Session>, outs: Vec<Outgoing>) {
         let limits = Self::queue_limits(&self.cfg.load());
-        let mut ops = Vec::new();
-        let mut msgs = Vec::new();
-        for out in outs {
-            msgs.push(out.msg.clone());
-            let Some(filter) = out.shared.clone() else {
-                continue;
-            };
-            let r = match self.subs.pick_other_member(&filter, leaving) {
-                Some(m) => {
-                    let (session, out) = m.into_delivery(out.msg);
-                    session.enqueue(out, limits, &mut ops)
-                }
-                None => leaving.enqueue(
+        let deliveries = outs.into_iter().filter_map(|out| {
+            let filter = out.shared.clone()?;
+            Some(match self.subs.pick_other_member(&filter, leaving) {
+                Some(m) => m.into_delivery(out.msg),
+                None => (
+                    leaving.clone(),
                     Outgoing {
                         recorded: false,
                         ..out
                     },
-                    limits,
-                    &mut ops,
                 ),
-            };
-            self.count_enqueue(r.0);
-        }
-        let ticket = if ops.is_empty() {
-            0
-        } else {
-            self.store.apply(ops)
-        };
-        for m in msgs {
-            m.set_ticket(ticket);
-        }
+            })
+        });
+        self.enqueue_stamped(None, deliveries, Vec::new(), Vec::new(), limits);
     }
 
     pub(crate) fn count_enqueue(&self, r: Enqueued) {

@@ -744,20 +744,9 @@ where
             }),
         );
         let limits = Inner::queue_limits(&self.inner.cfg());
-        let mut ops = Vec::new();
-        let msgs: Vec<Arc<Message>> = retained.iter().map(|o| o.msg.clone()).collect();
-        for out in retained {
-            let (r, _) = self.at.session.enqueue(out, limits, &mut ops);
-            self.inner.count_enqueue(r);
-        }
-        let t = if ops.is_empty() {
-            0
-        } else {
-            self.inner.store.apply(ops)
-        };
-        for m in msgs {
-            m.set_ticket(t);
-        }
+        let deliveries = retained.into_iter().map(|o| (&self.at.session, o));
+        self.inner
+            .enqueue_stamped(None, deliveries, Vec::new(), Vec::new(), limits);
     }
 
     pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) {
