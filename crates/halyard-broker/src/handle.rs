@@ -17,9 +17,9 @@ use tracing::{info, warn};
 use crate::auth::{Anonymous, Security};
 use crate::config::BrokerConfig;
 use crate::housekeeping::{housekeeping, notify_durable};
-use crate::registry::Registry;
+use crate::registry::{LocalSessions, SessionOwnership};
 use crate::retained::Retained;
-use crate::router::SubscriptionIndex;
+use crate::router::{RoutingInterest, SubscriptionIndex};
 use crate::state::{AuthFailures, Inner};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::timers::Timers;
@@ -39,6 +39,22 @@ impl Broker {
     /// Builds the broker, restores what `store` recovered, and starts its housekeeping
     /// task. Must be called within a Tokio runtime.
     pub fn new(cfg: BrokerConfig, store: Arc<dyn Store>) -> Broker {
+        Self::with_seams(
+            cfg,
+            store,
+            Box::new(LocalSessions::default()),
+            Box::new(SubscriptionIndex::default()),
+        )
+    }
+
+    /// [`Broker::new`] with the two seams a cluster replaces: who owns each session, and
+    /// which sessions and nodes a topic reaches (see ARCHITECTURE.md, "Seams").
+    pub(crate) fn with_seams(
+        cfg: BrokerConfig,
+        store: Arc<dyn Store>,
+        sessions: Box<dyn SessionOwnership>,
+        subs: Box<dyn RoutingInterest>,
+    ) -> Broker {
         let (shutdown, _) = watch::channel(false);
         let cfg_allow_anonymous = cfg.allow_anonymous;
         let inner = Arc::new(Inner {
@@ -47,8 +63,8 @@ impl Broker {
             )),
             cfg: ArcSwap::from_pointee(cfg),
             durable: store.durable(),
-            sessions: Mutex::new(Registry::default()),
-            subs: SubscriptionIndex::default(),
+            sessions,
+            subs,
             retained: Retained::default(),
             store,
             stats: Stats::default(),
@@ -187,12 +203,7 @@ impl Broker {
 
     /// Sessions known (connected or not), subscriptions, retained messages.
     pub fn counts(&self) -> (usize, usize, usize) {
-        let sessions = self
-            .inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len();
+        let sessions = self.inner.sessions.len();
         (sessions, self.inner.subs.len(), self.inner.retained.len())
     }
 
@@ -203,5 +214,153 @@ impl Broker {
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
+    }
+}
+
+#[cfg(test)]
+mod seam_tests {
+    //! The seams are used: a broker built with other implementations routes and attaches
+    //! through them.
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use halyard_codec::SubscriptionOptions;
+    use halyard_codec::{
+        Bytes, ClientId, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
+        TopicFilter, TopicName,
+    };
+    use halyard_testkit::RawClient;
+
+    use super::*;
+    use crate::registry::{Full, SessionLimits};
+    use crate::router::{Match, Routes};
+    use crate::session::Session;
+
+    /// This node's index plus one other node that wants everything.
+    #[derive(Debug, Default)]
+    struct OneRemote {
+        local: SubscriptionIndex,
+        forwarded: Arc<AtomicUsize>,
+    }
+
+    impl RoutingInterest for OneRemote {
+        fn subscribe(
+            &self,
+            f: &TopicFilter,
+            s: &Arc<Session>,
+            o: SubscriptionOptions,
+            id: Option<u32>,
+        ) -> bool {
+            self.local.subscribe(f, s, o, id)
+        }
+        fn unsubscribe(&self, f: &TopicFilter, s: &Arc<Session>) -> bool {
+            self.local.unsubscribe(f, s)
+        }
+        fn matches_cached<'r>(
+            &self,
+            t: &str,
+            o: Option<&str>,
+            r: &'r mut Routes,
+        ) -> (&'r mut [Match], bool) {
+            self.local.matches_cached(t, o, r)
+        }
+        fn pick_other_member(&self, f: &TopicFilter, l: &Arc<Session>) -> Option<Match> {
+            self.local.pick_other_member(f, l)
+        }
+        fn len(&self) -> usize {
+            self.local.len()
+        }
+        fn forward(&self, _msg: &Arc<crate::message::Message>) -> usize {
+            self.forwarded.fetch_add(1, Ordering::Relaxed);
+            1
+        }
+    }
+
+    /// Local sessions, except that client ids under `elsewhere/` are held by another node
+    /// that refuses to give them up.
+    #[derive(Debug, Default)]
+    struct Elsewhere(LocalSessions);
+
+    impl SessionOwnership for Elsewhere {
+        fn get(&self, id: &str) -> Option<Arc<Session>> {
+            self.0.get(id)
+        }
+        fn claim(
+            &self,
+            id: &str,
+            owner: Option<&Arc<str>>,
+            limits: SessionLimits,
+        ) -> Result<Option<Arc<Session>>, Full> {
+            if id.starts_with("elsewhere/") {
+                return Err(Full::Sessions);
+            }
+            self.0.claim(id, owner, limits)
+        }
+        fn insert(&self, id: Arc<str>, s: Arc<Session>, owner: Option<Arc<str>>) {
+            self.0.insert(id, s, owner)
+        }
+        fn remove(&self, id: &str, s: &Arc<Session>) {
+            self.0.remove(id, s)
+        }
+        fn snapshot(&self) -> Vec<Arc<Session>> {
+            self.0.snapshot()
+        }
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    fn pipe(broker: &Broker) -> RawClient<tokio::io::DuplexStream> {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        broker.spawn_connection(b, "duplex");
+        RawClient::new(a)
+    }
+
+    fn connect(id: &str) -> Packet {
+        Packet::Connect(Box::new(Connect {
+            protocol: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: ClientId::new(id).unwrap(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Properties::default(),
+        }))
+    }
+
+    #[tokio::test]
+    async fn publish_reaches_the_routing_seam_and_attach_the_ownership_seam() {
+        let routing = OneRemote::default();
+        let forwarded = routing.forwarded.clone();
+        let broker = Broker::with_seams(
+            BrokerConfig::default(),
+            Arc::new(halyard_store::MemoryStore::new()),
+            Box::new(Elsewhere::default()),
+            Box::new(routing),
+        );
+        let mut c = pipe(&broker);
+        c.send(&connect("here")).await;
+        assert!(matches!(c.recv().await, Packet::ConnAck(a) if a.reason == ReasonCode::Success));
+        // No local subscriber, one remote node: matched, so not 0x10 No matching
+        // subscribers [MQTT-3.4.2.1].
+        c.send(&Packet::Publish(Publish {
+            qos: QoS::AtLeastOnce,
+            packet_id: 1,
+            ..Publish::new(TopicName::try_from("t").unwrap(), Bytes::from_static(b"x"))
+        }))
+        .await;
+        match c.recv().await {
+            Packet::PubAck(a) => assert_eq!(a.reason, ReasonCode::Success, "{a:?}"),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+        assert_eq!(forwarded.load(Ordering::Relaxed), 1);
+        // A client id another node holds is refused by the claim, before any session.
+        let mut d = pipe(&broker);
+        d.send(&connect("elsewhere/1")).await;
+        assert!(
+            matches!(d.recv().await, Packet::ConnAck(a) if a.reason == ReasonCode::QuotaExceeded)
+        );
+        assert_eq!(broker.counts().0, 1);
     }
 }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::message::Message;
 use crate::message::stored;
-use crate::registry::Full;
+use crate::registry::{Full, SessionLimits};
 use crate::session::{ConnInfo, PendingWill, Session};
 use crate::state::Inner;
 
@@ -44,21 +44,17 @@ pub(crate) fn attach_session(
     conn_id: u64,
     info: Arc<ConnInfo>,
 ) -> Result<(Arc<Session>, bool), NotAttached> {
-    let existing = {
-        let reg = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let existing = reg.get(client_id).cloned();
-        // One more session only when none is there to resume or replace.
-        if existing.is_none() {
-            let cfg = inner.cfg();
-            reg.admit(
-                info.username.as_ref(),
-                cfg.max_sessions,
-                cfg.max_sessions_per_user,
-            )
-            .map_err(NotAttached::Full)?;
+    let limits = {
+        let cfg = inner.cfg();
+        SessionLimits {
+            max_sessions: cfg.max_sessions,
+            max_per_user: cfg.max_sessions_per_user,
         }
-        existing
     };
+    let existing = inner
+        .sessions
+        .claim(client_id, info.username.as_ref(), limits)
+        .map_err(NotAttached::Full)?;
     if let Some(old) = existing {
         let mut st = old.lock();
         if !st.ended
@@ -109,8 +105,6 @@ pub(crate) fn attach_session(
     session.online.store(true, Ordering::Relaxed);
     inner
         .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
         .insert(client_id.clone(), session.clone(), owner);
     Ok((session, false))
 }
@@ -223,12 +217,7 @@ impl Inner {
             let subs: Vec<Subscription> = st.subscriptions.drain().map(|(_, s)| s).collect();
             (subs, st.pending_will.take(), st.stored, orphans)
         };
-        {
-            self.sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&session.client_id, session);
-        }
+        self.sessions.remove(&session.client_id, session);
         for s in &subs {
             self.subs.unsubscribe(&s.filter, session);
             self.memory

@@ -187,10 +187,7 @@ impl Inner {
                     .schedule(at, TimerEvent::SessionExpiry(session.clone(), 0));
             }
             // Restored whatever the limits: they apply to new sessions.
-            self.sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(client_id, session, user);
+            self.sessions.insert(client_id, session, user);
             restored += 1;
         }
         if missing.get() > 0 {

@@ -1,14 +1,100 @@
-//! The session registry: client id -> session, with the counts its limits need
-//! (`max_sessions`, `max_sessions_per_user`).
+//! Session ownership: which session holds each client id, behind `SessionOwnership`, the
+//! seam a cluster replaces. `LocalSessions` is this node's table: client id -> session,
+//! with the counts its limits need (`max_sessions`, `max_sessions_per_user`).
 //!
-//! Locked (`Inner::sessions`) only to find, insert or remove a session; never held while
-//! a session lock is taken. A session's owner is kept beside it here, fixed when it is
-//! registered, so the per-user counts need no session lock.
+//! Locked only to find, claim, insert or remove a session; never held while a session
+//! lock is taken. A session's owner is kept beside it here, fixed when it is registered,
+//! so the per-user counts need no session lock.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::session::Session;
+
+/// Who holds the session of each client id, and the fence that moves it.
+///
+/// Standalone, `LocalSessions`: one table in memory; a takeover fences the old connection
+/// by kicking it under the session's lock (`lifecycle::attach_session`). A cluster
+/// implementation keeps one ownership record per client id that a single node holds at a
+/// time (a compare-and-set on its revision), and its `claim` first fences the node that
+/// held it (that node kicks its connection and hands over, or drops, its copy) before
+/// answering with the session to resume here.
+pub(crate) trait SessionOwnership: Send + Sync + std::fmt::Debug {
+    /// The session of `client_id` held here, if any.
+    fn get(&self, client_id: &str) -> Option<Arc<Session>>;
+    /// Claims `client_id` for a new connection of `owner` on this node: `Some` is the
+    /// session to resume or replace (the caller checks its owner under its lock); `None`
+    /// means there is none, and one more is within `limits`.
+    fn claim(
+        &self,
+        client_id: &str,
+        owner: Option<&Arc<str>>,
+        limits: SessionLimits,
+    ) -> Result<Option<Arc<Session>>, Full>;
+    /// Records a session made or restored here, replacing any under the same id.
+    fn insert(&self, client_id: Arc<str>, session: Arc<Session>, owner: Option<Arc<str>>);
+    /// Forgets `session` (it ended), unless a newer session holds its id.
+    fn remove(&self, client_id: &str, session: &Arc<Session>);
+    /// Every session held here (a copy; the table is locked only to copy it).
+    fn snapshot(&self) -> Vec<Arc<Session>>;
+    /// How many sessions are held here.
+    fn len(&self) -> usize;
+}
+
+/// The limits a claim for a new session is checked against (0: none).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionLimits {
+    pub(crate) max_sessions: usize,
+    pub(crate) max_per_user: u32,
+}
+
+/// This node's sessions: the standalone `SessionOwnership`.
+#[derive(Debug, Default)]
+pub(crate) struct LocalSessions(Mutex<Registry>);
+
+impl LocalSessions {
+    fn table(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl SessionOwnership for LocalSessions {
+    fn get(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.table().get(client_id).cloned()
+    }
+
+    fn claim(
+        &self,
+        client_id: &str,
+        owner: Option<&Arc<str>>,
+        limits: SessionLimits,
+    ) -> Result<Option<Arc<Session>>, Full> {
+        let table = self.table();
+        match table.get(client_id) {
+            Some(s) => Ok(Some(s.clone())),
+            // One more session only when none is there to resume or replace.
+            None => table
+                .admit(owner, limits.max_sessions, limits.max_per_user)
+                .map(|()| None),
+        }
+    }
+
+    fn insert(&self, client_id: Arc<str>, session: Arc<Session>, owner: Option<Arc<str>>) {
+        self.table().insert(client_id, session, owner);
+    }
+
+    fn remove(&self, client_id: &str, session: &Arc<Session>) {
+        self.table().remove(client_id, session);
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Session>> {
+        self.table().sessions().cloned().collect()
+    }
+
+    fn len(&self) -> usize {
+        self.table().len()
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Registry {

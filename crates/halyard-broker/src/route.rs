@@ -175,7 +175,8 @@ impl Inner {
             });
         }
         let (matches, same_route) = self.subs.matches_cached(msg.topic.as_str(), origin, routes);
-        let matched = matches.len();
+        // Other nodes with a matching subscription get it once each (standalone: none).
+        let matched = matches.len() + self.subs.forward(msg);
         if matched == 0 && !msg.topic.as_str().starts_with('$') {
             Stats::inc(&self.stats.dropped_no_subscribers);
         }

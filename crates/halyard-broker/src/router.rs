@@ -141,6 +141,74 @@ pub(crate) struct Routes {
     reusable: bool,
 }
 
+/// Which sessions -- and, in a cluster, which other nodes -- want a message on a topic.
+/// The seam a cluster plugs into: standalone, this node's [`SubscriptionIndex`] is all of
+/// it; a cluster implementation wraps that index, keeps the filters each peer's sessions
+/// subscribed to (propagated as they change), and forwards each message published here
+/// once to every peer with a match (`forward`), where the peer's own index fans it out.
+pub(crate) trait RoutingInterest: Send + Sync + std::fmt::Debug {
+    /// Adds or replaces `session`'s subscription to `filter`; true if one was replaced.
+    fn subscribe(
+        &self,
+        filter: &TopicFilter,
+        session: &Arc<Session>,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+    ) -> bool;
+    /// Removes `session`'s subscription to `filter`; true if it existed.
+    fn unsubscribe(&self, filter: &TopicFilter, session: &Arc<Session>) -> bool;
+    /// This node's sessions matching `topic`, reusing `routes` when nothing changed (see
+    /// [`SubscriptionIndex::matches_cached`]).
+    fn matches_cached<'r>(
+        &self,
+        topic: &str,
+        origin: Option<&str>,
+        routes: &'r mut Routes,
+    ) -> (&'r mut [Match], bool);
+    /// Another member of shared group `filter` for a message `leaving` cannot take.
+    fn pick_other_member(&self, filter: &TopicFilter, leaving: &Arc<Session>) -> Option<Match>;
+    /// Subscriptions held here.
+    fn len(&self) -> usize;
+    /// Hands `msg`, published by a client of this node, to the other nodes with a matching
+    /// subscription; returns how many. A standalone broker has no other node.
+    fn forward(&self, _msg: &Arc<Message>) -> usize {
+        0
+    }
+}
+
+impl RoutingInterest for SubscriptionIndex {
+    fn subscribe(
+        &self,
+        filter: &TopicFilter,
+        session: &Arc<Session>,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+    ) -> bool {
+        SubscriptionIndex::subscribe(self, filter, session, options, id)
+    }
+
+    fn unsubscribe(&self, filter: &TopicFilter, session: &Arc<Session>) -> bool {
+        SubscriptionIndex::unsubscribe(self, filter, session)
+    }
+
+    fn matches_cached<'r>(
+        &self,
+        topic: &str,
+        origin: Option<&str>,
+        routes: &'r mut Routes,
+    ) -> (&'r mut [Match], bool) {
+        SubscriptionIndex::matches_cached(self, topic, origin, routes)
+    }
+
+    fn pick_other_member(&self, filter: &TopicFilter, leaving: &Arc<Session>) -> Option<Match> {
+        SubscriptionIndex::pick_other_member(self, filter, leaving)
+    }
+
+    fn len(&self) -> usize {
+        SubscriptionIndex::len(self)
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct SubscriptionIndex {
     root: RwLock<Node>,

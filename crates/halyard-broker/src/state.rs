@@ -20,9 +20,9 @@ use tracing::warn;
 use crate::auth::{Access, Identity, Security, is_sys};
 use crate::config::{BrokerConfig, defaults};
 use crate::message::Message;
-use crate::registry::Registry;
+use crate::registry::SessionOwnership;
 use crate::retained::Retained;
-use crate::router::SubscriptionIndex;
+use crate::router::RoutingInterest;
 use crate::session::{QueueLimits, Session, SessionState};
 use crate::stats::Stats;
 use crate::timers::{Timers, restore_ms};
@@ -31,10 +31,11 @@ use crate::timers::{Timers, restore_ms};
 pub(crate) struct Inner {
     /// Swapped whole on reload; readers take a cheap snapshot (`cfg()`).
     pub(crate) cfg: ArcSwap<BrokerConfig>,
-    /// Client id -> session, with per-user counts (`registry.rs`). Locked only to find,
-    /// insert or remove a session; never held while a session lock is taken.
-    pub(crate) sessions: Mutex<Registry>,
-    pub(crate) subs: SubscriptionIndex,
+    /// Who holds each client id's session (`registry.rs`; a cluster replaces it).
+    pub(crate) sessions: Box<dyn SessionOwnership>,
+    /// Which sessions (and, in a cluster, nodes) match a topic (`router.rs`; a cluster
+    /// replaces it).
+    pub(crate) subs: Box<dyn RoutingInterest>,
     pub(crate) retained: Retained,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) stats: Stats,
@@ -159,20 +160,11 @@ impl Inner {
 
     /// The sessions now (a copy of the map's values; the map lock is held only to copy).
     pub(crate) fn sessions_snapshot(&self) -> Vec<Arc<Session>> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .sessions()
-            .cloned()
-            .collect()
+        self.sessions.snapshot()
     }
 
     pub(crate) fn session(&self, client_id: &str) -> Option<Arc<Session>> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(client_id)
-            .cloned()
+        self.sessions.get(client_id)
     }
 
     pub(crate) fn message_id(&self) -> u64 {
