@@ -88,6 +88,7 @@ impl Broker {
             taps: Arc::default(),
             durable_waiters: Mutex::default(),
             started: Instant::now(),
+            started_wall: std::time::SystemTime::now(),
             subscribing: Default::default(),
         });
         inner.recover();

@@ -43,6 +43,7 @@ pub(crate) fn attach_session(
     expiry: u32,
     conn_id: u64,
     info: Arc<ConnInfo>,
+    now: Instant,
 ) -> Result<(Arc<Session>, bool), NotAttached> {
     let limits = {
         let cfg = inner.cfg();
@@ -69,14 +70,14 @@ pub(crate) fn attach_session(
         // client then expects no session either.)
         let mut ends_with_old_connection = false;
         if let Some(old_id) = st.take_conn() {
-            inner.keepalive_cancel(&st, old_id);
+            inner.keepalive_cancel(&st, old_id, now);
             ends_with_old_connection = st.expiry_interval == 0;
             old.kicked();
         }
         if !clean_start && !st.ended && !ends_with_old_connection {
             st.attach(conn_id);
             st.info = Some(info);
-            inner.keepalive_start(&old, &mut st, conn_id);
+            inner.keepalive_start(&old, &mut st, conn_id, now);
             st.protocol = protocol;
             st.expiry_interval = expiry;
             // A new connection before the will delay cancels the will [MQTT-3.1.3-9].
@@ -100,7 +101,7 @@ pub(crate) fn attach_session(
         let mut st = session.lock();
         st.attach(conn_id);
         st.info = Some(info);
-        inner.keepalive_start(&session, &mut st, conn_id);
+        inner.keepalive_start(&session, &mut st, conn_id, now);
     }
     session.online.store(true, Ordering::Relaxed);
     inner
@@ -117,14 +118,15 @@ pub(crate) fn detach(
     conn_id: u64,
     will: Option<Arc<Message>>,
     will_delay: u32,
+    now: Instant,
 ) {
-    let now = Instant::now();
+    let wall = inner.wall_at(now);
     let mut st = session.lock();
     let still_mine = st.is_attached(conn_id);
     if still_mine {
-        inner.keepalive_cancel(&st, conn_id);
+        inner.keepalive_cancel(&st, conn_id, now);
         session.forget_waker();
-        st.detach_at(std::time::SystemTime::now());
+        st.detach_at(wall);
         session.online.store(false, Ordering::Relaxed);
     }
     let ends_now = st.ended || (still_mine && st.expiry_interval == 0);
@@ -139,7 +141,7 @@ pub(crate) fn detach(
             pending_store = Some(StoredWill {
                 message: stored(&w),
                 retain: w.retain,
-                due: std::time::SystemTime::now() + Duration::from_secs(u64::from(will_delay)),
+                due: wall + Duration::from_secs(u64::from(will_delay)),
             });
             st.pending_will = Some(PendingWill { msg: w });
             inner.timers.schedule(
@@ -190,9 +192,10 @@ pub(crate) fn detach(
 
 /// A server-assigned client identifier [MQTT-3.1.3-7]: unique within this broker's
 /// lifetime by the connection counter, and across restarts by the start time.
-pub(crate) fn assign_client_id(inner: &Inner) -> String {
+pub(crate) fn assign_client_id(inner: &Inner, now: Instant) -> String {
     let n = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
+    let t = inner
+        .wall_at(now)
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     format!("halyard-{t:x}-{n:x}")

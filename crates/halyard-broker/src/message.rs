@@ -359,6 +359,11 @@ pub(crate) enum WriteError {
 pub(crate) struct LazyNow(Option<Instant>);
 
 impl LazyNow {
+    /// A time already known (read by the caller, or a simulator's virtual clock).
+    pub(crate) fn at(now: Instant) -> Self {
+        LazyNow(Some(now))
+    }
+
     pub(crate) fn get(&mut self) -> Instant {
         *self.0.get_or_insert_with(Instant::now)
     }

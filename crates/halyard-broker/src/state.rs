@@ -68,6 +68,8 @@ pub(crate) struct Inner {
     /// for every connection, read with `borrow` (a connection's own was 16 bytes of it).
     pub(crate) durable: Option<watch::Receiver<u64>>,
     pub(crate) started: Instant,
+    /// The wall clock when `started` was read (see `wall_at`).
+    pub(crate) started_wall: std::time::SystemTime,
     /// SUBSCRIBE packets read from a socket and not yet handled: a PUBLISH read meanwhile
     /// on another connection waits for them, briefly (see `Then::Publish` in connection.rs).
     pub(crate) subscribing: std::sync::atomic::AtomicUsize,
@@ -234,6 +236,13 @@ impl Inner {
         self.started + std::time::Duration::from_nanos(ns)
     }
 
+    /// The wall-clock time of `at`, for what is stored (disconnect times, will due times)
+    /// and shown: the wall clock read at start plus the monotonic time since, so every
+    /// time the broker keeps comes from the one `Instant` it is handed.
+    pub(crate) fn wall_at(&self, at: Instant) -> std::time::SystemTime {
+        self.started_wall + at.saturating_duration_since(self.started)
+    }
+
     /// Milliseconds from the broker's start to `at`: the clock of keep-alive deadlines.
     pub(crate) fn ms_at(&self, at: Instant) -> u64 {
         self.ns_at(at) / 1_000_000
@@ -272,13 +281,14 @@ impl Inner {
         session: &Arc<Session>,
         st: &mut SessionState,
         conn_id: u64,
+        now: Instant,
     ) {
         let limit = st
             .info
             .as_ref()
             .map_or(0, |i| u64::from(i.keep_alive) * 1500);
         if limit > 0 {
-            let now = self.ms_at(Instant::now());
+            let now = self.ms_at(now);
             session.last_rx.store(now as u32, Ordering::Relaxed);
             self.keepalive_schedule(session, st, conn_id, now + limit);
         }
@@ -286,14 +296,14 @@ impl Inner {
 
     /// Drops the keep-alive deadline of `st`'s attached connection `conn_id` (it ends, or
     /// another takes the session over). With the session locked.
-    pub(crate) fn keepalive_cancel(&self, st: &SessionState, conn_id: u64) {
+    pub(crate) fn keepalive_cancel(&self, st: &SessionState, conn_id: u64, now: Instant) {
         if st.info.as_ref().is_none_or(|i| i.keep_alive == 0) {
             return;
         }
         // A deadline is never more than 2^31 ms (24 days) from now: a keep alive is at
         // most 65,535 s, 1.5 times that is 27 hours, and a due one is handled at once. So
         // the value with the kept low 32 bits nearest to now is the deadline.
-        let due = restore_ms(self.ms_at(Instant::now()), st.keepalive_due);
+        let due = restore_ms(self.ms_at(now), st.keepalive_due);
         self.timers
             .keepalive
             .lock()

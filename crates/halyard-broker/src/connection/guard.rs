@@ -29,7 +29,7 @@ pub(super) struct PublishRate {
 
 impl PublishRate {
     /// `None` when no rate is configured.
-    pub(super) fn new(cfg: &crate::config::BrokerConfig) -> Option<Self> {
+    pub(super) fn new(cfg: &crate::config::BrokerConfig, now: Instant) -> Option<Self> {
         let m = f64::from(cfg.publish_rate_messages);
         let b = cfg.publish_rate_bytes as f64;
         let r = PublishRate {
@@ -37,7 +37,7 @@ impl PublishRate {
             bytes_per_sec: b,
             msgs: m,
             bytes: b,
-            last: Instant::now(),
+            last: now,
             throttled: false,
         };
         r.enabled().then_some(r)
@@ -54,8 +54,8 @@ impl PublishRate {
         self.bytes = (self.bytes + dt * self.bytes_per_sec).min(self.bytes_per_sec);
     }
 
-    pub(super) fn spend(&mut self, payload: usize) {
-        self.refill(Instant::now());
+    pub(super) fn spend(&mut self, payload: usize, now: Instant) {
+        self.refill(now);
         if self.msgs_per_sec > 0.0 {
             self.msgs -= 1.0;
         }
@@ -121,10 +121,7 @@ type Decisions = HashMap<Box<str>, bool>;
 /// Most cached decisions per connection and access kind; beyond it the cache starts over.
 const ACL_CACHE_ENTRIES: usize = 1024;
 
-impl<S> Connection<S>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
+impl Proto {
     /// Whether this client may do `access` on `topic`, from the cache when possible.
     /// `$SYS` is the broker's: never writable by a client, whatever the rules say (the
     /// same rule as `Inner::may_write`, for the paths without a connection).

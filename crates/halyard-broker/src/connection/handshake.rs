@@ -101,7 +101,7 @@ where
     // every connection's task or `Connection`.
     if let Some(p) = permit {
         p.forget();
-        conn.flags.set(Flags::HOLDS_PERMIT, true);
+        conn.proto.flags.set(Flags::HOLDS_PERMIT, true);
     }
     conn.drain = Some(drain);
     Some(conn)
@@ -425,11 +425,116 @@ where
     }
 }
 
+/// The checks of a decoded CONNECT before authentication: admission (permits,
+/// certificate identity), client identifier, keep alive, will and authentication
+/// method, each refusal with its rule.
+pub(crate) fn admit(inner: &Inner, c: &Connect, admission: &Admission) -> Result<(), Violation> {
+    let v = c.protocol;
+    let v5 = v.is_v5();
+    let cfg = inner.cfg();
+if admission.cert == CertAuth::Missing {
+        return Err(Violation::new(
+            ReasonCode::NotAuthorized,
+            "use_identity_as_username",
+            "no client certificate identity",
+        ));
+    }
+    if !admission.have_permit {
+        return Err(Violation::new(
+            ReasonCode::QuotaExceeded,
+            "max_connections",
+            "max_connections reached",
+        ));
+    }
+    if c.client_id.is_empty() {
+        // v5: we assign one [MQTT-3.1.3-6]. 3.1.1: only with clean session
+        // [MQTT-3.1.3-8]. 3.1 requires an identifier.
+        if v == ProtocolVersion::V3_1 || (!v5 && !c.clean_start) {
+            return Err(Violation::new(
+                ReasonCode::ClientIdentifierNotValid,
+                "MQTT-3.1.3-8",
+                "empty client id without clean session",
+            ));
+        }
+    } else if v == ProtocolVersion::V3_1 && c.client_id.as_str().len() > 23 {
+        return Err(Violation::new(
+            ReasonCode::ClientIdentifierNotValid,
+            "MQTT 3.1 section 3.1",
+            "3.1 client id over 23 bytes",
+        ));
+    } else if c.client_id.as_str().len() > cfg.max_client_id_length {
+        return Err(Violation::new(
+            ReasonCode::ClientIdentifierNotValid,
+            "max_client_id_length",
+            "client id too long",
+        ));
+    }
+    if v5
+        && let Some(m) = &c.properties.authentication_method
+        && !admission
+            .security
+            .enhanced
+            .iter()
+            .any(|e| e.method() == &m[..])
+    {
+        // A method we do not offer [MQTT-4.12.0-1].
+        return Err(Violation::new(
+            ReasonCode::BadAuthenticationMethod,
+            "MQTT-4.12.0-1",
+            "unsupported authentication method",
+        ));
+    }
+    if v5
+        && c.properties.authentication_data.is_some()
+        && c.properties.authentication_method.is_none()
+    {
+        return Err(Violation::new(
+            ReasonCode::ProtocolError,
+            "MQTT-5.0 section 3.1.2.11.10",
+            "authentication data without an authentication method",
+        ));
+    }
+    if !v5 && c.keep_alive > cfg.max_keepalive {
+        // 3.x has no Server Keep Alive; refuse as mosquitto does.
+        return Err(Violation::new(
+            ReasonCode::ClientIdentifierNotValid,
+            "max_keepalive",
+            "keep alive above max_keepalive",
+        ));
+    }
+    if let Some(w) = &c.will {
+        if let Some(why) = cfg.user_properties_over(&w.properties.user_properties) {
+            Stats::inc(&inner.stats.properties_refused);
+            return Err(Violation::new(
+                ReasonCode::QuotaExceeded,
+                "max_user_properties",
+                why,
+            ));
+        }
+        if w.qos > cfg.max_qos {
+            return Err(Violation::new(
+                ReasonCode::QoSNotSupported,
+                "MQTT-3.2.2-12",
+                "will QoS above maximum QoS",
+            ));
+        }
+        if w.retain && !cfg.retain_available {
+            return Err(Violation::new(
+                ReasonCode::RetainNotSupported,
+                "MQTT-3.2.2-13",
+                "will retain unsupported",
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl<S> Connection<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    /// Validates CONNECT, attaches the session and sends CONNACK. `None` when refused.
+    /// Validates CONNECT, authenticates, attaches the session and sends CONNACK. `None`
+    /// when refused (the refusal is sent).
     async fn accept(
         inner: Arc<Inner>,
         mut c: Connect,
@@ -438,107 +543,7 @@ where
         mut rbuf: BytesMut,
         admission: Admission,
     ) -> Option<Self> {
-        let v = c.protocol;
-        let v5 = v.is_v5();
-        let cfg = inner.cfg();
-        let mut assigned = None;
-        let check = (|| {
-            if admission.cert == CertAuth::Missing {
-                return Err(Violation::new(
-                    ReasonCode::NotAuthorized,
-                    "use_identity_as_username",
-                    "no client certificate identity",
-                ));
-            }
-            if !admission.have_permit {
-                return Err(Violation::new(
-                    ReasonCode::QuotaExceeded,
-                    "max_connections",
-                    "max_connections reached",
-                ));
-            }
-            if c.client_id.is_empty() {
-                // v5: we assign one [MQTT-3.1.3-6]. 3.1.1: only with clean session
-                // [MQTT-3.1.3-8]. 3.1 requires an identifier.
-                if v == ProtocolVersion::V3_1 || (!v5 && !c.clean_start) {
-                    return Err(Violation::new(
-                        ReasonCode::ClientIdentifierNotValid,
-                        "MQTT-3.1.3-8",
-                        "empty client id without clean session",
-                    ));
-                }
-            } else if v == ProtocolVersion::V3_1 && c.client_id.as_str().len() > 23 {
-                return Err(Violation::new(
-                    ReasonCode::ClientIdentifierNotValid,
-                    "MQTT 3.1 section 3.1",
-                    "3.1 client id over 23 bytes",
-                ));
-            } else if c.client_id.as_str().len() > cfg.max_client_id_length {
-                return Err(Violation::new(
-                    ReasonCode::ClientIdentifierNotValid,
-                    "max_client_id_length",
-                    "client id too long",
-                ));
-            }
-            if v5
-                && let Some(m) = &c.properties.authentication_method
-                && !admission
-                    .security
-                    .enhanced
-                    .iter()
-                    .any(|e| e.method() == &m[..])
-            {
-                // A method we do not offer [MQTT-4.12.0-1].
-                return Err(Violation::new(
-                    ReasonCode::BadAuthenticationMethod,
-                    "MQTT-4.12.0-1",
-                    "unsupported authentication method",
-                ));
-            }
-            if v5
-                && c.properties.authentication_data.is_some()
-                && c.properties.authentication_method.is_none()
-            {
-                return Err(Violation::new(
-                    ReasonCode::ProtocolError,
-                    "MQTT-5.0 section 3.1.2.11.10",
-                    "authentication data without an authentication method",
-                ));
-            }
-            if !v5 && c.keep_alive > cfg.max_keepalive {
-                // 3.x has no Server Keep Alive; refuse as mosquitto does.
-                return Err(Violation::new(
-                    ReasonCode::ClientIdentifierNotValid,
-                    "max_keepalive",
-                    "keep alive above max_keepalive",
-                ));
-            }
-            if let Some(w) = &c.will {
-                if let Some(why) = cfg.user_properties_over(&w.properties.user_properties) {
-                    Stats::inc(&inner.stats.properties_refused);
-                    return Err(Violation::new(
-                        ReasonCode::QuotaExceeded,
-                        "max_user_properties",
-                        why,
-                    ));
-                }
-                if w.qos > cfg.max_qos {
-                    return Err(Violation::new(
-                        ReasonCode::QoSNotSupported,
-                        "MQTT-3.2.2-12",
-                        "will QoS above maximum QoS",
-                    ));
-                }
-                if w.retain && !cfg.retain_available {
-                    return Err(Violation::new(
-                        ReasonCode::RetainNotSupported,
-                        "MQTT-3.2.2-13",
-                        "will retain unsupported",
-                    ));
-                }
-            }
-            Ok(())
-        })();
+        let check = admit(&inner, &c, &admission);
         let mut enhanced: Option<(ByteString, Arc<dyn EnhancedAuth>)> = None;
         let mut auth_reply = None;
         let check = match (check, c.properties.authentication_method.clone()) {
@@ -583,8 +588,62 @@ where
                 return None;
             }
         };
+        let verified = Verified {
+            user,
+            enhanced,
+            auth_reply,
+        };
+        let listener = admission.info.listener.clone();
+        match Proto::open(inner.clone(), &c, verified, peer.clone(), listener, rbuf, Instant::now()) {
+            Ok(proto) => Some(Connection {
+                proto,
+                io,
+                pause_timer: None,
+                drain: None,
+            }),
+            Err(why) => {
+                refuse_connect(&inner, &mut io, &peer, &c, why).await;
+                None
+            }
+        }
+    }
+}
+
+/// What authentication established for `Proto::open`.
+pub(crate) struct Verified {
+    /// The verified user name; `None`: anonymous.
+    pub(crate) user: Option<Arc<str>>,
+    /// The enhanced authentication method, kept for re-authentication.
+    pub(crate) enhanced: Option<(ByteString, Arc<dyn EnhancedAuth>)>,
+    /// The method's last data, for the CONNACK.
+    pub(crate) auth_reply: Option<Vec<u8>>,
+}
+
+impl Proto {
+    /// Opens the protocol state of an admitted, authenticated CONNECT at `now`: the will
+    /// checked against the ACL, the session attached (resumed, taken over or made), the
+    /// CONNACK written to `wbuf`, unacknowledged messages queued to resend. `rbuf` holds
+    /// what was read after the CONNECT.
+    pub(crate) fn open(
+        inner: Arc<Inner>,
+        c: &Connect,
+        verified: Verified,
+        peer: Peer,
+        listener: Arc<str>,
+        rbuf: BytesMut,
+        now: Instant,
+    ) -> Result<Proto, Violation> {
+        let Verified {
+            user,
+            enhanced,
+            auth_reply,
+        } = verified;
+        let v = c.protocol;
+        let v5 = v.is_v5();
+        let cfg = inner.cfg();
+        let mut assigned = None;
         let client_id: Arc<str> = if c.client_id.is_empty() {
-            let id = assign_client_id(&inner);
+            let id = assign_client_id(&inner, now);
             assigned = Some(id.clone());
             id.into()
         } else {
@@ -600,16 +659,11 @@ where
             && !inner.may_write(&who, w.topic.as_str())
         {
             Stats::inc(&inner.stats.publish_denied);
-            let why = "not authorized to publish to the will topic";
-            refuse_connect(
-                &inner,
-                &mut io,
-                &peer,
-                &c,
-                Violation::new(ReasonCode::NotAuthorized, "", why),
-            )
-            .await;
-            return None;
+            return Err(Violation::new(
+                ReasonCode::NotAuthorized,
+                "",
+                "not authorized to publish to the will topic",
+            ));
         }
         tracing::Span::current().record("client_id", &*client_id);
         let requested_expiry = if v5 {
@@ -630,7 +684,7 @@ where
         let keep_alive = server_keep_alive.unwrap_or(c.keep_alive);
         let conn_info = Arc::new(ConnInfo::new(
             peer.clone(),
-            admission.info.listener.clone(),
+            listener,
             user.clone(),
             v,
             keep_alive,
@@ -645,6 +699,7 @@ where
             expiry,
             conn_id,
             conn_info.clone(),
+            now,
         ) {
             Ok(attached) => attached,
             Err(e) => {
@@ -672,8 +727,7 @@ where
                         }
                     }
                 };
-                refuse_connect(&inner, &mut io, &peer, &c, why).await;
-                return None;
+                return Err(why);
             }
         };
         inner.persist_session(&session, true);
@@ -714,9 +768,8 @@ where
             properties: props,
         });
         let mut wbuf = BytesMut::with_capacity(ack.encoded_len(v));
-        if ack.encode(v, &mut wbuf).is_err() {
-            return None;
-        }
+        // Our own packet, valid by construction.
+        let _ = ack.encode(v, &mut wbuf);
         Stats::inc(&inner.stats.connections_total);
         let open = inner
             .stats
@@ -749,7 +802,7 @@ where
                 w.retain,
                 crate::message::owned_properties(w.properties.clone()),
                 Some(client_id.clone()),
-                Instant::now(),
+                now,
             ))
         });
         let client_receive_max = c.properties.receive_maximum.unwrap_or(if v5 {
@@ -766,11 +819,10 @@ where
             rbuf
         };
         let kicks_seen = session.kicks();
-        let mut conn = Connection {
+        let mut proto = Proto {
             cfg: cfg.clone(),
             live: cfg.clone(),
             batch: None,
-            io,
             rbuf,
             wbuf,
             info: conn_info,
@@ -781,8 +833,7 @@ where
                 kicks_seen: AtomicU32::new(kicks_seen),
                 wake_armed: std::sync::atomic::AtomicBool::new(false),
             },
-            pause_timer: None,
-            rx_ns: inner.ns_at(Instant::now()),
+            rx_ns: inner.ns_at(now),
             next_id: 0,
             ids_left: 0,
             client_receive_max,
@@ -806,9 +857,8 @@ where
             durable_seen: std::cell::Cell::new(0),
             held: None,
             acl: AclCache::new(),
-            rate: PublishRate::new(&cfg).map(Box::new),
+            rate: PublishRate::new(&cfg, now).map(Box::new),
             read_chunk: 0,
-            drain: None,
             flags: {
                 let mut f = Flags::default();
                 f.set(Flags::KEEPALIVE, keep_alive > 0);
@@ -819,8 +869,8 @@ where
             inner,
         };
         if present {
-            conn.resend_inflight();
+            proto.resend_inflight(now);
         }
-        Some(conn)
+        Ok(proto)
     }
 }

@@ -22,44 +22,12 @@ use crate::session::{Awaiting, Outgoing, Subscription};
 use crate::state::{Inner, grant};
 use crate::stats::Stats;
 
-impl<S> Connection<S>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    /// On a takeover: whether the client had already sent DISCONNECT on this connection,
-    /// still unread (it disconnected and reconnected at once, and the new connection was
-    /// read first). Its will must then not be published [MQTT-3.1.2-10]. Looks only at
-    /// what can be read without waiting; the session now belongs to the new connection,
-    /// so nothing else read here is acted on.
-    pub(super) fn unread_disconnect(&mut self) -> Option<ReasonCode> {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let read = std::pin::pin!(self.io.read_buf(&mut self.rbuf));
-        if !matches!(
-            std::future::Future::poll(read, &mut cx),
-            std::task::Poll::Ready(Ok(1..))
-        ) {
-            return None;
-        }
-        let mut rest = self.rbuf.split();
-        let max_props = self.live.decoded_user_properties();
-        while let Ok(Some(p)) = decode_limited(
-            &mut rest,
-            self.version,
-            self.cfg.message_size_limit,
-            max_props,
-        ) {
-            if let Packet::Disconnect(d) = p {
-                return Some(d.reason);
-            }
-        }
-        None
-    }
-
+impl Proto {
     /// Decodes and handles every complete packet in the read buffer, then ends the batch:
     /// deferred deliveries queued, counts and memory charged once.
-    pub(super) fn process_input(&mut self) -> Option<End> {
+    pub(crate) fn process_input(&mut self, now: Instant) -> Option<End> {
         self.live = self.inner.cfg();
-        let end = self.process_packets();
+        let end = self.process_packets(now);
         self.flush_deferred();
         if let Some(b) = &mut self.batch {
             self.inner.stats.add_received(&mut b.received);
@@ -78,11 +46,11 @@ where
         }
     }
 
-    pub(super) fn process_packets(&mut self) -> Option<End> {
+    pub(super) fn process_packets(&mut self, now: Instant) -> Option<End> {
         loop {
             // Packets already read wait too while the publish budget is spent.
             if let Some(r) = &mut self.rate
-                && r.blocked_until(Instant::now(), &self.inner.stats).is_some()
+                && r.blocked_until(now, &self.inner.stats).is_some()
             {
                 return None;
             }
@@ -111,7 +79,7 @@ where
                     packet_id: p.packet_id,
                 };
                 bytes::Buf::advance(&mut self.rbuf, len);
-                if let Err(end) = self.accept_publish(p, Props::NONE) {
+                if let Err(end) = self.accept_publish(p, Props::NONE, now) {
                     return Some(end);
                 }
                 continue;
@@ -152,7 +120,7 @@ where
                             other
                         }
                     };
-                    if let Err(end) = self.handle(p) {
+                    if let Err(end) = self.handle(p, now) {
                         return Some(end);
                     }
                 }
@@ -168,9 +136,9 @@ where
         }
     }
 
-    pub(super) fn handle(&mut self, p: Packet) -> Result<(), End> {
+    pub(super) fn handle(&mut self, p: Packet, now: Instant) -> Result<(), End> {
         match p {
-            Packet::Publish(p) => self.on_publish(p),
+            Packet::Publish(p) => self.on_publish(p, now),
             Packet::PubAck(a) => {
                 self.on_ack(a.packet_id, Awaiting::Ack);
                 Ok(())
@@ -188,7 +156,7 @@ where
                 Ok(())
             }
             Packet::Subscribe(s) => {
-                self.on_subscribe(s);
+                self.on_subscribe(s, now);
                 Ok(())
             }
             Packet::Unsubscribe(u) => {
@@ -271,7 +239,7 @@ where
     }
 
     /// `p`'s topic, payload and properties must not be slices of the read buffer.
-    pub(super) fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+    pub(super) fn on_publish(&mut self, mut p: Publish, now: Instant) -> Result<(), End> {
         let topic_alias_maximum = self.cfg.topic_alias_maximum;
         if let Some(alias) = p.properties.topic_alias {
             if alias > topic_alias_maximum {
@@ -339,6 +307,7 @@ where
                 packet_id,
             },
             Props::new(properties),
+            now,
         )
     }
 
@@ -355,7 +324,12 @@ where
     /// The checks and routing every PUBLISH goes through once its topic is known. Its
     /// properties come apart: most messages have none, and the fast path in
     /// `process_packets` never builds them.
-    pub(super) fn accept_publish(&mut self, p: Incoming, properties: Props) -> Result<(), End> {
+    pub(super) fn accept_publish(
+        &mut self,
+        p: Incoming,
+        properties: Props,
+        now: Instant,
+    ) -> Result<(), End> {
         let v5 = self.version.is_v5();
         // What this connection's CONNACK promised (copied: an `Arc` clone per message is
         // two atomic operations for a few numbers).
@@ -380,7 +354,7 @@ where
             return Ok(());
         }
         if let Some(r) = &mut self.rate {
-            r.spend(p.payload.len());
+            r.spend(p.payload.len(), now);
         }
         if p.qos > max_qos {
             return Err(End::Server(Violation::new(
@@ -623,10 +597,9 @@ where
         );
     }
 
-    pub(super) fn on_subscribe(&mut self, s: Subscribe) {
+    pub(super) fn on_subscribe(&mut self, s: Subscribe, now: Instant) {
         let inner = self.inner.clone();
         let cfg = inner.cfg();
-        let now = Instant::now();
         let id = s.properties.subscription_identifier;
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();

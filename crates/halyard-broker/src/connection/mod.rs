@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use halyard_codec::{BytesMut, Packet, ProtocolVersion, QoS, ReasonCode, TopicName};
+use halyard_codec::{decode_limited, BytesMut, Packet, ProtocolVersion, QoS, ReasonCode, TopicName};
 use halyard_transport::PeerInfo;
 
 use crate::auth::{AuthExchange, EnhancedAuth};
@@ -38,7 +38,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
 use crate::lifecycle::detach;
-use crate::message::Message;
+use crate::message::{LazyNow, Message};
 use crate::router::Routes;
 use crate::session::{ConnInfo, Session};
 use crate::state::Inner;
@@ -135,7 +135,23 @@ fn poll_io<S: AsyncRead + AsyncWrite + Unpin>(
     std::pin::pin!(io.read_buf(rbuf)).poll(cx).map(Io::Read)
 }
 
+/// The connection task's state: the protocol state (`Proto`) and what only the task
+/// driving a socket needs.
 struct Connection<S> {
+    proto: Proto,
+    io: S,
+    /// Wakes a connection paused by its publish rate or the memory budget; made on the
+    /// first pause (a `Sleep` is ~110 bytes, and most connections never pause).
+    pause_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A clone of the shutdown drain's sender: shutdown waits until every one is gone.
+    drain: Option<tokio::sync::mpsc::Sender<()>>,
+}
+
+/// One client's protocol state, socket-free and clock-free: bytes go in
+/// (`Proto::handle_input`), bytes come out (`Proto::fill` into `wbuf`), and the time is
+/// passed in. The connection task (`Connection`) drives it over a socket; the simulator
+/// (`crate::sim`) drives it with bytes and a virtual clock.
+pub(crate) struct Proto {
     inner: Arc<Inner>,
     /// The settings this connection was accepted under: what its CONNACK advertised
     /// (Maximum QoS, Receive Maximum, Maximum Packet Size...) holds for its lifetime even
@@ -147,7 +163,6 @@ struct Connection<S> {
     /// What a batch of received PUBLISH packets accumulates; boxed and only once the
     /// client publishes, to keep idle connections small.
     batch: Option<Box<Batch>>,
-    io: S,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// Peer, listener, user name and protocol, as shown by the admin API; also the
@@ -156,9 +171,6 @@ struct Connection<S> {
     version: ProtocolVersion,
     /// The session, this connection's id in it and the kicks seen (see `Attachment`).
     at: Attachment,
-    /// Wakes a connection paused by its publish rate or the memory budget; made on the
-    /// first pause (a `Sleep` is ~110 bytes, and most connections never pause).
-    pause_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// When the last read returned, as nanoseconds since the broker started (see
     /// `Inner::instant_at`): 8 bytes where an `Instant` takes 16.
     rx_ns: u64,
@@ -189,8 +201,6 @@ struct Connection<S> {
     /// Bytes to have room for before the next read (0: whatever the buffer has; see
     /// `size_reads`).
     read_chunk: u32,
-    /// A clone of the shutdown drain's sender: shutdown waits until every one is gone.
-    drain: Option<tokio::sync::mpsc::Sender<()>>,
     /// Yes/no state, one bit each (see `Flags`).
     flags: Flags,
 }
@@ -370,7 +380,7 @@ struct Incoming {
 /// How often a client held back by the memory budget looks again.
 const MEMORY_RECHECK: Duration = Duration::from_millis(10);
 
-impl<S> Drop for Connection<S> {
+impl Drop for Proto {
     fn drop(&mut self) {
         if self.flags.has(Flags::HOLDS_PERMIT) {
             self.inner.permits.add_permits(1);
@@ -384,11 +394,18 @@ impl<S> Drop for Connection<S> {
         tracing::error!(peer = %self.info.peer, client_id = %self.at.session.client_id, "connection task panicked; closing this connection only");
         Stats::dec(&self.inner.stats.connections_current);
         let (will, delay) = self.take_will();
-        detach(&self.inner, &self.at.session, self.at.conn_id, will, delay);
+        detach(
+            &self.inner,
+            &self.at.session,
+            self.at.conn_id,
+            will,
+            delay,
+            Instant::now(),
+        );
     }
 }
 
-impl<S> Connection<S> {
+impl Proto {
     /// The will and its delay, taken: it is published at most once.
     fn take_will(&mut self) -> (Option<Arc<Message>>, u32) {
         self.rare
@@ -406,7 +423,7 @@ where
         // Shutdown reaches a running connection through its kick (`Broker::shutdown` kicks
         // every attached one after raising the flag; a watch here would be 120 bytes of
         // every connection's task). One attached after that sweep sees the flag here.
-        if *self.inner.shutdown.borrow() {
+        if *self.proto.inner.shutdown.borrow() {
             return Some(End::Server(Violation::new(
                 ReasonCode::ServerShuttingDown,
                 "",
@@ -416,17 +433,18 @@ where
         // Packets the client sent right behind CONNECT, read with it: handled now, not
         // when its next bytes happen to arrive (a `connect(); subscribe()` client would
         // wait for a SUBACK forever).
-        self.process_input()
+        self.proto.process_input(Instant::now())
     }
 
     pub(super) async fn main_loop(&mut self) -> End {
         loop {
-            self.durable_seen.set(0);
-            if self.has_pending_acks() {
-                self.release_acks();
+            self.proto.durable_seen.set(0);
+            if self.proto.has_pending_acks() {
+                self.proto.release_acks();
             }
-            if self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
-                self.fill();
+            if self.proto.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES {
+                // The clock is read only if a queued message can expire.
+                self.proto.fill(&mut LazyNow::default());
             }
             // Over its publish rate, a client is not read until its budget refills: it
             // slows down instead of us buffering or dropping. Keep alive does not run out
@@ -434,19 +452,19 @@ where
             // The deadlines stay inside this block, so they are not part of the task's
             // state across the `select!` (every byte of it is memory per connection).
             let (throttled, paused) = {
-                let now = (self.rate.is_some() || self.flags.has(Flags::MEMORY_BLOCKED))
+                let now = (self.proto.rate.is_some() || self.proto.flags.has(Flags::MEMORY_BLOCKED))
                     .then(Instant::now);
                 let throttled_until =
-                    now.and_then(|now| self.rate.as_mut()?.blocked_until(now, &self.inner.stats));
+                    now.and_then(|now| self.proto.rate.as_mut()?.blocked_until(now, &self.proto.inner.stats));
                 if let Some(now) = now
-                    && (throttled_until.is_some() || self.flags.has(Flags::MEMORY_BLOCKED))
+                    && (throttled_until.is_some() || self.proto.flags.has(Flags::MEMORY_BLOCKED))
                 {
-                    self.heard_at(now);
+                    self.proto.heard_at(now);
                 }
                 // One timer for both pauses; over the memory budget, look again every
                 // MEMORY_RECHECK.
                 let memory_recheck = now
-                    .filter(|_| self.flags.has(Flags::MEMORY_BLOCKED))
+                    .filter(|_| self.proto.flags.has(Flags::MEMORY_BLOCKED))
                     .map(|n| n + MEMORY_RECHECK);
                 let paused_until = match (throttled_until, memory_recheck) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -461,40 +479,40 @@ where
                 }
                 (throttled_until.is_some(), paused_until.is_some())
             };
-            let chunk = self.read_chunk as usize;
-            if chunk > 0 && self.rbuf.capacity() - self.rbuf.len() < chunk / 2 {
-                self.rbuf.reserve(chunk);
+            let chunk = self.proto.read_chunk as usize;
+            if chunk > 0 && self.proto.rbuf.capacity() - self.proto.rbuf.len() < chunk / 2 {
+                self.proto.rbuf.reserve(chunk);
             }
             // (A buffer without room reads up to 64 bytes first: `poll_io` reads 64 on the
             // stack for one without capacity; `BytesMut` reserves 64 for a full one.)
-            let read_room = (self.rbuf.capacity() - self.rbuf.len()).max(64);
-            let writable = self.writable_len();
+            let read_room = (self.proto.rbuf.capacity() - self.proto.rbuf.len()).max(64);
+            let writable = self.proto.writable_len();
             let want_write = writable > 0;
             // Stop reading while our replies to this client pile up unread: its own
             // input is then paused instead of our buffer growing.
-            let can_read = self.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES
+            let can_read = self.proto.wbuf.len() < 2 * WRITE_BUFFER_HIGH_WATER_BYTES
                 && !throttled
-                && !self.flags.has(Flags::MEMORY_BLOCKED);
-            let can_fill = self.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES;
+                && !self.proto.flags.has(Flags::MEMORY_BLOCKED);
+            let can_fill = self.proto.wbuf.len() < WRITE_BUFFER_HIGH_WATER_BYTES;
             // Held acknowledgements or deliveries wait for the store (see `Held`):
             // `notify_durable` wakes us through the session's wake-up.
-            let waiting_durable = self.flags.has(Flags::DURABLE)
-                && (self.has_pending_acks()
-                    || self.flags.has(Flags::BLOCKED_ON_DURABLE)
-                    || self.has_holds());
+            let waiting_durable = self.proto.flags.has(Flags::DURABLE)
+                && (self.proto.has_pending_acks()
+                    || self.proto.flags.has(Flags::BLOCKED_ON_DURABLE)
+                    || self.proto.has_holds());
             if waiting_durable {
-                if !self.inner.durable_tracked() {
+                if !self.proto.inner.durable_tracked() {
                     // The store stopped (shutdown): nothing more becomes durable. What
                     // is held never goes out; it stays in flight in the session, and
                     // the client only ever sees it under an id that is on disk.
-                    self.wbuf.truncate(writable);
-                    self.held = None;
-                    self.flags.set(Flags::DURABLE, false);
+                    self.proto.wbuf.truncate(writable);
+                    self.proto.held = None;
+                    self.proto.flags.set(Flags::DURABLE, false);
                     continue;
                 }
-                let seen = self.durable_seen.get();
-                self.inner.wait_durable(&self.at.session);
-                if self.durable_now() > seen {
+                let seen = self.proto.durable_seen.get();
+                self.proto.inner.wait_durable(&self.proto.at.session);
+                if self.proto.durable_now() > seen {
                     continue; // it moved before we were listed: look again now
                 }
             }
@@ -503,12 +521,12 @@ where
             // For the same reason no branch awaits: one that must (flush, yield) says so
             // and the await comes after, when the `select!`'s output is gone (awaited
             // inside a branch, that output stayed in the task's state: 24 bytes).
-            self.at
+            self.proto.at
                 .wake_armed
                 .store(can_fill || waiting_durable, Ordering::Relaxed);
             let then = tokio::select! {
                 biased;
-                reason = poll_fn(|cx| self.at.poll_kick(cx)) => {
+                reason = poll_fn(|cx| self.proto.at.poll_kick(cx)) => {
                     if reason == ReasonCode::SessionTakenOver
                         && let Some(d) = self.unread_disconnect()
                     {
@@ -522,43 +540,44 @@ where
                     });
                 }
                 r = {
-                    let (io, rbuf, out) = (&mut self.io, &mut self.rbuf, &self.wbuf[..writable]);
+                    let (io, rbuf, out) = (&mut self.io, &mut self.proto.rbuf, &self.proto.wbuf[..writable]);
                     poll_fn(move |cx| poll_io(cx, io, out, rbuf, want_write, can_read))
                 },
                     if want_write || can_read => match r {
                     Io::Wrote(Ok(0) | Err(_)) => return End::Closed("write failed"),
                     Io::Wrote(Ok(n)) => {
-                        bytes::Buf::advance(&mut self.wbuf, n);
-                        if let Some(h) = &mut self.held {
+                        bytes::Buf::advance(&mut self.proto.wbuf, n);
+                        if let Some(h) = &mut self.proto.held {
                             for (at, _) in &mut h.writes {
                                 *at -= n;
                             }
                         }
-                        Stats::add(&self.inner.stats.bytes_sent, n as u64);
+                        Stats::add(&self.proto.inner.stats.bytes_sent, n as u64);
                         // All that may be written now is written: flush (TLS). Asked of
                         // `writable_len` again rather than kept from before the `select!`,
                         // which would be 8 more bytes of every connection's task.
-                        if self.writable_len() == 0 { Then::Flush } else { Then::Loop }
+                        if self.proto.writable_len() == 0 { Then::Flush } else { Then::Loop }
                     }
                     Io::Read(Ok(0)) => return End::Closed("connection closed by client"),
                     Io::Read(Err(_)) => return End::Closed("read failed"),
                     Io::Read(Ok(n)) => {
-                        Stats::add(&self.inner.stats.bytes_received, n as u64);
-                        self.heard_at(Instant::now());
-                        self.size_reads(n, read_room);
+                        Stats::add(&self.proto.inner.stats.bytes_received, n as u64);
+                        let now = Instant::now();
+                        self.proto.heard_at(now);
+                        self.proto.size_reads(n, read_room);
                         // A read that starts with a PUBLISH waits for the connections
                         // woken with it to run first (see `Then::Publish`).
-                        if self.rbuf.first().is_some_and(|b| b >> 4 == 3) {
+                        if self.proto.rbuf.first().is_some_and(|b| b >> 4 == 3) {
                             Then::Publish
                         } else {
                             // Publishers read meanwhile wait for this SUBSCRIBE.
-                            let subscribing = has_subscribe(&self.rbuf);
+                            let subscribing = has_subscribe(&self.proto.rbuf);
                             if subscribing {
-                                self.inner.subscribing.fetch_add(1, Ordering::SeqCst);
+                                self.proto.inner.subscribing.fetch_add(1, Ordering::SeqCst);
                             }
-                            let end = self.process_input();
+                            let end = self.proto.process_input(now);
                             if subscribing {
-                                self.inner.subscribing.fetch_sub(1, Ordering::SeqCst);
+                                self.proto.inner.subscribing.fetch_sub(1, Ordering::SeqCst);
                             }
                             if let Some(end) = end {
                                 return end;
@@ -567,7 +586,7 @@ where
                         }
                     }
                 },
-                _ = poll_fn(|cx| self.at.poll_woken(cx)), if can_fill || waiting_durable => {
+                _ = poll_fn(|cx| self.proto.at.poll_woken(cx)), if can_fill || waiting_durable => {
                     // Woken by a publisher's batch, this task would run right after it
                     // (tokio's LIFO slot) and write that batch alone. Yielding once lets the
                     // other publishers ready now queue theirs first, so one write carries
@@ -576,12 +595,12 @@ where
                 }
                 _ = poll_fn(|cx| self.pause_timer.as_mut().expect("set when paused").as_mut().poll(cx)),
                     if paused => {
-                    if self.flags.has(Flags::MEMORY_BLOCKED) && !self.inner.memory_over_budget(&self.inner.cfg()) {
-                        self.flags.set(Flags::MEMORY_BLOCKED, false);
+                    if self.proto.flags.has(Flags::MEMORY_BLOCKED) && !self.proto.inner.memory_over_budget(&self.proto.inner.cfg()) {
+                        self.proto.flags.set(Flags::MEMORY_BLOCKED, false);
                     }
                     // Budget refilled or memory freed: handle what was already read, then
                     // read again (a PUBLISH still over a limit pauses again).
-                    if let Some(end) = self.process_input() {
+                    if let Some(end) = self.proto.process_input(Instant::now()) {
                         return end;
                     }
                     Then::Loop
@@ -600,15 +619,17 @@ where
                     // A SUBSCRIBE read before this PUBLISH, being handled on another
                     // worker now: wait for it, a bounded while (a SUBSCRIBE takes
                     // microseconds; a stream of them must not stall publishers).
-                    if self.inner.subscribing.load(Ordering::SeqCst) > 0 {
+                    if self.proto.inner.subscribing.load(Ordering::SeqCst) > 0 {
                         let until = Instant::now() + SUBSCRIBE_WAIT;
-                        while self.inner.subscribing.load(Ordering::SeqCst) > 0
+                        while self.proto.inner.subscribing.load(Ordering::SeqCst) > 0
                             && Instant::now() < until
                         {
                             tokio::task::yield_now().await;
                         }
                     }
-                    if let Some(end) = self.process_input() {
+                    // As read: the time `heard_at` noted for this input.
+                    let now = self.proto.inner.instant_at(self.proto.rx_ns);
+                    if let Some(end) = self.proto.process_input(now) {
                         return end;
                     }
                 }
@@ -616,6 +637,38 @@ where
         }
     }
 
+    /// On a takeover: whether the client had already sent DISCONNECT on this connection,
+    /// still unread (it disconnected and reconnected at once, and the new connection was
+    /// read first). Its will must then not be published [MQTT-3.1.2-10]. Looks only at
+    /// what can be read without waiting; the session now belongs to the new connection,
+    /// so nothing else read here is acted on.
+    pub(super) fn unread_disconnect(&mut self) -> Option<ReasonCode> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let read = std::pin::pin!(self.io.read_buf(&mut self.proto.rbuf));
+        if !matches!(
+            std::future::Future::poll(read, &mut cx),
+            std::task::Poll::Ready(Ok(1..))
+        ) {
+            return None;
+        }
+        let mut rest = self.proto.rbuf.split();
+        let max_props = self.proto.live.decoded_user_properties();
+        while let Ok(Some(p)) = decode_limited(
+            &mut rest,
+            self.proto.version,
+            self.proto.cfg.message_size_limit,
+            max_props,
+        ) {
+            if let Packet::Disconnect(d) = p {
+                return Some(d.reason);
+            }
+        }
+        None
+    }
+
+}
+
+impl Proto {
     /// The client was heard from (or is not read from on purpose, which must not run its
     /// keep alive out) at `now`.
     pub(super) fn heard_at(&mut self, now: Instant) {

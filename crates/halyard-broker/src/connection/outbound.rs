@@ -15,10 +15,7 @@ use crate::message::{self, Delivery, Message};
 use crate::session::{Awaiting, Outgoing};
 use crate::stats::Stats;
 
-impl<S> Connection<S>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
+impl Proto {
     pub(super) fn send(&mut self, p: &Packet) {
         // Our own packets are valid by construction and well under the size limits.
         let _ = p.encode(self.version, &mut self.wbuf);
@@ -70,8 +67,7 @@ where
     }
 
     /// Moves queued messages into the write buffer within the client's Receive Maximum.
-    pub(super) fn fill(&mut self) {
-        let mut now = message::LazyNow::default();
+    pub(crate) fn fill(&mut self, now: &mut message::LazyNow) {
         let inner = self.inner.clone();
         let session = self.at.session.clone();
         let mut st = session.lock();
@@ -105,7 +101,7 @@ where
             let Some(front) = st.queue.front() else { break };
             // [MQTT-3.3.2-5]: expired before onward delivery started. Read rights are
             // checked on delivery, so a deny rule or a reload applies to queued messages.
-            let skip = if front.msg.is_expired_lazy(&mut now) {
+            let skip = if front.msg.is_expired_lazy(now) {
                 Some(&inner.stats.expired_messages)
             } else if !self.allowed(Access::Read, front.msg.topic.as_str()) {
                 Some(&inner.stats.dropped_not_authorized)
@@ -151,7 +147,7 @@ where
                     subscription_ids: front.subscription_ids,
                     alias,
                 };
-                match self.write_delivery(front.msg, d, &mut now) {
+                match self.write_delivery(front.msg, d, now) {
                     Ok(()) => {
                         self.alias_sent(&front.msg.topic, alias);
                         sent[0] += 1;
@@ -183,7 +179,7 @@ where
                 subscription_ids: &out.subscription_ids,
                 alias,
             };
-            match self.write_delivery(&out.msg, d, &mut now) {
+            match self.write_delivery(&out.msg, d, now) {
                 Ok(()) => {
                     self.alias_sent(&out.msg.topic, alias);
                     sent[out.qos as usize] += 1;
@@ -295,8 +291,8 @@ where
 
     /// On session resume, resends unacknowledged PUBLISH with DUP and PUBREL in their
     /// original order [MQTT-4.4.0-1], each PUBLISH only if the client may still read it.
-    pub(super) fn resend_inflight(&mut self) {
-        let mut now = message::LazyNow::default();
+    pub(super) fn resend_inflight(&mut self, now: Instant) {
+        let mut now = message::LazyNow::at(now);
         let st = self.at.session.lock();
         let mut pending: Vec<(u64, u16, Awaiting, Outgoing)> = st
             .inflight
