@@ -122,9 +122,17 @@ pub(crate) async fn housekeeping(inner: Arc<Inner>) {
             _ = inner.timers.changed.notified() => continue,
             _ = sleep_until_opt(next) => {}
         }
-        let now = Instant::now();
-        inner.keepalive_expire(now);
-        for ev in inner.timers.take_due(now) {
+        inner.tick(Instant::now());
+    }
+}
+
+impl Inner {
+    /// Acts on every deadline due by `now`: keep alives run out [MQTT-3.1.2-22], sessions
+    /// expire, delayed wills are published [MQTT-3.1.3-9], expired retained messages are
+    /// swept. The housekeeping task calls it with the clock; a simulator with its own.
+    pub(crate) fn tick(&self, now: Instant) {
+        self.keepalive_expire(now);
+        for ev in self.timers.take_due(now) {
             match ev {
                 TimerEvent::SessionExpiry(session, generation) => {
                     let expired = {
@@ -133,8 +141,8 @@ pub(crate) async fn housekeeping(inner: Arc<Inner>) {
                     };
                     if expired {
                         info!(client_id = %session.client_id, "session expired");
-                        Stats::inc(&inner.stats.sessions_expired);
-                        inner.end_session(&session);
+                        Stats::inc(&self.stats.sessions_expired);
+                        self.end_session(&session);
                     }
                 }
                 TimerEvent::Will(session, generation) => {
@@ -147,23 +155,23 @@ pub(crate) async fn housekeeping(inner: Arc<Inner>) {
                         }
                     };
                     if let Some(w) = will {
-                        inner.store.apply(vec![Op::WillPending {
+                        self.store.apply(vec![Op::WillPending {
                             client_id: session.client_id.to_string(),
                             will: None,
                         }]);
-                        inner.publish_will(&session, &w.msg);
+                        self.publish_will(&session, &w.msg);
                     }
                 }
                 TimerEvent::RetainedSweep => {
-                    let gone = inner.retained.sweep(now);
+                    let gone = self.retained.sweep(now);
                     if !gone.is_empty() {
-                        inner.store.apply(
+                        self.store.apply(
                             gone.into_iter()
                                 .map(|topic| Op::RetainDelete { topic })
                                 .collect(),
                         );
                     }
-                    inner
+                    self
                         .timers
                         .schedule(now + RETAINED_SWEEP_INTERVAL, TimerEvent::RetainedSweep);
                 }

@@ -16,7 +16,7 @@ use crate::stats::Stats;
 
 /// Why a connection ended; decides the will and the log line.
 #[derive(Debug)]
-pub(super) enum End {
+pub(crate) enum End {
     /// DISCONNECT from the client with this reason (0x04 keeps the will).
     ClientDisconnect(ReasonCode),
     /// The peer closed the socket or it failed.
@@ -108,26 +108,7 @@ where
     /// Borrows the connection rather than taking it: a `self` moved into this future
     /// would be a second copy of the connection in every connection task's state.
     pub(super) async fn finish(&mut self, end: End) {
-        let v5 = self.proto.version.is_v5();
-        // QoS 2 PUBLISHes whose packet ids are not durable are not sent: the session keeps
-        // them in flight and resends them (same ids, DUP) on the next connection.
-        if self.proto.has_holds() {
-            let writable = self.proto.writable_len();
-            self.proto.wbuf.truncate(writable);
-        }
-        // Tell a v5 client why we close [MQTT-4.13.2-1]; 3.x just gets the close.
-        if let End::Server(why) = &end
-            && v5
-        {
-            let props = Properties {
-                reason_string: Some(why.to_string().into()),
-                ..Properties::default()
-            };
-            self.proto.send(&Packet::Disconnect(Disconnect {
-                reason: why.reason,
-                properties: props,
-            }));
-        }
+        self.proto.last_words(&end);
         let _ = timeout(CLOSE_FLUSH_TIMEOUT, async {
             while !self.proto.wbuf.is_empty() {
                 if self.io.write_buf(&mut self.proto.wbuf).await.unwrap_or(0) == 0 {
@@ -136,52 +117,84 @@ where
             }
         })
         .await;
+        let lost = matches!(end, End::Closed(_));
+        self.proto.leave(end, Instant::now());
+        // Last, once the session and will are settled: a client we close (DISCONNECT
+        // sent, or 3.x closed on an error) is read until it closes too, so our last packet
+        // is not lost to a RST. One that closed first has nothing more to read.
+        if lost {
+            let _ = timeout(CLOSE_FLUSH_TIMEOUT, self.io.shutdown()).await;
+        } else {
+            linger(&mut self.io).await;
+        }
+    }
+}
 
-        Stats::dec(&self.proto.inner.stats.connections_current);
-        self.proto.flags.set(Flags::FINISHED, true);
-        self.proto.inner.monitor.emit_conn(|| Event::Disconnected {
-            peer: self.proto.info.peer.to_string(),
-            client_id: self.proto.at.session.client_id.to_string(),
+impl Proto {
+    /// What is written before the close: what may be written of `wbuf` and, to a v5
+    /// client the server closes, a DISCONNECT saying why [MQTT-4.13.2-1] (3.x just gets
+    /// the close).
+    pub(crate) fn last_words(&mut self, end: &End) {
+        // QoS 2 PUBLISHes whose packet ids are not durable are not sent: the session keeps
+        // them in flight and resends them (same ids, DUP) on the next connection.
+        if self.has_holds() {
+            let writable = self.writable_len();
+            self.wbuf.truncate(writable);
+        }
+        if let End::Server(why) = end
+            && self.version.is_v5()
+        {
+            let props = Properties {
+                reason_string: Some(why.to_string().into()),
+                ..Properties::default()
+            };
+            self.send(&Packet::Disconnect(Disconnect {
+                reason: why.reason,
+                properties: props,
+            }));
+        }
+    }
+
+    /// Leaves the session at `now`, the connection closed for `end`: counted, told to the
+    /// monitor, logged; the will published, delayed or dropped [MQTT-3.1.2-8, MQTT-3.1.2-10];
+    /// the session ended or its expiry started.
+    pub(crate) fn leave(&mut self, end: End, now: Instant) {
+        Stats::dec(&self.inner.stats.connections_current);
+        self.flags.set(Flags::FINISHED, true);
+        self.inner.monitor.emit_conn(|| Event::Disconnected {
+            peer: self.info.peer.to_string(),
+            client_id: self.at.session.client_id.to_string(),
             reason: match &end {
                 End::ClientDisconnect(r) => format!("client DISCONNECT {r:?}"),
                 End::Closed(why) => format!("connection lost: {why}"),
                 End::Server(why) => format!("closed by the server {:?}: {why}", why.reason),
             },
         });
-
         let keep_will = match &end {
             End::ClientDisconnect(ReasonCode::DisconnectWithWillMessage) => true,
             End::ClientDisconnect(_) => false, // [MQTT-3.1.2-10] normal DISCONNECT drops it
             End::Closed(_) | End::Server(..) => true,
         };
-        let (will, will_delay) = self.proto.take_will();
+        let (will, will_delay) = self.take_will();
         let will = will.filter(|_| keep_will);
         match &end {
             End::ClientDisconnect(r) => {
-                info!(peer = %self.proto.info.peer, client_id = %self.proto.at.session.client_id, reason = ?r, "client disconnected")
+                info!(peer = %self.info.peer, client_id = %self.at.session.client_id, reason = ?r, "client disconnected")
             }
             End::Closed(why) => {
-                info!(peer = %self.proto.info.peer, client_id = %self.proto.at.session.client_id, why, "connection lost")
+                info!(peer = %self.info.peer, client_id = %self.at.session.client_id, why, "connection lost")
             }
             End::Server(why) => {
-                info!(peer = %self.proto.info.peer, client_id = %self.proto.at.session.client_id, reason = ?why.reason, %why, "disconnected by server")
+                info!(peer = %self.info.peer, client_id = %self.at.session.client_id, reason = ?why.reason, %why, "disconnected by server")
             }
         }
         detach(
-            &self.proto.inner,
-            &self.proto.at.session,
-            self.proto.at.conn_id,
+            &self.inner,
+            &self.at.session,
+            self.at.conn_id,
             will,
             will_delay,
-            Instant::now(),
+            now,
         );
-        // Last, once the session and will are settled: a client we close (DISCONNECT
-        // sent, or 3.x closed on an error) is read until it closes too, so our last packet
-        // is not lost to a RST. One that closed first has nothing more to read.
-        if matches!(end, End::Closed(_)) {
-            let _ = timeout(CLOSE_FLUSH_TIMEOUT, self.io.shutdown()).await;
-        } else {
-            linger(&mut self.io).await;
-        }
     }
 }

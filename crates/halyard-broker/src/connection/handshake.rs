@@ -109,7 +109,7 @@ where
 
 /// How the listener's client-certificate identity applies to a CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CertAuth {
+pub(crate) enum CertAuth {
     /// The listener does not use certificate identities.
     NotUsed,
     /// `use_identity_as_username`, and the client's certificate had an identity.
@@ -120,15 +120,15 @@ enum CertAuth {
 
 /// What the connection task decided before CONNECT is checked.
 #[derive(Debug)]
-struct Admission {
+pub(crate) struct Admission {
     /// Within `max_connections`.
-    have_permit: bool,
-    cert: CertAuth,
+    pub(crate) have_permit: bool,
+    pub(crate) cert: CertAuth,
     /// An anonymous client from this peer may connect (listener or broker policy).
-    anonymous_ok: bool,
+    pub(crate) anonymous_ok: bool,
     /// The security settings in force when the connection arrived.
-    security: Arc<Security>,
-    info: PeerInfo,
+    pub(crate) security: Arc<Security>,
+    pub(crate) info: PeerInfo,
 }
 
 /// Authenticates a CONNECT that passed the protocol checks: certificate identity, then
@@ -432,7 +432,7 @@ pub(crate) fn admit(inner: &Inner, c: &Connect, admission: &Admission) -> Result
     let v = c.protocol;
     let v5 = v.is_v5();
     let cfg = inner.cfg();
-if admission.cert == CertAuth::Missing {
+    if admission.cert == CertAuth::Missing {
         return Err(Violation::new(
             ReasonCode::NotAuthorized,
             "use_identity_as_username",
@@ -594,7 +594,15 @@ where
             auth_reply,
         };
         let listener = admission.info.listener.clone();
-        match Proto::open(inner.clone(), &c, verified, peer.clone(), listener, rbuf, Instant::now()) {
+        match Proto::open(
+            inner.clone(),
+            &c,
+            verified,
+            peer.clone(),
+            listener,
+            rbuf,
+            Instant::now(),
+        ) {
             Ok(proto) => Some(Connection {
                 proto,
                 io,

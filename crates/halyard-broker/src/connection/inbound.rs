@@ -12,7 +12,6 @@ use halyard_store::Op;
 
 use crate::auth::{Access, AuthStep};
 use halyard_codec::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 

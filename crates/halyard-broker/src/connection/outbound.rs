@@ -7,7 +7,6 @@ use halyard_codec::{Ack, Packet, QoS, TopicName};
 use halyard_store::Op;
 
 use crate::auth::Access;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::*;
 use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
