@@ -55,43 +55,7 @@ impl Broker {
         sessions: Box<dyn SessionOwnership>,
         subs: Box<dyn RoutingInterest>,
     ) -> Broker {
-        let (shutdown, _) = watch::channel(false);
-        let cfg_allow_anonymous = cfg.allow_anonymous;
-        let inner = Arc::new(Inner {
-            permits: Arc::new(Semaphore::new(
-                cfg.max_connections.min(Semaphore::MAX_PERMITS),
-            )),
-            cfg: ArcSwap::from_pointee(cfg),
-            durable: store.durable(),
-            sessions,
-            subs,
-            retained: Retained::default(),
-            store,
-            stats: Stats::default(),
-            shutdown,
-            next_conn_id: AtomicU64::new(1),
-            next_message_id: AtomicU64::new(1),
-            timers: Timers::default(),
-            monitor: Monitor::default(),
-            security: RwLock::new(Arc::new(Security {
-                anonymous: if cfg_allow_anonymous {
-                    Anonymous::Allow
-                } else {
-                    Anonymous::Deny
-                },
-                ..Security::default()
-            })),
-            auth_failures: AuthFailures::default(),
-            security_generation: AtomicU64::new(0),
-            memory: crate::message::MemoryUse::new_static(),
-            tap: tokio::sync::broadcast::channel(crate::state::TAP_CAPACITY).0,
-            taps: Arc::default(),
-            durable_waiters: Mutex::default(),
-            started: Instant::now(),
-            started_wall: std::time::SystemTime::now(),
-            subscribing: Default::default(),
-        });
-        inner.recover();
+        let inner = Inner::new(cfg, store, sessions, subs);
         tokio::spawn(housekeeping(inner.clone()));
         if let Some(rx) = inner.store.durable() {
             tokio::spawn(notify_durable(Arc::downgrade(&inner), rx));
@@ -215,6 +179,57 @@ impl Broker {
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
+    }
+}
+
+impl Inner {
+    /// The broker's shared state, rebuilt from what `store` recovered, with no task
+    /// started: [`Broker::with_seams`] starts the housekeeping and durability tasks; the
+    /// simulator (`crate::sim`) drives time itself.
+    pub(crate) fn new(
+        cfg: BrokerConfig,
+        store: Arc<dyn Store>,
+        sessions: Box<dyn SessionOwnership>,
+        subs: Box<dyn RoutingInterest>,
+    ) -> Arc<Inner> {
+        let (shutdown, _) = watch::channel(false);
+        let cfg_allow_anonymous = cfg.allow_anonymous;
+        let inner = Arc::new(Inner {
+            permits: Arc::new(Semaphore::new(
+                cfg.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
+            cfg: ArcSwap::from_pointee(cfg),
+            durable: store.durable(),
+            sessions,
+            subs,
+            retained: Retained::default(),
+            store,
+            stats: Stats::default(),
+            shutdown,
+            next_conn_id: AtomicU64::new(1),
+            next_message_id: AtomicU64::new(1),
+            timers: Timers::default(),
+            monitor: Monitor::default(),
+            security: RwLock::new(Arc::new(Security {
+                anonymous: if cfg_allow_anonymous {
+                    Anonymous::Allow
+                } else {
+                    Anonymous::Deny
+                },
+                ..Security::default()
+            })),
+            auth_failures: AuthFailures::default(),
+            security_generation: AtomicU64::new(0),
+            memory: crate::message::MemoryUse::new_static(),
+            tap: tokio::sync::broadcast::channel(crate::state::TAP_CAPACITY).0,
+            taps: Arc::default(),
+            durable_waiters: Mutex::default(),
+            started: Instant::now(),
+            started_wall: std::time::SystemTime::now(),
+            subscribing: Default::default(),
+        });
+        inner.recover();
+        inner
     }
 }
 

@@ -171,8 +171,7 @@ impl Inner {
                                 .collect(),
                         );
                     }
-                    self
-                        .timers
+                    self.timers
                         .schedule(now + RETAINED_SWEEP_INTERVAL, TimerEvent::RetainedSweep);
                 }
             }

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 mod connection;
+pub use connection::sim;
 mod handle;
 mod housekeeping;
 mod lifecycle;

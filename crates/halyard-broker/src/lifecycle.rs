@@ -8,9 +8,7 @@ use halyard_store::{SessionOwner, SessionRecord, SubscriptionRecord};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use std::time::SystemTime;
 
-use halyard_codec::ProtocolVersion;
 use halyard_store::{Op, PendingWill as StoredWill};
 use tokio::time::Instant;
 
@@ -38,13 +36,12 @@ pub(crate) enum NotAttached {
 pub(crate) fn attach_session(
     inner: &Arc<Inner>,
     client_id: &Arc<str>,
-    clean_start: bool,
-    protocol: ProtocolVersion,
     expiry: u32,
     conn_id: u64,
     info: Arc<ConnInfo>,
     now: Instant,
 ) -> Result<(Arc<Session>, bool), NotAttached> {
+    let (clean_start, protocol) = (info.clean_start, info.protocol);
     let limits = {
         let cfg = inner.cfg();
         SessionLimits {
@@ -174,7 +171,7 @@ pub(crate) fn detach(
         inner.end_session(session);
         return;
     }
-    inner.persist_session(session, false);
+    inner.persist_session(session, Some(now));
     if let Some(w) = pending_store {
         inner.store.apply(vec![Op::WillPending {
             client_id: session.client_id.to_string(),
@@ -241,7 +238,7 @@ impl Inner {
 
     /// Records the session header if the session outlives its connection (clean sessions
     /// are never written). Under the session lock, to keep its ops in order.
-    pub(crate) fn persist_session(&self, session: &Session, connected: bool) -> u64 {
+    pub(crate) fn persist_session(&self, session: &Session, disconnected: Option<Instant>) -> u64 {
         let mut st = session.lock();
         if st.expiry_interval == 0 || st.ended {
             return 0;
@@ -251,7 +248,7 @@ impl Inner {
             client_id: session.client_id.to_string(),
             protocol: st.protocol,
             expiry_interval: st.expiry_interval,
-            disconnected_at: (!connected).then(SystemTime::now),
+            disconnected_at: disconnected.map(|at| self.wall_at(at)),
             owner: match st.owner() {
                 None => SessionOwner::Unknown,
                 Some(None) => SessionOwner::Anonymous,

@@ -15,7 +15,7 @@ use crate::lifecycle::detach;
 use crate::stats::Stats;
 
 /// Why a connection ended; decides the will and the log line.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) enum End {
     /// DISCONNECT from the client with this reason (0x04 keeps the will).
     ClientDisconnect(ReasonCode),
@@ -118,7 +118,7 @@ where
         })
         .await;
         let lost = matches!(end, End::Closed(_));
-        self.proto.leave(end, Instant::now());
+        self.proto.leave(&end, Instant::now());
         // Last, once the session and will are settled: a client we close (DISCONNECT
         // sent, or 3.x closed on an error) is read until it closes too, so our last packet
         // is not lost to a RST. One that closed first has nothing more to read.
@@ -158,7 +158,7 @@ impl Proto {
     /// Leaves the session at `now`, the connection closed for `end`: counted, told to the
     /// monitor, logged; the will published, delayed or dropped [MQTT-3.1.2-8, MQTT-3.1.2-10];
     /// the session ended or its expiry started.
-    pub(crate) fn leave(&mut self, end: End, now: Instant) {
+    pub(crate) fn leave(&mut self, end: &End, now: Instant) {
         Stats::dec(&self.inner.stats.connections_current);
         self.flags.set(Flags::FINISHED, true);
         self.inner.monitor.emit_conn(|| Event::Disconnected {
@@ -170,7 +170,7 @@ impl Proto {
                 End::Server(why) => format!("closed by the server {:?}: {why}", why.reason),
             },
         });
-        let keep_will = match &end {
+        let keep_will = match end {
             End::ClientDisconnect(ReasonCode::DisconnectWithWillMessage) => true,
             End::ClientDisconnect(_) => false, // [MQTT-3.1.2-10] normal DISCONNECT drops it
             End::Closed(_) | End::Server(..) => true,

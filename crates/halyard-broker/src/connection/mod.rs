@@ -13,14 +13,17 @@ mod end;
 mod guard;
 mod handshake;
 mod inbound;
+mod open;
 mod outbound;
 mod proto;
+pub mod sim;
 #[cfg(test)]
 mod tests;
 
 use end::*;
 use guard::*;
 use handshake::*;
+use open::*;
 pub(crate) use proto::Proto;
 use proto::*;
 
@@ -37,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until};
 
 use crate::config::defaults::WRITE_BUFFER_HIGH_WATER_BYTES;
+use crate::lifecycle::detach;
 use crate::message::LazyNow;
 use crate::state::Inner;
 use crate::stats::Stats;
@@ -170,6 +174,21 @@ fn has_subscribe(buf: &[u8]) -> bool {
         at = i + len;
     }
     false
+}
+
+/// Why a session's kick closes its connection: keep alive run out, an administrator, the
+/// broker shutting down, or a takeover.
+pub(crate) fn kicked(reason: ReasonCode) -> Violation {
+    match reason {
+        ReasonCode::KeepAliveTimeout => {
+            Violation::new(reason, "MQTT-3.1.2-22", "keep alive timeout")
+        }
+        ReasonCode::AdministrativeAction => {
+            Violation::new(reason, "", "disconnected by an administrator")
+        }
+        ReasonCode::ServerShuttingDown => Violation::new(reason, "", "server shutting down"),
+        _ => Violation::new(reason, "MQTT-3.1.4-3", "session taken over"),
+    }
 }
 
 /// What `main_loop` does after its `select!` (see there).
@@ -311,12 +330,7 @@ where
                     {
                         return End::ClientDisconnect(d);
                     }
-                    return End::Server(match reason {
-                        ReasonCode::KeepAliveTimeout => Violation::new(reason, "MQTT-3.1.2-22", "keep alive timeout"),
-                        ReasonCode::AdministrativeAction => Violation::new(reason, "", "disconnected by an administrator"),
-                        ReasonCode::ServerShuttingDown => Violation::new(reason, "", "server shutting down"),
-                        _ => Violation::new(reason, "MQTT-3.1.4-3", "session taken over"),
-                    });
+                    return End::Server(kicked(reason));
                 }
                 r = {
                     let (io, rbuf, out) = (&mut self.io, &mut self.proto.rbuf, &self.proto.wbuf[..writable]);
@@ -443,5 +457,32 @@ where
             }
         }
         None
+    }
+}
+
+/// The socket driver's last resort: a task unwinding from a panic leaves its session as a
+/// lost connection would.
+impl Drop for Proto {
+    fn drop(&mut self) {
+        if self.flags.has(Flags::HOLDS_PERMIT) {
+            self.inner.permits.add_permits(1);
+        }
+        // Only a panic gets here without `finish`: close this connection only, as if the
+        // network had failed (will included), so the session can expire or be resumed.
+        // (A task cancelled by runtime teardown is not a lost connection; leave it.)
+        if self.flags.has(Flags::FINISHED) || !std::thread::panicking() {
+            return;
+        }
+        tracing::error!(peer = %self.info.peer, client_id = %self.at.session.client_id, "connection task panicked; closing this connection only");
+        Stats::dec(&self.inner.stats.connections_current);
+        let (will, delay) = self.take_will();
+        detach(
+            &self.inner,
+            &self.at.session,
+            self.at.conn_id,
+            will,
+            delay,
+            Instant::now(),
+        );
     }
 }

@@ -14,12 +14,10 @@ use halyard_codec::{ByteString, Bytes};
 use tokio::time::Instant;
 
 use super::*;
-use crate::lifecycle::detach;
 use crate::message::Message;
 use crate::router::Routes;
 use crate::session::{ConnInfo, Session};
 use crate::state::Inner;
-use crate::stats::Stats;
 
 /// One client's protocol state, socket-free and clock-free: bytes go in
 /// (`Proto::handle_input`), bytes come out (`Proto::fill` into `wbuf`), and the time is
@@ -210,31 +208,6 @@ pub(super) struct Incoming {
 
 /// How often a client held back by the memory budget looks again.
 pub(super) const MEMORY_RECHECK: Duration = Duration::from_millis(10);
-
-impl Drop for Proto {
-    fn drop(&mut self) {
-        if self.flags.has(Flags::HOLDS_PERMIT) {
-            self.inner.permits.add_permits(1);
-        }
-        // Only a panic gets here without `finish`: close this connection only, as if the
-        // network had failed (will included), so the session can expire or be resumed.
-        // (A task cancelled by runtime teardown is not a lost connection; leave it.)
-        if self.flags.has(Flags::FINISHED) || !std::thread::panicking() {
-            return;
-        }
-        tracing::error!(peer = %self.info.peer, client_id = %self.at.session.client_id, "connection task panicked; closing this connection only");
-        Stats::dec(&self.inner.stats.connections_current);
-        let (will, delay) = self.take_will();
-        detach(
-            &self.inner,
-            &self.at.session,
-            self.at.conn_id,
-            will,
-            delay,
-            Instant::now(),
-        );
-    }
-}
 
 impl Proto {
     /// The will and its delay, taken: it is published at most once.

@@ -146,3 +146,12 @@ macro_rules! both_versions_paused {
         mod v5_paused { $( #[tokio::test(start_paused = true)] async fn $name() { super::$name(super::V5).await } )* }
     };
 }
+
+/// [`both_versions`] for plain (not async) test functions.
+#[macro_export]
+macro_rules! both_versions_sync {
+    ($($name:ident),* $(,)?) => {
+        mod v3_1_1 { $( #[test] fn $name() { super::$name(super::V3_1_1) } )* }
+        mod v5 { $( #[test] fn $name() { super::$name(super::V5) } )* }
+    };
+}
