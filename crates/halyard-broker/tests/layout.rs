@@ -35,7 +35,12 @@ fn sources() -> Vec<(PathBuf, String)> {
 /// The top-level module a file belongs to (`connection/inbound.rs` -> `connection`).
 fn module_of(path: &Path) -> String {
     let rel = path.strip_prefix(src()).unwrap();
-    let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
     first.trim_end_matches(".rs").to_string()
 }
 
@@ -102,7 +107,11 @@ fn protocol_files_never_read_the_clock() {
     ];
     let mut seen = 0;
     for (path, code) in sources() {
-        let rel = path.strip_prefix(src()).unwrap().to_string_lossy().replace('\\', "/");
+        let rel = path
+            .strip_prefix(src())
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
         if !protocol.contains(&rel.as_str()) {
             continue;
         }
