@@ -5,15 +5,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use halyard_codec::{
-    AckProperties, ByteString, Bytes, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
-    SubscriptionOptions, TopicFilter, TopicName,
+    ByteString, Bytes, ProtocolVersion, Publish, QoS, ReasonCode, SubscriptionOptions, TopicFilter,
+    TopicName,
 };
 use tokio::sync::{OnceCell, broadcast, mpsc, oneshot, watch};
 
-use crate::driver::{Command, Driver};
+use crate::driver::Driver;
+use crate::events::{ClientState, Command, ConnectionEvent, PublishResult};
 use crate::rpc::Rr;
 use crate::{ClientOptions, Error, Message};
 
@@ -22,74 +22,6 @@ use crate::{ClientOptions, Error, Message};
 const COMMAND_CHANNEL: usize = 256;
 /// Connection events kept for slow event readers (they see `Lagged` beyond this).
 const EVENT_CHANNEL: usize = 64;
-
-/// Where the connection stands.
-#[derive(Debug, Clone)]
-pub enum ClientState {
-    /// Dialling, or waiting to redial.
-    Connecting,
-    /// CONNACK received.
-    Connected {
-        /// The broker resumed an existing session.
-        session_present: bool,
-    },
-    /// Closed for good: deliberately (`None`), or because reconnecting is off and the
-    /// connection failed (the error).
-    Closed(Option<Arc<Error>>),
-}
-
-/// Something that happened to the connection.
-#[derive(Debug, Clone)]
-pub enum ConnectionEvent {
-    /// A connection is up.
-    Connected {
-        /// The URL it went to.
-        url: String,
-        /// The broker resumed an existing session.
-        session_present: bool,
-        /// CONNACK properties (v5): assigned client id, server limits, response information.
-        properties: Box<Properties>,
-    },
-    /// An attempt failed (dial error, or CONNACK refusal).
-    ConnectFailed {
-        /// The URL tried.
-        url: String,
-        /// Why.
-        error: Arc<Error>,
-    },
-    /// An established connection was lost.
-    ConnectionLost {
-        /// Why.
-        error: Arc<Error>,
-    },
-    /// Waiting before the next attempt.
-    Reconnecting {
-        /// Attempts failed since the last good connection.
-        attempt: u32,
-        /// The (jittered) wait.
-        delay: Duration,
-    },
-    /// The client is closed.
-    Closed,
-}
-
-/// The broker's answer to a QoS 1/2 publish (QoS 0: success once written).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishResult {
-    /// PUBACK / PUBREC reason code (success codes only; failures are [`Error::Rejected`]).
-    pub reason: ReasonCode,
-    /// Acknowledgement properties (v5).
-    pub properties: AckProperties,
-}
-
-/// The broker's answer to a SUBSCRIBE.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubscribeResult {
-    /// Granted QoS.
-    pub granted: QoS,
-}
-
-pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 /// A handle to a client. Clone it freely; the connection closes when
 /// [`Client::disconnect`] is called or the last handle (and subscription) is dropped.

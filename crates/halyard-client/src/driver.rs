@@ -24,12 +24,12 @@ use halyard_codec::{
 };
 use halyard_transport::{BoxStream, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::debug;
 
 use crate::backoff::{Backoff, random_seed};
-use crate::client::{ClientState, ConnectionEvent, PublishResult, Reply};
+use crate::events::{ClientState, Command, ConnectionEvent, PublishResult, Reply};
 use crate::{ClientOptions, Error, Message};
 
 /// Bytes we let pile up in the write buffer before we stop pulling more from the queue;
@@ -39,28 +39,6 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 const READ_CHUNK: usize = 8 * 1024;
 /// Largest subscription identifier [MQTT-3.8.2.1.2]: a Variable Byte Integer.
 const MAX_SUBSCRIPTION_ID: u32 = 268_435_455;
-
-pub(crate) enum Command {
-    Publish {
-        publish: Publish,
-        done: Reply<PublishResult>,
-    },
-    Subscribe {
-        filter: TopicFilter,
-        options: SubscriptionOptions,
-        user_properties: Vec<(ByteString, ByteString)>,
-        tx: mpsc::Sender<Message>,
-        reply: Reply<QoS>,
-    },
-    Unsubscribe {
-        filter: TopicFilter,
-        reply: Reply<()>,
-    },
-    Disconnect {
-        reason: ReasonCode,
-        reply: oneshot::Sender<()>,
-    },
-}
 
 struct Outgoing {
     publish: Publish,

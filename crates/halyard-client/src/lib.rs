@@ -27,13 +27,13 @@ mod backoff;
 mod client;
 mod driver;
 mod error;
+mod events;
 mod options;
 mod rpc;
 
-pub use client::{
-    Client, ClientState, ConnectionEvent, Delivery, PublishResult, SubscribeResult, Subscription,
-};
+pub use client::{Client, Delivery, Subscription};
 pub use error::{Error, reason_text};
+pub use events::{ClientState, ConnectionEvent, PublishResult, SubscribeResult};
 pub use halyard_codec::{
     ByteString, Bytes, ProtocolVersion, PublishProperties, QoS, ReasonCode, RetainHandling,
     SubscriptionOptions,
