@@ -124,6 +124,7 @@ impl Proto {
     /// Whether this client may do `access` on `topic`, from the cache when possible.
     /// `$SYS` is the broker's: never writable by a client, whatever the rules say (the
     /// same rule as `Inner::may_write`, for the paths without a connection).
+    #[inline]
     pub(super) fn allowed(&mut self, access: Access, topic: &str) -> bool {
         if access == Access::Write && is_sys(topic) {
             return false;

@@ -24,6 +24,7 @@ use crate::stats::Stats;
 impl Proto {
     /// Decodes and handles every complete packet in the read buffer, then ends the batch:
     /// deferred deliveries queued, counts and memory charged once.
+    #[inline]
     pub(crate) fn process_input(&mut self, now: Instant) -> Option<End> {
         self.live = self.inner.cfg();
         let end = self.process_packets(now);
@@ -36,6 +37,7 @@ impl Proto {
         end
     }
 
+    #[inline]
     pub(super) fn flush_deferred(&mut self) {
         if let Some(b) = &mut self.batch
             && !b.deferred.is_empty()
@@ -45,6 +47,7 @@ impl Proto {
         }
     }
 
+    #[inline]
     pub(super) fn process_packets(&mut self, now: Instant) -> Option<End> {
         loop {
             // Packets already read wait too while the publish budget is spent.
@@ -135,6 +138,7 @@ impl Proto {
         }
     }
 
+    #[inline]
     pub(super) fn handle(&mut self, p: Packet, now: Instant) -> Result<(), End> {
         match p {
             Packet::Publish(p) => self.on_publish(p, now),
@@ -238,6 +242,7 @@ impl Proto {
     }
 
     /// `p`'s topic, payload and properties must not be slices of the read buffer.
+    #[inline]
     pub(super) fn on_publish(&mut self, mut p: Publish, now: Instant) -> Result<(), End> {
         let topic_alias_maximum = self.cfg.topic_alias_maximum;
         if let Some(alias) = p.properties.topic_alias {
@@ -312,6 +317,7 @@ impl Proto {
 
     /// Answers a PUBLISH that goes nowhere with `ack`: PUBACK or PUBREC (nothing for QoS
     /// 0). Its packet id is not held: a QoS 2 exchange ends at the PUBREC.
+    #[inline]
     pub(super) fn answer_unrouted(&mut self, qos: QoS, ack: Ack) {
         match qos {
             QoS::AtMostOnce => {}
@@ -323,6 +329,7 @@ impl Proto {
     /// The checks and routing every PUBLISH goes through once its topic is known. Its
     /// properties come apart: most messages have none, and the fast path in
     /// `process_packets` never builds them.
+    #[inline]
     pub(super) fn accept_publish(
         &mut self,
         p: Incoming,
@@ -490,6 +497,7 @@ impl Proto {
         Ok(())
     }
 
+    #[inline]
     pub(super) fn on_ack(&mut self, packet_id: u16, expect: Awaiting) {
         let mut st = self.at.session.lock();
         if st
@@ -512,6 +520,7 @@ impl Proto {
         }
     }
 
+    #[inline]
     pub(super) fn on_pubrec(&mut self, a: &Ack) {
         let mut st = self.at.session.lock();
         let persistent = st.persistent();
@@ -564,6 +573,7 @@ impl Proto {
     }
 
     /// Forgets an inbound QoS 2 packet id: whether it was held, and the store ticket.
+    #[inline]
     pub(super) fn release_inbound(&self, packet_id: u16) -> (bool, u64) {
         let mut st = self.at.session.lock();
         let known = st.inbound_qos2.remove(&packet_id);
@@ -580,6 +590,7 @@ impl Proto {
         (known, ticket)
     }
 
+    #[inline]
     pub(super) fn on_pubrel(&mut self, packet_id: u16) {
         let (known, ticket) = self.release_inbound(packet_id);
         let reason = if known || !self.version.is_v5() {

@@ -15,6 +15,7 @@ use crate::session::{Awaiting, Outgoing};
 use crate::stats::Stats;
 
 impl Proto {
+    #[inline]
     pub(super) fn send(&mut self, p: &Packet) {
         // Our own packets are valid by construction and well under the size limits.
         let _ = p.encode(self.version, &mut self.wbuf);
@@ -22,6 +23,7 @@ impl Proto {
 
     /// Sends an acknowledgement once the store has made `ticket` durable: the client must
     /// not hear "received" for something a crash could lose. Acknowledgements stay in order.
+    #[inline]
     pub(super) fn ack(&mut self, ticket: u64, p: Packet) {
         // Ticket 0: nothing was stored (a session that is not persisted), so no need to
         // read the store's durable ticket (a lock on its watch) per acknowledgement.
@@ -35,15 +37,18 @@ impl Proto {
         }
     }
 
+    #[inline]
     pub(super) fn has_pending_acks(&self) -> bool {
         self.held.as_ref().is_some_and(|h| !h.acks.is_empty())
     }
 
+    #[inline]
     pub(super) fn has_holds(&self) -> bool {
         self.held.as_ref().is_some_and(|h| !h.writes.is_empty())
     }
 
     /// The store's durable ticket, remembered in `durable_seen` for `main_loop`.
+    #[inline]
     pub(super) fn durable_now(&self) -> u64 {
         let d = if self.flags.has(Flags::DURABLE) {
             self.inner.durable_now()
@@ -54,6 +59,7 @@ impl Proto {
         d
     }
 
+    #[inline]
     pub(super) fn release_acks(&mut self) {
         let durable = self.durable_now();
         let Some(h) = &mut self.held else { return };
@@ -248,6 +254,7 @@ impl Proto {
     }
 
     /// How much of `wbuf` may be written now (see `holds`).
+    #[inline]
     pub(super) fn writable_len(&mut self) -> usize {
         if !self.has_holds() {
             return self.wbuf.len();
@@ -265,6 +272,7 @@ impl Proto {
     /// Outbound topic alias for `topic`, when both sides allow them: `(alias, send the
     /// topic too)`. A new alias is only remembered by [`Self::alias_sent`] once the packet
     /// that introduces it was actually written.
+    #[inline]
     pub(super) fn outbound_alias(&self, topic: &TopicName) -> Option<(u16, bool)> {
         if self.alias_out_max == 0 {
             return None;
@@ -279,6 +287,7 @@ impl Proto {
         (next <= self.alias_out_max).then_some((next, true))
     }
 
+    #[inline]
     pub(super) fn alias_sent(&mut self, topic: &TopicName, alias: Option<(u16, bool)>) {
         if let Some((a, true)) = alias {
             self.aliases
