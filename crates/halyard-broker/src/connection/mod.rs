@@ -153,8 +153,9 @@ struct Connection<S> {
 /// waits this long between reads.
 const PUBLISH_YIELD_AFTER_NS: u64 = 1_000_000;
 
-/// The longest a PUBLISH waits for SUBSCRIBEs read before it (see `Then::Publish`).
-const SUBSCRIBE_WAIT: Duration = Duration::from_millis(2);
+/// The longest a PUBLISH waits for SUBSCRIBEs read before it, from its read (ns; see
+/// `Then::Publish`).
+const SUBSCRIBE_WAIT_NS: u64 = 2_000_000;
 
 /// Whether a SUBSCRIBE is among the first complete packets in `buf` (the first 16 looked at).
 fn has_subscribe(buf: &[u8]) -> bool {
@@ -427,13 +428,14 @@ where
                     // A SUBSCRIBE read before this PUBLISH, being handled on another
                     // worker now: wait for it, a bounded while (a SUBSCRIBE takes
                     // microseconds; a stream of them must not stall publishers).
-                    if self.proto.inner.subscribing.load(Ordering::SeqCst) > 0 {
-                        let until = Instant::now() + SUBSCRIBE_WAIT;
-                        while self.proto.inner.subscribing.load(Ordering::SeqCst) > 0
-                            && Instant::now() < until
-                        {
-                            tokio::task::yield_now().await;
-                        }
+                    // (The deadline is read from `rx_ns` on each turn, not kept in a local
+                    // across the await: every byte held there is in every connection's
+                    // task for its whole life.)
+                    while self.proto.inner.subscribing.load(Ordering::SeqCst) > 0
+                        && self.proto.inner.ns_at(Instant::now())
+                            < self.proto.rx_ns + SUBSCRIBE_WAIT_NS
+                    {
+                        tokio::task::yield_now().await;
                     }
                     // As read: the time `heard_at` noted for this input.
                     let now = self.proto.inner.instant_at(self.proto.rx_ns);
