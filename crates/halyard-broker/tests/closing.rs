@@ -231,3 +231,29 @@ async fn refusing_connack_reaches_a_client_that_keeps_writing(v: ProtocolVersion
 }
 
 both_versions!(refusing_connack_reaches_a_client_that_keeps_writing);
+
+/// An administrator's kick (0x98) and the broker shutting down (0x8B [MQTT-4.13.2-1]):
+/// the DISCONNECT is read by a client that keeps writing meanwhile.
+#[tokio::test]
+async fn kick_and_shutdown_disconnects_reach_a_client_that_keeps_writing() {
+    let tb = TestBroker::start().await;
+    let mut kicked = connected(&tb, V5, "kicked").await;
+    let broker = tb.broker.clone();
+    let kick = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(broker.kick("kicked"), "the client is connected");
+    });
+    let got = keep_writing_then_read(&mut kicked, V5, &[]).await;
+    kick.await.unwrap();
+    assert_eq!(last_disconnect(&got), ReasonCode::AdministrativeAction);
+
+    let mut s = connected(&tb, V5, "at-shutdown").await;
+    let broker = tb.broker.clone();
+    let stop = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        broker.shutdown().await
+    });
+    let got = keep_writing_then_read(&mut s, V5, &[]).await;
+    stop.await.unwrap();
+    assert_eq!(last_disconnect(&got), ReasonCode::ServerShuttingDown);
+}
