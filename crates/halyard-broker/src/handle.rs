@@ -55,7 +55,13 @@ impl Broker {
         sessions: Box<dyn SessionOwnership>,
         subs: Box<dyn RoutingInterest>,
     ) -> Broker {
-        let inner = Inner::new(cfg, store, sessions, subs);
+        let inner = Inner::new(
+            cfg,
+            store,
+            sessions,
+            subs,
+            crate::message::MemoryUse::new_static(),
+        );
         tokio::spawn(housekeeping(inner.clone()));
         if let Some(rx) = inner.store.durable() {
             tokio::spawn(notify_durable(Arc::downgrade(&inner), rx));
@@ -191,6 +197,7 @@ impl Inner {
         store: Arc<dyn Store>,
         sessions: Box<dyn SessionOwnership>,
         subs: Box<dyn RoutingInterest>,
+        memory: &'static crate::message::MemoryUse,
     ) -> Arc<Inner> {
         let (shutdown, _) = watch::channel(false);
         let cfg_allow_anonymous = cfg.allow_anonymous;
@@ -220,7 +227,7 @@ impl Inner {
             })),
             auth_failures: AuthFailures::default(),
             security_generation: AtomicU64::new(0),
-            memory: crate::message::MemoryUse::new_static(),
+            memory,
             tap: tokio::sync::broadcast::channel(crate::state::TAP_CAPACITY).0,
             taps: Arc::default(),
             durable_waiters: Mutex::default(),

@@ -28,6 +28,13 @@ use crate::registry::LocalSessions;
 use crate::router::SubscriptionIndex;
 use crate::session::Peer;
 
+/// The memory account every simulator shares: a broker's is leaked once for the life of
+/// the process (messages refer to it without reference counting), and a fuzzer makes a
+/// simulator per input. Shared, its counts are the sum over the simulators alive; each
+/// message refunds its charge when dropped.
+static SIM_MEMORY: std::sync::LazyLock<&'static crate::message::MemoryUse> =
+    std::sync::LazyLock::new(crate::message::MemoryUse::new_static);
+
 /// A broker and its clients, in virtual time.
 pub struct Sim {
     inner: Arc<Inner>,
@@ -68,6 +75,7 @@ impl Sim {
             store,
             Box::new(LocalSessions::default()),
             Box::new(SubscriptionIndex::default()),
+            *SIM_MEMORY,
         );
         Sim {
             now: inner.started,
