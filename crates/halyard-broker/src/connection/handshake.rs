@@ -288,19 +288,10 @@ pub(super) async fn read_first<R: AsyncRead + Unpin>(
     max: u32,
     max_user_properties: u32,
 ) -> Result<Packet, ReadError> {
-    loop {
-        match decode_first(rbuf, max, max_user_properties) {
-            Ok(Some(p)) => return Ok(p),
-            Ok(None) => {}
-            Err(e) => return Err(ReadError::Decode(e)),
-        }
-        match rd.read_buf(rbuf).await {
-            Ok(0) | Err(_) => return Err(ReadError::Closed),
-            Ok(_) => {}
-        }
-    }
+    read_with(rd, rbuf, |b| decode_first(b, max, max_user_properties)).await
 }
 
+/// Reads one packet of a connection of version `version`.
 pub(super) async fn read_packet<R: AsyncRead + Unpin>(
     rd: &mut R,
     rbuf: &mut BytesMut,
@@ -308,8 +299,20 @@ pub(super) async fn read_packet<R: AsyncRead + Unpin>(
     max: u32,
     max_user_properties: u32,
 ) -> Result<Packet, ReadError> {
+    read_with(rd, rbuf, |b| {
+        decode_limited(b, version, max, max_user_properties)
+    })
+    .await
+}
+
+/// Reads until `decode` gives a packet or fails, or the stream ends.
+async fn read_with<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    rbuf: &mut BytesMut,
+    mut decode: impl FnMut(&mut BytesMut) -> Result<Option<Packet>, DecodeError>,
+) -> Result<Packet, ReadError> {
     loop {
-        match decode_limited(rbuf, version, max, max_user_properties) {
+        match decode(rbuf) {
             Ok(Some(p)) => return Ok(p),
             Ok(None) => {}
             Err(e) => return Err(ReadError::Decode(e)),
