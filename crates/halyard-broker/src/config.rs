@@ -83,6 +83,10 @@ pub mod defaults {
 /// Broker-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
+    /// This broker's name among bridged and clustered brokers: a message carrying it in
+    /// a `halyard-hop` user property already went through here and is not routed again
+    /// (bridge loops). `None`: no loop check.
+    pub node_id: Option<String>,
     /// See [`defaults::MAX_KEEPALIVE_SECS`].
     pub max_keepalive: u16,
     /// See [`defaults::CONNECT_TIMEOUT_SECS`].
@@ -187,6 +191,7 @@ impl Default for BrokerConfig {
             retain_available: true,
             max_qos: QoS::ExactlyOnce,
             allow_anonymous: true,
+            node_id: None,
             topic_alias_maximum: defaults::TOPIC_ALIAS_MAXIMUM,
             topic_alias_maximum_outbound: defaults::TOPIC_ALIAS_MAXIMUM_OUTBOUND,
             persistent_client_expiration: None,

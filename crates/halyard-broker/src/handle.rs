@@ -82,11 +82,29 @@ impl Broker {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        self.spawn(stream, peer.into(), false);
+    }
+
+    /// Serves an in-process client of the broker itself (a bridge's local side): it is
+    /// trusted as the configuration that made it, so it is neither authenticated nor held
+    /// to the ACL, and it alone may use client ids under `$bridge/` (a network client
+    /// asking for one is refused with 0x85, so none can take a bridge's queue over).
+    pub fn spawn_internal<S>(&self, stream: S, name: &str)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let peer = PeerInfo::new(halyard_transport::Remote::Named(Arc::from(name)));
+        self.spawn(stream, peer, true);
+    }
+
+    fn spawn<S>(&self, stream: S, peer: PeerInfo, internal: bool)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let Some(guard) = self.drain.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return; // shutting down: drop the stream
         };
         let inner = self.inner.clone();
-        let peer: PeerInfo = peer.into();
         // At debug level and above, every log line of this connection carries its peer
         // and, once CONNECT is accepted, its client id (JSON logs show them as span
         // fields). Not at info: an enabled span keeps its fields in the subscriber's
@@ -98,7 +116,7 @@ impl Broker {
             peer = %peer,
             client_id = tracing::field::Empty
         );
-        let task = crate::connection::serve(inner, stream, peer, guard);
+        let task = crate::connection::serve(inner, stream, peer, guard, internal);
         if span.is_disabled() {
             // A disabled span is still 32 bytes of every task (tokio rounds a task up to
             // 128-byte lines, so those bytes decide between 256 and 384 per connection).
@@ -120,6 +138,70 @@ impl Broker {
         self.inner
             .security_generation
             .fetch_add(1, Ordering::Release);
+    }
+
+    /// Gives the broker's own session `client_id` (under `$bridge/`) its own queue limits
+    /// and overflow policy, replacing any it had. Other client ids are refused.
+    pub fn set_queue_limits(
+        &self,
+        client_id: &str,
+        limits: crate::session::QueueOverride,
+    ) -> Result<(), String> {
+        if !client_id.starts_with(crate::session::INTERNAL_CLIENT_ID_PREFIX) {
+            return Err(format!(
+                "{client_id}: only the broker's own sessions ($bridge/...) have their own queue limits"
+            ));
+        }
+        let mut map = self
+            .inner
+            .queue_overrides
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let old = map.insert(
+            Arc::from(client_id),
+            Arc::new(crate::session::OwnQueue::new(limits)),
+        );
+        let was = old.is_some_and(|o| o.limits.policy == crate::session::QueuePolicy::Block);
+        let is = limits.policy == crate::session::QueuePolicy::Block;
+        if is && !was {
+            self.inner.blocking_queues.fetch_add(1, Ordering::Relaxed);
+        } else if was && !is {
+            self.inner.blocking_queues.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Removes `client_id`'s own queue limits (the broker's apply again).
+    pub fn clear_queue_limits(&self, client_id: &str) {
+        let old = self
+            .inner
+            .queue_overrides
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(client_id);
+        if old.is_some_and(|o| o.limits.policy == crate::session::QueuePolicy::Block) {
+            self.inner.blocking_queues.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The queue of session `client_id` now: depth, bytes, in flight, and for a session
+    /// with its own limits what they dropped. `None` if there is no such session.
+    pub fn queue_stats(&self, client_id: &str) -> Option<crate::session::QueueStats> {
+        let session = self.inner.sessions.get(client_id)?;
+        let own = self.inner.own_queue(&session);
+        let st = session.lock();
+        Some(crate::session::QueueStats {
+            depth: st.queue.len(),
+            bytes: st.queue.bytes(),
+            in_flight: st.inflight.len(),
+            dropped_oldest: own
+                .as_ref()
+                .map_or(0, |o| o.dropped_oldest.load(Ordering::Relaxed)),
+            dropped_new: own
+                .as_ref()
+                .map_or(0, |o| o.dropped_new.load(Ordering::Relaxed)),
+            refused: own.as_ref().map_or(0, |o| o.refused.load(Ordering::Relaxed)),
+        })
     }
 
     /// The authentication and authorization settings in force.
@@ -234,6 +316,8 @@ impl Inner {
             started: Instant::now(),
             started_wall: std::time::SystemTime::now(),
             subscribing: Default::default(),
+            queue_overrides: Default::default(),
+            blocking_queues: Default::default(),
         });
         inner.recover();
         inner

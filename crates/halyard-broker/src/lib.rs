@@ -26,4 +26,10 @@ mod timers;
 pub use config::BrokerConfig;
 pub use halyard_transport::{Event, Monitor, MonitorEvent, PeerInfo, Remote};
 pub use handle::Broker;
+
+/// The user property a bridge adds to every message it forwards, with the forwarding
+/// broker's node id as value (one pair per broker crossed): a broker whose
+/// `BrokerConfig::node_id` is among them drops the message instead of routing it again.
+pub const HOP_PROPERTY: &str = "halyard-hop";
+pub use session::{QueueOverride, QueuePolicy, QueueStats};
 pub use stats::StatsSnapshot;

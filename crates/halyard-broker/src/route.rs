@@ -211,6 +211,36 @@ impl Inner {
         (matched, ticket)
     }
 
+    /// Whether a session whose queue policy is `Block` and whose queue is full matches
+    /// `msg`: then the publish is refused whole (PUBACK 0x97), so no subscriber receives a
+    /// message its publisher was told failed. Free unless such a queue exists.
+    pub(crate) fn refuses(
+        &self,
+        msg: &Message,
+        origin: Option<&str>,
+        routes: &mut Routes,
+        cfg: &BrokerConfig,
+    ) -> bool {
+        if self.blocking_queues.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let (matches, _) = self.subs.matches_cached(msg.topic.as_str(), origin, routes);
+        let base = Self::queue_limits(cfg);
+        for m in matches.iter() {
+            if let Some(own) = self.own_queue(&m.session)
+                && own.limits.policy == crate::session::QueuePolicy::Block
+                && m
+                    .session
+                    .would_overflow(Self::limits_with(Some(&own), base), msg.cost())
+            {
+                own.refused.fetch_add(1, Ordering::Relaxed);
+                Stats::inc(&self.stats.dropped_queue_full);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Queues deliveries and makes them durable together: each is queued on its session;
     /// the store ops that makes, after `ops` and before `extra` (a retained set, an inbound
     /// QoS 2 id), go to the store in **one** batch, so a crash keeps all or none; every
@@ -239,8 +269,15 @@ impl Inner {
                     }
                 }
             }
-            let (r, _) = session.as_ref().enqueue(out, limits, &mut ops);
+            let own = self.own_queue(session.as_ref());
+            let (r, _) =
+                session
+                    .as_ref()
+                    .enqueue(out, Self::limits_with(own.as_deref(), limits), &mut ops);
             self.count_enqueue(r);
+            if let Some(o) = own {
+                o.count(r, 1);
+            }
         }
         ops.extend(extra);
         let ticket = if ops.is_empty() {
@@ -264,8 +301,13 @@ impl Inner {
         // QoS 0 deliveries record nothing; should one ever do, it still reaches the store.
         let mut ops = Vec::new();
         for (session, mut outs) in d.groups.drain(..) {
-            session.enqueue_many(outs.drain(..), limits, &mut ops, |r, n| {
-                self.count_enqueue_n(r, n)
+            let own = self.own_queue(&session);
+            let l = Self::limits_with(own.as_deref(), limits);
+            session.enqueue_many(outs.drain(..), l, &mut ops, |r, n| {
+                self.count_enqueue_n(r, n);
+                if let Some(o) = &own {
+                    o.count(r, n);
+                }
             });
             if outs.capacity() <= Deferred::SPARE_CAPACITY && d.spare.len() < Deferred::SPARE_MAX {
                 d.spare.push(outs);
@@ -308,7 +350,7 @@ impl Inner {
         let counter = match r {
             Enqueued::Queued | Enqueued::DroppedEnded => return,
             Enqueued::QueuedEvictedQos0 => &self.stats.dropped_qos0_evicted,
-            Enqueued::DroppedFull => &self.stats.dropped_queue_full,
+            Enqueued::DroppedFull | Enqueued::QueuedDroppedOldest => &self.stats.dropped_queue_full,
             Enqueued::DroppedOfflineQos0 => &self.stats.dropped_offline_qos0,
         };
         Stats::add(counter, n as u64);

@@ -258,12 +258,93 @@ impl Qos2Ids {
     }
 }
 
+/// Client ids of the broker's own sessions (bridges' store-and-forward queues): only
+/// in-process clients (`Broker::spawn_internal`) may use them.
+pub(crate) const INTERNAL_CLIENT_ID_PREFIX: &str = "$bridge/";
+
 /// Limits applied when queueing.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct QueueLimits {
     pub(crate) max_messages: usize,
     pub(crate) max_bytes: usize,
     pub(crate) queue_qos0_offline: bool,
+    /// `None`: the broker's policy (evict the oldest QoS 0, else drop the new message).
+    pub(crate) policy: Option<QueuePolicy>,
+}
+
+/// What a session with its own queue limits (a bridge's store-and-forward queue, see
+/// [`crate::Broker::set_queue_limits`]) does when the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueuePolicy {
+    /// Drop the oldest queued (not in-flight) message, whatever its QoS.
+    DropOldest,
+    /// Drop the new message.
+    DropNew,
+    /// Refuse the publish: v5 publishers get PUBACK/PUBREC 0x97, 3.1.1 publishers are
+    /// disconnected before the acknowledgement (they keep the message and send it again
+    /// after reconnecting); nobody else receives it either.
+    Block,
+}
+
+/// A session's own queue limits and what they dropped (`Inner::queue_overrides`).
+#[derive(Debug)]
+pub(crate) struct OwnQueue {
+    pub(crate) limits: QueueOverride,
+    /// Dropped by `DropOldest` to make room.
+    pub(crate) dropped_oldest: std::sync::atomic::AtomicU64,
+    /// Dropped for want of room (`DropNew`, or a will/retained message under `Block`).
+    pub(crate) dropped_new: std::sync::atomic::AtomicU64,
+    /// Publishes refused under `Block`.
+    pub(crate) refused: std::sync::atomic::AtomicU64,
+}
+
+impl OwnQueue {
+    pub(crate) fn new(limits: QueueOverride) -> Self {
+        OwnQueue {
+            limits,
+            dropped_oldest: Default::default(),
+            dropped_new: Default::default(),
+            refused: Default::default(),
+        }
+    }
+
+    /// Counts outcome `r` of `n` messages.
+    pub(crate) fn count(&self, r: Enqueued, n: usize) {
+        let c = match r {
+            Enqueued::QueuedDroppedOldest => &self.dropped_oldest,
+            Enqueued::DroppedFull => &self.dropped_new,
+            _ => return,
+        };
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// A session's queue at one moment (`Broker::queue_stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages queued, not yet sent.
+    pub depth: usize,
+    /// Their cost in bytes (what `max_bytes` bounds).
+    pub bytes: usize,
+    /// Sent, not yet acknowledged.
+    pub in_flight: usize,
+    /// Dropped by the `DropOldest` policy.
+    pub dropped_oldest: u64,
+    /// Dropped for want of room (`DropNew`).
+    pub dropped_new: u64,
+    /// Publishes refused (`Block`).
+    pub refused: u64,
+}
+
+/// Queue limits of one session, instead of `max_queued_messages`/`max_queued_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueOverride {
+    /// Most messages queued (in flight not counted).
+    pub max_messages: usize,
+    /// Most bytes queued (0: no byte limit).
+    pub max_bytes: usize,
+    /// What a full queue does.
+    pub policy: QueuePolicy,
 }
 
 /// What happened to a message offered to a session.
@@ -278,6 +359,8 @@ pub(crate) enum Enqueued {
     DroppedOfflineQos0,
     /// Not queued: the session has ended.
     DroppedEnded,
+    /// Queued after dropping the oldest queued message (policy `DropOldest`).
+    QueuedDroppedOldest,
 }
 
 #[derive(Debug)]
@@ -295,6 +378,8 @@ pub(crate) struct Session {
     pub(crate) online: AtomicBool,
     /// Listed in `Inner::durable_waiters` (see `Inner::wait_durable`).
     pub(crate) durable_waiting: AtomicBool,
+    /// The session has its own queue limits, in `Inner::queue_overrides` (bridges).
+    pub(crate) overridden: AtomicBool,
     /// When the attached connection last read from its client, in milliseconds since the
     /// broker started (`Inner::ms_at`), wrapping: for its keep alive. Written by the
     /// connection without the lock; in what was padding.
@@ -381,6 +466,7 @@ impl Session {
         protocol: ProtocolVersion,
         expiry_interval: u32,
     ) -> Self {
+        let internal = client_id.starts_with(INTERNAL_CLIENT_ID_PREFIX);
         Session {
             client_id,
             state: Mutex::new(SessionState {
@@ -405,6 +491,7 @@ impl Session {
             wake_pending: AtomicBool::new(false),
             online: AtomicBool::new(false),
             durable_waiting: AtomicBool::new(false),
+            overridden: AtomicBool::new(internal),
             last_rx: AtomicU32::new(0),
             kicks: AtomicU32::new(0),
         }
@@ -611,6 +698,15 @@ impl Session {
         }
     }
 
+    /// Whether a message of `cost` bytes would find this session's queue full under
+    /// `limits` (for the `Block` policy, checked before routing).
+    pub(crate) fn would_overflow(&self, limits: QueueLimits, cost: usize) -> bool {
+        let st = self.lock();
+        !st.ended
+            && (st.queue.len() >= limits.max_messages
+                || (limits.max_bytes > 0 && st.queue.bytes() + cost > limits.max_bytes))
+    }
+
     /// Whether `run` may be queued whole: `Err(Some(_))` when all of it is dropped,
     /// `Err(None)` when the queue's limits need a look per message.
     fn run_fits(st: &SessionState, run: &Run, limits: QueueLimits) -> Result<(), Option<Enqueued>> {
@@ -645,6 +741,30 @@ impl Session {
                 || (limits.max_bytes > 0 && st.queue.bytes() + cost > limits.max_bytes)
         };
         let mut result = Enqueued::Queued;
+        match limits.policy {
+            None => {}
+            Some(QueuePolicy::DropOldest) => {
+                while full(st) {
+                    let Some(old) = st.queue.pop_front() else {
+                        return Enqueued::DroppedFull; // larger than the byte limit alone
+                    };
+                    if old.recorded {
+                        ops.push(Op::Dequeue {
+                            client_id: self.client_id.to_string(),
+                            message_id: old.msg.id,
+                        });
+                    }
+                    result = Enqueued::QueuedDroppedOldest;
+                }
+            }
+            // `Block` is decided before routing (`Session::refuses`); a message that gets
+            // here anyway (a will, a retained message on subscribe) is dropped.
+            Some(QueuePolicy::DropNew | QueuePolicy::Block) => {
+                if full(st) {
+                    return Enqueued::DroppedFull;
+                }
+            }
+        }
         if full(st) {
             // Drop-oldest for QoS 0: it is the one class the sender accepted losing.
             if !st.queue.evict_oldest_qos0() {

@@ -73,6 +73,13 @@ pub(crate) struct Inner {
     /// SUBSCRIBE packets read from a socket and not yet handled: a PUBLISH read meanwhile
     /// on another connection waits for them, briefly (see `Then::Publish` in connection.rs).
     pub(crate) subscribing: std::sync::atomic::AtomicUsize,
+    /// Queue limits of the broker's own sessions (`$bridge/...`, whose `Session::overridden`
+    /// is set), by client id: a bridge's store-and-forward queue has its own bounds and
+    /// overflow policy. Read per delivery to such a session only.
+    pub(crate) queue_overrides:
+        RwLock<HashMap<Arc<str>, Arc<crate::session::OwnQueue>>>,
+    /// How many of `queue_overrides` have the `Block` policy (0: publishes skip the check).
+    pub(crate) blocking_queues: std::sync::atomic::AtomicUsize,
 }
 
 /// Failed logins per source address in a sliding window: past
@@ -185,6 +192,36 @@ impl Inner {
             max_messages: cfg.max_queued_messages,
             max_bytes: cfg.max_queued_bytes,
             queue_qos0_offline: cfg.queue_qos0_messages,
+            policy: None,
+        }
+    }
+
+    /// `session`'s own queue limits, if it has them (see `queue_overrides`).
+    #[inline]
+    pub(crate) fn own_queue(&self, session: &Session) -> Option<Arc<crate::session::OwnQueue>> {
+        if !session.overridden.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.queue_overrides
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&session.client_id)
+            .cloned()
+    }
+
+    /// `base`, or `own`'s limits.
+    pub(crate) fn limits_with(
+        own: Option<&crate::session::OwnQueue>,
+        base: QueueLimits,
+    ) -> QueueLimits {
+        match own {
+            Some(o) => QueueLimits {
+                max_messages: o.limits.max_messages,
+                max_bytes: o.limits.max_bytes,
+                policy: Some(o.limits.policy),
+                ..base
+            },
+            None => base,
         }
     }
 

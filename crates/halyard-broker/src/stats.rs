@@ -58,6 +58,7 @@ counters! {
     publish_throttled: "Times a client's reads were paused by its publish rate limit.",
     retained_refused: "Retained messages not retained because max_retained_messages/bytes was reached.",
     publish_paused_memory: "Times a publisher was held back because max_memory_bytes was reached.",
+    bridge_loops_dropped: "Messages not routed because they had already crossed this broker (a bridge loop; see the halyard-hop user property).",
     message_bytes_alive: "Bytes of client messages alive now (queued, in flight, retained); a gauge.",
 }
 

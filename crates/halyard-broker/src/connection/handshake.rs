@@ -27,6 +27,7 @@ pub(super) async fn handshake<S>(
     stream: S,
     info: PeerInfo,
     drain: tokio::sync::mpsc::Sender<()>,
+    internal: bool,
 ) -> Option<Box<Connection<S>>>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -69,6 +70,7 @@ where
     // A listener with `use_identity_as_username` authenticates by the verified client
     // certificate and replaces the user name with its identity (as mosquitto does).
     let cert = match (info.identity_as_username, &info.tls_identity) {
+        _ if internal => CertAuth::Internal,
         (false, _) => CertAuth::NotUsed,
         (true, Some(id)) => {
             connect.username = Some(id.as_str().into());
@@ -108,6 +110,10 @@ pub(crate) enum CertAuth {
     NotUsed,
     /// `use_identity_as_username`, and the client's certificate had an identity.
     Verified,
+    /// An in-process client of the broker itself (a bridge's local side, see
+    /// `Broker::spawn_internal`): trusted as the broker's own configuration, so neither
+    /// authenticated nor held to the ACL. Only the embedding process can make one.
+    Internal,
     /// `use_identity_as_username`, but no identity: refused.
     Missing,
 }
@@ -167,7 +173,7 @@ pub(crate) fn authenticate_start(
     admission: &Admission,
 ) -> Authentication {
     let claimed = c.username.as_ref().map(|u| Arc::<str>::from(&u[..]));
-    if admission.cert == CertAuth::Verified {
+    if matches!(admission.cert, CertAuth::Verified | CertAuth::Internal) {
         return Authentication::Done(Ok(claimed));
     }
     let anonymous = |why| {
@@ -529,6 +535,7 @@ where
             user,
             enhanced,
             auth_reply,
+            trusted: admission.cert == CertAuth::Internal,
         };
         let listener = admission.info.listener.clone();
         match Proto::open(

@@ -406,7 +406,20 @@ impl Proto {
             && std::str::from_utf8(&p.payload).is_err();
         let denied = !invalid_payload && !self.allowed(Access::Write, p.topic.as_str());
         let mut reason = ReasonCode::Success;
-        if denied {
+        if !denied
+            && !invalid_payload
+            && let Some(node) = &self.live.node_id
+            && properties
+                .get()
+                .is_some_and(|p| crossed(&p.user_properties, node))
+        {
+            // It already went through this broker and came back over a bridge (a loop):
+            // acknowledged, not routed again.
+            Stats::inc(&self.inner.stats.bridge_loops_dropped);
+            if p.qos == QoS::ExactlyOnce {
+                self.release_inbound(p.packet_id);
+            }
+        } else if denied {
             // v5: PUBACK/PUBREC 0x87 ends the exchange. 3.1.1 has no way to say no: a
             // positive acknowledgement, and the message goes nowhere [MQTT-3.3.5-2].
             Stats::inc(&self.inner.stats.publish_denied);
@@ -463,17 +476,39 @@ impl Proto {
                     held: true,
                 });
             }
-            let (matched, t) = self.inner.publish(
+            if self.inner.refuses(
                 &msg,
                 Some(&self.at.session.client_id),
                 self.routes.get_or_insert_default(),
-                extra,
                 &self.live,
-                Some(&mut self.batch.get_or_insert_default().deferred),
-            );
-            ticket = ticket.max(t);
-            if v5 && matched == 0 {
-                reason = ReasonCode::NoMatchingSubscribers;
+            ) {
+                // A bridge's queue with `queue_policy = "block"` is full. 3.1.1 has no
+                // refusal: closing before the acknowledgement makes the client keep the
+                // message and send it again after reconnecting.
+                if p.qos != QoS::AtMostOnce && !v5 {
+                    return Err(End::Server(Violation::new(
+                        ReasonCode::QuotaExceeded,
+                        "queue_policy",
+                        "a bridge queue is full (queue_policy = block)",
+                    )));
+                }
+                reason = ReasonCode::QuotaExceeded;
+                if p.qos == QoS::ExactlyOnce {
+                    self.release_inbound(p.packet_id);
+                }
+            } else {
+                let (matched, t) = self.inner.publish(
+                    &msg,
+                    Some(&self.at.session.client_id),
+                    self.routes.get_or_insert_default(),
+                    extra,
+                    &self.live,
+                    Some(&mut self.batch.get_or_insert_default().deferred),
+                );
+                ticket = ticket.max(t);
+                if v5 && matched == 0 {
+                    reason = ReasonCode::NoMatchingSubscribers;
+                }
             }
         }
         let ack = Ack {
@@ -782,4 +817,11 @@ impl Proto {
         }
         Err(End::ClientDisconnect(d.reason))
     }
+}
+
+/// Whether `props` say the message already went through broker `node`.
+fn crossed(props: &[(halyard_codec::ByteString, halyard_codec::ByteString)], node: &str) -> bool {
+    props
+        .iter()
+        .any(|(k, v)| &k[..] == crate::HOP_PROPERTY && &v[..] == node)
 }

@@ -67,11 +67,12 @@ pub(crate) fn serve<S>(
     stream: S,
     info: PeerInfo,
     drain: tokio::sync::mpsc::Sender<()>,
+    internal: bool,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let handshake = Box::pin(handshake(inner, stream, info, drain));
+    let handshake = Box::pin(handshake(inner, stream, info, drain, internal));
     async move {
         // Boxed and borrowed by `main_loop`: the connection is stored once, not again in
         // this future's state for the awaited result, the binding and the loop's future.

@@ -20,7 +20,7 @@ use tracing::info;
 use super::*;
 use crate::lifecycle::{NotAttached, assign_client_id, attach_session};
 use crate::message::Message;
-use crate::session::{ConnInfo, Peer};
+use crate::session::{ConnInfo, INTERNAL_CLIENT_ID_PREFIX, Peer};
 use crate::state::{Inner, version_name};
 use crate::stats::Stats;
 
@@ -60,6 +60,16 @@ pub(crate) fn admit(inner: &Inner, c: &Connect, admission: &Admission) -> Result
             ReasonCode::ClientIdentifierNotValid,
             "MQTT 3.1 section 3.1",
             "3.1 client id over 23 bytes",
+        ));
+    } else if c.client_id.as_str().starts_with(INTERNAL_CLIENT_ID_PREFIX)
+        && admission.cert != CertAuth::Internal
+    {
+        // The broker's own sessions (bridges' store-and-forward queues): a client that
+        // took one over would read and acknowledge away another broker's messages.
+        return Err(Violation::new(
+            ReasonCode::ClientIdentifierNotValid,
+            "reserved client id",
+            "client ids starting with $bridge/ belong to the broker's bridges",
         ));
     } else if c.client_id.as_str().len() > cfg.max_client_id_length {
         return Err(Violation::new(
@@ -136,6 +146,8 @@ pub(crate) struct Verified {
     pub(crate) enhanced: Option<(ByteString, Arc<dyn EnhancedAuth>)>,
     /// The method's last data, for the CONNACK.
     pub(crate) auth_reply: Option<Vec<u8>>,
+    /// An in-process client (`CertAuth::Internal`): no ACL applies.
+    pub(crate) trusted: bool,
 }
 
 impl Proto {
@@ -156,6 +168,7 @@ impl Proto {
             user,
             enhanced,
             auth_reply,
+            trusted,
         } = verified;
         let v = c.protocol;
         let v5 = v.is_v5();
@@ -375,6 +388,7 @@ impl Proto {
                 f.set(Flags::KEEPALIVE, keep_alive > 0);
                 f.set(Flags::EXPIRY_ZERO, requested_expiry == 0);
                 f.set(Flags::DURABLE, inner.durable_tracked());
+                f.set(Flags::TRUSTED, trusted);
                 f
             },
             inner,

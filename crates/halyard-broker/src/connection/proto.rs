@@ -104,6 +104,8 @@ impl Flags {
     pub(super) const MEMORY_BLOCKED: u8 = 1 << 5;
     /// Holds one of the `max_connections` permits (see `handshake`).
     pub(super) const HOLDS_PERMIT: u8 = 1 << 6;
+    /// An in-process client of the broker (`CertAuth::Internal`): no ACL applies.
+    pub(super) const TRUSTED: u8 = 1 << 7;
 
     pub(super) fn has(self, flag: u8) -> bool {
         self.0 & flag != 0

@@ -210,6 +210,7 @@ impl Sim {
             user,
             enhanced: None,
             auth_reply: None,
+            trusted: false,
         };
         let listener = Arc::<str>::from("sim");
         match Proto::open(

@@ -54,6 +54,7 @@ mod size {
             stream,
             "test".into(),
             tokio::sync::mpsc::channel(1).0,
+            false,
         );
         let size = std::mem::size_of_val(&task);
         assert!(size <= 152, "connection task future is {size} bytes");
