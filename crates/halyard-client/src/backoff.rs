@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// Backoff state: how many attempts failed since the last good connection.
 #[derive(Debug)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     initial: Duration,
     max: Duration,
     failures: u32,
@@ -15,7 +15,8 @@ pub(crate) struct Backoff {
 }
 
 impl Backoff {
-    pub(crate) fn new(initial: Duration, max: Duration, seed: u64) -> Self {
+    /// Delays from `initial` doubling up to `max`; `seed` drives the jitter.
+    pub fn new(initial: Duration, max: Duration, seed: u64) -> Self {
         Backoff {
             initial,
             max: max.max(initial),
@@ -26,13 +27,13 @@ impl Backoff {
     }
 
     /// The ceiling for the next delay: `min(max, initial * 2^failures)`.
-    pub(crate) fn ceiling(&self) -> Duration {
+    pub fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.failures.min(31)).unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
     }
 
     /// The delay before the next attempt; counts the failure.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
         let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
@@ -44,11 +45,12 @@ impl Backoff {
     }
 
     /// A good connection: start again from `initial`.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.failures = 0;
     }
 
-    pub(crate) fn failures(&self) -> u32 {
+    /// Attempts failed since the last reset.
+    pub fn failures(&self) -> u32 {
         self.failures
     }
 
@@ -64,7 +66,7 @@ impl Backoff {
 }
 
 /// A seed that differs between processes and between clients of one process.
-pub(crate) fn random_seed() -> u64 {
+pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

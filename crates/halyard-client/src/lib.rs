@@ -31,6 +31,7 @@ mod events;
 mod options;
 mod rpc;
 
+pub use backoff::{Backoff, random_seed};
 pub use client::{Client, Delivery, Subscription};
 pub use error::{Error, reason_text};
 pub use events::{ClientState, ConnectionEvent, PublishResult, SubscribeResult};

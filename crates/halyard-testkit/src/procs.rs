@@ -3,7 +3,8 @@
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Child;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A free loopback port (bound and released; good enough for a test that binds it next).
@@ -62,3 +63,100 @@ pub fn wait_port(port: u16, child: &mut Child, what: &str, log: &Path, wait: Dur
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// How long a broker process may take to listen.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A Mosquitto broker process on 127.0.0.1:port, killed on drop.
+#[derive(Debug)]
+pub struct Mosquitto {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+    /// Its configuration and persistence directory.
+    pub dir: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts on a free port.
+    pub fn start() -> Mosquitto {
+        Self::start_with(free_port(), "")
+    }
+
+    /// Starts on `port` with extra configuration lines; persistence goes to a directory of
+    /// its own, so a restart on the same port resumes sessions.
+    pub fn start_with(port: u16, extra: &str) -> Mosquitto {
+        let dir =
+            std::env::temp_dir().join(format!("halyard-mosq-{}-{port}", std::process::id()));
+        shared_dir(&dir);
+        let mut m = Mosquitto {
+            port,
+            child: None,
+            dir,
+        };
+        m.spawn(extra);
+        m
+    }
+
+    fn spawn(&mut self, extra: &str) {
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest none\n{extra}\n",
+                self.port,
+                self.dir.display()
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(mosquitto_path())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        // Owned by `self` before waiting, so a failed start still kills it on drop.
+        let child = self.child.insert(child);
+        wait_port(
+            self.port,
+            child,
+            "mosquitto",
+            std::path::Path::new(""),
+            WAIT,
+        );
+    }
+
+    /// Stops it with SIGTERM (Mosquitto saves its persistence file) and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same persistence.
+    pub fn restart(&mut self, extra: &str) {
+        self.stop();
+        self.spawn(extra);
+    }
+
+    /// `tcp://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+

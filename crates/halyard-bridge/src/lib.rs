@@ -1,0 +1,325 @@
+//! Bridges: this broker forwarding messages to and from other brokers, with Mosquitto's
+//! topic rules and durable store-and-forward on the broker's own log.
+//!
+//! Rooms: `config.rs` (the `[[bridge]]` table and its validation), `link.rs` (one
+//! bridge's life: connect, subscribe, reconnect with backoff, pause), `relay.rs` (which
+//! packet goes where), `connect.rs` (opening both connections), `wire.rs` (packets on a
+//! stream), `import.rs` (Mosquitto configuration to TOML). This file is the manager the
+//! server and the admin API talk to.
+
+mod config;
+mod connect;
+pub mod import;
+mod link;
+mod relay;
+mod wire;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use halyard_broker::{Broker, QueueOverride};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub use config::{Bridge, BridgeConfig, Direction, TopicRule};
+use link::{Control, Link, Shared};
+
+/// The running bridges of one broker.
+#[derive(Debug)]
+pub struct Bridges {
+    broker: Broker,
+    node_id: Option<String>,
+    /// Where each bridge keeps the list of filters it subscribed (`<name>.filters.json`),
+    /// so filters removed from the configuration are unsubscribed after a restart too.
+    state_dir: Option<PathBuf>,
+    links: Mutex<BTreeMap<String, Running>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    bridge: Arc<Bridge>,
+    ctl: watch::Sender<Control>,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+/// One bridge as the admin API and `/metrics` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BridgeStatus {
+    /// Its name.
+    pub name: String,
+    /// `connected`, `connecting`, `paused` or `stopped`.
+    pub state: &'static str,
+    /// The remote URL of the current (or last) link.
+    pub remote: Option<String>,
+    /// Client id at the remote.
+    pub remote_clientid: String,
+    /// Seconds since the link came up (connected only).
+    pub connected_secs: Option<u64>,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// Messages waiting for the remote: queued in the local session plus held by the link.
+    pub queue_depth: usize,
+    /// Bytes of the local session's queue.
+    pub queue_bytes: usize,
+    /// Sent to the remote, not yet acknowledged by it.
+    pub in_flight: usize,
+    /// Links established since start.
+    pub connects: u64,
+    /// Messages sent to the remote.
+    pub forwarded_out: u64,
+    /// Messages received from the remote and published here.
+    pub forwarded_in: u64,
+    /// Dropped messages, by reason.
+    pub dropped: Dropped,
+    /// The configuration in force.
+    pub config: BridgeConfig,
+}
+
+/// Messages a bridge dropped, by reason.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Dropped {
+    /// Queue full, oldest dropped (`drop_oldest`).
+    pub queue_full_oldest: u64,
+    /// Queue full, new message dropped (`drop_new`).
+    pub queue_full_new: u64,
+    /// Queue full, publish refused (`block`).
+    pub queue_full_refused: u64,
+    /// Larger than the remote's Maximum Packet Size.
+    pub too_large: u64,
+    /// The remote answered with an error reason code.
+    pub remote_refused: u64,
+    /// Already crossed this broker (a loop).
+    pub looped: u64,
+    /// Matched no topic rule after mapping.
+    pub unmapped: u64,
+    /// QoS 0 while the remote was away.
+    pub qos0_offline: u64,
+}
+
+/// What [`Bridges::apply`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Started.
+    pub added: Vec<String>,
+    /// Restarted with a new configuration.
+    pub changed: Vec<String>,
+    /// Stopped and their local session ended.
+    pub removed: Vec<String>,
+}
+
+impl Bridges {
+    /// A manager for `broker`'s bridges. `node_id` marks forwarded messages (loop
+    /// prevention, see `halyard_broker::HOP_PROPERTY`); `state_dir` keeps their filter
+    /// lists.
+    pub fn new(broker: Broker, node_id: Option<String>, state_dir: Option<PathBuf>) -> Arc<Self> {
+        if let Some(d) = &state_dir
+            && let Err(e) = std::fs::create_dir_all(d)
+        {
+            warn!(dir = %d.display(), error = %e, "bridges: cannot create the state directory");
+        }
+        Arc::new(Bridges {
+            broker,
+            node_id,
+            state_dir,
+            links: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state_path(&self, name: &str) -> Option<PathBuf> {
+        self.state_dir
+            .as_ref()
+            .map(|d| d.join(format!("{name}.filters.json")))
+    }
+
+    fn start(&self, bridge: Bridge) -> Result<Running, String> {
+        let bridge = Arc::new(bridge);
+        self.broker.set_queue_limits(
+            &bridge.local_clientid(),
+            QueueOverride {
+                max_messages: bridge.config.queue_max_messages,
+                max_bytes: bridge.config.queue_max_bytes,
+                policy: bridge.policy,
+            },
+        )?;
+        let (ctl, rx) = watch::channel(Control {
+            paused: bridge.config.paused,
+            stop: false,
+        });
+        let shared = Arc::new(Shared::default());
+        let link = Link {
+            b: bridge.clone(),
+            broker: self.broker.clone(),
+            registry: halyard_transport::Registry::default(),
+            node_id: self.node_id.clone(),
+            shared: shared.clone(),
+            ctl: rx,
+            state_path: self.state_path(&bridge.config.name),
+        };
+        info!(bridge = %bridge.config.name, remote = ?bridge.config.address, "bridge starting");
+        Ok(Running {
+            bridge,
+            ctl,
+            shared,
+            task: tokio::spawn(link.run()),
+        })
+    }
+
+    /// Makes the running bridges those of `wanted`: new ones start, changed ones restart
+    /// (the others are not touched), removed ones stop and their local session (queue
+    /// and subscriptions) ends. Names must be unique.
+    pub async fn apply(&self, wanted: Vec<Bridge>) -> Result<ApplyReport, String> {
+        let mut seen = std::collections::HashSet::new();
+        for b in &wanted {
+            if !seen.insert(b.config.name.clone()) {
+                return Err(format!("bridge `{}` is configured twice", b.config.name));
+            }
+        }
+        let mut report = ApplyReport::default();
+        let names: Vec<String> = self.table().keys().cloned().collect();
+        for name in names {
+            if !wanted.iter().any(|b| b.config.name == name) {
+                self.remove(&name).await?;
+                report.removed.push(name);
+            }
+        }
+        for b in wanted {
+            match self.upsert(b.clone()).await? {
+                Some(true) => report.added.push(b.config.name.clone()),
+                Some(false) => report.changed.push(b.config.name.clone()),
+                None => {}
+            }
+        }
+        Ok(report)
+    }
+
+    /// Starts `b`, or restarts the bridge of that name if its configuration differs.
+    /// `Some(true)`: added; `Some(false)`: restarted; `None`: unchanged.
+    pub async fn upsert(&self, b: Bridge) -> Result<Option<bool>, String> {
+        let name = b.config.name.clone();
+        let old = {
+            let mut t = self.table();
+            if t.get(&name).is_some_and(|r| *r.bridge == b) {
+                return Ok(None);
+            }
+            t.remove(&name)
+        };
+        let added = old.is_none();
+        if let Some(old) = old {
+            stop(old).await;
+        }
+        let running = self.start(b)?;
+        self.table().insert(name, running);
+        Ok(Some(added))
+    }
+
+    /// Stops bridge `name` and ends its local session: what it had queued is dropped.
+    pub async fn remove(&self, name: &str) -> Result<(), String> {
+        let Some(old) = self.table().remove(name) else {
+            return Err(format!("no bridge {name}"));
+        };
+        let b = old.bridge.clone();
+        stop(old).await;
+        if let Err(e) = connect::end_local_session(&self.broker, &b).await {
+            warn!(bridge = name, error = %e, "bridge removed; its local session could not be ended");
+        }
+        self.broker.clear_queue_limits(&b.local_clientid());
+        if let Some(p) = self.state_path(name) {
+            let _ = std::fs::remove_file(p);
+        }
+        info!(bridge = name, "bridge removed");
+        Ok(())
+    }
+
+    /// Pauses (`true`) or resumes bridge `name`. Paused, it holds no connection to the
+    /// remote and its queue keeps filling (within its limits).
+    pub fn pause(&self, name: &str, paused: bool) -> Result<(), String> {
+        let t = self.table();
+        let r = t.get(name).ok_or_else(|| format!("no bridge {name}"))?;
+        r.ctl.send_modify(|c| c.paused = paused);
+        info!(bridge = name, paused, "bridge {}", if paused { "paused" } else { "resumed" });
+        Ok(())
+    }
+
+    /// Every bridge, by name.
+    pub fn status(&self) -> Vec<BridgeStatus> {
+        let t = self.table();
+        t.values().map(|r| self.view(r)).collect()
+    }
+
+    /// One bridge.
+    pub fn get(&self, name: &str) -> Option<BridgeStatus> {
+        self.table().get(name).map(|r| self.view(r))
+    }
+
+    fn view(&self, r: &Running) -> BridgeStatus {
+        let s = &r.shared;
+        let q = self
+            .broker
+            .queue_stats(&r.bridge.local_clientid())
+            .unwrap_or_default();
+        let held = s.held.load(Ordering::Relaxed);
+        let since = *s.up_since.lock().unwrap_or_else(|e| e.into_inner());
+        BridgeStatus {
+            name: r.bridge.config.name.clone(),
+            state: match s.state.load(Ordering::Relaxed) {
+                link::UP => "connected",
+                link::PAUSED => "paused",
+                link::STOPPED => "stopped",
+                _ => "connecting",
+            },
+            remote: s.remote.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            remote_clientid: r.bridge.remote_clientid.clone(),
+            connected_secs: since
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs()),
+            last_error: s.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            // The local session's in-flight deliveries are the link's held and in-flight
+            // ones; its queue is what the broker has not handed over yet.
+            queue_depth: q.depth + held,
+            queue_bytes: q.bytes,
+            in_flight: s.in_flight.load(Ordering::Relaxed),
+            connects: s.reconnects.load(Ordering::Relaxed),
+            forwarded_out: s.forwarded_out.load(Ordering::Relaxed),
+            forwarded_in: s.forwarded_in.load(Ordering::Relaxed),
+            dropped: Dropped {
+                queue_full_oldest: q.dropped_oldest,
+                queue_full_new: q.dropped_new,
+                queue_full_refused: q.refused,
+                too_large: s.dropped_too_large.load(Ordering::Relaxed),
+                remote_refused: s.dropped_remote_refused.load(Ordering::Relaxed),
+                looped: s.dropped_loop.load(Ordering::Relaxed),
+                unmapped: s.dropped_unmapped.load(Ordering::Relaxed),
+                qos0_offline: s.dropped_qos0_offline.load(Ordering::Relaxed),
+            },
+            config: r.bridge.config.clone(),
+        }
+    }
+
+    /// Stops every bridge (their local sessions stay, with what they queued).
+    pub async fn shutdown(&self) {
+        let all: Vec<Running> = std::mem::take(&mut *self.table()).into_values().collect();
+        for r in all {
+            stop(r).await;
+        }
+    }
+}
+
+async fn stop(r: Running) {
+    r.ctl.send_modify(|c| c.stop = true);
+    let abort = r.task.abort_handle();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), r.task)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+}
