@@ -62,8 +62,11 @@ pub struct BridgeStatus {
     pub connected_secs: Option<u64>,
     /// The last error, if any.
     pub last_error: Option<String>,
-    /// Messages waiting for the remote: queued in the local session plus held by the link.
+    /// Messages not yet acknowledged by the remote: queued in the local session, plus
+    /// handed to the link (held or in flight at the remote).
     pub queue_depth: usize,
+    /// Of those, handed to the link and not yet sent (remote away, or its window full).
+    pub held: usize,
     /// Bytes of the local session's queue.
     pub queue_bytes: usize,
     /// Sent to the remote, not yet acknowledged by it.
@@ -284,7 +287,8 @@ impl Bridges {
             last_error: s.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             // The local session's in-flight deliveries are the link's held and in-flight
             // ones; its queue is what the broker has not handed over yet.
-            queue_depth: q.depth + held,
+            queue_depth: q.depth + q.in_flight,
+            held,
             queue_bytes: q.bytes,
             in_flight: s.in_flight.load(Ordering::Relaxed),
             connects: s.reconnects.load(Ordering::Relaxed),

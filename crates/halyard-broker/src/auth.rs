@@ -77,6 +77,18 @@ pub(crate) fn is_sys(topic: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+/// Whether `client_id` may not write `topic` because it is the broker's own: every `$SYS`
+/// topic except `$SYS/broker/connection/<client_id>/state`, where a bridge (Mosquitto's
+/// `notifications`, Halyard's too) says whether its link is up; only the client with that
+/// id writes it.
+pub(crate) fn sys_denied(topic: &str, client_id: &str) -> bool {
+    is_sys(topic)
+        && topic
+            .strip_prefix("$SYS/broker/connection/")
+            .and_then(|rest| rest.strip_suffix("/state"))
+            != Some(client_id)
+}
+
 /// Who may connect without a user name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Anonymous {

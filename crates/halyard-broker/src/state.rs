@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::auth::{Access, Identity, Security, is_sys};
+use crate::auth::{Access, Identity, Security, sys_denied};
 use crate::config::{BrokerConfig, defaults};
 use crate::message::Message;
 use crate::registry::SessionOwnership;
@@ -252,9 +252,10 @@ impl Inner {
     }
 
     /// Whether `who` may publish to `topic` by the rules in force. `$SYS` is the
-    /// broker's own: no client writes there, whatever the ACL says.
+    /// broker's own: no client writes there, whatever the ACL says, but for its own
+    /// bridge state topic (`auth::sys_denied`).
     pub(crate) fn may_write(&self, who: &Identity, topic: &str) -> bool {
-        !is_sys(topic)
+        !sys_denied(topic, &who.client_id)
             && self
                 .security()
                 .authorizer

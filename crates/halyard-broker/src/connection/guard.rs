@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::{Access, Authorizer, Identity, is_sys};
+use crate::auth::{Access, Authorizer, Identity, sys_denied};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -122,15 +122,16 @@ const ACL_CACHE_ENTRIES: usize = 1024;
 
 impl Proto {
     /// Whether this client may do `access` on `topic`, from the cache when possible.
-    /// `$SYS` is the broker's: never writable by a client, whatever the rules say (the
-    /// same rule as `Inner::may_write`, for the paths without a connection).
+    /// `$SYS` is the broker's: never writable by a client, whatever the rules say, but
+    /// for its own bridge state topic (the same rule as `Inner::may_write`, for the paths
+    /// without a connection). The broker's own in-process clients are not checked.
     #[inline]
     pub(super) fn allowed(&mut self, access: Access, topic: &str) -> bool {
-        if access == Access::Write && is_sys(topic) {
-            return false;
-        }
         if self.flags.has(Flags::TRUSTED) {
             return true;
+        }
+        if access == Access::Write && sys_denied(topic, &self.at.session.client_id) {
+            return false;
         }
         let generation = self.inner.security_generation();
         if generation != self.acl.generation {
