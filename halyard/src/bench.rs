@@ -219,6 +219,7 @@ impl Conn {
         };
         let connect = Packet::Connect(Box::new(Connect {
             protocol: v,
+            bridge: false,
             clean_start: !persistent,
             keep_alive,
             client_id: ClientId::new(id).map_err(err)?,

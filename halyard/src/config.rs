@@ -59,6 +59,11 @@ pub(crate) struct Config {
     pub(crate) admin: Admin,
     /// `[[listener]]` tables: listeners with options.
     pub(crate) listener: Vec<ListenerTable>,
+    /// This broker's name among bridged (and clustered) brokers; empty: a random one kept
+    /// in the data directory (`node-id`).
+    pub(crate) node_id: String,
+    /// `[[bridge]]` tables.
+    pub(crate) bridge: Vec<halyard_bridge::BridgeConfig>,
 }
 
 /// One `[[listener]]` table: a URL and the options of [`halyard_transport::ListenerConfig`].
@@ -117,6 +122,31 @@ impl ListenerTable {
         c.validate()?;
         Ok(c)
     }
+}
+
+/// The 1-based line of `key` in the `n`-th `[[bridge]]` table of `text` (that table's
+/// header line when the key is not written there).
+fn bridge_key_line(text: &str, n: usize, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == "[[bridge]]")
+        .nth(n)?
+        .0;
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| l.trim_start().starts_with('['))
+        .map_or(lines.len(), |p| start + 1 + p);
+    let at = lines[start + 1..end]
+        .iter()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with('='))
+        })
+        .map_or(start, |p| start + 1 + p);
+    Some(at + 1)
 }
 
 /// The binary serves the built-in schemes of the transport registry.
@@ -258,6 +288,8 @@ impl Default for Config {
             persistence: Persistence::default(),
             admin: Admin::default(),
             listener: Vec::new(),
+            node_id: String::new(),
+            bridge: Vec::new(),
         }
     }
 }
@@ -358,7 +390,36 @@ impl Config {
         if !["error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
             return bad("log_level", "must be error, warn, info, debug or trace");
         }
+        if self.node_id.contains(['/', '+', '#']) || self.node_id.chars().any(char::is_whitespace) {
+            return bad("node_id", "must not contain `/`, `+`, `#` or spaces");
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, b) in self.bridge.iter().enumerate() {
+            let why = match b.validate() {
+                Err(why) => why,
+                Ok(_) if !names.insert(b.name.as_str()) => format!("name `{}`: used twice", b.name),
+                Ok(_) => continue,
+            };
+            // The key is the message's first word; its line within the i-th table.
+            let key: String = why
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let line = bridge_key_line(text, i, &key).map_or(String::new(), |l| format!(":{l}"));
+            return Err(ConfigError(format!(
+                "{origin}{line}: [[bridge]] `{}`: key `{key}`: {why}",
+                b.name
+            )));
+        }
         Ok(())
+    }
+
+    /// The `[[bridge]]` tables, validated.
+    pub(crate) fn bridges(&self) -> Result<Vec<halyard_bridge::Bridge>, String> {
+        self.bridge
+            .iter()
+            .map(|b| b.validate().map_err(|e| format!("[[bridge]] `{}`: {e}", b.name)))
+            .collect()
     }
 
     /// Every listener: the `listen` URLs, then the `[[listener]]` tables.
@@ -420,8 +481,27 @@ impl Config {
         })
     }
 
+    /// `node_id`, or the random one kept in the data directory (made on first use).
+    pub(crate) fn node_id(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let path = Path::new(&self.data_dir).join("node-id");
+        if let Ok(s) = std::fs::read_to_string(&path)
+            && !s.trim().is_empty()
+        {
+            return s.trim().to_string();
+        }
+        let id = format!("halyard-{:016x}", halyard_client::random_seed());
+        if let Err(e) = std::fs::write(&path, &id) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot keep the node id; a restart will pick another");
+        }
+        id
+    }
+
     pub(crate) fn broker(&self) -> BrokerConfig {
         BrokerConfig {
+            node_id: Some(self.node_id()),
             max_keepalive: self.max_keepalive,
             connect_timeout: Duration::from_secs(self.connect_timeout),
             max_inflight_messages: self.max_inflight_messages,

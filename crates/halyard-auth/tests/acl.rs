@@ -49,6 +49,7 @@ async fn client(
     c.version = v;
     c.send(&Packet::Connect(Box::new(Connect {
         protocol: v,
+        bridge: false,
         clean_start: true,
         keep_alive: 60,
         client_id: ClientId::new(id).unwrap(),

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 fn connect(v: ProtocolVersion, id: &str, user: Option<&str>, pw: Option<&str>) -> Packet {
     Packet::Connect(Box::new(Connect {
         protocol: v,
+        bridge: false,
         clean_start: true,
         keep_alive: 60,
         client_id: ClientId::new(id).unwrap(),

@@ -119,6 +119,7 @@ fn auth(reason: ReasonCode, method: &str, data: Vec<u8>) -> Packet {
 fn connect(id: &str, method: &str, data: Vec<u8>) -> Packet {
     Packet::Connect(Box::new(Connect {
         protocol: ProtocolVersion::V5,
+        bridge: false,
         clean_start: true,
         keep_alive: 60,
         client_id: ClientId::new(id).unwrap(),
@@ -216,6 +217,7 @@ async fn wrong_password_unknown_user_wrong_mechanism_and_method() {
     let mut c = tb.raw().await;
     c.send(&Packet::Connect(Box::new(Connect {
         protocol: ProtocolVersion::V5,
+        bridge: false,
         clean_start: true,
         keep_alive: 60,
         client_id: ClientId::new("plain").unwrap(),

@@ -53,6 +53,7 @@ struct Conn<'a> {
 fn connect(v: ProtocolVersion, c: &Conn<'_>) -> Packet {
     Packet::Connect(Box::new(Connect {
         protocol: v,
+        bridge: false,
         clean_start: c.clean,
         keep_alive: 60,
         client_id: ClientId::new(c.id).unwrap(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use halyard_broker::Broker;
 use halyard_client::{ClientTls, DialOptions};
 use halyard_codec::{
-    ByteString, Bytes, BytesMut, ClientId, ConnAck, Connect, Disconnect, Packet, Properties,
+    ByteString, Bytes, ClientId, ConnAck, Connect, Disconnect, Packet, Properties,
     ProtocolVersion, PublishProperties, QoS, ReasonCode, TopicName, Will,
 };
 use halyard_transport::{BoxStream, Registry};
@@ -45,6 +45,7 @@ async fn local_connect(
     };
     w.send(&Packet::Connect(Box::new(Connect {
         protocol: ProtocolVersion::V5,
+        bridge: false,
         clean_start: end_session,
         keep_alive: 0,
         client_id: ClientId::new(b.local_clientid()).map_err(|e| e.to_string())?,
@@ -72,6 +73,8 @@ pub(crate) async fn end_local_session(broker: &Broker, b: &Bridge) -> Result<(),
 pub(crate) enum RemoteError {
     /// A 5.0 CONNECT was refused in a way that says the remote speaks an older version.
     V5Refused,
+    /// A 3.1.1 CONNECT with the bridge bit was refused as an unknown protocol level.
+    PrivateRefused,
     Other(String),
 }
 
@@ -79,6 +82,7 @@ impl std::fmt::Display for RemoteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RemoteError::V5Refused => f.write_str("MQTT 5.0 refused"),
+            RemoteError::PrivateRefused => f.write_str("the bridge bit refused"),
             RemoteError::Other(s) => f.write_str(s),
         }
     }
@@ -91,6 +95,7 @@ pub(crate) async fn connect_remote(
     b: &Bridge,
     url: &str,
     fallback_v311: bool,
+    private: bool,
     receive_maximum: u16,
 ) -> Result<(Wire<BoxStream>, ConnAck), RemoteError> {
     let c = &b.config;
@@ -136,8 +141,10 @@ pub(crate) async fn connect_remote(
         } else {
             Properties::default()
         };
+        let private = private && !v5;
         let connect = Packet::Connect(Box::new(Connect {
             protocol: version,
+            bridge: private,
             clean_start: c.cleansession,
             keep_alive: c.keepalive_interval,
             client_id: ClientId::new(b.remote_clientid.as_str())
@@ -147,14 +154,7 @@ pub(crate) async fn connect_remote(
             password: c.remote_password.as_deref().map(|p| Bytes::copy_from_slice(p.as_bytes())),
             properties,
         }));
-        let mut buf = BytesMut::new();
-        connect
-            .encode(version, &mut buf)
-            .map_err(|e| RemoteError::Other(format!("CONNECT: {e}")))?;
-        if !v5 && c.try_private {
-            set_bridge_bit(&mut buf);
-        }
-        w.send_raw(&buf);
+        w.send(&connect);
         w.flush().await.map_err(|e| RemoteError::Other(e.to_string()))?;
         match w.read().await {
             Ok(Packet::ConnAck(a)) if !a.reason.is_error() => Ok((w, a)),
@@ -163,6 +163,13 @@ pub(crate) async fn connect_remote(
             {
                 Err(RemoteError::V5Refused)
             }
+            // Mosquitto's own bridges do the same: without the bit, once refused.
+            Ok(Packet::ConnAck(a))
+                if private && a.reason == ReasonCode::UnsupportedProtocolVersion =>
+            {
+                Err(RemoteError::PrivateRefused)
+            }
+            Err(_) if private => Err(RemoteError::PrivateRefused),
             Ok(Packet::ConnAck(a)) => Err(RemoteError::Other(format!(
                 "CONNACK refused: {} ({:#04x})",
                 halyard_client::reason_text(a.reason),
@@ -184,29 +191,16 @@ pub(crate) async fn connect_remote(
     }
 }
 
-/// Mosquitto's bridge bit: protocol level `0x80 | 4` in a 3.1.1 CONNECT tells a
-/// Mosquitto remote that this client is a bridge, so it does not send the bridge's own
-/// messages back to it (and keeps retained flags as published). The level byte follows
-/// the fixed header and the protocol name `00 04 M Q T T`.
-fn set_bridge_bit(connect: &mut BytesMut) {
-    let mut i = 1;
-    while i < connect.len() && connect[i] & 0x80 != 0 {
-        i += 1;
-    }
-    let level = i + 1 + 6;
-    if level < connect.len() {
-        connect[level] |= 0x80;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use halyard_codec::BytesMut;
 
     #[test]
     fn the_bridge_bit_lands_on_the_protocol_level() {
         let c = Packet::Connect(Box::new(Connect {
             protocol: ProtocolVersion::V3_1_1,
+            bridge: true,
             clean_start: true,
             keep_alive: 60,
             client_id: ClientId::new("b").unwrap(),
@@ -217,7 +211,10 @@ mod tests {
         }));
         let mut buf = BytesMut::new();
         c.encode(ProtocolVersion::V3_1_1, &mut buf).unwrap();
-        set_bridge_bit(&mut buf);
         assert_eq!(&buf[2..9], b"\x00\x04MQTT\x84");
+        let Ok(Some(Packet::Connect(back))) = halyard_codec::decode(&mut buf, ProtocolVersion::V3_1_1, 1 << 20) else {
+            panic!("decodes");
+        };
+        assert!(back.bridge && back.protocol == ProtocolVersion::V3_1_1);
     }
 }

@@ -218,6 +218,7 @@ impl Link {
         }
         let mut backoff = Backoff::new(self.b.restart_base, self.b.restart_cap, random_seed());
         let mut fallback_v311 = false;
+        let mut private = self.b.config.try_private;
         let mut address = 0usize;
         loop {
             let c = self.control();
@@ -249,6 +250,7 @@ impl Link {
                 &self.b,
                 &url,
                 fallback_v311,
+                private,
                 local_rm.min(self.b.config.receive_maximum),
             );
             let connected = tokio::select! {
@@ -261,6 +263,11 @@ impl Link {
                 Some(Err(RemoteError::V5Refused)) if !fallback_v311 => {
                     info!(bridge = self.name(), %url, "bridge: the remote does not speak MQTT 5.0; using 3.1.1");
                     fallback_v311 = true;
+                    continue;
+                }
+                Some(Err(RemoteError::PrivateRefused)) if private => {
+                    info!(bridge = self.name(), %url, "bridge: the remote refused the bridge bit; connecting as a plain client");
+                    private = false;
                     continue;
                 }
                 Some(Err(e)) => {

@@ -426,6 +426,7 @@ mod seam_tests {
     fn connect(id: &str) -> Packet {
         Packet::Connect(Box::new(Connect {
             protocol: ProtocolVersion::V5,
+            bridge: false,
             clean_start: true,
             keep_alive: 0,
             client_id: ClientId::new(id).unwrap(),

@@ -81,6 +81,9 @@ pub struct ConnInfo {
     pub keep_alive: u16,
     /// Clean start / clean session flag of the CONNECT.
     pub clean_start: bool,
+    /// Mosquitto's bridge bit was set (3.x): subscriptions act as No Local and Retain As
+    /// Published.
+    pub bridge: bool,
     /// When the CONNACK was sent, in milliseconds since the Unix epoch (8 bytes where a
     /// `SystemTime` takes 16: one allocation per connection, in the 80-byte class).
     connected_ms: u64,
@@ -139,6 +142,7 @@ impl ConnInfo {
             protocol,
             keep_alive,
             clean_start,
+            bridge: false,
             connected_ms,
         }
     }
@@ -154,6 +158,7 @@ impl ConnInfo {
             protocol,
             keep_alive: 0,
             clean_start: false,
+            bridge: false,
             connected_ms: 0,
         }
     }

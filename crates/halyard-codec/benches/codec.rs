@@ -47,6 +47,7 @@ fn qos1_props_64() -> Packet {
 fn connect() -> Packet {
     Packet::Connect(Box::new(Connect {
         protocol: ProtocolVersion::V5,
+        bridge: false,
         clean_start: false,
         keep_alive: 60,
         client_id: ClientId::new("bench-client-000001").unwrap(),

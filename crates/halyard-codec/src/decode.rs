@@ -331,7 +331,10 @@ fn topic_name(s: bytestring::ByteString) -> Result<TopicName, DecodeError> {
 fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     let name = r.string()?;
     let level = r.u8()?;
-    let protocol = match (&*name, level) {
+    // Mosquitto's bridge bit: a 3.x level with 0x80 set marks a bridge (it asks not to
+    // get its own messages back, and for retained flags as published).
+    let bridge = matches!(level, 0x83 | 0x84);
+    let protocol = match (&*name, level & if bridge { 0x7F } else { 0xFF }) {
         ("MQIsdp", 3) => ProtocolVersion::V3_1,
         ("MQTT", 4) => ProtocolVersion::V3_1_1,
         ("MQTT", 5) => ProtocolVersion::V5,
@@ -350,10 +353,12 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
             ));
         }
     };
-    decode_connect_body(r, protocol).map_err(|mut e| {
+    let mut c = decode_connect_body(r, protocol).map_err(|mut e| {
         e.version = Some(protocol);
         e
-    })
+    })?;
+    c.bridge = bridge;
+    Ok(c)
 }
 
 fn decode_connect_body(r: &mut Reader, protocol: ProtocolVersion) -> Result<Connect, DecodeError> {
@@ -433,6 +438,7 @@ fn decode_connect_body(r: &mut Reader, protocol: ProtocolVersion) -> Result<Conn
     trailing(r, "bytes after the end of the CONNECT payload")?;
     Ok(Connect {
         protocol,
+        bridge: false,
         clean_start,
         keep_alive,
         client_id,

@@ -106,6 +106,9 @@ impl std::fmt::Display for ClientId {
 pub struct Connect {
     /// Protocol name and level; encoding always uses this, whatever version it is asked for.
     pub protocol: ProtocolVersion,
+    /// Mosquitto's bridge bit (3.1/3.1.1 only: protocol level with 0x80 set): the client is
+    /// a bridge; its subscriptions act as No Local and Retain As Published.
+    pub bridge: bool,
     /// Clean Start (v5) / Clean Session (3.x).
     pub clean_start: bool,
     /// Keep alive in seconds; 0 turns the mechanism off.

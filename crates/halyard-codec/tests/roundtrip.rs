@@ -299,6 +299,7 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
                 let password = password.filter(|_| v5 || username.is_some());
                 Packet::Connect(Box::new(Connect {
                     protocol,
+                    bridge: false,
                     clean_start,
                     keep_alive,
                     client_id: ClientId::new(id).unwrap(),

@@ -70,6 +70,7 @@ fn read_only(name: &'static str, version: ProtocolVersion, hex: &str, packet: Pa
 fn connect(protocol: ProtocolVersion, client_id: &str) -> Connect {
     Connect {
         protocol,
+        bridge: false,
         clean_start: true,
         keep_alive: 60,
         client_id: ClientId::new(client_id).unwrap(),
@@ -159,6 +160,7 @@ fn valid_vectors() -> Vec<Valid> {
          00 03 77 2F 74  00 02 68 69  00 04 75 73 65 72  00 03 01 02 03",
         Packet::Connect(Box::new(Connect {
             protocol: V5,
+            bridge: false,
             clean_start: true,
             keep_alive: 30,
             client_id: ClientId::default(),
@@ -980,6 +982,7 @@ fn user_properties_over_the_decode_limit() {
     assert_eq!(got.properties, sent.properties);
     let connect = Packet::Connect(Box::new(Connect {
         protocol: ProtocolVersion::V5,
+        bridge: false,
         clean_start: true,
         keep_alive: 0,
         client_id: ClientId::new("c").unwrap(),

@@ -206,6 +206,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
 pub fn connect_packet(v: ProtocolVersion, id: &str, clean: bool, keep_alive: u16) -> Packet {
     Packet::Connect(Box::new(halyard_codec::Connect {
         protocol: v,
+        bridge: false,
         clean_start: clean,
         keep_alive,
         client_id: halyard_codec::ClientId::new(id).expect("valid client id"),

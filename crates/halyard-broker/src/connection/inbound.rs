@@ -695,7 +695,13 @@ impl Proto {
                 continue;
             }
             let qos = grant(opts.qos, cfg.max_qos);
-            let options = SubscriptionOptions { qos, ..opts };
+            let mut options = SubscriptionOptions { qos, ..opts };
+            if self.info.bridge {
+                // Mosquitto's bridge bit: what a bridge publishes is not sent back to it,
+                // and retained flags reach it as published (5.0's options, for 3.x).
+                options.no_local = true;
+                options.retain_as_published = true;
+            }
             // Kept for the session's life: not a slice pinning the read buffer.
             let filter = filter.copied();
             let sub = Subscription {

@@ -116,6 +116,7 @@ pub(super) fn build_connect(
     }
     Ok(Connect {
         protocol: opts.protocol,
+        bridge: false,
         clean_start,
         keep_alive: u16::try_from(opts.keep_alive.as_secs()).unwrap_or(u16::MAX),
         client_id: ClientId::new(client_id)
