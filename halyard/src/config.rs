@@ -418,7 +418,10 @@ impl Config {
     pub(crate) fn bridges(&self) -> Result<Vec<halyard_bridge::Bridge>, String> {
         self.bridge
             .iter()
-            .map(|b| b.validate().map_err(|e| format!("[[bridge]] `{}`: {e}", b.name)))
+            .map(|b| {
+                b.validate()
+                    .map_err(|e| format!("[[bridge]] `{}`: {e}", b.name))
+            })
             .collect()
     }
 

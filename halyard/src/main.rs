@@ -64,11 +64,50 @@ enum Command {
     Ctl(tools::ctl::CtlArgs),
     /// Manage the admin API's keys (HTTP Basic: key name and secret).
     Apikey(admin::keys::ApikeyArgs),
+    /// Bridges to other brokers.
+    Bridge {
+        #[command(subcommand)]
+        command: BridgeCommand,
+    },
     /// Inspect the broker's store (run while the broker is stopped).
     Store {
         #[command(subcommand)]
         command: store_cmd::StoreCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BridgeCommand {
+    /// Print a Mosquitto configuration's bridge blocks (`connection <name>` ...) as
+    /// `[[bridge]]` tables; options that cannot be carried over are named on stderr.
+    Import {
+        /// The Mosquitto configuration file.
+        file: PathBuf,
+    },
+}
+
+fn bridge_cmd(c: &BridgeCommand) -> ExitCode {
+    let BridgeCommand::Import { file } = c;
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("halyard bridge import: {}: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    let r = halyard_bridge::import::mosquitto(&text);
+    if r.bridges == 0 {
+        eprintln!(
+            "halyard bridge import: {}: no bridge (`connection <name>`) found",
+            file.display()
+        );
+        return ExitCode::from(1);
+    }
+    print!("{}", r.toml);
+    for n in &r.notes {
+        eprintln!("{}:{n}", file.display());
+    }
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -112,6 +151,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Store { command } => store_cmd::run(&command),
+        Command::Bridge { command } => bridge_cmd(&command),
         Command::Passwd(args) => passwd::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Pub(args) => tools::publish::run(*args),
@@ -238,6 +278,13 @@ async fn run(cfg: Config, source: server::ConfigSource, log_reload: server::LogR
             return ExitCode::from(2);
         }
     };
+    let bridges = match cfg.bridges() {
+        Ok(b) => b,
+        Err(why) => {
+            error!("{why}");
+            return ExitCode::from(2);
+        }
+    };
     let broker = halyard_broker::Broker::new(cfg.broker(), store);
     broker.set_security(security);
     let monitor = broker.monitor().clone();
@@ -272,6 +319,11 @@ async fn run(cfg: Config, source: server::ConfigSource, log_reload: server::LogR
     } else {
         None
     };
+    if let Err(why) = server.bridges.apply(bridges).await {
+        error!("{why}");
+        return ExitCode::FAILURE;
+    }
+    server.bridges.restore_api().await;
     admin::sys::spawn(server.clone());
     spawn_security_file_watch(&server);
     // For `halyard ctl`: written once the listeners are up, held locked while we run,
@@ -306,6 +358,7 @@ async fn run(cfg: Config, source: server::ConfigSource, log_reload: server::LogR
         eprintln!("halyard: second signal, exiting now");
         std::process::exit(130);
     });
+    server.bridges.shutdown().await;
     broker.shutdown().await;
     server.join_listeners().await;
     if pid_lock.is_some() {

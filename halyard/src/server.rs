@@ -80,6 +80,9 @@ pub(crate) struct ListenerView {
 pub(crate) struct ReloadReport {
     pub(crate) listeners_added: Vec<String>,
     pub(crate) listeners_removed: Vec<String>,
+    pub(crate) bridges_added: Vec<String>,
+    pub(crate) bridges_changed: Vec<String>,
+    pub(crate) bridges_removed: Vec<String>,
     pub(crate) tls_reloaded: usize,
     pub(crate) log_level: String,
 }
@@ -98,6 +101,8 @@ pub(crate) struct Server {
     listeners: tokio::sync::Mutex<Vec<Entry>>,
     log_reload: Option<LogReload>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// The `[[bridge]]` links (and those added through the admin API).
+    pub(crate) bridges: Arc<halyard_bridge::Bridges>,
 }
 
 impl std::fmt::Debug for Server {
@@ -116,7 +121,13 @@ impl Server {
     ) -> Arc<Server> {
         let b = broker.clone();
         let sink: ConnSink = Arc::new(move |s, peer| b.spawn_connection(s, peer));
+        let bridges = halyard_bridge::Bridges::new(
+            broker.clone(),
+            broker.config().node_id.clone(),
+            Some(PathBuf::from(&config.data_dir).join("bridges")),
+        );
         let server = Arc::new(Server {
+            bridges,
             monitor: broker.monitor().clone(),
             broker,
             source,
@@ -259,6 +270,7 @@ impl Server {
         let cfg = self.source.load()?;
         let security = cfg.security()?;
         let wanted = cfg.listeners()?;
+        let bridges = cfg.bridges()?;
         let old = self.config();
         let mut report = ReloadReport {
             log_level: cfg.log_level.clone(),
@@ -357,6 +369,11 @@ impl Server {
         }
         *table = keep;
         drop(table);
+        // Bridges whose table is unchanged keep running untouched.
+        let b = self.bridges.apply(bridges).await?;
+        report.bridges_added = b.added;
+        report.bridges_changed = b.changed;
+        report.bridges_removed = b.removed;
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
         info!(
             added = ?report.listeners_added, removed = ?report.listeners_removed,

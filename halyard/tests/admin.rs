@@ -957,3 +957,117 @@ fn reload_lowering_max_connections_refuses_new_clients_until_below() {
         .2 == 0
     });
 }
+
+/// Bridges through the admin API and `/metrics`, with a Mosquitto configuration's bridge
+/// block imported by `halyard bridge import` (options it cannot carry named on stderr):
+/// listed, added (201) and replaced (200), refused with 400 naming a wrong key, paused
+/// and resumed, deleted; per-bridge metrics; the file's bridge survives a reload, the
+/// API's bridge too.
+#[test]
+fn bridges_imported_from_mosquitto_and_managed_over_the_api() {
+    let remote = halyard_testkit::procs::Mosquitto::start();
+    let scratch = Scratch(temp_dir("bridge-import"));
+    let mconf = scratch.0.join("mosquitto.conf");
+    std::fs::write(
+        &mconf,
+        format!(
+            "listener 1883\nconnection cloud\naddress 127.0.0.1:{}\ntopic up/# out 1\ntopic down/# in 1\nremote_clientid edge1\nround_robin true\n",
+            remote.port
+        ),
+    )
+    .unwrap();
+    let (toml, notes, code) = run(
+        halyard_bin(),
+        &["bridge", "import", &mconf.display().to_string()],
+    );
+    assert_eq!(code, 0, "{notes}");
+    assert!(
+        notes.contains(":7: round_robin not carried over"),
+        "{notes}"
+    );
+    let h = start("bridge-api", &toml, &[]);
+    let port = h.admin;
+    let k = &h.key;
+    wait_until("the imported bridge connects", || {
+        let (_, v) = json(port, "GET", "/api/v1/bridges/cloud", k, None);
+        v["state"] == "connected"
+    });
+    let (st, v) = json(port, "GET", "/api/v1/bridges", k, None);
+    assert_eq!(st, 200);
+    assert_eq!(v["data"][0]["remote_clientid"], "edge1");
+    assert_eq!(v["data"][0]["config"]["protocol_version"], "mqttv311");
+    // Added through the API, then replaced.
+    let body = format!(
+        r#"{{"name":"api","address":["tcp://127.0.0.1:{}"],"topic":["x/# out 1"]}}"#,
+        remote.port
+    );
+    let (st, v) = json(port, "POST", "/api/v1/bridges", k, Some(&body));
+    assert_eq!(st, 201, "{v}");
+    let body2 = body.replace("x/#", "y/#");
+    let (st, v) = json(port, "POST", "/api/v1/bridges", k, Some(&body2));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["config"]["topic"][0], "y/# out 1");
+    // Refused: an unknown key, a bad value, the file's own bridge.
+    let (st, v) = json(
+        port,
+        "POST",
+        "/api/v1/bridges",
+        k,
+        Some(&body.replace("\"topic\"", "\"topics\"")),
+    );
+    assert_eq!(st, 400);
+    assert!(v["message"].as_str().unwrap().contains("topics"), "{v}");
+    let (st, v) = json(
+        port,
+        "POST",
+        "/api/v1/bridges",
+        k,
+        Some(&body.replace("x/# out 1", "x/# sideways")),
+    );
+    assert_eq!(st, 400);
+    assert!(v["message"].as_str().unwrap().contains("sideways"), "{v}");
+    let (st, _) = json(
+        port,
+        "POST",
+        "/api/v1/bridges",
+        k,
+        Some(&body.replace("\"api\"", "\"cloud\"")),
+    );
+    assert_eq!(st, 409);
+    // Pause and resume.
+    let (st, _) = json(port, "POST", "/api/v1/bridges/api/pause", k, None);
+    assert_eq!(st, 200);
+    wait_until("paused", || {
+        json(port, "GET", "/api/v1/bridges/api", k, None).1["state"] == "paused"
+    });
+    let (st, _) = json(port, "POST", "/api/v1/bridges/api/resume", k, None);
+    assert_eq!(st, 200);
+    wait_until("resumed", || {
+        json(port, "GET", "/api/v1/bridges/api", k, None).1["state"] == "connected"
+    });
+    let (_, _, metrics) = http(port, "GET", "/metrics", Some(k), None);
+    assert!(
+        metrics.contains("halyard_bridge_up{bridge=\"cloud\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "halyard_bridge_dropped_total{bridge=\"api\",reason=\"queue_full_oldest\"} 0"
+        )
+    );
+    // A reload keeps both (the file's unchanged, the API's untouched).
+    let (st, v) = json(port, "POST", "/api/v1/reload", k, None);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["bridges_removed"], serde_json::json!([]));
+    assert_eq!(
+        json(port, "GET", "/api/v1/bridges", k, None).1["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let (st, _) = json(port, "DELETE", "/api/v1/bridges/api", k, None);
+    assert_eq!(st, 200);
+    let (st, _) = json(port, "DELETE", "/api/v1/bridges/api", k, None);
+    assert_eq!(st, 404);
+}

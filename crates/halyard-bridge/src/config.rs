@@ -72,7 +72,8 @@ pub struct BridgeConfig {
     /// `drop_oldest`, `drop_new` or `block`.
     #[serde(default = "defaults::queue_policy")]
     pub queue_policy: String,
-    /// Messages in flight each way at once (bounded by the remote's Receive Maximum too).
+    /// Messages in flight each way at once (bounded by the remote's Receive Maximum too;
+    /// a 3.1.1 remote has none to tell, so this is its limit: default 20, Mosquitto's).
     #[serde(default = "defaults::receive_maximum")]
     pub receive_maximum: u16,
     /// Forward the RETAIN flag of outgoing messages (Mosquitto: `bridge_outgoing_retain`).
@@ -109,8 +110,10 @@ mod defaults {
     pub(super) fn queue_policy() -> String {
         "drop_oldest".into()
     }
+    /// Mosquitto's `max_inflight_messages`: a 3.1.1 remote cannot say its limit, and
+    /// Mosquitto drops a 3.1.1 client that has more QoS 2 messages unreleased.
     pub(super) fn receive_maximum() -> u16 {
-        100
+        20
     }
 }
 
@@ -154,7 +157,13 @@ impl TopicRule {
     /// for an empty field.
     pub fn parse(line: &str) -> Result<TopicRule, String> {
         let words: Vec<&str> = line.split_whitespace().collect();
-        let field = |w: &str| if w == "\"\"" { String::new() } else { w.to_string() };
+        let field = |w: &str| {
+            if w == "\"\"" {
+                String::new()
+            } else {
+                w.to_string()
+            }
+        };
         let (pattern, rest) = match words.split_first() {
             Some((p, rest)) => (field(p), rest),
             None => return Err("empty topic line".into()),
@@ -221,12 +230,22 @@ impl TopicRule {
 
     /// `topic` (local) at the remote, if this rule carries it out.
     pub fn to_remote(&self, topic: &str) -> Option<String> {
-        map(topic, &self.local_filter(), &self.local_prefix, &self.remote_prefix)
+        map(
+            topic,
+            &self.local_filter(),
+            &self.local_prefix,
+            &self.remote_prefix,
+        )
     }
 
     /// `topic` (remote) here, if this rule carries it in.
     pub fn to_local(&self, topic: &str) -> Option<String> {
-        map(topic, &self.remote_filter(), &self.remote_prefix, &self.local_prefix)
+        map(
+            topic,
+            &self.remote_filter(),
+            &self.remote_prefix,
+            &self.local_prefix,
+        )
     }
 }
 
@@ -282,7 +301,10 @@ impl BridgeConfig {
     /// Checks every key and parses the topic lines. Errors name the key.
     pub fn validate(&self) -> Result<Bridge, String> {
         let name = &self.name;
-        if name.is_empty() || name.contains(['/', '#', '+']) || name.chars().any(char::is_whitespace) {
+        if name.is_empty()
+            || name.contains(['/', '#', '+'])
+            || name.chars().any(char::is_whitespace)
+        {
             return Err(format!(
                 "name `{name}`: must be non-empty, without `/`, `#`, `+` or spaces"
             ));
@@ -292,7 +314,8 @@ impl BridgeConfig {
         }
         let registry = halyard_transport::Registry::default();
         for a in &self.address {
-            let url = halyard_transport::Url::parse(a).map_err(|e| format!("address `{a}`: {e}"))?;
+            let url =
+                halyard_transport::Url::parse(a).map_err(|e| format!("address `{a}`: {e}"))?;
             registry
                 .get(&url.scheme)
                 .map_err(|e| format!("address `{a}`: {e}"))?;
@@ -386,7 +409,10 @@ mod tests {
         assert_eq!(r.qos, QoS::AtLeastOnce);
         assert_eq!(r.local_filter(), "site1/sensors/#");
         assert_eq!(r.remote_filter(), "edge/sensors/#");
-        assert_eq!(r.to_remote("site1/sensors/a/b").as_deref(), Some("edge/sensors/a/b"));
+        assert_eq!(
+            r.to_remote("site1/sensors/a/b").as_deref(),
+            Some("edge/sensors/a/b")
+        );
         assert_eq!(r.to_remote("sensors/a"), None);
         let r = TopicRule::parse("cmd/# in 1").unwrap();
         assert_eq!(r.direction, Direction::In);
@@ -395,7 +421,10 @@ mod tests {
         assert_eq!((r.direction, r.qos), (Direction::Out, QoS::AtMostOnce));
         // An empty pattern: the prefixes are the topics.
         let r = TopicRule::parse("\"\" both 2 local/status remote/status").unwrap();
-        assert_eq!(r.to_remote("local/status").as_deref(), Some("remote/status"));
+        assert_eq!(
+            r.to_remote("local/status").as_deref(),
+            Some("remote/status")
+        );
         assert_eq!(r.to_local("remote/status").as_deref(), Some("local/status"));
         assert_eq!(r.to_local("remote/status/x"), None);
     }
@@ -427,10 +456,16 @@ mod tests {
         let b = cfg().validate().unwrap();
         assert!(!b.config.cleansession);
         assert!(b.config.notifications && b.config.try_private && b.config.outgoing_retain);
-        assert_eq!((b.restart_base, b.restart_cap), (Duration::from_secs(5), Duration::from_secs(30)));
+        assert_eq!(
+            (b.restart_base, b.restart_cap),
+            (Duration::from_secs(5), Duration::from_secs(30))
+        );
         assert_eq!(b.policy, QueuePolicy::DropOldest);
         assert!(b.remote_clientid.ends_with(".cloud"));
-        assert_eq!(b.notification_topic, format!("$SYS/broker/connection/{}/state", b.remote_clientid));
+        assert_eq!(
+            b.notification_topic,
+            format!("$SYS/broker/connection/{}/state", b.remote_clientid)
+        );
         assert_eq!(b.local_clientid(), "$bridge/cloud");
     }
 

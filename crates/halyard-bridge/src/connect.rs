@@ -7,8 +7,8 @@ use std::time::Duration;
 use halyard_broker::Broker;
 use halyard_client::{ClientTls, DialOptions};
 use halyard_codec::{
-    ByteString, Bytes, ClientId, ConnAck, Connect, Disconnect, Packet, Properties,
-    ProtocolVersion, PublishProperties, QoS, ReasonCode, TopicName, Will,
+    ByteString, Bytes, ClientId, ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion,
+    PublishProperties, QoS, ReasonCode, TopicName, Will,
 };
 use halyard_transport::{BoxStream, Registry};
 use tokio::io::DuplexStream;
@@ -57,7 +57,10 @@ async fn local_connect(
     w.flush().await.map_err(|e| e.to_string())?;
     match w.read().await? {
         Packet::ConnAck(a) if !a.reason.is_error() => Ok((w, a)),
-        Packet::ConnAck(a) => Err(format!("the local broker refused the bridge: {:?}", a.reason)),
+        Packet::ConnAck(a) => Err(format!(
+            "the local broker refused the bridge: {:?}",
+            a.reason
+        )),
         other => Err(format!("expected CONNACK, got {}", other.name())),
     }
 }
@@ -121,7 +124,12 @@ pub(crate) async fn connect_remote(
             .dial(url, &opts)
             .await
             .map_err(|e| RemoteError::Other(e.to_string()))?;
-        let mut w = Wire::new(stream, version, halyard_codec::MAX_PACKET_SIZE, url.to_string());
+        let mut w = Wire::new(
+            stream,
+            version,
+            halyard_codec::MAX_PACKET_SIZE,
+            url.to_string(),
+        );
         let v5 = version.is_v5();
         let will = c.notifications.then(|| Will {
             topic: TopicName::new(b.notification_topic.as_str()).expect("validated"),
@@ -151,11 +159,16 @@ pub(crate) async fn connect_remote(
                 .map_err(|e| RemoteError::Other(format!("remote_clientid: {e}")))?,
             will,
             username: c.remote_username.as_deref().map(ByteString::from),
-            password: c.remote_password.as_deref().map(|p| Bytes::copy_from_slice(p.as_bytes())),
+            password: c
+                .remote_password
+                .as_deref()
+                .map(|p| Bytes::copy_from_slice(p.as_bytes())),
             properties,
         }));
         w.send(&connect);
-        w.flush().await.map_err(|e| RemoteError::Other(e.to_string()))?;
+        w.flush()
+            .await
+            .map_err(|e| RemoteError::Other(e.to_string()))?;
         match w.read().await {
             Ok(Packet::ConnAck(a)) if !a.reason.is_error() => Ok((w, a)),
             Ok(Packet::ConnAck(a))
@@ -212,7 +225,9 @@ mod tests {
         let mut buf = BytesMut::new();
         c.encode(ProtocolVersion::V3_1_1, &mut buf).unwrap();
         assert_eq!(&buf[2..9], b"\x00\x04MQTT\x84");
-        let Ok(Some(Packet::Connect(back))) = halyard_codec::decode(&mut buf, ProtocolVersion::V3_1_1, 1 << 20) else {
+        let Ok(Some(Packet::Connect(back))) =
+            halyard_codec::decode(&mut buf, ProtocolVersion::V3_1_1, 1 << 20)
+        else {
             panic!("decodes");
         };
         assert!(back.bridge && back.protocol == ProtocolVersion::V3_1_1);

@@ -42,6 +42,9 @@ pub struct Bridges {
 #[derive(Debug)]
 struct Running {
     bridge: Arc<Bridge>,
+    /// Added through [`Bridges::add`] (the admin API), not the configuration file: a
+    /// reload leaves it alone.
+    from_api: bool,
     ctl: watch::Sender<Control>,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
@@ -143,7 +146,7 @@ impl Bridges {
             .map(|d| d.join(format!("{name}.filters.json")))
     }
 
-    fn start(&self, bridge: Bridge) -> Result<Running, String> {
+    fn start(&self, bridge: Bridge, from_api: bool) -> Result<Running, String> {
         let bridge = Arc::new(bridge);
         self.broker.set_queue_limits(
             &bridge.local_clientid(),
@@ -170,15 +173,18 @@ impl Bridges {
         info!(bridge = %bridge.config.name, remote = ?bridge.config.address, "bridge starting");
         Ok(Running {
             bridge,
+            from_api,
             ctl,
             shared,
             task: tokio::spawn(link.run()),
         })
     }
 
-    /// Makes the running bridges those of `wanted`: new ones start, changed ones restart
-    /// (the others are not touched), removed ones stop and their local session (queue
-    /// and subscriptions) ends. Names must be unique.
+    /// Makes the configured bridges those of `wanted` (the configuration file, at start
+    /// and on reload): new ones start, changed ones restart (the others are not touched),
+    /// removed ones stop and their local session (queue and subscriptions) ends. Bridges
+    /// added through the admin API stay, unless `wanted` names one (the file wins).
+    /// Names must be unique.
     pub async fn apply(&self, wanted: Vec<Bridge>) -> Result<ApplyReport, String> {
         let mut seen = std::collections::HashSet::new();
         for b in &wanted {
@@ -187,7 +193,12 @@ impl Bridges {
             }
         }
         let mut report = ApplyReport::default();
-        let names: Vec<String> = self.table().keys().cloned().collect();
+        let names: Vec<String> = self
+            .table()
+            .iter()
+            .filter(|(_, r)| !r.from_api)
+            .map(|(n, _)| n.clone())
+            .collect();
         for name in names {
             if !wanted.iter().any(|b| b.config.name == name) {
                 self.remove(&name).await?;
@@ -195,7 +206,7 @@ impl Bridges {
             }
         }
         for b in wanted {
-            match self.upsert(b.clone()).await? {
+            match self.upsert_from(b.clone(), false).await? {
                 Some(true) => report.added.push(b.config.name.clone()),
                 Some(false) => report.changed.push(b.config.name.clone()),
                 None => {}
@@ -207,10 +218,16 @@ impl Bridges {
     /// Starts `b`, or restarts the bridge of that name if its configuration differs.
     /// `Some(true)`: added; `Some(false)`: restarted; `None`: unchanged.
     pub async fn upsert(&self, b: Bridge) -> Result<Option<bool>, String> {
+        self.upsert_from(b, false).await
+    }
+
+    async fn upsert_from(&self, b: Bridge, from_api: bool) -> Result<Option<bool>, String> {
         let name = b.config.name.clone();
         let old = {
             let mut t = self.table();
-            if t.get(&name).is_some_and(|r| *r.bridge == b) {
+            if t.get(&name)
+                .is_some_and(|r| *r.bridge == b && r.from_api == from_api)
+            {
                 return Ok(None);
             }
             t.remove(&name)
@@ -219,9 +236,79 @@ impl Bridges {
         if let Some(old) = old {
             stop(old).await;
         }
-        let running = self.start(b)?;
+        let running = self.start(b, from_api)?;
         self.table().insert(name, running);
         Ok(Some(added))
+    }
+
+    /// Adds (or replaces) a bridge at run time, kept across restarts in the state
+    /// directory (`api-bridges.json`) until removed. A bridge of the configuration file
+    /// cannot be replaced this way. `true`: it is new.
+    pub async fn add(&self, b: Bridge) -> Result<bool, String> {
+        if self
+            .table()
+            .get(&b.config.name)
+            .is_some_and(|r| !r.from_api)
+        {
+            return Err(format!(
+                "bridge `{}` is in the configuration file: change it there and reload",
+                b.config.name
+            ));
+        }
+        let added = self.upsert_from(b, true).await?;
+        self.save_api();
+        Ok(added != Some(false))
+    }
+
+    /// Starts the bridges added through the API before a restart (after [`Self::apply`]:
+    /// a name the configuration file now has is skipped, with a warning).
+    pub async fn restore_api(&self) {
+        let Some(path) = self.api_path() else { return };
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        let saved: Vec<BridgeConfig> = match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "bridges added through the API not restored: unreadable file");
+                return;
+            }
+        };
+        for c in saved {
+            match c.validate() {
+                Ok(b) if !self.table().contains_key(&c.name) => {
+                    if let Err(e) = self.upsert_from(b, true).await {
+                        warn!(bridge = %c.name, error = %e, "bridge added through the API not restored");
+                    }
+                }
+                Ok(_) => {
+                    warn!(bridge = %c.name, "bridge added through the API not restored: the configuration file has one of that name")
+                }
+                Err(e) => {
+                    warn!(bridge = %c.name, error = %e, "bridge added through the API not restored")
+                }
+            }
+        }
+    }
+
+    fn api_path(&self) -> Option<PathBuf> {
+        self.state_dir.as_ref().map(|d| d.join("api-bridges.json"))
+    }
+
+    fn save_api(&self) {
+        let Some(path) = self.api_path() else { return };
+        let list: Vec<BridgeConfig> = self
+            .table()
+            .values()
+            .filter(|r| r.from_api)
+            .map(|r| r.bridge.config.clone())
+            .collect();
+        let tmp = path.with_extension("tmp");
+        let r = std::fs::write(&tmp, serde_json::to_vec_pretty(&list).unwrap_or_default())
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = r {
+            warn!(path = %path.display(), error = %e, "bridges added through the API will not survive a restart");
+        }
     }
 
     /// Stops bridge `name` and ends its local session: what it had queued is dropped.
@@ -230,7 +317,11 @@ impl Bridges {
             return Err(format!("no bridge {name}"));
         };
         let b = old.bridge.clone();
+        let from_api = old.from_api;
         stop(old).await;
+        if from_api {
+            self.save_api();
+        }
         if let Err(e) = connect::end_local_session(&self.broker, &b).await {
             warn!(bridge = name, error = %e, "bridge removed; its local session could not be ended");
         }
@@ -248,7 +339,12 @@ impl Bridges {
         let t = self.table();
         let r = t.get(name).ok_or_else(|| format!("no bridge {name}"))?;
         r.ctl.send_modify(|c| c.paused = paused);
-        info!(bridge = name, paused, "bridge {}", if paused { "paused" } else { "resumed" });
+        info!(
+            bridge = name,
+            paused,
+            "bridge {}",
+            if paused { "paused" } else { "resumed" }
+        );
         Ok(())
     }
 
@@ -281,10 +377,12 @@ impl Bridges {
             },
             remote: s.remote.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             remote_clientid: r.bridge.remote_clientid.clone(),
-            connected_secs: since
-                .and_then(|t| t.elapsed().ok())
-                .map(|d| d.as_secs()),
-            last_error: s.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            connected_secs: since.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
+            last_error: s
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             // The local session's in-flight deliveries are the link's held and in-flight
             // ones; its queue is what the broker has not handed over yet.
             queue_depth: q.depth + q.in_flight,

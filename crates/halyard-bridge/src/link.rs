@@ -286,14 +286,21 @@ impl Link {
             let up_at = Instant::now();
             self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
             *self.shared.remote.lock().unwrap_or_else(|p| p.into_inner()) = Some(url.clone());
-            *self.shared.up_since.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(SystemTime::now());
+            *self
+                .shared
+                .up_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(SystemTime::now());
             self.shared.state.store(UP, Ordering::Relaxed);
             let end = self
                 .pump(&mut local, &mut remote, &ack, &mut relay, &mut filters)
                 .await;
             self.shared.state.store(DOWN, Ordering::Relaxed);
-            *self.shared.up_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *self
+                .shared
+                .up_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = None;
             if self.b.config.notifications {
                 local.send(&state_message(&self.b, false, QoS::AtMostOnce));
                 let _ = local.flush().await;
@@ -430,7 +437,9 @@ impl Link {
         relay.resend(remote);
         relay.drain(remote, local);
         let keepalive = Duration::from_secs(u64::from(
-            props.server_keep_alive.unwrap_or(self.b.config.keepalive_interval),
+            props
+                .server_keep_alive
+                .unwrap_or(self.b.config.keepalive_interval),
         ));
         let mut ping_at = (!keepalive.is_zero()).then(|| Instant::now() + keepalive);
         let mut awaiting_pong = false;
@@ -487,7 +496,11 @@ impl Link {
                             remote.send(&state_message(&self.b, false, QoS::AtMostOnce));
                         }
                         remote.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
-                        return if c.stop { PumpEnd::Stop } else { PumpEnd::Pause };
+                        return if c.stop {
+                            PumpEnd::Stop
+                        } else {
+                            PumpEnd::Pause
+                        };
                     }
                 }
             }
@@ -546,4 +559,3 @@ fn state_message(b: &Bridge, up: bool, qos: QoS) -> Packet {
     p.qos = qos;
     Packet::Publish(p)
 }
-

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use halyard_codec::{Ack, ByteString, Bytes, Packet, Publish, QoS, TopicName};
+use halyard_codec::{Ack, ByteString, Bytes, Packet, Publish, QoS, ReasonCode, TopicName};
 use halyard_transport::BoxStream;
 use tokio::io::DuplexStream;
 use tracing::{debug, warn};
@@ -54,6 +54,9 @@ pub(crate) struct Relay {
     in_self: HashSet<u16>,
     /// The remote's limits (from CONNACK).
     pub(crate) window: usize,
+    /// Lowered when the remote answers 0x97 (quota exceeded): a limit it did not
+    /// announce. Kept across reconnects.
+    pub(crate) cap: usize,
     pub(crate) remote_max_packet: u32,
     pub(crate) remote_max_qos: QoS,
     pub(crate) remote_retain: bool,
@@ -72,6 +75,7 @@ impl Relay {
             held: VecDeque::new(),
             in_self: HashSet::new(),
             window: 0,
+            cap: usize::MAX,
             remote_max_packet: u32::MAX,
             remote_max_qos: QoS::ExactlyOnce,
             remote_retain: true,
@@ -85,7 +89,9 @@ impl Relay {
 
     pub(crate) fn publish_gauges(&self) {
         self.shared.held.store(self.held.len(), Ordering::Relaxed);
-        self.shared.in_flight.store(self.at_remote(), Ordering::Relaxed);
+        self.shared
+            .in_flight
+            .store(self.at_remote(), Ordering::Relaxed);
     }
 
     fn track(&mut self, pid: u16, o: Out) {
@@ -168,7 +174,7 @@ impl Relay {
                     .dropped_qos0_offline
                     .fetch_add(1, Ordering::Relaxed);
             }
-            Some(r) if self.held.is_empty() && self.at_remote() < self.window => {
+            Some(r) if self.held.is_empty() && self.at_remote() < self.window.min(self.cap) => {
                 self.send_out(r, local, pid, lq, out);
             }
             _ => self.held.push_back((pid, lq, out)),
@@ -194,7 +200,9 @@ impl Relay {
         let packet = Packet::Publish(p);
         if packet.encoded_len(remote.version) > self.remote_max_packet as usize {
             // [MQTT-3.1.2-24]: never above the remote's Maximum Packet Size.
-            self.shared.dropped_too_large.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .dropped_too_large
+                .fetch_add(1, Ordering::Relaxed);
             warn!(bridge = %self.b.config.name, "bridge: message larger than the remote's Maximum Packet Size; dropped");
             self.ack_local_done(local, pid, lq);
             return;
@@ -206,7 +214,13 @@ impl Relay {
         };
         match p.qos {
             QoS::AtMostOnce => self.ack_local_done(local, pid, lq),
-            QoS::AtLeastOnce => self.track(pid, Out::Ack { publish: p, local: lq }),
+            QoS::AtLeastOnce => self.track(
+                pid,
+                Out::Ack {
+                    publish: p,
+                    local: lq,
+                },
+            ),
             QoS::ExactlyOnce => self.track(pid, Out::Rec { publish: p }),
         }
     }
@@ -226,7 +240,7 @@ impl Relay {
 
     /// Sends held messages while the remote's window allows.
     pub(crate) fn drain(&mut self, remote: &mut Wire<BoxStream>, local: &mut Wire<DuplexStream>) {
-        while self.at_remote() < self.window
+        while self.at_remote() < self.window.min(self.cap)
             && let Some((pid, lq, p)) = self.held.pop_front()
         {
             self.send_out(remote, local, pid, lq, p);
@@ -236,16 +250,34 @@ impl Relay {
     /// After (re)connecting: what the remote has not acknowledged goes again, in order,
     /// PUBLISH with DUP and the same packet id, or PUBREL [MQTT-4.4.0-1].
     pub(crate) fn resend(&mut self, remote: &mut Wire<BoxStream>) {
+        let limit = self.window.min(self.cap);
+        let mut sent = 0;
+        let mut back = Vec::new();
         for pid in self.order.values() {
             match &self.out[pid].1 {
-                Out::Ack { publish, .. } | Out::Rec { publish } => {
+                Out::Comp => {
+                    remote.send(&Packet::PubRel(Ack::new(*pid)));
+                    sent += 1;
+                }
+                Out::Ack { publish, .. } | Out::Rec { publish } if sent < limit => {
                     let mut p = publish.clone();
                     p.dup = true;
                     remote.send(&Packet::Publish(p));
+                    sent += 1;
                 }
-                Out::Comp => remote.send(&Packet::PubRel(Ack::new(*pid))),
+                // Over the window (it shrank): back to the head of the held ones.
+                Out::Ack { .. } | Out::Rec { .. } => back.push(*pid),
                 Out::Rel | Out::LocalRel => {}
             }
+        }
+        for pid in back.into_iter().rev() {
+            let (lq, mut p) = match self.forget(pid) {
+                Some(Out::Ack { publish, local }) => (local, publish),
+                Some(Out::Rec { publish }) => (QoS::ExactlyOnce, publish),
+                _ => continue,
+            };
+            p.dup = true;
+            self.held.push_front((pid, lq, p));
         }
     }
 
@@ -299,9 +331,17 @@ impl Relay {
     ) -> Result<(), String> {
         match packet {
             Packet::Publish(p) => self.from_remote(p, local, remote),
+            Packet::PubAck(a) | Packet::PubRec(a) if a.reason == ReasonCode::QuotaExceeded => {
+                // Not a refusal of the message: the remote is full. Send fewer at once,
+                // and this one again after a pause (it stays in flight here).
+                self.cap = (self.at_remote() / 2).max(1);
+                return Err(format!(
+                    "the remote is over its quota (0x97); {} in flight from now on",
+                    self.cap
+                ));
+            }
             Packet::PubAck(a) => {
-                if let Some(Out::Ack { local: lq, .. }) = self.out.get(&a.packet_id).map(|o| &o.1)
-                {
+                if let Some(Out::Ack { local: lq, .. }) = self.out.get(&a.packet_id).map(|o| &o.1) {
                     let lq = *lq;
                     self.forget(a.packet_id);
                     self.refused(&a);
@@ -436,4 +476,3 @@ fn relay(remote: Option<&mut Wire<BoxStream>>, p: Packet) {
         r.send(&p);
     }
 }
-

@@ -54,7 +54,13 @@ async fn out_in_and_both_against_mosquitto_each_message_once() {
         // published there before the bridge's SUBACK would be missed, so wait for one
         // to make it through.
         loop {
-            publish(&there, &format!("cmd/{tag}/probe"), "probe", QoS::AtMostOnce).await;
+            publish(
+                &there,
+                &format!("cmd/{tag}/probe"),
+                "probe",
+                QoS::AtMostOnce,
+            )
+            .await;
             if tokio::time::timeout(std::time::Duration::from_millis(200), here_cmd.recv())
                 .await
                 .is_ok()
@@ -65,17 +71,39 @@ async fn out_in_and_both_against_mosquitto_each_message_once() {
 
         // out: mapped from site1/<v>/ to edge/<v>/, QoS 1 at most.
         for i in 0..20 {
-            publish(&here, &format!("site1/{tag}/sensors/t"), &format!("s{i}"), QoS::ExactlyOnce).await;
+            publish(
+                &here,
+                &format!("site1/{tag}/sensors/t"),
+                &format!("s{i}"),
+                QoS::ExactlyOnce,
+            )
+            .await;
         }
-        publish(&here, &format!("site1/{tag}/sensors/t"), "end", QoS::AtLeastOnce).await;
+        publish(
+            &here,
+            &format!("site1/{tag}/sensors/t"),
+            "end",
+            QoS::AtLeastOnce,
+        )
+        .await;
         let got = until_marker(&mut there_sensors, "end").await;
         let want: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
         assert_eq!(payloads(&got), want, "{tag}: out, in order, once");
-        assert!(got.iter().all(|m| m.topic == format!("edge/{tag}/sensors/t") && m.qos == QoS::AtLeastOnce), "{tag}");
+        assert!(
+            got.iter()
+                .all(|m| m.topic == format!("edge/{tag}/sensors/t") && m.qos == QoS::AtLeastOnce),
+            "{tag}"
+        );
 
         // in: QoS 2 rule, QoS 2 message.
         for i in 0..20 {
-            publish(&there, &format!("cmd/{tag}/go"), &format!("c{i}"), QoS::ExactlyOnce).await;
+            publish(
+                &there,
+                &format!("cmd/{tag}/go"),
+                &format!("c{i}"),
+                QoS::ExactlyOnce,
+            )
+            .await;
         }
         publish(&there, &format!("cmd/{tag}/go"), "end", QoS::ExactlyOnce).await;
         let got: Vec<_> = until_marker(&mut here_cmd, "end")
@@ -91,8 +119,20 @@ async fn out_in_and_both_against_mosquitto_each_message_once() {
 
         // both: each side's messages reach the other once, and never come back.
         for i in 0..10 {
-            publish(&here, &format!("sync/{tag}/l"), &format!("l{i}"), QoS::AtLeastOnce).await;
-            publish(&there, &format!("sync/{tag}/r"), &format!("r{i}"), QoS::AtLeastOnce).await;
+            publish(
+                &here,
+                &format!("sync/{tag}/l"),
+                &format!("l{i}"),
+                QoS::AtLeastOnce,
+            )
+            .await;
+            publish(
+                &there,
+                &format!("sync/{tag}/r"),
+                &format!("r{i}"),
+                QoS::AtLeastOnce,
+            )
+            .await;
         }
         publish(&here, &format!("sync/{tag}/l"), "end-l", QoS::AtLeastOnce).await;
         publish(&there, &format!("sync/{tag}/r"), "end-r", QoS::AtLeastOnce).await;
@@ -110,7 +150,10 @@ async fn out_in_and_both_against_mosquitto_each_message_once() {
             // Anything echoed would come before the other side's end marker, which
             // travels the same way after it.
             got.sort();
-            let mut want: Vec<String> = (0..10).map(|i| format!("l{i}")).chain((0..10).map(|i| format!("r{i}"))).collect();
+            let mut want: Vec<String> = (0..10)
+                .map(|i| format!("l{i}"))
+                .chain((0..10).map(|i| format!("r{i}")))
+                .collect();
             want.sort();
             assert_eq!(got, want, "{tag}: both, seen {side}: each once");
         }
@@ -119,4 +162,3 @@ async fn out_in_and_both_against_mosquitto_each_message_once() {
         local.bridges.shutdown().await;
     }
 }
-

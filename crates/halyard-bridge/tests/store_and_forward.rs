@@ -20,10 +20,16 @@ use tokio::net::TcpListener;
 /// least once [MQTT-4.3.2] (here: once, the link never broke mid-flight).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_down_and_broker_restarted_nothing_lost_in_order() {
-    let mut remote = Mosquitto::start_with(halyard_testkit::procs::free_port(), "max_queued_messages 0");
+    let mut remote =
+        Mosquitto::start_with(halyard_testkit::procs::free_port(), "max_queued_messages 0");
     let store = Arc::new(MemoryStore::new());
     let side = Side::with_store("edge", store.clone()).await;
-    let b = bridge("cloud", &remote.url(), &["up/# out 2"], serde_json::json!({}));
+    let b = bridge(
+        "cloud",
+        &remote.url(),
+        &["up/# out 2"],
+        serde_json::json!({}),
+    );
     side.add(b.clone()).await;
     side.connected("cloud").await;
     // A persistent subscriber at the remote, so what arrives while it reconnects waits.
@@ -36,12 +42,19 @@ async fn remote_down_and_broker_restarted_nothing_lost_in_order() {
     let mut sub = there.subscribe("up/#", QoS::ExactlyOnce).await.unwrap();
 
     remote.stop();
-    eventually("the link is down", || side.status("cloud").state != "connected").await;
+    eventually("the link is down", || {
+        side.status("cloud").state != "connected"
+    })
+    .await;
     const N: usize = 200;
     for v in VERSIONS {
         let here = client(&side.url(), v, &format!("pub-sf-{v:?}")).await;
         for i in 0..N {
-            let q = if i % 2 == 0 { QoS::AtLeastOnce } else { QoS::ExactlyOnce };
+            let q = if i % 2 == 0 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::ExactlyOnce
+            };
             publish(&here, &format!("up/{v:?}/{}", i % 2), &format!("{i}"), q).await;
         }
         here.disconnect().await.unwrap();
@@ -53,7 +66,11 @@ async fn remote_down_and_broker_restarted_nothing_lost_in_order() {
     drop(side);
     let side = Side::with_store("edge", store).await;
     side.add(b).await;
-    assert_eq!(side.status("cloud").queue_depth, 2 * N, "still queued after the restart");
+    assert_eq!(
+        side.status("cloud").queue_depth,
+        2 * N,
+        "still queued after the restart"
+    );
     remote.restart("max_queued_messages 0");
     side.connected("cloud").await;
 
@@ -67,7 +84,11 @@ async fn remote_down_and_broker_restarted_nothing_lost_in_order() {
     for v in VERSIONS {
         for parity in 0..2 {
             let want: Vec<usize> = (0..N).filter(|i| i % 2 == parity).collect();
-            assert_eq!(seen[&format!("up/{v:?}/{parity}")], want, "{v:?} {parity}: all, in order, once");
+            assert_eq!(
+                seen[&format!("up/{v:?}/{parity}")],
+                want,
+                "{v:?} {parity}: all, in order, once"
+            );
         }
     }
     eventually("the queue is empty", || {
@@ -112,21 +133,28 @@ async fn queue_full_each_policy_drops_exactly_what_it_says() {
             let mut held_publish = None;
             for i in 0..6 {
                 let d = here
-                    .publish_nowait(Message::new(format!("q/{tag}/t"), format!("{i}")).qos(QoS::AtLeastOnce))
+                    .publish_nowait(
+                        Message::new(format!("q/{tag}/t"), format!("{i}")).qos(QoS::AtLeastOnce),
+                    )
                     .await
                     .unwrap();
                 if policy == "block" && !v.is_v5() && i == 4 {
                     // Held: no acknowledgement while the queue is full.
                     let mut d = Box::pin(d);
                     assert!(
-                        tokio::time::timeout(Duration::from_millis(500), &mut d).await.is_err(),
+                        tokio::time::timeout(Duration::from_millis(500), &mut d)
+                            .await
+                            .is_err(),
                         "{tag}: the 3.1.1 publisher is held"
                     );
                     held_publish = Some(d);
                     break;
                 }
                 match d.await {
-                    Err(halyard_client::Error::Rejected { reason: ReasonCode::QuotaExceeded, .. }) => {
+                    Err(halyard_client::Error::Rejected {
+                        reason: ReasonCode::QuotaExceeded,
+                        ..
+                    }) => {
                         refused.push(i);
                     }
                     r => assert!(!r.unwrap().reason.is_error(), "{tag} {i}"),
@@ -157,16 +185,25 @@ async fn queue_full_each_policy_drops_exactly_what_it_says() {
             side.bridges.pause("b", false).unwrap();
             let mut got = Vec::new();
             for _ in 0..kept.len() {
-                got.push(String::from_utf8_lossy(&recv(&mut there_sub).await.payload).parse::<usize>().unwrap());
+                got.push(
+                    String::from_utf8_lossy(&recv(&mut there_sub).await.payload)
+                        .parse::<usize>()
+                        .unwrap(),
+                );
             }
             assert_eq!(got, kept, "{tag}: exactly these arrive");
             if let Some(d) = held_publish {
-                let r = tokio::time::timeout(WAIT, d).await.expect("acknowledged once there is room");
+                let r = tokio::time::timeout(WAIT, d)
+                    .await
+                    .expect("acknowledged once there is room");
                 assert!(!r.unwrap().reason.is_error(), "{tag}");
             }
             // A marker after them: anything else would arrive before it.
             publish(&here, &format!("q/{tag}/t"), "end", QoS::AtLeastOnce).await;
-            assert!(until_marker(&mut there_sub, "end").await.is_empty(), "{tag}: nothing more");
+            assert!(
+                until_marker(&mut there_sub, "end").await.is_empty(),
+                "{tag}: nothing more"
+            );
             side.bridges.shutdown().await;
         }
     }
@@ -179,27 +216,45 @@ async fn remote_receive_maximum_5_is_never_exceeded() {
     let fake = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("tcp://{}", fake.local_addr().unwrap());
     let side = Side::start("edge").await;
-    side.add(bridge("rm", &url, &["rm/# out 1"], serde_json::json!({
-        "protocol_version": "mqttv50", "receive_maximum": 100, "notifications": false,
-    })))
+    side.add(bridge(
+        "rm",
+        &url,
+        &["rm/# out 1"],
+        serde_json::json!({
+            "protocol_version": "mqttv50", "receive_maximum": 100, "notifications": false,
+        }),
+    ))
     .await;
     let (sock, _) = fake.accept().await.unwrap();
     let mut r = RawClient::new(sock);
-    let Packet::Connect(c) = r.recv().await else { panic!("CONNECT first") };
+    let Packet::Connect(c) = r.recv().await else {
+        panic!("CONNECT first")
+    };
     // Ours to the remote: at most the configured window (and the local broker's own
     // Receive Maximum, which `in` messages meet next).
-    assert!(c.properties.receive_maximum.is_some_and(|m| (1..=100).contains(&m)));
+    assert!(
+        c.properties
+            .receive_maximum
+            .is_some_and(|m| (1..=100).contains(&m))
+    );
     r.send(&Packet::ConnAck(ConnAck {
         session_present: false,
         reason: ReasonCode::Success,
-        properties: Properties { receive_maximum: Some(5), ..Properties::default() },
+        properties: Properties {
+            receive_maximum: Some(5),
+            ..Properties::default()
+        },
     }))
     .await;
     let here = client(&side.url(), ProtocolVersion::V5, "pub-rm").await;
     const N: usize = 60;
     let mut pending = Vec::new();
     for i in 0..N {
-        pending.push(here.publish_nowait(Message::new("rm/t", format!("{i}")).qos(QoS::AtLeastOnce)).await.unwrap());
+        pending.push(
+            here.publish_nowait(Message::new("rm/t", format!("{i}")).qos(QoS::AtLeastOnce))
+                .await
+                .unwrap(),
+        );
     }
     let mut outstanding: Vec<u16> = Vec::new();
     let mut got = Vec::new();
@@ -208,9 +263,17 @@ async fn remote_receive_maximum_5_is_never_exceeded() {
         match r.recv().await {
             Packet::Publish(p) => {
                 outstanding.push(p.packet_id);
-                got.push(String::from_utf8_lossy(&p.payload).parse::<usize>().unwrap());
+                got.push(
+                    String::from_utf8_lossy(&p.payload)
+                        .parse::<usize>()
+                        .unwrap(),
+                );
                 most = most.max(outstanding.len());
-                assert!(outstanding.len() <= 5, "[MQTT-3.3.4-7] {} in flight", outstanding.len());
+                assert!(
+                    outstanding.len() <= 5,
+                    "[MQTT-3.3.4-7] {} in flight",
+                    outstanding.len()
+                );
                 // Acknowledge only when the window is full: the bridge must wait.
                 if outstanding.len() == 5 || got.len() == N {
                     for id in outstanding.drain(..) {

@@ -200,7 +200,9 @@ impl Broker {
             dropped_new: own
                 .as_ref()
                 .map_or(0, |o| o.dropped_new.load(Ordering::Relaxed)),
-            refused: own.as_ref().map_or(0, |o| o.refused.load(Ordering::Relaxed)),
+            refused: own
+                .as_ref()
+                .map_or(0, |o| o.refused.load(Ordering::Relaxed)),
         })
     }
 

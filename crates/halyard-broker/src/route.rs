@@ -229,8 +229,7 @@ impl Inner {
         for m in matches.iter() {
             if let Some(own) = self.own_queue(&m.session)
                 && own.limits.policy == crate::session::QueuePolicy::Block
-                && m
-                    .session
+                && m.session
                     .would_overflow(Self::limits_with(Some(&own), base), msg.cost())
             {
                 own.refused.fetch_add(1, Ordering::Relaxed);

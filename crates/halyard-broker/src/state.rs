@@ -76,8 +76,7 @@ pub(crate) struct Inner {
     /// Queue limits of the broker's own sessions (`$bridge/...`, whose `Session::overridden`
     /// is set), by client id: a bridge's store-and-forward queue has its own bounds and
     /// overflow policy. Read per delivery to such a session only.
-    pub(crate) queue_overrides:
-        RwLock<HashMap<Arc<str>, Arc<crate::session::OwnQueue>>>,
+    pub(crate) queue_overrides: RwLock<HashMap<Arc<str>, Arc<crate::session::OwnQueue>>>,
     /// How many of `queue_overrides` have the `Block` policy (0: publishes skip the check).
     pub(crate) blocking_queues: std::sync::atomic::AtomicUsize,
 }

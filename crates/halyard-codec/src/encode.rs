@@ -243,7 +243,11 @@ fn write_connect(c: &Connect, buf: &mut BytesMut) -> Result<(), EncodeError> {
     let v5 = c.protocol.is_v5();
     put_binary(buf, c.protocol.protocol_name().as_bytes(), "protocol name")?;
     // Mosquitto's bridge bit (3.x only; 5.0 has No Local and Retain As Published).
-    let bridge = if c.bridge && !c.protocol.is_v5() { 0x80 } else { 0 };
+    let bridge = if c.bridge && !c.protocol.is_v5() {
+        0x80
+    } else {
+        0
+    };
     buf.put_u8(c.protocol.level() | bridge);
     if !v5 && c.password.is_some() && c.username.is_none() {
         return Err(EncodeError::Invalid(

@@ -86,8 +86,7 @@ impl Mosquitto {
     /// Starts on `port` with extra configuration lines; persistence goes to a directory of
     /// its own, so a restart on the same port resumes sessions.
     pub fn start_with(port: u16, extra: &str) -> Mosquitto {
-        let dir =
-            std::env::temp_dir().join(format!("halyard-mosq-{}-{port}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("halyard-mosq-{}-{port}", std::process::id()));
         shared_dir(&dir);
         let mut m = Mosquitto {
             port,
@@ -159,4 +158,3 @@ impl Drop for Mosquitto {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
-

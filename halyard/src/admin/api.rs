@@ -139,6 +139,47 @@ pub(super) async fn dispatch(
             })?;
             ok(json!({"listener": params[0], "changed": changed, "state": "listening"}))
         }
+        ("GET", "/api/v1/bridges") => ok(json!({ "data": server.bridges.status() })),
+        ("GET", "/api/v1/bridges/{name}") => match server.bridges.get(&params[0]) {
+            Some(b) => ok(json!(b)),
+            None => Err(ApiError::not_found(format!("no bridge {}", params[0]))),
+        },
+        ("POST", "/api/v1/bridges") => {
+            // The body is a `[[bridge]]` table as JSON; unknown keys are refused.
+            let body = read_json(req).await?;
+            let cfg: halyard_bridge::BridgeConfig = serde_json::from_value(body)
+                .map_err(|e| ApiError::bad_request(format!("bridge: {e}")))?;
+            let bridge = cfg
+                .validate()
+                .map_err(|e| ApiError::bad_request(format!("bridge `{}`: {e}", cfg.name)))?;
+            let created = server
+                .bridges
+                .add(bridge)
+                .await
+                .map_err(|e| ApiError::new(StatusCode::CONFLICT, "BRIDGE_REFUSED", e))?;
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(json_response(status, &json!(server.bridges.get(&cfg.name))))
+        }
+        ("DELETE", "/api/v1/bridges/{name}") => {
+            server
+                .bridges
+                .remove(&params[0])
+                .await
+                .map_err(ApiError::not_found)?;
+            ok(json!({"bridge": params[0], "deleted": true}))
+        }
+        ("POST", "/api/v1/bridges/{name}/pause") | ("POST", "/api/v1/bridges/{name}/resume") => {
+            let paused = pattern.ends_with("/pause");
+            server
+                .bridges
+                .pause(&params[0], paused)
+                .map_err(ApiError::not_found)?;
+            ok(json!({"bridge": params[0], "paused": paused}))
+        }
         ("POST", "/api/v1/publish") => {
             let body = read_json(req).await?;
             publish(state, &body).await
@@ -148,6 +189,9 @@ pub(super) async fn dispatch(
                 "reloaded": true,
                 "listeners_added": r.listeners_added,
                 "listeners_removed": r.listeners_removed,
+                "bridges_added": r.bridges_added,
+                "bridges_changed": r.bridges_changed,
+                "bridges_removed": r.bridges_removed,
                 "tls_reloaded": r.tls_reloaded,
                 "log_level": r.log_level,
             })),

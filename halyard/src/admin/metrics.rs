@@ -175,6 +175,7 @@ pub(crate) async fn render(server: &Server) -> String {
         ("too_large", st.dropped_too_large),
         ("expired", st.expired_messages),
         ("not_authorized", st.dropped_not_authorized),
+        ("bridge_loop", st.bridge_loops_dropped),
     ] {
         let _ = writeln!(
             o.0,
@@ -332,6 +333,8 @@ pub(crate) async fn render(server: &Server) -> String {
         );
     }
 
+    bridge_metrics(&mut o, &server.bridges.status());
+
     if let Some(m) = &s.store {
         o.one(
             "store_commits",
@@ -399,6 +402,96 @@ pub(crate) async fn render(server: &Server) -> String {
 }
 
 /// Messages that did not reach a subscriber, all reasons.
+/// Per-bridge families, labelled `bridge="<name>"`.
+fn bridge_metrics(o: &mut Out, bridges: &[halyard_bridge::BridgeStatus]) {
+    type Get = fn(&halyard_bridge::BridgeStatus) -> u64;
+    let families: [(&str, &str, &str, Get); 8] = [
+        (
+            "bridge_up",
+            "gauge",
+            "1 while the bridge's link to its remote is up.",
+            |b| u64::from(b.state == "connected"),
+        ),
+        (
+            "bridge_paused",
+            "gauge",
+            "1 while the bridge is paused.",
+            |b| u64::from(b.state == "paused"),
+        ),
+        (
+            "bridge_queue_messages",
+            "gauge",
+            "Messages not yet acknowledged by the remote (queued here, held or in flight).",
+            |b| b.queue_depth as u64,
+        ),
+        (
+            "bridge_queue_bytes",
+            "gauge",
+            "Bytes queued for the remote in the bridge's local session.",
+            |b| b.queue_bytes as u64,
+        ),
+        (
+            "bridge_inflight_messages",
+            "gauge",
+            "Messages sent to the remote and not yet acknowledged.",
+            |b| b.in_flight as u64,
+        ),
+        (
+            "bridge_connects_total",
+            "counter",
+            "Links to the remote established.",
+            |b| b.connects,
+        ),
+        (
+            "bridge_forwarded_out_total",
+            "counter",
+            "Messages sent to the remote.",
+            |b| b.forwarded_out,
+        ),
+        (
+            "bridge_forwarded_in_total",
+            "counter",
+            "Messages received from the remote and published here.",
+            |b| b.forwarded_in,
+        ),
+    ];
+    for (name, kind, help, get) in families {
+        o.family(name, kind, help);
+        for b in bridges {
+            let _ = writeln!(
+                o.0,
+                "halyard_{name}{{bridge=\"{}\"}} {}",
+                label(&b.name),
+                get(b)
+            );
+        }
+    }
+    o.family(
+        "bridge_dropped_total",
+        "counter",
+        "Messages a bridge dropped, by reason.",
+    );
+    for b in bridges {
+        let d = &b.dropped;
+        for (reason, v) in [
+            ("queue_full_oldest", d.queue_full_oldest),
+            ("queue_full_new", d.queue_full_new),
+            ("queue_full_refused", d.queue_full_refused),
+            ("too_large", d.too_large),
+            ("remote_refused", d.remote_refused),
+            ("loop", d.looped),
+            ("unmapped", d.unmapped),
+            ("qos0_offline", d.qos0_offline),
+        ] {
+            let _ = writeln!(
+                o.0,
+                "halyard_bridge_dropped_total{{bridge=\"{}\",reason=\"{reason}\"}} {v}",
+                label(&b.name)
+            );
+        }
+    }
+}
+
 pub(crate) fn dropped(st: &halyard_broker::StatsSnapshot) -> u64 {
     st.dropped_no_subscribers
         + st.dropped_queue_full

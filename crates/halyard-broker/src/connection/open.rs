@@ -214,8 +214,14 @@ impl Proto {
                 || (c.keep_alive == 0 && cfg.max_keepalive < u16::MAX)))
             .then_some(cfg.max_keepalive);
         let keep_alive = server_keep_alive.unwrap_or(c.keep_alive);
-        let mut conn_info =
-            ConnInfo::new(peer.clone(), listener, user.clone(), v, keep_alive, c.clean_start);
+        let mut conn_info = ConnInfo::new(
+            peer.clone(),
+            listener,
+            user.clone(),
+            v,
+            keep_alive,
+            c.clean_start,
+        );
         conn_info.bridge = c.bridge && !v5;
         let conn_info = Arc::new(conn_info);
         let conn_id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);

@@ -6,7 +6,6 @@
 use halyard_testkit::TestBroker;
 pub use halyard_testkit::procs::{Mosquitto, WAIT, free_port};
 
-
 /// Either broker, by name, for tests that run against both.
 pub enum AnyBroker {
     Halyard(TestBroker),
