@@ -119,7 +119,7 @@ impl Relay {
 
     /// An `out` message from the local session: to the remote, held, or dropped (and
     /// acknowledged, so it leaves the queue).
-    fn from_local(
+    fn outgoing(
         &mut self,
         p: Publish,
         local: &mut Wire<DuplexStream>,
@@ -289,7 +289,7 @@ impl Relay {
         mut remote: Option<&mut Wire<BoxStream>>,
     ) -> Result<(), String> {
         match packet {
-            Packet::Publish(p) => self.from_local(p, local, remote),
+            Packet::Publish(p) => self.outgoing(p, local, remote),
             Packet::PubRel(a) => match self.out.get(&a.packet_id).map(|o| &o.1) {
                 Some(Out::LocalRel) => {
                     self.forget(a.packet_id);
@@ -305,9 +305,9 @@ impl Relay {
                 }
             },
             // Acknowledgements of `in` messages: relayed unchanged.
-            Packet::PubAck(a) => relay(remote, Packet::PubAck(a)),
-            Packet::PubRec(a) => relay(remote, Packet::PubRec(a)),
-            Packet::PubComp(a) => relay(remote, Packet::PubComp(a)),
+            Packet::PubAck(a) => relay(remote, &Packet::PubAck(a)),
+            Packet::PubRec(a) => relay(remote, &Packet::PubRec(a)),
+            Packet::PubComp(a) => relay(remote, &Packet::PubComp(a)),
             Packet::SubAck(s) => {
                 if s.reasons.iter().any(|r| r.is_error()) {
                     warn!(bridge = %self.b.config.name, reasons = ?s.reasons, "bridge: the local broker refused a subscription");
@@ -330,7 +330,7 @@ impl Relay {
         remote: &mut Wire<BoxStream>,
     ) -> Result<(), String> {
         match packet {
-            Packet::Publish(p) => self.from_remote(p, local, remote),
+            Packet::Publish(p) => self.incoming(p, local, remote),
             Packet::PubAck(a) | Packet::PubRec(a) if a.reason == ReasonCode::QuotaExceeded => {
                 // Not a refusal of the message: the remote is full. Send fewer at once,
                 // and this one again after a pause (it stays in flight here).
@@ -411,7 +411,7 @@ impl Relay {
 
     /// An `in` message: to the local broker under the same packet id, unless it maps to
     /// no rule or already went through this broker (then answered here).
-    fn from_remote(
+    fn incoming(
         &mut self,
         p: Publish,
         local: &mut Wire<DuplexStream>,
@@ -468,11 +468,11 @@ impl Relay {
     }
 }
 
-fn relay(remote: Option<&mut Wire<BoxStream>>, p: Packet) {
+fn relay(remote: Option<&mut Wire<BoxStream>>, p: &Packet) {
     // With the remote away the acknowledgement is lost; the remote's persistent session
     // sends the message again, and the local broker acknowledges it again (QoS 2: it
     // still holds the packet id).
     if let Some(r) = remote {
-        r.send(&p);
+        r.send(p);
     }
 }

@@ -764,11 +764,10 @@ impl Session {
             }
             // `Block` is decided before routing (`Session::refuses`); a message that gets
             // here anyway (a will, a retained message on subscribe) is dropped.
-            Some(QueuePolicy::DropNew | QueuePolicy::Block) => {
-                if full(st) {
-                    return Enqueued::DroppedFull;
-                }
+            Some(QueuePolicy::DropNew | QueuePolicy::Block) if full(st) => {
+                return Enqueued::DroppedFull;
             }
+            Some(_) => {}
         }
         if full(st) {
             // Drop-oldest for QoS 0: it is the one class the sender accepted losing.

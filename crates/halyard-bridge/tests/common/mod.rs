@@ -1,6 +1,6 @@
 //! Bridges between an in-process Halyard and a remote: Debian's Mosquitto (a process) or a
 //! second in-process Halyard; clients are halyard-client.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::needless_pass_by_value)]
 
 use std::sync::Arc;
 use std::time::Duration;
