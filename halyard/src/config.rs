@@ -504,7 +504,8 @@ impl Config {
 
     pub(crate) fn broker(&self) -> BrokerConfig {
         BrokerConfig {
-            node_id: Some(self.node_id()),
+            // Resolved at start (`node_id()`), kept across reloads by the server.
+            node_id: (!self.node_id.is_empty()).then(|| self.node_id.clone()),
             max_keepalive: self.max_keepalive,
             connect_timeout: Duration::from_secs(self.connect_timeout),
             max_inflight_messages: self.max_inflight_messages,

@@ -223,12 +223,17 @@ fn serve(cfg: Config, source: server::ConfigSource) -> ExitCode {
     rt.block_on(run(cfg, source, log_reload))
 }
 
-async fn run(cfg: Config, source: server::ConfigSource, log_reload: server::LogReload) -> ExitCode {
+async fn run(
+    mut cfg: Config,
+    source: server::ConfigSource,
+    log_reload: server::LogReload,
+) -> ExitCode {
     // Owner-only: it holds the store (payloads in clear), API keys and the pid file.
     if let Err(e) = halyard_store::private_dir(std::path::Path::new(&cfg.data_dir)) {
         error!(data_dir = %cfg.data_dir, error = %e, "cannot create the data directory");
         return ExitCode::FAILURE;
     }
+    cfg.node_id = cfg.node_id();
     let store: Arc<dyn halyard_store::Store> = match cfg.persistence.mode() {
         None => {
             info!("persistence is off: state is kept in memory only");

@@ -267,11 +267,15 @@ impl Server {
     /// changes nothing and says why.
     pub(crate) async fn reload(&self) -> Result<ReloadReport, String> {
         let _one_at_a_time = self.reload_lock.lock().await;
-        let cfg = self.source.load()?;
+        let mut cfg = self.source.load()?;
+        let old = self.config();
+        if cfg.node_id.is_empty() {
+            // The name resolved at start (kept in the data directory) stays.
+            cfg.node_id = old.node_id.clone();
+        }
         let security = cfg.security()?;
         let wanted = cfg.listeners()?;
         let bridges = cfg.bridges()?;
-        let old = self.config();
         let mut report = ReloadReport {
             log_level: cfg.log_level.clone(),
             ..ReloadReport::default()

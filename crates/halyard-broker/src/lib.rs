@@ -8,10 +8,12 @@ pub mod auth;
 pub mod config;
 mod connection;
 pub use connection::sim;
+mod conn_info;
 mod handle;
 mod housekeeping;
 mod lifecycle;
 mod message;
+mod own_queue;
 mod queue;
 mod recover;
 mod registry;
@@ -31,5 +33,5 @@ pub use handle::Broker;
 /// broker's node id as value (one pair per broker crossed): a broker whose
 /// `BrokerConfig::node_id` is among them drops the message instead of routing it again.
 pub const HOP_PROPERTY: &str = "halyard-hop";
-pub use session::{QueueOverride, QueuePolicy, QueueStats};
+pub use own_queue::{QueueOverride, QueuePolicy, QueueStats};
 pub use stats::StatsSnapshot;

@@ -275,7 +275,7 @@ impl Inner {
                     .enqueue(out, Self::limits_with(own.as_deref(), limits), &mut ops);
             self.count_enqueue(r);
             if let Some(o) = own {
-                o.count(r, 1);
+                count_own(&o, r, 1);
             }
         }
         ops.extend(extra);
@@ -305,7 +305,7 @@ impl Inner {
             session.enqueue_many(outs.drain(..), l, &mut ops, |r, n| {
                 self.count_enqueue_n(r, n);
                 if let Some(o) = &own {
-                    o.count(r, n);
+                    count_own(o, r, n);
                 }
             });
             if outs.capacity() <= Deferred::SPARE_CAPACITY && d.spare.len() < Deferred::SPARE_MAX {
@@ -606,4 +606,14 @@ mod tests {
         }
         assert_queued(&subs, 0..12);
     }
+}
+
+/// Counts outcome `r` of `n` messages against a session's own queue limits.
+fn count_own(o: &crate::session::OwnQueue, r: Enqueued, n: usize) {
+    let c = match r {
+        Enqueued::QueuedDroppedOldest => &o.dropped_oldest,
+        Enqueued::DroppedFull => &o.dropped_new,
+        _ => return,
+    };
+    c.fetch_add(n as u64, Ordering::Relaxed);
 }

@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use halyard_codec::{ProtocolVersion, QoS, ReasonCode, SubscriptionOptions, TopicFilter};
 use halyard_store::{Op, Store, StoredDelivery};
 
+pub(crate) use crate::conn_info::unix_ms;
+pub use crate::conn_info::{ConnInfo, Peer};
 use crate::message::Message;
+pub(crate) use crate::own_queue::{OwnQueue, QueueOverride, QueuePolicy, QueueStats};
 pub(crate) use crate::queue::Outgoing;
 use crate::queue::{Entry, Queue, Run};
 
@@ -64,109 +67,6 @@ pub(crate) struct ConnLink {
     /// alive run out; see `Session::kick`). A takeover needs none: the connection sees
     /// that it is no longer attached.
     pub(crate) kick: Option<ReasonCode>,
-}
-
-/// Who is (or was last) connected to a session, for the admin API and `$SYS`.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The client's address (or transport name).
-    pub peer: Peer,
-    /// The listener's URL.
-    pub listener: Arc<str>,
-    /// The authenticated user name, if any.
-    pub username: Option<Arc<str>>,
-    /// The protocol level spoken.
-    pub protocol: ProtocolVersion,
-    /// The keep alive in force (seconds; 0: none).
-    pub keep_alive: u16,
-    /// Clean start / clean session flag of the CONNECT.
-    pub clean_start: bool,
-    /// Mosquitto's bridge bit was set (3.x): subscriptions act as No Local and Retain As
-    /// Published.
-    pub bridge: bool,
-    /// When the CONNACK was sent, in milliseconds since the Unix epoch (8 bytes where a
-    /// `SystemTime` takes 16: one allocation per connection, in the 80-byte class).
-    connected_ms: u64,
-}
-
-/// Milliseconds since the Unix epoch (0 before it): how a session keeps its connect and
-/// close times in 8 bytes.
-fn unix_ms(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// A client's address as logs and the admin API show it: an IPv4 address and port kept
-/// inline (no string allocated per connection for the most common client), anything
-/// else (IPv6, Unix socket, transport names, PROXY-protocol sources) as its text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Peer {
-    /// An IPv4 client.
-    V4(std::net::SocketAddrV4),
-    /// Any other client, as displayed.
-    Text(Arc<str>),
-}
-
-impl From<&halyard_transport::Remote> for Peer {
-    fn from(r: &halyard_transport::Remote) -> Self {
-        match r {
-            halyard_transport::Remote::Ip(std::net::SocketAddr::V4(a)) => Peer::V4(*a),
-            other => Peer::Text(other.to_string().into()),
-        }
-    }
-}
-
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Peer::V4(a) => a.fmt(f),
-            Peer::Text(t) => f.write_str(t),
-        }
-    }
-}
-
-impl ConnInfo {
-    pub(crate) fn new(
-        peer: Peer,
-        listener: Arc<str>,
-        username: Option<Arc<str>>,
-        protocol: ProtocolVersion,
-        keep_alive: u16,
-        clean_start: bool,
-    ) -> Self {
-        let connected_ms = unix_ms(std::time::SystemTime::now());
-        ConnInfo {
-            peer,
-            listener,
-            username,
-            protocol,
-            keep_alive,
-            clean_start,
-            bridge: false,
-            connected_ms,
-        }
-    }
-
-    /// What a session restored from the store knows of its last connection: the
-    /// identity it is bound to and the protocol. No peer or listener (empty), connected
-    /// at the epoch (0 ms).
-    pub(crate) fn restored(username: Option<Arc<str>>, protocol: ProtocolVersion) -> Self {
-        ConnInfo {
-            peer: Peer::Text("".into()),
-            listener: "".into(),
-            username,
-            protocol,
-            keep_alive: 0,
-            clean_start: false,
-            bridge: false,
-            connected_ms: 0,
-        }
-    }
-
-    /// When the CONNACK was sent (to the millisecond).
-    pub fn connected_at(&self) -> std::time::SystemTime {
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.connected_ms)
-    }
 }
 
 /// A will waiting for its delay (or for the session to end).
@@ -275,81 +175,6 @@ pub(crate) struct QueueLimits {
     pub(crate) queue_qos0_offline: bool,
     /// `None`: the broker's policy (evict the oldest QoS 0, else drop the new message).
     pub(crate) policy: Option<QueuePolicy>,
-}
-
-/// What a session with its own queue limits (a bridge's store-and-forward queue, see
-/// [`crate::Broker::set_queue_limits`]) does when the queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueuePolicy {
-    /// Drop the oldest queued (not in-flight) message, whatever its QoS.
-    DropOldest,
-    /// Drop the new message.
-    DropNew,
-    /// Refuse the publish: v5 publishers get PUBACK/PUBREC 0x97, 3.1.1 publishers are
-    /// disconnected before the acknowledgement (they keep the message and send it again
-    /// after reconnecting); nobody else receives it either.
-    Block,
-}
-
-/// A session's own queue limits and what they dropped (`Inner::queue_overrides`).
-#[derive(Debug)]
-pub(crate) struct OwnQueue {
-    pub(crate) limits: QueueOverride,
-    /// Dropped by `DropOldest` to make room.
-    pub(crate) dropped_oldest: std::sync::atomic::AtomicU64,
-    /// Dropped for want of room (`DropNew`, or a will/retained message under `Block`).
-    pub(crate) dropped_new: std::sync::atomic::AtomicU64,
-    /// Publishes refused under `Block`.
-    pub(crate) refused: std::sync::atomic::AtomicU64,
-}
-
-impl OwnQueue {
-    pub(crate) fn new(limits: QueueOverride) -> Self {
-        OwnQueue {
-            limits,
-            dropped_oldest: Default::default(),
-            dropped_new: Default::default(),
-            refused: Default::default(),
-        }
-    }
-
-    /// Counts outcome `r` of `n` messages.
-    pub(crate) fn count(&self, r: Enqueued, n: usize) {
-        let c = match r {
-            Enqueued::QueuedDroppedOldest => &self.dropped_oldest,
-            Enqueued::DroppedFull => &self.dropped_new,
-            _ => return,
-        };
-        c.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-/// A session's queue at one moment (`Broker::queue_stats`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Messages queued, not yet sent.
-    pub depth: usize,
-    /// Their cost in bytes (what `max_bytes` bounds).
-    pub bytes: usize,
-    /// Sent, not yet acknowledged.
-    pub in_flight: usize,
-    /// Dropped by the `DropOldest` policy.
-    pub dropped_oldest: u64,
-    /// Dropped for want of room (`DropNew`).
-    pub dropped_new: u64,
-    /// Publishes refused (`Block`).
-    pub refused: u64,
-}
-
-/// Queue limits of one session, instead of `max_queued_messages`/`max_queued_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueOverride {
-    /// Most messages queued (in flight not counted).
-    pub max_messages: usize,
-    /// Most bytes queued (0: no byte limit).
-    pub max_bytes: usize,
-    /// What a full queue does.
-    pub policy: QueuePolicy,
 }
 
 /// What happened to a message offered to a session.

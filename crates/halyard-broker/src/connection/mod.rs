@@ -17,6 +17,7 @@ mod open;
 mod outbound;
 mod proto;
 pub mod sim;
+mod subscribe;
 #[cfg(test)]
 mod tests;
 
