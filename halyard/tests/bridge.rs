@@ -10,9 +10,15 @@ use common::{WAIT, free_port, halyard_bin, run, temp_dir};
 use halyard_client::{Client, ClientOptions, Message, ProtocolVersion, QoS, Reconnect};
 use halyard_testkit::procs::Mosquitto;
 
-/// How many messages the CI run sends (the script `bench/bridge_sigkill.py` runs 10,000).
-const QOS1: usize = 2000;
-const QOS2: usize = 200;
+/// QoS 1 messages sent: 2,000 in CI; `tests/bridge/sigkill.sh 10000` sets
+/// `HALYARD_BRIDGE_KILL_MESSAGES` for the long run. QoS 2: a tenth of that.
+fn counts() -> (usize, usize) {
+    let n = std::env::var("HALYARD_BRIDGE_KILL_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000usize);
+    (n, n / 10)
+}
 
 fn opts(url: &str, id: &str) -> ClientOptions {
     ClientOptions::new(url)
@@ -65,13 +71,14 @@ impl Drop for Halyard {
     }
 }
 
-/// The remote (Mosquitto) stopped; 2,000 QoS 1 and 200 QoS 2 messages published here and
+/// The remote (Mosquitto) stopped; 2,000 QoS 1 and 200 QoS 2 messages (CI) published here and
 /// acknowledged; Halyard SIGKILLed and started again; the remote back: all of them reach
 /// the remote's subscriber, in order per topic, each once (QoS 2 exactly once
 /// [MQTT-4.3.3]; a PUBACK here means the message is in the bridge's queue on disk).
 /// For a 3.1.1 and a 5.0 link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_down_and_halyard_sigkilled_nothing_acknowledged_is_lost() {
+    let (qos1, qos2) = counts();
     for version in ["mqttv311", "mqttv50"] {
         let dir = temp_dir(&format!("bridge-kill-{version}"));
         let mut remote = Mosquitto::start_with(free_port(), "max_queued_messages 0");
@@ -102,7 +109,7 @@ async fn remote_down_and_halyard_sigkilled_nothing_acknowledged_is_lost() {
         let here = Client::connect(opts(&format!("tcp://127.0.0.1:{port}"), "here"));
         here.connected().await.unwrap();
         let mut pending = Vec::new();
-        for i in 0..QOS1 {
+        for i in 0..qos1 {
             pending.push(
                 here.publish_nowait(Message::new("load/q1", i.to_string()).qos(QoS::AtLeastOnce))
                     .await
@@ -114,7 +121,7 @@ async fn remote_down_and_halyard_sigkilled_nothing_acknowledged_is_lost() {
                 }
             }
         }
-        for i in 0..QOS2 {
+        for i in 0..qos2 {
             pending.push(
                 here.publish_nowait(Message::new("load/q2", i.to_string()).qos(QoS::ExactlyOnce))
                     .await
@@ -129,9 +136,9 @@ async fn remote_down_and_halyard_sigkilled_nothing_acknowledged_is_lost() {
         let _h = Halyard::start(&conf, port, &log);
         remote.restart("max_queued_messages 0");
 
-        let mut q1 = Vec::with_capacity(QOS1);
-        let mut q2 = Vec::with_capacity(QOS2);
-        while q1.len() < QOS1 || q2.len() < QOS2 {
+        let mut q1 = Vec::with_capacity(qos1);
+        let mut q2 = Vec::with_capacity(qos2);
+        while q1.len() < qos1 || q2.len() < qos2 {
             let m = tokio::time::timeout(Duration::from_secs(60), sub.recv())
                 .await
                 .unwrap_or_else(|_| {
@@ -152,12 +159,12 @@ async fn remote_down_and_halyard_sigkilled_nothing_acknowledged_is_lost() {
         }
         assert_eq!(
             q1,
-            (0..QOS1).collect::<Vec<_>>(),
+            (0..qos1).collect::<Vec<_>>(),
             "{version}: QoS 1 all, in order, once"
         );
         assert_eq!(
             q2,
-            (0..QOS2).collect::<Vec<_>>(),
+            (0..qos2).collect::<Vec<_>>(),
             "{version}: QoS 2 all, in order, exactly once"
         );
         // Nothing more (a duplicate would come before this marker, sent after them).

@@ -162,3 +162,65 @@ async fn out_in_and_both_against_mosquitto_each_message_once() {
         local.bridges.shutdown().await;
     }
 }
+
+/// TLS to the remote: Mosquitto with a certificate from a test CA; the bridge verifies it
+/// against `cafile` (host name `localhost`), 3.1.1 and 5.0; without the CA it does not
+/// connect and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_a_mosquitto_remote() {
+    let pki = halyard_testkit::pki::TestPki::new();
+    let ca = pki.ca("bridge");
+    let server = pki.server(&ca, "mosq");
+    let tls_port = halyard_testkit::procs::free_port();
+    let remote = Mosquitto::start_with(
+        halyard_testkit::procs::free_port(),
+        &format!(
+            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            ca.cert.display(),
+            server.cert.display(),
+            server.key.display()
+        ),
+    );
+    for v in VERSIONS {
+        let tag = version_name(v);
+        let local = Side::start("edge").await;
+        let url = format!("tls://localhost:{tls_port}");
+        local
+            .add(bridge(
+                "secure",
+                &url,
+                &[&format!("tls/{tag}/# out 1")],
+                serde_json::json!({ "protocol_version": tag, "cafile": ca.cert.display().to_string() }),
+            ))
+            .await;
+        local.connected("secure").await;
+        let there = client(&remote.url(), v, &format!("there-tls-{tag}")).await;
+        let mut sub = there
+            .subscribe(format!("tls/{tag}/#"), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let here = client(&local.url(), v, &format!("here-tls-{tag}")).await;
+        publish(&here, &format!("tls/{tag}/x"), "over tls", QoS::AtLeastOnce).await;
+        assert_eq!(recv(&mut sub).await.payload, "over tls", "{tag}");
+        local.bridges.shutdown().await;
+        // Without the CA the remote's certificate is not trusted.
+        let untrusted = Side::start("edge").await;
+        untrusted
+            .add(bridge(
+                "secure",
+                &url,
+                &["tls/# out 1"],
+                serde_json::json!({ "protocol_version": tag }),
+            ))
+            .await;
+        eventually("the certificate is refused", || {
+            untrusted
+                .status("secure")
+                .last_error
+                .is_some_and(|e| e.to_lowercase().contains("certificate"))
+        })
+        .await;
+        assert_ne!(untrusted.status("secure").state, "connected");
+        untrusted.bridges.shutdown().await;
+    }
+}

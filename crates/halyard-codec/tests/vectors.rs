@@ -1008,3 +1008,31 @@ fn user_properties_over_the_decode_limit() {
     assert_eq!(e.kind, ErrorKind::UserPropertiesOverLimit);
     assert!(decode_limited(&mut wire(&connect), ProtocolVersion::V5, 1 << 20, 3).is_ok());
 }
+
+/// Mosquitto's bridge bit: a 3.x protocol level with 0x80 set (0x84: 3.1.1, 0x83: 3.1)
+/// is a bridge's CONNECT (not in the standard; what Mosquitto's bridges send with
+/// `try_private`). Decoded with `bridge` set, and encoded back to the same bytes.
+#[test]
+fn the_bridge_bit_of_a_3x_connect() {
+    for (hex, protocol) in [
+        (
+            "10 0D 00 04 4D 51 54 54 84 02 00 3C 00 01 61",
+            ProtocolVersion::V3_1_1,
+        ),
+        (
+            "10 0F 00 06 4D 51 49 73 64 70 83 02 00 3C 00 01 61",
+            ProtocolVersion::V3_1,
+        ),
+    ] {
+        let bytes = self::hex(hex);
+        let mut buf = BytesMut::from(&bytes[..]);
+        let Ok(Some(Packet::Connect(c))) = decode(&mut buf, protocol, 1024) else {
+            panic!("{hex}: a CONNECT");
+        };
+        assert!(c.bridge, "{hex}");
+        assert_eq!(c.protocol, protocol);
+        let mut out = BytesMut::new();
+        Packet::Connect(c).encode(protocol, &mut out).unwrap();
+        assert_eq!(&out[..], &bytes[..], "{hex}: same bytes back");
+    }
+}
