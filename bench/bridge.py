@@ -28,6 +28,10 @@ import tempfile
 import time
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+# Halyard's [persistence] sync for both Halyards: "batch" (the default: acknowledged means
+# on disk) or "off" (what Mosquitto does between its periodic saves), to separate the
+# bridge's own cost from durability's.
+SYNC = os.environ.get("HALYARD_SYNC", "batch")
 
 
 def free_port():
@@ -90,7 +94,8 @@ class Procs:
         data = os.path.join(self.dir, f"data-{tag}-{port}")
         conf = os.path.join(self.dir, f"halyard-{port}.toml")
         text = (f'listen = ["tcp://127.0.0.1:{port}"]\ndata_dir = "{data}"\n'
-                f'log_level = "warn"\nmax_inflight_messages = 1000\n[admin]\nenabled = false\n')
+                f'log_level = "warn"\nmax_inflight_messages = 1000\n'
+                f'[persistence]\nsync = "{SYNC}"\n[admin]\nenabled = false\n')
         if bridge_to:
             text += (f'\n[[bridge]]\nname = "bench"\naddress = ["tcp://127.0.0.1:{bridge_to}"]\n'
                      f'topic = ["bench/# out 1"]\nrestart_timeout = [1, 1]\n'
@@ -108,7 +113,7 @@ class Procs:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_load(binary, local, remote, secs, tag):
+def run_load(binary, local, remote, secs, tag, rate):
     sub = subprocess.Popen(
         [binary, "bench", "sub", "-p", str(remote), "--subs", "1", "-f", f"bench/{tag}/#",
          "--tag", tag, "-q", "1", "-d", str(secs + 3), "--json"],
@@ -116,13 +121,13 @@ def run_load(binary, local, remote, secs, tag):
     time.sleep(0.5)  # the subscriber's SUBACK (a one-off start-up wait, not a measurement)
     pub = subprocess.run(
         [binary, "bench", "pub", "-p", str(local), "--pubs", "4", "-t", f"bench/{tag}/%i",
-         "--tag", tag, "-q", "1", "-d", str(secs), "--json"],
+         "--tag", tag, "-q", "1", "-d", str(secs), "-r", str(rate), "--json"],
         capture_output=True, text=True, check=True)
     out, _ = sub.communicate()
     return json.loads(pub.stdout), json.loads(out)
 
 
-def scenario(binary, name, secs):
+def scenario(binary, name, secs, rate):
     p = Procs()
     try:
         remote = free_port()
@@ -140,7 +145,7 @@ def scenario(binary, name, secs):
         time.sleep(1)  # the bridge's first connect (start-up, not measured)
         cpu0 = cpu_seconds(broker.pid)
         t0 = time.time()
-        pub, sub = run_load(binary, local, remote, secs, f"{name.replace('>', '')}{local}")
+        pub, sub = run_load(binary, local, remote, secs, f"{name.replace('>', '')}{local}", rate)
         wall = time.time() - t0
         cpu = cpu_seconds(broker.pid) - cpu0
         received = sub["received"]
@@ -183,17 +188,21 @@ def main():
     ap.add_argument("--secs", type=int, default=10)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--queue-messages", type=int, default=20000)
+    ap.add_argument("--rate", type=int, default=0,
+                    help="messages/s per publisher (4 publishers); 0: as fast as acknowledged")
     a = ap.parse_args()
     results = {}
     for name in ["halyard->mosquitto", "halyard->halyard", "mosquitto->mosquitto"]:
-        runs = [scenario(a.binary, name, a.secs) for _ in range(a.runs)]
+        runs = [scenario(a.binary, name, a.secs, a.rate) for _ in range(a.runs)]
         runs.sort(key=lambda r: r["msg_per_s"])
         results[name] = runs
         med = runs[len(runs) // 2]
         print(f"{name:22} median {med['msg_per_s']:>10,.0f} msg/s  "
               f"{med['cpu_us_per_msg']:6.1f} CPU us/msg  "
               f"{'(kept up)' if med['drained'] else '(backlog)'}  "
-              f"(runs: {', '.join(f'{r['msg_per_s']:,.0f}' for r in runs)})", flush=True)
+              "(runs: " + ", ".join(f"{r['msg_per_s']:,.0f}" for r in runs) + ")", flush=True)
+    if a.queue_messages == 0:
+        return
     q = queue_cost(a.binary, a.queue_messages)
     print(f"queue on disk: {q['bytes_per_msg']:.0f} bytes per queued 64-byte QoS 1 message "
           f"({q['messages']:,} messages)")

@@ -105,6 +105,9 @@ pub struct Dropped {
     pub unmapped: u64,
     /// QoS 0 while the remote was away.
     pub qos0_offline: u64,
+    /// Message Expiry passed while held by the link (the local queue drops its own
+    /// expired messages and counts them in `halyard_messages_dropped_by_reason{reason="expired"}`).
+    pub expired: u64,
 }
 
 /// What [`Bridges::apply`] changed.
@@ -171,6 +174,11 @@ impl Bridges {
             state_path: self.state_path(&bridge.config.name),
         };
         info!(bridge = %bridge.config.name, remote = ?bridge.config.address, "bridge starting");
+        tokio::spawn(watch_drops(
+            self.broker.clone(),
+            bridge.clone(),
+            ctl.subscribe(),
+        ));
         Ok(Running {
             bridge,
             from_api,
@@ -401,6 +409,7 @@ impl Bridges {
                 looped: s.dropped_loop.load(Ordering::Relaxed),
                 unmapped: s.dropped_unmapped.load(Ordering::Relaxed),
                 qos0_offline: s.dropped_qos0_offline.load(Ordering::Relaxed),
+                expired: s.dropped_expired.load(Ordering::Relaxed),
             },
             config: r.bridge.config.clone(),
         }
@@ -411,6 +420,40 @@ impl Bridges {
         let all: Vec<Running> = std::mem::take(&mut *self.table()).into_values().collect();
         for r in all {
             stop(r).await;
+        }
+    }
+}
+
+/// Logs, at most every 10 s, what the bridge's queue policy dropped or refused since
+/// the last look (the broker counts them on the publishers' paths, where a log line per
+/// message would be a flood).
+async fn watch_drops(broker: Broker, b: Arc<Bridge>, mut ctl: watch::Receiver<Control>) {
+    let id = b.local_clientid();
+    let mut last = (0, 0, 0);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            r = ctl.changed() => {
+                if r.is_err() || ctl.borrow().stop {
+                    return;
+                }
+            }
+        }
+        let Some(q) = broker.queue_stats(&id) else {
+            continue;
+        };
+        let now = (q.dropped_oldest, q.dropped_new, q.refused);
+        if now != last {
+            warn!(
+                bridge = %b.config.name,
+                policy = %b.config.queue_policy,
+                dropped_oldest = now.0 - last.0,
+                dropped_new = now.1 - last.1,
+                refused = now.2 - last.2,
+                queued = q.depth,
+                "bridge queue full: messages dropped or refused (queue_max_messages / queue_max_bytes)"
+            );
+            last = now;
         }
     }
 }

@@ -73,6 +73,7 @@ pub(crate) struct Shared {
     pub(crate) dropped_loop: AtomicU64,
     pub(crate) dropped_unmapped: AtomicU64,
     pub(crate) dropped_qos0_offline: AtomicU64,
+    pub(crate) dropped_expired: AtomicU64,
 }
 
 impl Shared {

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use halyard_codec::{Ack, ByteString, Bytes, Packet, Publish, QoS, ReasonCode, TopicName};
 use halyard_transport::BoxStream;
 use tokio::io::DuplexStream;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::config::Bridge;
@@ -49,7 +50,7 @@ pub(crate) struct Relay {
     seq: u64,
     /// `out` deliveries not yet sent (remote down, or its window full): packet id, the
     /// local QoS, the packet for the remote.
-    held: VecDeque<(u16, QoS, Publish)>,
+    held: VecDeque<(u16, QoS, Publish, Instant)>,
     /// `in` QoS 2 ids this bridge answered itself (dropped messages).
     in_self: HashSet<u16>,
     /// The remote's limits (from CONNACK).
@@ -177,7 +178,7 @@ impl Relay {
             Some(r) if self.held.is_empty() && self.at_remote() < self.window.min(self.cap) => {
                 self.send_out(r, local, pid, lq, out);
             }
-            _ => self.held.push_back((pid, lq, out)),
+            _ => self.held.push_back((pid, lq, out, Instant::now())),
         }
     }
 
@@ -241,8 +242,19 @@ impl Relay {
     /// Sends held messages while the remote's window allows.
     pub(crate) fn drain(&mut self, remote: &mut Wire<BoxStream>, local: &mut Wire<DuplexStream>) {
         while self.at_remote() < self.window.min(self.cap)
-            && let Some((pid, lq, p)) = self.held.pop_front()
+            && let Some((pid, lq, mut p, since)) = self.held.pop_front()
         {
+            // Its Message Expiry runs on while it waits here too [MQTT-3.3.2-5]:
+            // reduced by that time [MQTT-3.3.2-6], or the message is not sent.
+            if let Some(e) = p.properties.message_expiry_interval {
+                let waited = u32::try_from(since.elapsed().as_secs()).unwrap_or(u32::MAX);
+                if waited >= e {
+                    self.shared.dropped_expired.fetch_add(1, Ordering::Relaxed);
+                    self.ack_local_done(local, pid, lq);
+                    continue;
+                }
+                p.properties.message_expiry_interval = Some(e - waited);
+            }
             self.send_out(remote, local, pid, lq, p);
         }
     }
@@ -277,7 +289,7 @@ impl Relay {
                 _ => continue,
             };
             p.dup = true;
-            self.held.push_front((pid, lq, p));
+            self.held.push_front((pid, lq, p, Instant::now()));
         }
     }
 

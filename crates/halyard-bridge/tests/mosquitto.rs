@@ -224,3 +224,111 @@ async fn tls_to_a_mosquitto_remote() {
         untrusted.bridges.shutdown().await;
     }
 }
+
+/// 5.0 properties reach a 5.0 remote unchanged (user properties in order, then the hop;
+/// content type, correlation data, response topic, payload format) [MQTT-3.3.2-17]
+/// [MQTT-3.3.2-18]; the RETAIN flag is kept, or cleared with `outgoing_retain = false`
+/// (seen through Retain As Published at the remote [MQTT-3.8.3-4]); Message Expiry is
+/// reduced by the time spent queued, and a message that expired while queued is not
+/// sent [MQTT-3.3.2-5] [MQTT-3.3.2-6].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_retain_and_expiry_cross_a_5_0_link() {
+    use halyard_client::{Message, SubscriptionOptions};
+    let remote = Mosquitto::start();
+    let local = Side::start("edge").await;
+    let v5 = ProtocolVersion::V5;
+    local
+        .add(bridge(
+            "p",
+            &remote.url(),
+            &["p/# out 1"],
+            serde_json::json!({"protocol_version": "mqttv50", "paused": true}),
+        ))
+        .await;
+    local
+        .add(bridge(
+            "nr",
+            &remote.url(),
+            &["nr/# out 1"],
+            serde_json::json!({"protocol_version": "mqttv50", "outgoing_retain": false}),
+        ))
+        .await;
+    local.connected("nr").await;
+    let there = client(&remote.url(), v5, "there-props").await;
+    let rap = SubscriptionOptions {
+        qos: QoS::AtLeastOnce,
+        retain_as_published: true,
+        ..Default::default()
+    };
+    let mut sub = there.subscribe_with("p/#", rap, vec![]).await.unwrap();
+    let mut nr = there.subscribe_with("nr/#", rap, vec![]).await.unwrap();
+    let here = client(&local.url(), v5, "here-props").await;
+    let mut m = Message::new("p/a", "props")
+        .qos(QoS::AtLeastOnce)
+        .retain(true)
+        .user_property("k", "1")
+        .user_property("k", "2");
+    m.properties.content_type = Some("text/x".into());
+    m.properties.correlation_data = Some("cid".into());
+    m.properties.response_topic = Some(halyard_codec::TopicName::new("p/reply").unwrap());
+    m.properties.payload_format_indicator = Some(true);
+    m.properties.message_expiry_interval = Some(300);
+    here.publish(m).await.unwrap();
+    let mut short = Message::new("p/short", "expires").qos(QoS::AtLeastOnce);
+    short.properties.message_expiry_interval = Some(1);
+    here.publish(short).await.unwrap();
+    // Queued for more than a second (the paused bridge holds it).
+    let t = std::time::Instant::now();
+    eventually("1.5 s queued", || {
+        t.elapsed() >= std::time::Duration::from_millis(1500)
+    })
+    .await;
+    local.bridges.pause("p", false).unwrap();
+    publish(&here, "p/z", "end", QoS::AtLeastOnce).await;
+    let got = until_marker(&mut sub, "end").await;
+    assert_eq!(payloads(&got), ["props"], "the expired one was not sent");
+    let p = &got[0].properties;
+    let users: Vec<(String, String)> = p
+        .user_properties
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(
+        users,
+        [
+            ("k".into(), "1".into()),
+            ("k".into(), "2".into()),
+            ("halyard-hop".into(), "edge".into())
+        ]
+    );
+    assert_eq!(p.content_type.as_deref(), Some("text/x"));
+    assert_eq!(p.correlation_data.as_deref(), Some(&b"cid"[..]));
+    assert_eq!(
+        p.response_topic.as_ref().map(|t| t.as_str()),
+        Some("p/reply")
+    );
+    assert_eq!(p.payload_format_indicator, Some(true));
+    let left = p.message_expiry_interval.expect("expiry kept");
+    assert!(
+        (200..=298).contains(&left),
+        "reduced by the time queued: {left}"
+    );
+    assert!(got[0].retain, "RETAIN kept");
+    publish(&here, "nr/x", "plain", QoS::AtLeastOnce).await;
+    here.publish(
+        Message::new("nr/x", "was retained")
+            .qos(QoS::AtLeastOnce)
+            .retain(true),
+    )
+    .await
+    .unwrap();
+    let a = recv(&mut nr).await;
+    let b = recv(&mut nr).await;
+    assert_eq!((&a.payload[..], a.retain), (&b"plain"[..], false));
+    assert_eq!(
+        (&b.payload[..], b.retain),
+        (&b"was retained"[..], false),
+        "outgoing_retain = false"
+    );
+    local.bridges.shutdown().await;
+}

@@ -292,3 +292,141 @@ async fn remote_receive_maximum_5_is_never_exceeded() {
     }
     side.bridges.shutdown().await;
 }
+
+/// A link that breaks with messages unacknowledged: after reconnecting (session present)
+/// they are sent again first, with DUP set and the same packet ids [MQTT-4.4.0-1]
+/// [MQTT-3.3.1-1], then the rest; QoS 2 resumes with PUBREL where PUBREC had come
+/// [MQTT-4.3.3].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_messages_go_again_with_dup_and_the_same_packet_id() {
+    let fake = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("tcp://{}", fake.local_addr().unwrap());
+    let side = Side::start("edge").await;
+    side.add(bridge(
+        "dup",
+        &url,
+        &["d/# out 2"],
+        serde_json::json!({
+            "protocol_version": "mqttv50", "notifications": false, "restart_timeout": [1, 1],
+        }),
+    ))
+    .await;
+    let mut r = accept_fake(&fake).await;
+    let here = client(&side.url(), ProtocolVersion::V5, "pub-dup").await;
+    let mut pending = Vec::new();
+    for i in 0..6 {
+        let q = if i < 2 {
+            QoS::ExactlyOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        pending.push(
+            here.publish_nowait(Message::new("d/t", format!("{i}")).qos(q))
+                .await
+                .unwrap(),
+        );
+    }
+    // The first four (the window): PUBREC the first QoS 2 one, acknowledge nothing else.
+    let mut first = Vec::new();
+    while first.len() < 4 {
+        if let Packet::Publish(p) = r.recv().await {
+            assert!(!p.dup);
+            first.push((p.packet_id, p.payload.clone(), p.qos));
+        }
+    }
+    r.send(&Packet::PubRec(Ack::new(first[0].0))).await;
+    // Wait for the PUBREL, then break the link.
+    loop {
+        if let Packet::PubRel(a) = r.recv().await {
+            assert_eq!(a.packet_id, first[0].0);
+            break;
+        }
+    }
+    drop(r);
+    let mut r = accept_fake(&fake).await;
+    // Again: PUBREL for the one PUBREC'd, and the other three in their order, with DUP.
+    let mut again = Vec::new();
+    let mut released = false;
+    while again.len() < 3 || !released {
+        match r.recv().await {
+            Packet::PubRel(a) => {
+                assert_eq!(a.packet_id, first[0].0);
+                released = true;
+            }
+            Packet::Publish(p) => {
+                assert!(p.dup, "[MQTT-3.3.1-1] DUP on a resend");
+                again.push((p.packet_id, p.payload.clone(), p.qos));
+            }
+            other => panic!("unexpected {}", other.name()),
+        }
+    }
+    assert_eq!(
+        again,
+        first[1..],
+        "[MQTT-4.4.0-1] the same packets, in order"
+    );
+    // Finish everything; the last two follow.
+    r.send(&Packet::PubComp(Ack::new(first[0].0))).await;
+    for (id, _, qos) in &first[1..] {
+        r.send(&if *qos == QoS::ExactlyOnce {
+            Packet::PubRec(Ack::new(*id))
+        } else {
+            Packet::PubAck(Ack::new(*id))
+        })
+        .await;
+    }
+    let mut rest = Vec::new();
+    while rest.len() < 2 {
+        match r.recv().await {
+            Packet::Publish(p) => {
+                assert!(!p.dup);
+                rest.push(String::from_utf8_lossy(&p.payload).to_string());
+                r.send(&Packet::PubAck(Ack::new(p.packet_id))).await;
+            }
+            Packet::PubRel(a) => r.send(&Packet::PubComp(Ack::new(a.packet_id))).await,
+            _ => {}
+        }
+    }
+    assert_eq!(rest, ["4", "5"]);
+    // The remote keeps answering while the publishers' acknowledgements come through.
+    let serve = tokio::spawn(async move {
+        loop {
+            match r.recv_within(Duration::from_secs(30)).await {
+                halyard_testkit::Recv::Packet(Packet::PubRel(a)) => {
+                    r.send(&Packet::PubComp(Ack::new(a.packet_id))).await;
+                }
+                halyard_testkit::Recv::Packet(_) => {}
+                _ => break,
+            }
+        }
+    });
+    for d in pending {
+        let res = tokio::time::timeout(WAIT, d)
+            .await
+            .expect("acknowledged")
+            .unwrap();
+        assert!(!res.reason.is_error());
+    }
+    serve.abort();
+    side.bridges.shutdown().await;
+}
+
+/// Accepts the bridge's connection on a fake remote: CONNECT, then a CONNACK with session
+/// present and Receive Maximum 4.
+async fn accept_fake(l: &TcpListener) -> RawClient<tokio::net::TcpStream> {
+    let (sock, _) = l.accept().await.unwrap();
+    let mut r = RawClient::new(sock);
+    let Packet::Connect(_) = r.recv().await else {
+        panic!("CONNECT first")
+    };
+    r.send(&Packet::ConnAck(ConnAck {
+        session_present: true,
+        reason: ReasonCode::Success,
+        properties: Properties {
+            receive_maximum: Some(4),
+            ..Properties::default()
+        },
+    }))
+    .await;
+    r
+}

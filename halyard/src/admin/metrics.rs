@@ -482,6 +482,7 @@ fn bridge_metrics(o: &mut Out, bridges: &[halyard_bridge::BridgeStatus]) {
             ("loop", d.looped),
             ("unmapped", d.unmapped),
             ("qos0_offline", d.qos0_offline),
+            ("expired", d.expired),
         ] {
             let _ = writeln!(
                 o.0,

@@ -141,6 +141,29 @@ async fn publish_all(server: &Server, loads: &mut [Load; 9], elapsed: f64) {
             l.state.to_string(),
         );
     }
+    for br in server.bridges.status() {
+        let t = |k: &str| format!("bridges/{}/{k}", br.name);
+        let d = &br.dropped;
+        h(&t("state"), br.state.to_string());
+        h(&t("queue/messages"), br.queue_depth.to_string());
+        h(&t("queue/bytes"), br.queue_bytes.to_string());
+        h(&t("inflight"), br.in_flight.to_string());
+        h(&t("forwarded/out"), br.forwarded_out.to_string());
+        h(&t("forwarded/in"), br.forwarded_in.to_string());
+        h(
+            &t("dropped"),
+            (d.queue_full_oldest
+                + d.queue_full_new
+                + d.queue_full_refused
+                + d.too_large
+                + d.remote_refused
+                + d.looped
+                + d.unmapped
+                + d.qos0_offline
+                + d.expired)
+                .to_string(),
+        );
+    }
     h(
         "queue/overflows",
         (st.dropped_queue_full + st.dropped_qos0_evicted).to_string(),
