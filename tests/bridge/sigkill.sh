@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 n=${1:-10000}
 start=$(date +%s)
-HALYARD_BRIDGE_KILL_MESSAGES=$n cargo test --release -p halyard --test bridge \
+HALYARD_BRIDGE_KILL_MESSAGES=$n cargo test -p halyard --test bridge \
   remote_down_and_halyard_sigkilled_nothing_acknowledged_is_lost -- --nocapture
 echo "bridge SIGKILL run: $n QoS 1 + $((n / 10)) QoS 2 messages per link version, passed in $(( $(date +%s) - start )) s"
