@@ -383,6 +383,16 @@ impl Inner {
     }
 }
 
+/// Counts outcome `r` of `n` messages against a session's own queue limits.
+fn count_own(o: &crate::session::OwnQueue, r: Enqueued, n: usize) {
+    let c = match r {
+        Enqueued::QueuedDroppedOldest => &o.dropped_oldest,
+        Enqueued::DroppedFull => &o.dropped_new,
+        _ => return,
+    };
+    c.fetch_add(n as u64, Ordering::Relaxed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -606,14 +616,4 @@ mod tests {
         }
         assert_queued(&subs, 0..12);
     }
-}
-
-/// Counts outcome `r` of `n` messages against a session's own queue limits.
-fn count_own(o: &crate::session::OwnQueue, r: Enqueued, n: usize) {
-    let c = match r {
-        Enqueued::QueuedDroppedOldest => &o.dropped_oldest,
-        Enqueued::DroppedFull => &o.dropped_new,
-        _ => return,
-    };
-    c.fetch_add(n as u64, Ordering::Relaxed);
 }

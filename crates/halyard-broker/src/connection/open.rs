@@ -206,7 +206,13 @@ impl Proto {
             cfg.persistent_client_expiration
                 .map_or(u32::MAX, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
         };
-        let expiry = requested_expiry.min(cfg.max_session_expiry_interval);
+        // The broker's own sessions (bridge queues) are bounded by their own limits, not
+        // by the cap: a bridge's queue must outlive a long outage of this broker.
+        let expiry = if trusted {
+            requested_expiry
+        } else {
+            requested_expiry.min(cfg.max_session_expiry_interval)
+        };
 
         // Keep alive: v5 gets Server Keep Alive when we override [MQTT-3.2.2-21].
         let server_keep_alive = (v5
