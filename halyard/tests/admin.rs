@@ -461,6 +461,10 @@ fn rest_api_endpoints_with_api_keys() {
         (r#"{"topic":"t","properties":{"bogus":1}}"#, "BAD_REQUEST"),
         (r#"{not json"#, "BAD_REQUEST"),
         (r#"{"payload":"no topic"}"#, "BAD_REQUEST"),
+        // A misspelt field is refused, not ignored: `paylod` with `retain` would have
+        // deleted the retained message.
+        (r#"{"topic":"t","paylod":"x","retain":true}"#, "BAD_REQUEST"),
+        (r#"{"topic":"t","retain":true}"#, "BAD_REQUEST"),
     ] {
         let (st, e) = json(a, "POST", "/api/v1/publish", k, Some(body));
         assert_eq!((st, e["code"].as_str()), (400, Some(code)), "{body}: {e}");

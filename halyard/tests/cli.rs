@@ -397,3 +397,74 @@ fn url_form() {
         assert_eq!(r.out, "via url\n");
     }
 }
+
+/// `sub -c` resumes a persistent session: the messages queued for it while it was away
+/// arrive right after CONNACK, before the tool has subscribed again, and are printed (and
+/// counted for `-C`) like any other, as mosquitto_sub does; against both brokers, 3.1.1
+/// and 5.0. (They were acknowledged and dropped before.)
+#[test]
+fn sub_c_prints_what_a_persistent_session_queued() {
+    for b in brokers() {
+        let port = b.port.to_string();
+        for v in ["mqttv311", "mqttv5"] {
+            let id = format!("px-{}-{v}", b.name);
+            let t = format!("off/{}/{v}", b.name);
+            let filter = format!("{t}/#");
+            let persistent = |extra: &[&str]| {
+                let mut a = vec![
+                    "-p",
+                    port.as_str(),
+                    "-i",
+                    id.as_str(),
+                    "-c",
+                    "-q",
+                    "1",
+                    "-t",
+                    filter.as_str(),
+                    "-V",
+                    v,
+                ];
+                if v == "mqttv5" {
+                    a.extend_from_slice(&["-x", "3600"]);
+                }
+                a.extend_from_slice(extra);
+                a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+            };
+            let args = persistent(&["-E"]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let r = ours("sub", &args);
+            assert_eq!(r.code, 0, "{}: subscribe: {}", b.name, r.err);
+            for (sub, msg) in [("1", "q1"), ("2", "q2")] {
+                let (_, err, code) = run(
+                    "mosquitto_pub",
+                    &[
+                        "-p",
+                        &port,
+                        "-t",
+                        &format!("{t}/{sub}"),
+                        "-m",
+                        msg,
+                        "-q",
+                        "1",
+                        "-V",
+                        v,
+                    ],
+                );
+                assert_eq!(code, 0, "{err}");
+            }
+            let args = persistent(&["-C", "2", "-v", "-W", "10"]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let r = ours("sub", &args);
+            assert_eq!(r.code, 0, "{} {v}: {}", b.name, r.err);
+            assert_eq!(r.out, format!("{t}/1 q1\n{t}/2 q2\n"), "{} {v}", b.name);
+            let args = persistent(&["-C", "2", "-v", "-W", "1"]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let m = theirs("sub", &args);
+            assert_eq!(
+                m.code, 27,
+                "{} {v}: nothing left for mosquitto_sub: {}",
+                b.name, m.out
+            );
+        }
+    }
+}

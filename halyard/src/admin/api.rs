@@ -350,6 +350,30 @@ fn listener_json(l: &crate::server::ListenerView) -> Value {
 }
 
 async fn publish(state: &Arc<State>, body: &Value) -> Result<Response<Body>, ApiError> {
+    const FIELDS: [&str; 6] = [
+        "topic",
+        "payload",
+        "payload_encoding",
+        "qos",
+        "retain",
+        "properties",
+    ];
+    let Some(fields) = body.as_object() else {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    };
+    // A misspelt field must not change what is published (`paylod` would have published
+    // an empty payload, and with `retain` deleted the retained message).
+    if let Some(k) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown field `{k}` (expected one of {})",
+            FIELDS.join(", ")
+        )));
+    }
+    if body["retain"].as_bool() == Some(true) && body["payload"].is_null() {
+        return Err(ApiError::bad_request(
+            "a retained publish needs a payload; to delete the retained message, send \"payload\": \"\" explicitly",
+        ));
+    }
     let topic = body["topic"]
         .as_str()
         .ok_or_else(|| ApiError::bad_request("topic (a string) is required"))?;

@@ -212,6 +212,15 @@ impl Driver {
         if p.qos == QoS::ExactlyOnce {
             self.awaiting_rel.insert(p.packet_id);
         }
+        if targets.is_empty() {
+            if self.unclaimed.len() >= UNCLAIMED_MAX {
+                self.unclaimed.pop_front();
+                debug!(
+                    "a message for no subscription stream dropped: {UNCLAIMED_MAX} already kept"
+                );
+            }
+            self.unclaimed.push_back(msg.clone());
+        }
         self.pending = Some(PendingDelivery { msg, targets, ack });
         self.continue_delivery(s, None);
         Ok(())

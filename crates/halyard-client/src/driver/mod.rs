@@ -60,6 +60,9 @@ struct Inflight {
     done: Option<Reply<PublishResult>>,
 }
 
+/// Most messages kept for a subscription not made yet (see `Driver::unclaimed`).
+const UNCLAIMED_MAX: usize = 1000;
+
 struct SubEntry {
     filter: TopicFilter,
     options: SubscriptionOptions,
@@ -131,6 +134,11 @@ pub(crate) struct Driver {
     unsub_later: Vec<TopicFilter>,
     awaiting_rel: HashSet<u16>,
     pending: Option<PendingDelivery>,
+    /// Messages that matched no subscription stream when they arrived: a persistent
+    /// session's queued messages come right after CONNACK, before the program has
+    /// subscribed again. The next subscription whose filter matches takes them, in order.
+    /// At most [`UNCLAIMED_MAX`]; beyond that the oldest go.
+    unclaimed: VecDeque<Message>,
     commands_closed: bool,
 }
 
@@ -166,6 +174,7 @@ impl Driver {
             unsub_later: Vec::new(),
             awaiting_rel: HashSet::new(),
             pending: None,
+            unclaimed: VecDeque::new(),
             commands_closed: false,
         }
     }
@@ -316,6 +325,21 @@ impl Driver {
         let id = self.next_sub_id;
         self.next_sub_id = if id >= MAX_SUBSCRIPTION_ID { 1 } else { id + 1 };
         self.unsub_later.retain(|f| f != &filter);
+        // What arrived for this filter before it was made (a resumed session's queue).
+        let mut kept = VecDeque::with_capacity(self.unclaimed.len());
+        for m in self.unclaimed.drain(..) {
+            if filter.matches(m.topic.as_ref()) {
+                match tx.try_send(m) {
+                    Ok(()) => continue,
+                    Err(
+                        mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m),
+                    ) => kept.push_back(m),
+                }
+            } else {
+                kept.push_back(m);
+            }
+        }
+        self.unclaimed = kept;
         self.subs.insert(
             id,
             SubEntry {
