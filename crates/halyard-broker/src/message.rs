@@ -417,11 +417,12 @@ pub(crate) fn write(
     let mut props = msg.properties().clone();
     props.subscription_identifiers = d.subscription_ids.to_vec();
     if let Some(expires) = msg.expires_at {
-        // [MQTT-3.3.2-6]: forward the remaining lifetime.
-        props.message_expiry_interval = Some(
-            u32::try_from(expires.saturating_duration_since(now.get()).as_secs())
-                .unwrap_or(u32::MAX),
-        );
+        // [MQTT-3.3.2-6]: forward the remaining lifetime, in whole seconds rounded up: a
+        // message of 60 s forwarded at once says 60, not 59 (and one with a fraction of
+        // a second left does not say 0).
+        let left = expires.saturating_duration_since(now.get());
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        props.message_expiry_interval = Some(u32::try_from(secs).unwrap_or(u32::MAX));
     }
     let mut p = msg.build(d.qos, props);
     p.dup = d.dup;

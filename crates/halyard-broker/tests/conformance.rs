@@ -897,6 +897,60 @@ async fn remaining_message_expiry_is_forwarded_mqtt_3_3_2_6() {
     assert!((98..=100).contains(&left), "{left}");
 }
 
+/// The remaining lifetime is rounded up to whole seconds: forwarded at once, 60 stays 60
+/// (Mosquitto's behaviour); after 1.5 s queued, 60 becomes 59 [MQTT-3.3.2-6].
+#[tokio::test(start_paused = true)]
+async fn remaining_message_expiry_rounds_up_mqtt_3_3_2_6() {
+    let broker = Broker::new(
+        BrokerConfig::default(),
+        std::sync::Arc::new(MemoryStore::new()),
+    );
+    let pers = || {
+        connect_with(V5, "exp-r", false, |c| {
+            c.properties.session_expiry_interval = Some(300)
+        })
+    };
+    let mut s = raw_duplex(&broker);
+    handshake(&mut s, pers()).await;
+    sub(&mut s, "r", QoS::AtLeastOnce).await;
+    let mut p = raw_duplex(&broker);
+    online(&mut p, V5, "pub-r", true).await;
+    let sixty = |id: u16| {
+        Packet::Publish(Publish {
+            qos: QoS::AtLeastOnce,
+            packet_id: id,
+            properties: PublishProperties {
+                message_expiry_interval: Some(60),
+                ..Default::default()
+            },
+            ..Publish::new(topic("r"), &b"x"[..])
+        })
+    };
+    p.send(&sixty(1)).await;
+    p.recv().await;
+    tokio::time::advance(Duration::from_micros(10)).await;
+    let m = recv_publish(&mut s).await;
+    assert_eq!(
+        m.properties.message_expiry_interval,
+        Some(60),
+        "forwarded at once"
+    );
+    s.send(&Packet::PubAck(Ack::new(m.packet_id))).await;
+    s.send_hex("E0 00").await;
+    s.expect_close().await;
+    p.send(&sixty(2)).await;
+    p.recv().await;
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    let mut s = raw_duplex(&broker);
+    handshake(&mut s, pers()).await;
+    let m = recv_publish(&mut s).await;
+    assert_eq!(
+        m.properties.message_expiry_interval,
+        Some(59),
+        "1.5 s queued"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn expired_queued_messages_are_dropped_mqtt_3_3_2_5() {
     let broker = Broker::new(
