@@ -53,10 +53,15 @@ enum Scenario {
     Pubsub(PubSubArgs),
 }
 
+/// The connection flags of `pub`/`sub` (and mosquitto's): `-h` is the host, so help is
+/// `--help` only.
 #[derive(Debug, Args, Clone)]
 struct Common {
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
     /// Broker host.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, short = 'h', default_value = "127.0.0.1")]
     host: String,
     /// Broker port.
     #[arg(long, short = 'p', default_value_t = 1883)]
@@ -65,8 +70,14 @@ struct Common {
     #[arg(long, short = 'V', default_value = "5")]
     version: String,
     /// User name and password (user:password).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["username", "password"])]
     auth: Option<String>,
+    /// User name (as `pub`/`sub` and mosquitto_pub take it).
+    #[arg(long, short = 'u')]
+    username: Option<String>,
+    /// Password.
+    #[arg(long = "pw", short = 'P', requires = "username")]
+    password: Option<String>,
     /// Seconds to run.
     #[arg(long, short = 'd', default_value_t = 10)]
     duration: u64,
@@ -79,6 +90,7 @@ struct Common {
 }
 
 #[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
 struct ConnArgs {
     #[command(flatten)]
     common: Common,
@@ -94,6 +106,7 @@ struct ConnArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
 struct PubSubArgs {
     #[command(flatten)]
     common: Common,
@@ -210,12 +223,16 @@ impl Conn {
             buf: BytesMut::with_capacity(16 * 1024),
             out: BytesMut::new(),
         };
-        let (username, password) = match &c.auth {
-            Some(a) => {
+        let (username, password) = match (&c.auth, &c.username) {
+            (Some(a), _) => {
                 let (u, p) = a.split_once(':').unwrap_or((a, ""));
                 (Some(u.into()), Some(Bytes::from(p.to_string())))
             }
-            None => (None, None),
+            (None, Some(u)) => (
+                Some(u.as_str().into()),
+                c.password.as_ref().map(|p| Bytes::from(p.clone())),
+            ),
+            (None, None) => (None, None),
         };
         let connect = Packet::Connect(Box::new(Connect {
             protocol: v,

@@ -15,6 +15,7 @@ pub(crate) const DEFAULT_TOML: &str = include_str!("default.toml");
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Config {
+    #[serde(deserialize_with = "one_or_many")]
     pub(crate) listen: Vec<String>,
     pub(crate) data_dir: String,
     pub(crate) log_level: String,
@@ -122,6 +123,23 @@ impl ListenerTable {
         c.validate()?;
         Ok(c)
     }
+}
+
+/// A string or a list of strings (`listen = "tcp://..."` as well as `listen = [...]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(s)) => vec![s],
+        Ok(OneOrMany::Many(v)) => v,
+        Err(_) => {
+            return Err(serde::de::Error::custom("expected a URL or a list of URLs"));
+        }
+    })
 }
 
 /// The 1-based line of `key` in the `n`-th `[[bridge]]` table of `text` (that table's
@@ -576,6 +594,24 @@ mod tests {
         .unwrap();
         assert_eq!(c.admin_addr().unwrap().port(), 18083);
         assert_eq!(c.log_format, "json");
+    }
+
+    #[test]
+    fn listen_is_a_url_or_a_list() {
+        let one = Config::parse("listen = \"tcp://127.0.0.1:1884\"\n", "t.toml").unwrap();
+        assert_eq!(one.listen, ["tcp://127.0.0.1:1884"]);
+        let many = Config::parse(
+            "listen = [\"tcp://127.0.0.1:1884\", \"ws://127.0.0.1:8080/mqtt\"]\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(many.listen.len(), 2);
+        let e = Config::parse("listen = 1883\n", "t.toml").unwrap_err();
+        assert!(
+            e.0.contains("t.toml:1") && e.0.contains("listen"),
+            "{}",
+            e.0
+        );
     }
 
     #[test]

@@ -420,6 +420,9 @@ fn rest_api_endpoints_with_api_keys() {
     assert_eq!(like["data"][0]["protocol"], "3.1.1");
     let (st, e) = json(a, "GET", "/api/v1/clients?limit=0", k, None);
     assert_eq!((st, e["code"].as_str()), (400, Some("BAD_REQUEST")));
+    // Pages start at 1: page=0 is refused, not read as page 1.
+    let (st, e) = json(a, "GET", "/api/v1/clients?page=0", k, None);
+    assert_eq!(st, 400, "{e}");
     let (st, one) = json(a, "GET", "/api/v1/clients/sub-v5", k, None);
     assert_eq!(st, 200);
     assert_eq!(one["protocol"], "5.0");

@@ -468,3 +468,45 @@ fn sub_c_prints_what_a_persistent_session_queued() {
         }
     }
 }
+
+/// `bench` takes the connection flags of `pub`/`sub` and mosquitto_pub: `-h HOST` is the
+/// host (help is `--help`), `-u`/`-P` the credentials; against both brokers' password
+/// listeners (alice / secret), a wrong password fails.
+#[test]
+fn bench_takes_the_connection_flags_of_pub_and_sub() {
+    for b in brokers() {
+        let port = b.auth_port.to_string();
+        let args = |pw: &str| {
+            [
+                "bench",
+                "pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-u",
+                "alice",
+                "-P",
+                pw,
+                "--pubs",
+                "1",
+                "-d",
+                "1",
+                "--json",
+                "--quiet",
+            ]
+            .map(String::from)
+        };
+        let a = args("secret");
+        let (out, err, code) = run(halyard_bin(), &a.each_ref().map(String::as_str));
+        assert_eq!(code, 0, "{}: {err}", b.name);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+        assert!(v["sent"].as_u64().unwrap() > 0, "{}: {out}", b.name);
+        let a = args("wrong");
+        let (_, _, code) = run(halyard_bin(), &a.each_ref().map(String::as_str));
+        assert_ne!(code, 0, "{}: a wrong password fails", b.name);
+    }
+    let (out, _, code) = run(halyard_bin(), &["bench", "pub", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("-h, --host <HOST>"), "{out}");
+}

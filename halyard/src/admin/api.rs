@@ -226,7 +226,10 @@ fn paging(q: &[(String, String)]) -> Result<(usize, usize), ApiError> {
                 .map_err(|_| ApiError::bad_request(format!("{name} must be a number, not {v:?}"))),
         }
     };
-    let page = num("page", 1)?.max(1);
+    let page = num("page", 1)?;
+    if page == 0 {
+        return Err(ApiError::bad_request("page starts at 1"));
+    }
     let limit = num("limit", DEFAULT_LIMIT)?;
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request(format!(
