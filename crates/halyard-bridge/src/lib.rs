@@ -311,10 +311,7 @@ impl Bridges {
             .filter(|r| r.from_api)
             .map(|r| r.bridge.config.clone())
             .collect();
-        let tmp = path.with_extension("tmp");
-        let r = std::fs::write(&tmp, serde_json::to_vec_pretty(&list).unwrap_or_default())
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = r {
+        if let Err(e) = write_json(&path, &list) {
             warn!(path = %path.display(), error = %e, "bridges added through the API will not survive a restart");
         }
     }
@@ -422,6 +419,17 @@ impl Bridges {
             stop(r).await;
         }
     }
+}
+
+/// Writes `value` as JSON to `path` through a temporary file and a rename, so a crash
+/// leaves the old file or the new one, never half of one.
+pub(crate) fn write_json(path: &std::path::Path, value: &impl Serialize) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Logs, at most every 10 s, what the bridge's queue policy dropped or refused since

@@ -100,10 +100,7 @@ impl Filters {
 
     fn save(&self, path: &Option<PathBuf>) {
         let Some(p) = path else { return };
-        let tmp = p.with_extension("tmp");
-        let r = std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default())
-            .and_then(|()| std::fs::rename(&tmp, p));
-        if let Err(e) = r {
+        if let Err(e) = crate::write_json(p, self) {
             warn!(path = %p.display(), error = %e, "bridge: cannot save its filter list");
         }
     }
@@ -229,18 +226,8 @@ impl Link {
             if c.paused {
                 self.shared.state.store(PAUSED, Ordering::Relaxed);
                 // Local deliveries are held (bounded by the local Receive Maximum).
-                loop {
-                    let p = tokio::select! {
-                        p = local.read() => p,
-                        _ = self.ctl.changed() => break,
-                    };
-                    if let Err(e) = p.and_then(|p| relay.on_local(p, &mut local, None)) {
-                        return Ended::Local(e);
-                    }
-                    relay.publish_gauges();
-                    if let Err(e) = local.flush().await {
-                        return Ended::Local(e.to_string());
-                    }
+                if let Some(end) = self.wait_holding(None, &mut local, &mut relay).await {
+                    return end;
                 }
                 continue;
             }
@@ -277,7 +264,7 @@ impl Link {
                     self.shared.error(&e);
                     address += 1;
                     let d = backoff.next_delay();
-                    match self.wait_holding(d, &mut local, &mut relay).await {
+                    match self.wait_holding(Some(d), &mut local, &mut relay).await {
                         Some(end) => return end,
                         None => continue,
                     }
@@ -326,7 +313,7 @@ impl Link {
                     warn!(bridge = self.name(), error = %e, "bridge: link to the remote lost");
                     self.shared.error(&e);
                     let d = backoff.next_delay();
-                    if let Some(end) = self.wait_holding(d, &mut local, &mut relay).await {
+                    if let Some(end) = self.wait_holding(Some(d), &mut local, &mut relay).await {
                         return end;
                     }
                 }
@@ -334,17 +321,24 @@ impl Link {
         }
     }
 
-    /// Waits `d` before the next attempt, still taking local deliveries (held).
+    /// Waits `d` (`None`: until the manager intervenes), taking local deliveries (held)
+    /// meanwhile: before a reconnect attempt, and while paused.
     async fn wait_holding(
         &mut self,
-        d: Duration,
+        d: Option<Duration>,
         local: &mut Wire<DuplexStream>,
         relay: &mut Relay,
     ) -> Option<Ended> {
-        let until = Instant::now() + d;
+        let until = d.map(|d| Instant::now() + d);
         loop {
+            let sleep = async {
+                match until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             let p = tokio::select! {
-                _ = tokio::time::sleep_until(until) => return None,
+                _ = sleep => return None,
                 _ = self.ctl.changed() => return None,
                 p = local.read() => p,
             };

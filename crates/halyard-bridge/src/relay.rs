@@ -430,12 +430,10 @@ impl Relay {
         remote: &mut Wire<BoxStream>,
     ) {
         let pid = p.packet_id;
-        let looped = self.node_id.as_deref().is_some_and(|node| {
-            p.properties
-                .user_properties
-                .iter()
-                .any(|(k, v)| &k[..] == halyard_broker::HOP_PROPERTY && &v[..] == node)
-        });
+        let looped = self
+            .node_id
+            .as_deref()
+            .is_some_and(|node| halyard_broker::crossed(&p.properties.user_properties, node));
         let topic = self
             .b
             .rules

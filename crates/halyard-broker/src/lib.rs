@@ -33,5 +33,16 @@ pub use handle::Broker;
 /// broker's node id as value (one pair per broker crossed): a broker whose
 /// `BrokerConfig::node_id` is among them drops the message instead of routing it again.
 pub const HOP_PROPERTY: &str = "halyard-hop";
+
+/// Whether user properties `props` say the message already went through broker `node`
+/// (a [`HOP_PROPERTY`] naming it).
+pub fn crossed(
+    props: &[(halyard_codec::ByteString, halyard_codec::ByteString)],
+    node: &str,
+) -> bool {
+    props
+        .iter()
+        .any(|(k, v)| &k[..] == HOP_PROPERTY && &v[..] == node)
+}
 pub use own_queue::{QueueOverride, QueuePolicy, QueueStats};
 pub use stats::StatsSnapshot;

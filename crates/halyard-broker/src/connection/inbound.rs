@@ -410,7 +410,7 @@ impl Proto {
             && let Some(node) = &self.live.node_id
             && properties
                 .get()
-                .is_some_and(|p| crossed(&p.user_properties, node))
+                .is_some_and(|p| crate::crossed(&p.user_properties, node))
         {
             // It already went through this broker and came back over a bridge (a loop):
             // acknowledged, not routed again.
@@ -654,11 +654,4 @@ impl Proto {
         }
         Err(End::ClientDisconnect(d.reason))
     }
-}
-
-/// Whether `props` say the message already went through broker `node`.
-fn crossed(props: &[(halyard_codec::ByteString, halyard_codec::ByteString)], node: &str) -> bool {
-    props
-        .iter()
-        .any(|(k, v)| &k[..] == crate::HOP_PROPERTY && &v[..] == node)
 }
